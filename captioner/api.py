@@ -1,0 +1,122 @@
+"""Front doors for Python users: load a model, caption images, evaluate on a manifest.
+
+    import captioner
+    model = captioner.load_model()
+    captions = captioner.caption_images(model, ["photo.jpg"])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from captioner.data import read_manifest
+from captioner.decoding import Caption, DecodingOptions
+from captioner.errors import ImageReadError
+from captioner.features import ImageFiles, collate_images
+from captioner.images import to_rgb
+from captioner.metrics import score_captions
+from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
+
+
+def load_model(path: str | os.PathLike | None = None, *, device: str | None = None) -> CaptionModel:
+    """The model in folder ``path``, or the default model shipped with the package."""
+    return CaptionModel.load(path or DEFAULT_MODEL_DIR, device=device)
+
+
+@dataclass(frozen=True)
+class PathResult:
+    """Outcome for one file: its captions (n-best, best first) or why it was skipped."""
+
+    path: Path
+    captions: list[Caption] | None  # None when the file could not be read
+    error: str | None = None  # "PATH: reason" when skipped
+
+
+def caption_paths(
+    model: CaptionModel,
+    paths: Iterable[Path],
+    *,
+    options: DecodingOptions | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+) -> Iterator[PathResult]:
+    """Caption files in batches, in input order per batch; unreadable files yield an error result.
+
+    Decoding and resizing happen in DataLoader workers when ``num_workers`` > 0, so the
+    encoder and the beam search see full batches while the next ones are read.
+    """
+    paths = list(paths)
+    loader = DataLoader(
+        ImageFiles(paths, model.encoder.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+    )
+    for indices, pixels, errors in loader:
+        results = {i: PathResult(paths[i], None, message) for i, message in errors}
+        if pixels is not None:
+            for i, captions in zip(indices, model.caption_pixels(pixels, options)):
+                results[i] = PathResult(paths[i], captions)
+        yield from (results[i] for i in sorted(results))
+
+
+def caption_images(
+    model: CaptionModel,
+    images: Iterable[str | os.PathLike | Image.Image],
+    *,
+    options: DecodingOptions | None = None,
+    batch_size: int = 32,
+) -> list[Caption]:
+    """Best caption of each image (paths or PIL images), in order.
+
+    Raises:
+        ImageReadError: a path could not be read (use :func:`caption_paths` to skip bad files).
+    """
+    images = list(images)
+    captions: list[Caption] = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(np.stack([_pixels(model, image) for image in images[start : start + batch_size]]))
+        captions.extend(n_best[0] for n_best in model.caption_pixels(pixels, options))
+    return captions
+
+
+def _pixels(model: CaptionModel, image: str | os.PathLike | Image.Image) -> np.ndarray:
+    from captioner.images import load_image
+
+    rgb = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+    return model.encoder.preprocess.resize(rgb)
+
+
+def evaluate(
+    model: CaptionModel,
+    manifest: str | os.PathLike,
+    *,
+    options: DecodingOptions | None = None,
+    meteor: bool = True,
+    batch_size: int = 32,
+    num_workers: int = 2,
+) -> dict[str, float]:
+    """Caption every image of a manifest and score against its references (pycocoevalcap).
+
+    Raises:
+        ImageReadError: an image of the manifest cannot be read (scores would be biased).
+    """
+    entries = read_manifest(manifest)
+    candidates: dict[str, str] = {}
+    results = caption_paths(
+        model, [e.image for e in entries], options=options, batch_size=batch_size, num_workers=num_workers
+    )
+    for i, result in enumerate(results):
+        if result.captions is None:
+            raise ImageReadError(result.error)
+        candidates[str(i)] = result.captions[0].text
+    references = {str(i): list(e.captions) for i, e in enumerate(entries)}
+    return score_captions(references, candidates, meteor=meteor)

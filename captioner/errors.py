@@ -1,0 +1,21 @@
+"""One error family, so callers can catch everything captioner raises with one clause."""
+
+
+class CaptionerError(Exception):
+    """Base class of every error captioner raises on purpose."""
+
+
+class ImageReadError(CaptionerError):
+    """An image file could not be opened or decoded; the message names the file and reason."""
+
+
+class ModelLoadError(CaptionerError):
+    """A model, its weights or its vocabulary could not be built or loaded."""
+
+
+class DataError(CaptionerError):
+    """A manifest, caption file or dataset is malformed."""
+
+
+class VideoReadError(CaptionerError):
+    """A video could not be opened or decoded."""

@@ -1,0 +1,115 @@
+"""Encoder feature caching: with a frozen encoder, each image goes through the CNN once.
+
+Training for many epochs on 2 CPU cores is only practical because the encoder's grids are
+computed once, stored as float16 in a safetensors file, and reused by every epoch and by
+dev-set evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from captioner.encoders import Encoder, Preprocess
+from captioner.errors import ImageReadError
+from captioner.images import load_image
+
+
+class ImageFiles(Dataset):
+    """Loads and resizes images in DataLoader workers; a bad file yields its error message."""
+
+    def __init__(self, paths: list[Path], preprocess: Preprocess, *, flip: bool = False):
+        self.paths = paths
+        self.preprocess = preprocess
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None]:
+        try:
+            pixels = self.preprocess.resize(load_image(self.paths[index]))
+        except ImageReadError as e:
+            return index, None, str(e)
+        if self.flip:
+            pixels = np.ascontiguousarray(pixels[:, ::-1])
+        return index, pixels, None
+
+
+def collate_images(items: list[tuple[int, np.ndarray | None, str | None]]):
+    """Stack the good images into (B, S, S, 3) uint8; keep the bad ones' errors aside."""
+    good = [(i, p) for i, p, _ in items if p is not None]
+    errors = [(i, e) for i, p, e in items if p is None]
+    indices = [i for i, _ in good]
+    pixels = torch.from_numpy(np.stack([p for _, p in good])) if good else None
+    return indices, pixels, errors
+
+
+@torch.inference_mode()
+def encode_pixels(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, C, h, w) feature grid on the encoder's device."""
+    device = next(encoder.parameters()).device
+    images = encoder.preprocess.normalize(pixels.to(device))
+    return encoder(images.contiguous(memory_format=torch.channels_last))
+
+
+def extract_features(
+    encoder: Encoder,
+    paths: list[Path],
+    *,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    flip: bool = False,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Encode every image; returns (N, C, h, w) float16 in ``paths`` order.
+
+    Raises:
+        ImageReadError: any image could not be read (training data must be complete).
+    """
+    loader = DataLoader(
+        ImageFiles(paths, encoder.preprocess, flip=flip),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+    )
+    encoder.eval()
+    out: torch.Tensor | None = None
+    for indices, pixels, errors in tqdm(loader, desc="features", unit="batch", disable=not progress):
+        if errors:
+            raise ImageReadError(errors[0][1])
+        grid = encode_pixels(encoder, pixels).to("cpu", torch.float16)
+        if out is None:
+            out = torch.empty((len(paths), *grid.shape[1:]), dtype=torch.float16)
+        out[indices] = grid
+    assert out is not None, "no images to encode"
+    return out
+
+
+def cache_key(encoder_name: str, paths: list[Path], flip: bool) -> str:
+    """Stable name for a feature cache: encoder plus the exact image list."""
+    digest = hashlib.sha1(json.dumps([encoder_name, flip, [str(p) for p in paths]]).encode()).hexdigest()[:16]
+    return f"{encoder_name}{'-flip' if flip else ''}-{digest}"
+
+
+def cached_features(
+    encoder: Encoder, paths: list[Path], cache_dir: str | os.PathLike, *, flip: bool = False, **kwargs
+) -> torch.Tensor:
+    """Features of ``paths`` from ``cache_dir``, computing and saving them on first use."""
+    file = Path(cache_dir) / f"{cache_key(encoder.name, paths, flip)}.safetensors"
+    if file.exists():
+        return load_file(file)["features"]
+    features = extract_features(encoder, paths, flip=flip, **kwargs)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    save_file({"features": features}, tmp)
+    os.replace(tmp, file)
+    return features

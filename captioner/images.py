@@ -1,0 +1,72 @@
+"""Reading photos from disk into upright 8-bit RGB, with one clear error per bad file."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from captioner.errors import ImageReadError
+
+# Refuse images above this many pixels (a decompression bomb guard; 10x a 24 MP photo).
+MAX_PIXELS = 240_000_000
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
+)
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """True when the file name has a photo extension (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open ``path`` as an upright RGB image.
+
+    EXIF orientation is applied; grayscale, palette, RGBA/LA (composited on white), CMYK and
+    16-bit images are converted to 8-bit RGB.
+
+    Raises:
+        ImageReadError: the file is missing, empty, truncated, not an image, or too large.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageReadError(f"{path}: empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise ImageReadError(
+                        f"{path}: {image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}"
+                    )
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except ImageReadError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ImageReadError(f"{path}: {reason}") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (transparent pixels become white)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        scale = 257.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 1.0
+        gray = (np.asarray(image, dtype=np.float64) / scale).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,67 @@
+"""Caption scores through pycocoevalcap, the scorer published numbers are computed with.
+
+BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (coco-caption's ``Cider`` is the CIDEr-D variant:
+clipped counts, Gaussian length penalty, sigma 6). Captions are tokenized by the Stanford
+PTB tokenizer, as in coco-caption; it and METEOR run on Java. Reimplementing them would
+make our numbers incomparable the moment one detail differed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Mapping, Sequence
+
+from captioner.errors import CaptionerError
+
+METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+
+
+def _require_java() -> None:
+    if shutil.which("java") is None:
+        raise CaptionerError("caption scoring needs Java on PATH (the PTB tokenizer and METEOR are Java programs)")
+
+
+def tokenize_for_scoring(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """PTB-tokenize, lowercase and strip punctuation, as coco-caption does before scoring."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    _require_java()
+    return PTBTokenizer().tokenize({key: [{"caption": c} for c in caps] for key, caps in captions.items()})
+
+
+def score_captions(
+    references: Mapping[str, Sequence[str]],
+    candidates: Mapping[str, str],
+    *,
+    meteor: bool = True,
+) -> dict[str, float]:
+    """Corpus scores of one candidate per image against that image's references.
+
+    Args:
+        references: image id -> reference captions (raw text).
+        candidates: image id -> generated caption (raw text); same ids as ``references``.
+        meteor: also compute METEOR (starts a JVM with a 2 GB heap; skip it for quick checks).
+    Returns:
+        ``{"BLEU-1": ..., "CIDEr-D": ...}`` as fractions (CIDEr-D unscaled, e.g. 0.55).
+    Raises:
+        CaptionerError: ids differ, or Java is missing.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if set(references) != set(candidates):
+        raise CaptionerError("references and candidates must cover the same image ids")
+    if not candidates:
+        raise CaptionerError("no captions to score")
+    gts = tokenize_for_scoring(references)
+    res = tokenize_for_scoring({key: [caption] for key, caption in candidates.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}
+    if meteor:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])  # its __del__ stops the JVM
+    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
+    return scores

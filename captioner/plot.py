@@ -1,0 +1,25 @@
+"""Training curves as a PNG, so a run can be judged at a glance."""
+
+from __future__ import annotations
+
+import os
+
+
+def plot_history(history: list[dict], path: str | os.PathLike) -> None:
+    """Plot train loss and dev BLEU-4 / CIDEr-D per epoch into ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [r["train_loss"] for r in history], marker="o")
+    left.set(title="train loss", xlabel="epoch")
+    for name in ("BLEU-4", "CIDEr-D"):
+        right.plot(epochs, [r[name] for r in history], marker="o", label=name)
+    right.set(title="dev scores", xlabel="epoch")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,70 @@
+"""Token rules applied to next-token log-probabilities before a search strategy sees them.
+
+Each processor maps ``(log_probs (N, V), tokens (N, t))`` to new log-probs, where
+``tokens`` is what each hypothesis has emitted so far. Forbidden tokens get ``-inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+
+class LogitProcessor(Protocol):
+    def __call__(self, log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+class SuppressTokens:
+    """Never emit the given ids (``<unk>``, ``<pad>``, ``<start>``)."""
+
+    def __init__(self, token_ids: list[int]):
+        if any(i < 0 for i in token_ids):
+            raise ValueError(f"token ids must be >= 0, got {token_ids}")
+        self.token_ids = list(token_ids)
+
+    def __call__(self, log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        log_probs = log_probs.clone()
+        log_probs[:, self.token_ids] = -math.inf
+        return log_probs
+
+
+class MinLength:
+    """Forbid ``<end>`` until ``min_length`` words have been emitted."""
+
+    def __init__(self, min_length: int, end_id: int):
+        if min_length < 0:
+            raise ValueError(f"min_length must be >= 0, got {min_length}")
+        self.min_length = min_length
+        self.end_id = end_id
+
+    def __call__(self, log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] >= self.min_length:
+            return log_probs
+        log_probs = log_probs.clone()
+        log_probs[:, self.end_id] = -math.inf
+        return log_probs
+
+
+class NoRepeatNGram:
+    """Forbid any token that would repeat an n-gram already in the hypothesis."""
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise ValueError(f"no-repeat n-gram size must be >= 1, got {n}")
+        self.n = n
+
+    def __call__(self, log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t < self.n - 1:
+            return log_probs
+        log_probs = log_probs.clone()
+        for row, seq in enumerate(tokens.tolist()):
+            prefix = tuple(seq[t - self.n + 1 :]) if self.n > 1 else ()
+            banned = [
+                seq[i + self.n - 1] for i in range(t - self.n + 1) if tuple(seq[i : i + self.n - 1]) == prefix
+            ]
+            if banned:
+                log_probs[row, banned] = -math.inf
+        return log_probs

@@ -1,0 +1,259 @@
+"""Caption search: greedy, batched beam search and sampling over any step decoder.
+
+The loop in :func:`search` owns nothing but the decoder state; which tokens survive a
+step is decided by a strategy object (``Greedy``, ``BeamSearch``, ``Sampling``), which
+tokens are allowed by a list of logit processors, and how finished hypotheses are
+ordered by a ranker. Many images times many hypotheses run as one ``(B*K, ...)`` tensor
+program per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from captioner.decoder import DecoderState
+from captioner.processors import LogitProcessor
+
+
+class StepDecoder(Protocol):
+    """What search needs from a decoder; tests drive search with a scripted one."""
+
+    def start(self, grid: torch.Tensor) -> DecoderState: ...
+
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]: ...
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One searched token sequence, with the log-probability of each emitted token."""
+
+    tokens: tuple[int, ...]  # emitted ids, ending with <end> when finished
+    logprobs: tuple[float, ...]  # log-probability of each emitted token (same length)
+    finished: bool  # reached <end> before the length limit
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def mean_logprob(self) -> float:
+        """The caption's confidence score: mean token log-probability."""
+        return self.sum_logprob / max(len(self.logprobs), 1)
+
+    @property
+    def min_prob(self) -> float:
+        """Probability of the least likely token: a caption is as weak as its weakest word."""
+        return math.exp(min(self.logprobs)) if self.logprobs else 0.0
+
+
+@dataclass(frozen=True)
+class LengthRanker:
+    """Orders hypotheses by sum log-probability / length**alpha (0: raw sum, 1: mean)."""
+
+    alpha: float = 0.0
+
+    def score(self, hyp: Hypothesis) -> float:
+        return hyp.sum_logprob / (max(len(hyp.tokens), 1) ** self.alpha)
+
+    def rank(self, hyps: list[Hypothesis]) -> list[Hypothesis]:
+        return sorted(hyps, key=self.score, reverse=True)
+
+
+@dataclass
+class SearchStrategy:
+    """Base of strategies: holds the token history and what has finished, per image."""
+
+    batch_size: int
+    width: int  # live hypotheses per image
+    end_id: int
+    tokens: torch.Tensor = field(init=False)  # (B*W, t) emitted ids
+    logprobs: torch.Tensor = field(init=False)  # (B*W, t) their log-probabilities
+    finished: list[list[Hypothesis]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.batch_size * self.width
+        self.tokens = torch.empty((n, 0), dtype=torch.long)
+        self.logprobs = torch.empty((n, 0))
+        self.finished = [[] for _ in range(self.batch_size)]
+
+    def update(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Consume next-token log-probs (B*W, V); return the (B*W,) rows to continue from."""
+        raise NotImplementedError
+
+    @property
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def _hypothesis(self, row: int, finished: bool) -> Hypothesis:
+        return Hypothesis(tuple(self.tokens[row].tolist()), tuple(self.logprobs[row].tolist()), finished)
+
+    def finalize(self) -> list[list[Hypothesis]]:
+        """Finished hypotheses per image; images with too few get their live ones (never empty)."""
+        for b, hyps in enumerate(self.finished):
+            if len(hyps) < self.width:
+                for row in range(b * self.width, (b + 1) * self.width):
+                    if not self._row_finished(row):
+                        hyps.append(self._hypothesis(row, finished=False))
+        return self.finished
+
+    def _row_finished(self, row: int) -> bool:
+        return bool(self.tokens.shape[1]) and int(self.tokens[row, -1]) == self.end_id
+
+
+@dataclass
+class _Independent(SearchStrategy):
+    """Rows that never reorder (greedy, sampling): each row stops at its own <end>."""
+
+    def choose(self, log_probs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, log_probs: torch.Tensor) -> torch.Tensor:
+        alive = torch.ones(log_probs.shape[0], dtype=torch.bool)
+        if self.tokens.shape[1]:
+            alive = self.tokens[:, -1] != self.end_id
+        chosen = self.choose(log_probs)  # (N,)
+        chosen = torch.where(alive, chosen, torch.full_like(chosen, self.end_id))
+        lp = log_probs.gather(1, chosen[:, None]).squeeze(1)
+        lp = torch.where(alive, lp, torch.zeros_like(lp))
+        self.tokens = torch.cat([self.tokens, chosen[:, None]], dim=1)
+        self.logprobs = torch.cat([self.logprobs, lp[:, None]], dim=1)
+        for row in torch.nonzero(alive & (chosen == self.end_id)).flatten().tolist():
+            length = self.tokens.shape[1]
+            self.finished[row // self.width].append(
+                Hypothesis(tuple(self.tokens[row].tolist()), tuple(self.logprobs[row, :length].tolist()), True)
+            )
+        return torch.arange(log_probs.shape[0])
+
+    @property
+    def done(self) -> bool:
+        return bool(self.tokens.shape[1]) and bool((self.tokens[:, -1] == self.end_id).all())
+
+
+@dataclass
+class Greedy(_Independent):
+    """The most likely token at every step."""
+
+    def choose(self, log_probs: torch.Tensor) -> torch.Tensor:
+        return log_probs.argmax(dim=1)
+
+
+@dataclass
+class Sampling(_Independent):
+    """Random tokens from the temperature-scaled, top-k and top-p truncated distribution."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k truncation
+    top_p: float = 1.0  # 1.0: no nucleus truncation
+    generator: torch.Generator | None = None
+
+    def choose(self, log_probs: torch.Tensor) -> torch.Tensor:
+        logits = log_probs / self.temperature
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[1]), dim=1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=1, descending=True)
+            cumulative = sorted_logits.softmax(dim=1).cumsum(dim=1)
+            drop = cumulative - sorted_logits.softmax(dim=1) >= self.top_p  # keep the first token past p
+            logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -math.inf))
+        probs = logits.softmax(dim=1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+@dataclass
+class BeamSearch(SearchStrategy):
+    """Beam search keeping 2*width candidates per step so that finished ones never empty a beam."""
+
+    scores: torch.Tensor = field(init=False)  # (B, W) running sum log-probs of live beams
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.scores = torch.full((self.batch_size, self.width), -math.inf)
+        self.scores[:, 0] = 0.0  # all beams start identical: expand only the first
+
+    def update(self, log_probs: torch.Tensor) -> torch.Tensor:
+        b, w = self.batch_size, self.width
+        vocab = log_probs.shape[1]
+        candidates = (self.scores[:, :, None] + log_probs.view(b, w, vocab)).view(b, w * vocab)
+        top_scores, top_flat = candidates.topk(min(2 * w, w * vocab), dim=1)  # (B, 2W)
+        beam = torch.div(top_flat, vocab, rounding_mode="floor")  # (B, 2W) source beam
+        token = top_flat % vocab
+        is_end = token == self.end_id
+        rows = beam + torch.arange(b)[:, None] * w  # (B, 2W) source row in B*W
+        self._collect_finished(top_scores, rows, token, is_end, log_probs)
+        # Live beams: the best W candidates that did not end (ends sort last, stably).
+        rank = torch.arange(top_flat.shape[1]).expand_as(top_flat) + is_end.long() * top_flat.shape[1]
+        keep = rank.argsort(dim=1)[:, :w]  # (B, W)
+        src = rows.gather(1, keep).flatten()  # (B*W,)
+        new_tokens = token.gather(1, keep).flatten()
+        step_lp = log_probs[src, new_tokens]
+        self.scores = top_scores.gather(1, keep)
+        self.scores = self.scores.masked_fill(is_end.gather(1, keep), -math.inf)
+        self.tokens = torch.cat([self.tokens[src], new_tokens[:, None]], dim=1)
+        self.logprobs = torch.cat([self.logprobs[src], step_lp[:, None]], dim=1)
+        return src
+
+    def _collect_finished(self, top_scores, rows, token, is_end, log_probs) -> None:
+        """Record <end> candidates that rank within the top W of their image (fairseq's rule)."""
+        hits = torch.nonzero(is_end[:, : self.width] & torch.isfinite(top_scores[:, : self.width]))
+        for b, j in hits.tolist():
+            if len(self.finished[b]) >= self.width:
+                continue
+            row = int(rows[b, j])
+            self.finished[b].append(
+                Hypothesis(
+                    tuple(self.tokens[row].tolist()) + (self.end_id,),
+                    tuple(self.logprobs[row].tolist()) + (float(log_probs[row, self.end_id]),),
+                    True,
+                )
+            )
+
+    @property
+    def done(self) -> bool:
+        return all(len(h) >= self.width for h in self.finished)
+
+    def finalize(self) -> list[list[Hypothesis]]:
+        for b, hyps in enumerate(self.finished):
+            if len(hyps) < self.width:
+                live = [r for r in range(b * self.width, (b + 1) * self.width) if math.isfinite(self.scores.view(-1)[r])]
+                hyps.extend(self._hypothesis(r, finished=False) for r in live[: self.width - len(hyps)])
+        return self.finished
+
+
+def _expand(state: DecoderState, width: int) -> DecoderState:
+    return tuple(s.repeat_interleave(width, dim=0) for s in state)
+
+
+def _reorder(state: DecoderState, rows: torch.Tensor) -> DecoderState:
+    return tuple(s.index_select(0, rows.to(s.device)) for s in state)
+
+
+@torch.inference_mode()
+def search(
+    decoder: StepDecoder,
+    grid: torch.Tensor,
+    strategy: SearchStrategy,
+    processors: list[LogitProcessor],
+    *,
+    start_id: int,
+    max_length: int,
+) -> list[list[Hypothesis]]:
+    """Run ``strategy`` for every image of ``grid`` (B, ...); returns hypotheses per image."""
+    state = _expand(decoder.start(grid), strategy.width)
+    n = strategy.batch_size * strategy.width
+    last = torch.full((n,), start_id, dtype=torch.long)
+    for _ in range(max_length):
+        log_probs, state = decoder.step(last.to(grid.device), state)
+        log_probs = log_probs.float().cpu()
+        for processor in processors:
+            log_probs = processor(log_probs, strategy.tokens)
+        rows = strategy.update(log_probs)
+        if strategy.done:
+            break
+        state = _reorder(state, rows)
+        last = strategy.tokens[:, -1]
+    return strategy.finalize()

@@ -1,0 +1,295 @@
+"""Training: teacher forcing on cached encoder grids, selection on dev CIDEr-D.
+
+With a frozen encoder (the default) every image goes through the CNN once
+(:mod:`captioner.features`); an epoch is then a few minutes on 2 CPU cores. With
+``finetune_encoder`` the CNN runs on every batch instead, which needs a GPU to be practical.
+Each epoch writes an atomic checkpoint, a metrics line and a plot, so a run can be
+resumed with ``resume=True`` after any interruption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from captioner.data import ManifestEntry, read_manifest
+from captioner.decoder import DecoderConfig
+from captioner.decoding import DecodingOptions
+from captioner.encoders import build_encoder
+from captioner.features import cached_features, encode_pixels
+from captioner.metrics import score_captions
+from captioner.model import CaptionModel, ModelConfig
+from captioner.vocab import Vocabulary
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run (a JSON config file holds any subset of these)."""
+
+    train_manifest: str  # JSONL manifest of training images
+    dev_manifest: str  # JSONL manifest used for early stopping
+    out_dir: str = "runs/train"  # checkpoints, metrics log, plot and the best model
+    encoder: str = "efficientnet_lite0"  # registered encoder name
+    finetune_encoder: bool = False  # train the CNN too (slow without a GPU)
+    cache_dir: str = "cache"  # where frozen-encoder features are stored
+    flip_augment: bool = True  # also train on horizontally flipped images' features
+    min_word_count: int = 5  # vocabulary frequency threshold
+    max_caption_words: int = 22  # longer training captions are truncated
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention: bool = True  # attend over the grid (False: plain vector-initialized LSTM)
+    attention_dim: int = 512
+    dropout: float = 0.5
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200  # linear warm-up, then cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.05
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.1
+    patience: int = 3  # stop after this many epochs without a better dev CIDEr-D
+    dev_beam_size: int = 3  # beam used for the per-epoch dev evaluation
+    dev_limit: int = 0  # evaluate on the first N dev images only (0: all)
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    amp: bool = True  # mixed precision on CUDA
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _pad(sequences: list[list[int]], length: int, pad: int) -> torch.Tensor:
+    out = torch.full((len(sequences), length), pad, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        out[i, : len(seq)] = torch.tensor(seq[:length])
+    return out
+
+
+def _caption_pairs(entries: list[ManifestEntry], vocab: Vocabulary, max_words: int) -> list[tuple[int, list[int]]]:
+    """(image index, token ids) for every reference caption; long captions keep their <end>."""
+    pairs = []
+    for i, entry in enumerate(entries):
+        for caption in entry.captions:
+            ids = vocab.encode(caption)
+            if len(ids) > max_words + 2:
+                ids = ids[: max_words + 1] + [vocab.end]
+            pairs.append((i, ids))
+    return pairs
+
+
+def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Owns the model, optimizer and data of one run; ``fit`` runs epochs until stopping."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.train_entries = read_manifest(cfg.train_manifest)
+        self.dev_entries = read_manifest(cfg.dev_manifest)
+        self.vocab = Vocabulary.build((c for e in self.train_entries for c in e.captions), min_count=cfg.min_word_count)
+        self.model = self._build_model().to(self.device)
+        self.pairs = _caption_pairs(self.train_entries, self.vocab, cfg.max_caption_words)
+        self.train_grids, self.dev_grids = self._load_grids()
+        if cfg.dev_limit:
+            self.dev_entries = self.dev_entries[: cfg.dev_limit]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.pairs) / cfg.batch_size)
+        total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, total, cfg))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
+        self.loss_fn = nn.CrossEntropyLoss(ignore_index=self.vocab.pad, label_smoothing=cfg.label_smoothing)
+        self.epoch = 0
+        self.best_cider = -1.0
+        self.stale_epochs = 0
+        self.history: list[dict] = []
+
+    def _build_model(self) -> CaptionModel:
+        cfg = self.cfg
+        channels = build_encoder(cfg.encoder, pretrained=False).out_channels  # to size the decoder
+        decoder = DecoderConfig(
+            vocab_size=len(self.vocab),
+            feature_dim=channels,
+            embed_dim=cfg.embed_dim,
+            hidden_dim=cfg.hidden_dim,
+            attention=cfg.attention,
+            attention_dim=cfg.attention_dim,
+            dropout=cfg.dropout,
+        )
+        config = ModelConfig(
+            encoder=cfg.encoder,
+            decoder=decoder,
+            decoding=DecodingOptions(beam_size=cfg.dev_beam_size),
+            encoder_weights_stored=cfg.finetune_encoder,
+        )
+        model = CaptionModel(config, self.vocab)
+        model.encoder.requires_grad_(cfg.finetune_encoder)
+        return model
+
+    def _load_grids(self) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+        """Cached grids per view (original, flipped) for train, and for dev; None when fine-tuning."""
+        if self.cfg.finetune_encoder:
+            return None, None
+        encoder = self.model.encoder.eval()
+        paths = [e.image for e in self.train_entries]
+        views = [cached_features(encoder, paths, self.cfg.cache_dir, num_workers=self.cfg.num_workers)]
+        if self.cfg.flip_augment:
+            views.append(cached_features(encoder, paths, self.cfg.cache_dir, flip=True, num_workers=self.cfg.num_workers))
+        dev = cached_features(encoder, [e.image for e in self.dev_entries], self.cfg.cache_dir, num_workers=self.cfg.num_workers)
+        if self.cfg.dev_limit:
+            dev = dev[: self.cfg.dev_limit]
+        return views, dev
+
+    def _grids_for(self, image_ids: list[int], entries: list[ManifestEntry], train: bool) -> torch.Tensor:
+        """Encoder grids (B, C, h, w) of the given images, from the cache or the (trainable) CNN."""
+        if self.train_grids is not None:
+            source = self.train_grids[random.randrange(len(self.train_grids))] if train else self.dev_grids
+            return source[image_ids].to(self.device).float()
+        from captioner.images import load_image
+
+        pre = self.model.encoder.preprocess
+        pixels = torch.stack([torch.from_numpy(pre.resize(load_image(entries[i].image))) for i in image_ids])
+        if not train:
+            return encode_pixels(self.model.encoder, pixels)
+        images = pre.normalize(pixels.to(self.device))
+        return self.model.encoder(images)
+
+    def train_epoch(self) -> float:
+        self.model.train()
+        if not self.cfg.finetune_encoder:
+            self.model.encoder.eval()
+        order = list(range(len(self.pairs)))
+        random.shuffle(order)
+        total_loss, count = 0.0, 0
+        bar = tqdm(range(0, len(order), self.cfg.batch_size), desc=f"epoch {self.epoch + 1}", unit="batch")
+        for start in bar:
+            batch = [self.pairs[i] for i in order[start : start + self.cfg.batch_size]]
+            loss = self._train_step(batch)
+            total_loss += loss * len(batch)
+            count += len(batch)
+            bar.set_postfix(loss=f"{total_loss / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        return total_loss / count
+
+    def _train_step(self, batch: list[tuple[int, list[int]]]) -> float:
+        length = max(len(ids) for _, ids in batch)
+        tokens = _pad([ids for _, ids in batch], length, self.vocab.pad).to(self.device)  # (B, T)
+        with torch.autocast(self.device.type, enabled=self.scaler.is_enabled()):
+            grid = self._grids_for([i for i, _ in batch], self.train_entries, train=True)
+            logits = self.model.decoder(grid, tokens[:, :-1])  # (B, T-1, V)
+            loss = self.loss_fn(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def evaluate_dev(self, options: DecodingOptions | None = None, *, meteor: bool = False) -> dict[str, float]:
+        """Dev-set scores of beam-searched captions (no METEOR by default: it is slow to start)."""
+        self.model.eval()
+        options = options or self.model.config.decoding
+        candidates = {}
+        for start in range(0, len(self.dev_entries), 100):
+            ids = list(range(start, min(start + 100, len(self.dev_entries))))
+            grid = self._grids_for(ids, self.dev_entries, train=False)
+            for i, captions in zip(ids, self.model.caption_grid(grid, options)):
+                candidates[str(i)] = captions[0].text
+        references = {str(i): list(e.captions) for i, e in enumerate(self.dev_entries)}
+        return score_captions(references, candidates, meteor=meteor)
+
+    def fit(self) -> dict:
+        while self.epoch < self.cfg.epochs and self.stale_epochs < self.cfg.patience:
+            started = time.time()
+            loss = self.train_epoch()
+            scores = self.evaluate_dev()
+            self.epoch += 1
+            record = {"epoch": self.epoch, "train_loss": loss, "seconds": round(time.time() - started, 1), **scores}
+            self.history.append(record)
+            if scores["CIDEr-D"] > self.best_cider:
+                self.best_cider, self.stale_epochs = scores["CIDEr-D"], 0
+                self.model.save(self.out / "best")
+            else:
+                self.stale_epochs += 1
+            self._log(record)
+            self.save_checkpoint()
+        return max(self.history, key=lambda r: r["CIDEr-D"]) if self.history else {}
+
+    def _log(self, record: dict) -> None:
+        with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+        from captioner.plot import plot_history
+
+        plot_history(self.history, self.out / "curves.png")
+
+    def save_checkpoint(self) -> None:
+        """Atomically replace ``last.pt`` (tensors and plain values only: loads with weights_only)."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "best_cider": self.best_cider,
+            "stale_epochs": self.stale_epochs,
+            "history": json.dumps(self.history),
+            "config": json.dumps(dataclasses.asdict(self.cfg)),
+            "rng": torch.get_rng_state(),
+        }
+        tmp = self.out / "last.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / "last.pt")
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(self.out / "last.pt", map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.best_cider = float(state["best_cider"])
+        self.stale_epochs = int(state["stale_epochs"])
+        self.history = json.loads(state["history"])
+        torch.set_rng_state(state["rng"].cpu())
+        random.seed(self.cfg.seed + self.epoch)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Train a caption model; returns the best epoch's record. The best model is in ``out_dir/best``.
+
+    Raises:
+        DataError: a manifest is malformed.
+        ImageReadError: a training image cannot be read.
+    """
+    trainer = Trainer(cfg)
+    if resume and (trainer.out / "last.pt").exists():
+        trainer.load_checkpoint()
+    return trainer.fit()

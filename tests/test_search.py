@@ -1,0 +1,167 @@
+"""Beam search, greedy and sampling against a scripted decoder with hand-written probabilities."""
+
+import math
+
+import pytest
+import torch
+
+from captioner.decoding import DecodingOptions, decode_grid
+from captioner.processors import MinLength, NoRepeatNGram, SuppressTokens
+from captioner.search import BeamSearch, Greedy, LengthRanker, Sampling, search
+from captioner.vocab import Vocabulary
+
+# Vocabulary ids: 0 <pad> 1 <start> 2 <end> 3 <unk> 4 a 5 b 6 c
+VOCAB = Vocabulary(["a", "b", "c"])
+END = VOCAB.end
+
+
+class ScriptedDecoder:
+    """Next-token probabilities depend only on the prefix emitted so far (the state holds it).
+
+    ``table`` maps a prefix tuple (after <start>) to a dict token -> probability; missing
+    tokens share what is left. The grid's first value selects one of several tables, so one
+    batch can mix images with different scripts.
+    """
+
+    def __init__(self, tables, default=None):
+        self.tables = tables
+        self.default = default or {END: 1.0}  # for prefixes a table does not list
+
+    def start(self, grid):
+        # state: (image index (N, 1), emitted prefix padded with -1 (N, 32))
+        n = grid.shape[0]
+        return (grid[:, :1].long(), torch.full((n, 32), -1, dtype=torch.long))
+
+    def step(self, tokens, state):
+        which, prefix = state
+        prefix = prefix.clone()
+        out = torch.empty(tokens.shape[0], len(VOCAB))
+        for row in range(tokens.shape[0]):
+            seq = [t for t in prefix[row].tolist() if t >= 0]
+            if tokens[row] != VOCAB.start:
+                seq.append(int(tokens[row]))
+                prefix[row, len(seq) - 1] = int(tokens[row])
+            probs = self.tables[int(which[row])].get(tuple(seq), self.default)
+            rest = (1.0 - sum(probs.values())) / max(1, len(VOCAB) - len(probs))
+            out[row] = torch.tensor([probs.get(t, rest) for t in range(len(VOCAB))])
+        return out.clamp_min(1e-12).log(), (which, prefix)
+
+
+A, B, C = 4, 5, 6
+# Greedy takes "a" (0.5) then <end> (0.4 of the rest): "a" with p=0.5*0.4=0.20.
+# Beam sees "b c <end>" = 0.4*0.9*0.9 = 0.324, the better caption.
+TABLE = {
+    (): {A: 0.5, B: 0.4, C: 0.1 - 4e-9},
+    (A,): {END: 0.4, A: 0.3, B: 0.3 - 4e-9},
+    (A, A): {END: 1.0 - 6e-9},
+    (A, B): {END: 1.0 - 6e-9},
+    (B,): {C: 0.9, END: 0.1 - 5e-9},
+    (B, C): {END: 0.9, A: 0.1 - 5e-9},
+    (C,): {END: 1.0 - 6e-9},
+}
+
+
+def grid_for(*which):
+    return torch.tensor([[float(w)] for w in which])
+
+
+def run(strategy, processors=(), tables=(TABLE,), which=(0,), max_length=10, default=None):
+    return search(ScriptedDecoder(list(tables), default), grid_for(*which), strategy, list(processors),
+                  start_id=VOCAB.start, max_length=max_length)
+
+
+def test_greedy_takes_the_locally_best_token():
+    (hyps,) = run(Greedy(1, 1, END))
+    assert [h.tokens for h in hyps] == [(A, END)]
+    assert hyps[0].sum_logprob == pytest.approx(math.log(0.5 * 0.4))
+
+
+def test_beam_finds_the_globally_better_caption_with_exact_scores():
+    (hyps,) = run(BeamSearch(1, 2, END))
+    ranked = LengthRanker(0.0).rank(hyps)
+    assert [h.tokens for h in ranked] == [(B, C, END), (A, END)]
+    assert ranked[0].sum_logprob == pytest.approx(math.log(0.4 * 0.9 * 0.9))
+    assert ranked[0].logprobs == pytest.approx((math.log(0.4), math.log(0.9), math.log(0.9)))
+    assert ranked[0].min_prob == pytest.approx(0.4)
+    assert ranked[1].sum_logprob == pytest.approx(math.log(0.5 * 0.4))
+
+
+def test_length_penalty_changes_the_ranking():
+    (hyps,) = run(BeamSearch(1, 3, END))
+    # mean log-prob: "a <end>" = log(0.2)/2 = -0.80; "b c <end>" = log(0.324)/3 = -0.38; "a a <end>" ~ log(.15)/3
+    best_mean = LengthRanker(1.0).rank(hyps)[0]
+    assert best_mean.tokens == (B, C, END)
+    short_table = {(): {A: 0.6, B: 0.4 - 1e-9}, (A,): {END: 0.5, C: 0.5 - 1e-9}, (B,): {END: 1 - 1e-9},
+                   (A, C): {END: 1 - 1e-9}}
+    (hyps,) = run(BeamSearch(1, 2, END), tables=(short_table,))
+    by_sum = LengthRanker(0.0).rank(hyps)[0]  # "a <end>" 0.30 and "b <end>" 0.40 vs "a c <end>" 0.30
+    assert by_sum.tokens == (B, END)
+
+
+def test_min_length_blocks_early_end():
+    (hyps,) = run(Greedy(1, 1, END), [MinLength(2, END)])
+    assert hyps[0].tokens[:-1].__len__() >= 2
+    assert hyps[0].tokens == (A, A, END)  # "a" then, <end> forbidden, "a" (0.3) beats "b" (0.3-4e-9)
+
+
+def test_suppress_tokens_never_emits_them():
+    (hyps,) = run(Greedy(1, 1, END), [SuppressTokens([A])])
+    assert A not in hyps[0].tokens
+    assert hyps[0].tokens == (B, C, END)
+
+
+def test_no_repeat_ngram_blocks_repeats():
+    loop = {(): {A: 0.9}, (A,): {A: 0.9}, (A, A): {A: 0.9}, (A, A, A): {A: 0.9}}
+    (plain,) = run(Greedy(1, 1, END), tables=(loop,), max_length=4)
+    assert plain[0].tokens == (A, A, A, A)
+    (blocked,) = run(Greedy(1, 1, END), [NoRepeatNGram(1)], tables=(loop,), max_length=4)
+    assert blocked[0].tokens.count(A) == 1
+
+
+def test_always_returns_a_hypothesis_when_nothing_ends():
+    never_end = {A: 0.9, END: 0.0}
+    (hyps,) = run(BeamSearch(1, 2, END), tables=({},), max_length=3, default=never_end)
+    assert hyps, "beam search must never return nothing"
+    assert all(not h.finished for h in hyps)
+    assert hyps[0].tokens == (A, A, A)
+
+
+def test_batched_beam_equals_each_image_alone():
+    other = {(): {C: 0.7, B: 0.3 - 1e-9}, (C,): {A: 0.6, END: 0.4 - 1e-9}, (C, A): {END: 1 - 1e-9}}
+    tables = (TABLE, other)
+    batched = run(BeamSearch(3, 3, END), tables=tables, which=(0, 1, 0))
+    alone = [run(BeamSearch(1, 3, END), tables=tables, which=(w,))[0] for w in (0, 1, 0)]
+    for got, want in zip(batched, alone):
+        assert [(h.tokens, pytest.approx(h.logprobs)) for h in got] == [(h.tokens, h.logprobs) for h in want]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
+    def sample(seed, top_k=0):
+        gen = torch.Generator().manual_seed(seed)
+        return run(Sampling(1, 8, END, 1.0, top_k, 1.0, gen))[0]
+
+    assert [h.tokens for h in sample(7)] == [h.tokens for h in sample(7)]
+    first_tokens = {h.tokens[0] for h in sample(3, top_k=1)}
+    assert first_tokens == {A}
+
+
+def test_top_p_keeps_the_nucleus_only():
+    gen = torch.Generator().manual_seed(0)
+    (hyps,) = run(Sampling(1, 16, END, 1.0, 0, 0.45, gen))  # "a" alone holds 0.5 > 0.45
+    assert {h.tokens[0] for h in hyps} == {A}
+    (hyps,) = run(Sampling(1, 64, END, 1.0, 0, 0.85, gen))  # "a" + "b" hold 0.9; "c" is cut
+    assert {h.tokens[0] for h in hyps} == {A, B}
+
+
+def test_decode_grid_returns_n_best_captions_with_scores():
+    options = DecodingOptions(beam_size=2, n_best=2)
+    (captions,) = decode_grid(ScriptedDecoder([TABLE]), grid_for(0), VOCAB, options)
+    assert [c.text for c in captions] == ["b c", "a"]
+    assert captions[0].score == pytest.approx(math.log(0.324) / 3)
+    assert captions[0].min_prob == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("bad", [dict(beam_size=0), dict(method="nope"), dict(top_p=0.0), dict(n_best=4)])
+def test_bad_decoding_options_name_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        DecodingOptions(**bad)
