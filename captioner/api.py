@@ -63,7 +63,7 @@ def caption_paths(
     for indices, pixels, errors in loader:
         results = {i: PathResult(paths[i], None, message) for i, message in errors}
         if pixels is not None:
-            for i, captions in zip(indices, model.caption_pixels(pixels, options)):
+            for i, captions in zip(indices, model.caption_pixels(pixels, options), strict=True):
                 results[i] = PathResult(paths[i], captions)
         yield from (results[i] for i in sorted(results))
 

@@ -35,15 +35,18 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
     entries = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read manifest: {e.strerror or e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read manifest: {getattr(e, 'strerror', None) or e}") from e
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             image = Path(record["image"])
-            captions = tuple(str(c) for c in record.get("captions", ()))
+            captions = record.get("captions", [])
+            if not isinstance(captions, list):  # a bare string would be split into one-letter captions
+                raise TypeError(f"captions must be a list, not {type(captions).__name__}")
+            captions = tuple(str(c) for c in captions)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{path}:{number}: not a manifest record ({e})") from e
         entries.append(ManifestEntry(image if image.is_absolute() else base / image, captions))

@@ -37,7 +37,10 @@ class DecodingOptions:
             "max_length": (self.max_length >= 1, ">= 1"),
             "min_length": (0 <= self.min_length < self.max_length, ">= 0 and < max_length"),
             "no_repeat_ngram": (self.no_repeat_ngram >= 0, ">= 0"),
-            "n_best": (self.n_best >= 1 and (self.method != "beam" or self.n_best <= self.beam_size), ">= 1 and <= beam_size"),
+            "n_best": (
+                self.n_best >= 1 and (self.method != "beam" or self.n_best <= self.beam_size),
+                ">= 1 and <= beam_size",
+            ),
             "temperature": (self.temperature > 0, "> 0"),
             "top_k": (self.top_k >= 0, ">= 0"),
             "top_p": (0 < self.top_p <= 1, "in (0, 1]"),

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from captioner.errors import ImageReadError
 
@@ -48,6 +48,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 return to_rgb(ImageOps.exif_transpose(image))
     except ImageReadError:
         raise
+    except UnidentifiedImageError as e:
+        raise ImageReadError(f"{path}: not an image in a format Pillow reads") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ImageReadError(f"{path}: {reason}") from e

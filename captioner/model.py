@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -105,7 +106,7 @@ class CaptionModel(nn.Module):
             config = ModelConfig.from_json((directory / "config.json").read_text(encoding="utf-8"))
             vocab = Vocabulary.load(directory / "vocab.json")
             tensors = load_file(directory / "model.safetensors")
-        except OSError as e:
+        except (OSError, SafetensorError, json.JSONDecodeError) as e:
             raise ModelLoadError(f"{directory}: cannot load model: {e}") from e
         model = cls(config, vocab, pretrained_encoder=not config.encoder_weights_stored)
         try:

@@ -219,7 +219,8 @@ class BeamSearch(SearchStrategy):
     def finalize(self) -> list[list[Hypothesis]]:
         for b, hyps in enumerate(self.finished):
             if len(hyps) < self.width:
-                live = [r for r in range(b * self.width, (b + 1) * self.width) if math.isfinite(self.scores.view(-1)[r])]
+                rows = range(b * self.width, (b + 1) * self.width)
+                live = [r for r in rows if math.isfinite(self.scores.view(-1)[r])]
                 hyps.extend(self._hypothesis(r, finished=False) for r in live[: self.width - len(hyps)])
         return self.finished
 

@@ -158,10 +158,11 @@ class Trainer:
             return None, None
         encoder = self.model.encoder.eval()
         paths = [e.image for e in self.train_entries]
-        views = [cached_features(encoder, paths, self.cfg.cache_dir, num_workers=self.cfg.num_workers)]
+        cache, workers = self.cfg.cache_dir, self.cfg.num_workers
+        views = [cached_features(encoder, paths, cache, num_workers=workers)]
         if self.cfg.flip_augment:
-            views.append(cached_features(encoder, paths, self.cfg.cache_dir, flip=True, num_workers=self.cfg.num_workers))
-        dev = cached_features(encoder, [e.image for e in self.dev_entries], self.cfg.cache_dir, num_workers=self.cfg.num_workers)
+            views.append(cached_features(encoder, paths, cache, flip=True, num_workers=workers))
+        dev = cached_features(encoder, [e.image for e in self.dev_entries], cache, num_workers=workers)
         if self.cfg.dev_limit:
             dev = dev[: self.cfg.dev_limit]
         return views, dev
@@ -184,17 +185,28 @@ class Trainer:
         self.model.train()
         if not self.cfg.finetune_encoder:
             self.model.encoder.eval()
-        order = list(range(len(self.pairs)))
-        random.shuffle(order)
         total_loss, count = 0.0, 0
-        bar = tqdm(range(0, len(order), self.cfg.batch_size), desc=f"epoch {self.epoch + 1}", unit="batch")
-        for start in bar:
-            batch = [self.pairs[i] for i in order[start : start + self.cfg.batch_size]]
+        bar = tqdm(self._length_bucketed_batches(), desc=f"epoch {self.epoch + 1}", unit="batch")
+        for batch_ids in bar:
+            batch = [self.pairs[i] for i in batch_ids]
             loss = self._train_step(batch)
             total_loss += loss * len(batch)
             count += len(batch)
             bar.set_postfix(loss=f"{total_loss / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         return total_loss / count
+
+    def _length_bucketed_batches(self) -> list[list[int]]:
+        """Shuffled batches of similar-length captions: less padding, ~40% less LSTM work."""
+        order = list(range(len(self.pairs)))
+        random.shuffle(order)
+        size = self.cfg.batch_size
+        pool = size * 50
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start : start + pool], key=lambda i: len(self.pairs[i][1]))
+            batches.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
+        random.shuffle(batches)
+        return batches
 
     def _train_step(self, batch: list[tuple[int, list[int]]]) -> float:
         length = max(len(ids) for _, ids in batch)
@@ -220,7 +232,7 @@ class Trainer:
         for start in range(0, len(self.dev_entries), 100):
             ids = list(range(start, min(start + 100, len(self.dev_entries))))
             grid = self._grids_for(ids, self.dev_entries, train=False)
-            for i, captions in zip(ids, self.model.caption_grid(grid, options)):
+            for i, captions in zip(ids, self.model.caption_grid(grid, options), strict=True):
                 candidates[str(i)] = captions[0].text
         references = {str(i): list(e.captions) for i, e in enumerate(self.dev_entries)}
         return score_captions(references, candidates, meteor=meteor)

@@ -57,7 +57,10 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, text: str) -> "Vocabulary":
-        words = json.loads(text)
+        try:
+            words = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"vocabulary is not valid JSON: {e}") from e
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise ModelLoadError("vocabulary must be a JSON list of words")
         return cls(words)

@@ -66,6 +66,23 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pipelines.folder import caption_folder
+    from pipelines.report import write_contact_sheet
+
+    if not Path(args.folder).is_dir():
+        print(f"captioner batch: {args.folder}: not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    model, options = _load(args)
+    summary = caption_folder(args.folder, args.output, model=model, options=options, record_format=args.format,
+                             batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+    if args.html:
+        write_contact_sheet(args.output, args.html)
+    print(f"{summary.captioned} captioned, {summary.failed} failed, {summary.already_done} already done",
+          file=sys.stderr)
+    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioner.api import evaluate
 
@@ -119,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     _add_decoding_flags(p)
     p.set_defaults(run=cmd_caption)
+
+    p = sub.add_parser("batch", help="caption every image under a folder into JSONL/CSV (resumable)")
+    p.add_argument("folder")
+    p.add_argument("-o", "--output", required=True, help="OUT.jsonl or OUT.csv; re-running resumes it")
+    p.add_argument("--format", choices=("jsonl", "csv"), help="default: from the output's extension")
+    p.add_argument("--html", help="also write a self-contained contact sheet REPORT.html")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_decoding_flags(p)
+    p.set_defaults(run=cmd_batch)
 
     p = sub.add_parser("evaluate", help="caption a manifest's images and score them")
     p.add_argument("--manifest", required=True)

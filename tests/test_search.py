@@ -131,7 +131,7 @@ def test_batched_beam_equals_each_image_alone():
     tables = (TABLE, other)
     batched = run(BeamSearch(3, 3, END), tables=tables, which=(0, 1, 0))
     alone = [run(BeamSearch(1, 3, END), tables=tables, which=(w,))[0] for w in (0, 1, 0)]
-    for got, want in zip(batched, alone):
+    for got, want in zip(batched, alone, strict=True):
         assert [(h.tokens, pytest.approx(h.logprobs)) for h in got] == [(h.tokens, h.logprobs) for h in want]
 
 

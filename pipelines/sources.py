@@ -1,0 +1,48 @@
+"""Finding the images under a folder: recursive, case-insensitive, safe against link loops."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+from captioner.images import is_image_path
+
+
+def walk_images(root: str | os.PathLike) -> Iterator[Path]:
+    """Image files under ``root`` in a stable (sorted) order, following directory links once.
+
+    A directory reached again through a symlink (a loop, or two links to one place) is not
+    walked twice. Dangling links with an image extension are yielded, so the caller reports
+    them as unreadable instead of silently missing them.
+    """
+    root = Path(root)
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            info = folder.stat()
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        subfolders = []
+        for entry in entries:
+            if _is_dir(entry):
+                subfolders.append(Path(entry.path))
+            elif is_image_path(entry.name):
+                yield Path(entry.path)
+        stack.extend(reversed(subfolders))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False

@@ -1,0 +1,52 @@
+"""The captioner command, run in-process through main(argv) with the shipped model."""
+
+import json
+import shutil
+
+import pytest
+from conftest import SAMPLES
+
+from pipelines.cli import main
+
+
+def test_caption_names_a_cat_with_no_flags(capsys):
+    assert main(["caption", str(SAMPLES / "chelsea.png")]) == 0
+    path, caption = capsys.readouterr().out.rstrip("\n").split("\t")
+    assert path == str(SAMPLES / "chelsea.png")
+    assert any(word in caption.split() for word in ("cat", "cats", "kitten"))
+
+
+def test_caption_json_has_path_caption_and_score(capsys):
+    assert main(["caption", "--json", str(SAMPLES / "coffee.png"), str(SAMPLES / "chelsea.png")]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in records] == [str(SAMPLES / "coffee.png"), str(SAMPLES / "chelsea.png")]
+    for r in records:
+        assert r["caption"] and r["score"] < 0 and 0 < r["min_prob"] <= 1
+
+
+def test_a_bad_file_is_skipped_the_rest_printed_and_exit_is_1(tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes((SAMPLES / "chelsea.png").read_bytes()[:0])
+    good = tmp_path / "cat.png"
+    shutil.copy(SAMPLES / "chelsea.png", good)
+    assert main(["caption", str(bad), str(good)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{good}\t")
+    assert captured.err.strip() == f"skipped {bad}: empty file"
+
+
+def test_bad_option_values_exit_2(capsys):
+    assert main(["caption", "--beam-size", "0", str(SAMPLES / "chelsea.png")]) == 2
+    assert "beam_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption"])
+    assert exit_info.value.code == 2
+
+
+def test_decoding_flags_change_the_search(capsys):
+    assert main(["caption", "--json", "--method", "greedy", str(SAMPLES / "chelsea.png")]) == 0
+    greedy = json.loads(capsys.readouterr().out)
+    assert main(["caption", "--json", "--max-length", "3", str(SAMPLES / "chelsea.png")]) == 0
+    short = json.loads(capsys.readouterr().out)
+    assert len(short["caption"].split()) <= 3
+    assert greedy["caption"]

@@ -1,0 +1,292 @@
+"""Manifests: the converters from Flickr, COCO and Karpathy layouts, reading them back, and the committed splits."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from captioner.data import (
+    coco_manifest,
+    flickr_manifest,
+    flickr_token_captions,
+    karpathy_manifest,
+    read_manifest,
+    write_manifest,
+)
+from captioner.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT.parent / "shared" / "samples"
+MANIFESTS = ROOT / "data_manifests"
+FLICKR8K = MANIFESTS / ".." / ".." / "shared" / "data" / "flickr8k"  # where the manifests' paths point
+
+
+def copy_samples(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for source, target in names.items():
+        shutil.copy(SAMPLES / source, folder / target)
+
+
+# --- Flickr token files -------------------------------------------------------------------
+
+TOKENS = (
+    "cat.jpg#0\tA cat lies on a rug .\n"
+    "rocket.jpg#0\tA rocket stands on its pad .\n"
+    "cat.jpg#1\tA tabby cat looks to the side .\n"
+    "\n"
+    "coffee.jpg#0\tA cup of coffee .\n"
+    "rocket.jpg#1\t  A white rocket before launch .  \n"
+    "cat.jpg#2\tA striped cat .\n"
+)
+
+
+@pytest.fixture
+def flickr(tmp_path):
+    images = tmp_path / "flickr" / "images"
+    copy_samples(images, {"chelsea.png": "cat.jpg", "rocket.jpg": "rocket.jpg", "coffee.png": "coffee.jpg"})
+    tokens = tmp_path / "flickr" / "captions.txt"
+    tokens.write_text(TOKENS, encoding="utf-8")
+    split = tmp_path / "flickr" / "train.txt"
+    split.write_text("rocket.jpg\ncat.jpg\n\n", encoding="utf-8")
+    return tokens, split, images
+
+
+def test_flickr_token_captions_groups_per_image_in_file_order(flickr):
+    tokens, _, _ = flickr
+    assert flickr_token_captions(tokens) == {
+        "cat.jpg": ["A cat lies on a rug .", "A tabby cat looks to the side .", "A striped cat ."],
+        "rocket.jpg": ["A rocket stands on its pad .", "A white rocket before launch ."],
+        "coffee.jpg": ["A cup of coffee ."],
+    }
+
+
+def test_flickr_manifest_keeps_split_images_in_split_order(flickr, tmp_path):
+    tokens, split, images = flickr
+    out = tmp_path / "manifests" / "train.jsonl"  # a different folder from the images
+    assert flickr_manifest(tokens, split, images, out) == 2
+
+    entries = read_manifest(out)
+    assert [e.image.name for e in entries] == ["rocket.jpg", "cat.jpg"]
+    assert entries[0].captions == ("A rocket stands on its pad .", "A white rocket before launch .")
+    assert entries[1].captions == ("A cat lies on a rug .", "A tabby cat looks to the side .", "A striped cat .")
+    for entry in entries:
+        assert entry.image.is_absolute()
+        assert entry.image.is_file()
+        assert entry.image.resolve() == (images / entry.image.name).resolve()
+        assert entry.image.read_bytes() == (images / entry.image.name).read_bytes()
+
+
+def test_manifest_paths_are_relative_so_the_tree_can_move(flickr, tmp_path):
+    tokens, split, images = flickr
+    out = tmp_path / "flickr" / "manifests" / "train.jsonl"
+    flickr_manifest(tokens, split, images, out)
+    stored = [json.loads(line)["image"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert stored == ["../images/rocket.jpg", "../images/cat.jpg"]
+
+    moved = tmp_path / "elsewhere"
+    shutil.move(tmp_path / "flickr", moved)
+    entries = read_manifest(moved / "manifests" / "train.jsonl")
+    assert [e.image.resolve() for e in entries] == [
+        (moved / "images" / "rocket.jpg").resolve(),
+        (moved / "images" / "cat.jpg").resolve(),
+    ]
+    assert all(e.image.is_file() for e in entries)
+
+
+def test_flickr_manifest_refuses_split_images_without_captions(flickr, tmp_path):
+    tokens, split, images = flickr
+    split.write_text("cat.jpg\nunknown.jpg\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(DataError, match="1 images have no captions, e.g. unknown.jpg"):
+        flickr_manifest(tokens, split, images, out)
+    assert not out.exists()
+
+
+def test_flickr_token_line_without_tab_names_file_and_line(tmp_path):
+    tokens = tmp_path / "captions.txt"
+    tokens.write_text("a.jpg#0\tA dog .\na.jpg#1 A dog without a tab .\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{tokens}:2: "):
+        flickr_token_captions(tokens)
+
+
+# --- COCO and Karpathy ----------------------------------------------------------------------
+
+
+def test_coco_manifest(tmp_path):
+    images = tmp_path / "coco" / "val2014"
+    copy_samples(
+        images, {"chelsea.png": "COCO_val2014_000000000042.jpg", "coffee.png": "COCO_val2014_000000000073.jpg"}
+    )
+    annotations = {
+        "info": {},
+        "images": [
+            {"id": 73, "file_name": "COCO_val2014_000000000073.jpg", "width": 600, "height": 400},
+            {"id": 42, "file_name": "COCO_val2014_000000000042.jpg", "width": 451, "height": 300},
+            {"id": 99, "file_name": "COCO_val2014_000000000099.jpg", "width": 10, "height": 10},  # no captions
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 42, "caption": "A cat lying down.\n"},
+            {"id": 2, "image_id": 73, "caption": " A cup of coffee on a saucer."},
+            {"id": 3, "image_id": 42, "caption": "A tabby cat looking left."},
+        ],
+    }
+    annotation_file = tmp_path / "captions_val2014.json"
+    annotation_file.write_text(json.dumps(annotations), encoding="utf-8")
+    out = tmp_path / "manifests" / "coco_val.jsonl"
+
+    assert coco_manifest(annotation_file, images, out) == 2
+    entries = read_manifest(out)
+    assert [e.image.name for e in entries] == ["COCO_val2014_000000000073.jpg", "COCO_val2014_000000000042.jpg"]
+    assert entries[0].captions == ("A cup of coffee on a saucer.",)
+    assert entries[1].captions == ("A cat lying down.", "A tabby cat looking left.")
+    assert all(e.image.is_file() for e in entries)
+
+
+def karpathy_image(filepath, filename, split, *raws):
+    image = {"filename": filename, "split": split, "sentences": [{"raw": r, "tokens": r.split()} for r in raws]}
+    if filepath is not None:
+        image["filepath"] = filepath
+    return image
+
+
+@pytest.fixture
+def karpathy(tmp_path):
+    images = tmp_path / "coco"
+    copy_samples(images / "val2014", {"chelsea.png": "COCO_val2014_1.jpg", "coffee.png": "COCO_val2014_2.jpg"})
+    copy_samples(images / "train2014", {"rocket.jpg": "COCO_train2014_3.jpg"})
+    dataset = {
+        "dataset": "coco",
+        "images": [
+            karpathy_image("val2014", "COCO_val2014_1.jpg", "test", "A cat on a rug .", "A tabby cat ."),
+            karpathy_image("train2014", "COCO_train2014_3.jpg", "train", "A rocket on a pad ."),
+            karpathy_image("val2014", "COCO_val2014_2.jpg", "restval", " A cup of coffee . "),
+            karpathy_image("val2014", "COCO_val2014_9.jpg", "val", "Not copied."),
+        ],
+    }
+    dataset_file = tmp_path / "dataset_coco.json"
+    dataset_file.write_text(json.dumps(dataset), encoding="utf-8")
+    return dataset_file, images
+
+
+def test_karpathy_manifest_keeps_filepath_subfolder(karpathy, tmp_path):
+    dataset_file, images = karpathy
+    out = tmp_path / "manifests" / "test.jsonl"
+    assert karpathy_manifest(dataset_file, images, "test", out) == 1
+    [entry] = read_manifest(out)
+    assert entry.image.resolve() == (images / "val2014" / "COCO_val2014_1.jpg").resolve()
+    assert entry.image.is_file()
+    assert entry.captions == ("A cat on a rug .", "A tabby cat .")
+
+
+@pytest.mark.parametrize(
+    "split, expected",
+    [("train", ["train2014/COCO_train2014_3.jpg"]), ("restval", ["val2014/COCO_val2014_2.jpg"]), ("nope", [])],
+)
+def test_karpathy_manifest_selects_one_split(karpathy, tmp_path, split, expected):
+    dataset_file, images = karpathy
+    out = tmp_path / f"{split}.jsonl"
+    assert karpathy_manifest(dataset_file, images, split, out) == len(expected)
+    entries = read_manifest(out)
+    assert [e.image.resolve() for e in entries] == [(images / p).resolve() for p in expected]
+    if split == "restval":
+        assert entries[0].captions == ("A cup of coffee .",)
+
+
+def test_karpathy_manifest_without_filepath(tmp_path):
+    """Flickr Karpathy files have no filepath field: images sit directly in the image folder."""
+    images = tmp_path / "Flickr8k_Dataset"
+    copy_samples(images, {"chelsea.png": "1000.jpg"})
+    dataset_file = tmp_path / "dataset_flickr8k.json"
+    dataset = {"dataset": "flickr8k", "images": [karpathy_image(None, "1000.jpg", "val", "A cat .")]}
+    dataset_file.write_text(json.dumps(dataset), encoding="utf-8")
+    out = tmp_path / "val.jsonl"
+    assert karpathy_manifest(dataset_file, images, "val", out) == 1
+    [entry] = read_manifest(out)
+    assert entry.image.resolve() == (images / "1000.jpg").resolve()
+    assert entry.captions == ("A cat .",)
+
+
+# --- read_manifest ---------------------------------------------------------------------------
+
+
+def test_read_manifest_round_trip_and_absolute_paths(tmp_path):
+    absolute = SAMPLES / "rocket.jpg"
+    path = tmp_path / "m.jsonl"
+    write_manifest(path, [("sub/cat.png", ["Un chat tigré .", "A cat ."]), (str(absolute), [])])
+    entries = read_manifest(path)
+    assert entries[0].image == tmp_path.resolve() / "sub" / "cat.png"
+    assert entries[0].captions == ("Un chat tigré .", "A cat .")
+    assert entries[1].image == absolute
+    assert entries[1].captions == ()
+
+
+def test_read_manifest_given_a_relative_path_returns_absolute_images(tmp_path, monkeypatch):
+    """Entries outlive a change of working folder (data loader workers, the CLI)."""
+    copy_samples(tmp_path / "data" / "images", {"chelsea.png": "cat.png"})
+    write_manifest(tmp_path / "data" / "m.jsonl", [("images/cat.png", ["A cat ."])])
+    monkeypatch.chdir(tmp_path)
+    [entry] = read_manifest("data/m.jsonl")
+    assert entry.image.is_absolute()
+    monkeypatch.chdir(tmp_path / "data" / "images")
+    assert entry.image.is_file()
+
+
+@pytest.mark.parametrize(
+    "bad_line",
+    [
+        '{"image": "b.jpg", "captions": ["x"]',  # cut short
+        "not json at all",
+        '{"captions": ["no image"]}',
+        '["b.jpg", ["x"]]',
+        '"b.jpg"',
+        '{"image": null, "captions": ["x"]}',
+        '{"image": "b.jpg", "captions": null}',
+        '{"image": "b.jpg", "captions": "a caption that is not a list"}',
+    ],
+)
+def test_read_manifest_malformed_line_names_file_and_line(tmp_path, bad_line):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"image": "a.jpg", "captions": ["ok"]})
+    path.write_text(f"{good}\n\n{bad_line}\n{good}\n", encoding="utf-8")  # blank line 2 still counts
+    with pytest.raises(DataError) as info:
+        read_manifest(path)
+    assert str(info.value).startswith(f"{path}:3: ")
+
+
+def test_read_manifest_missing_file(tmp_path):
+    path = tmp_path / "absent.jsonl"
+    with pytest.raises(DataError, match=rf"^{path}: cannot read manifest"):
+        read_manifest(path)
+
+
+def test_read_manifest_not_utf8(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"image": "a.jpg", "captions": ["café"]}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"^{path}: "):
+        read_manifest(path)
+
+
+# --- committed Flickr8k manifests --------------------------------------------------------------
+
+
+def test_committed_flickr8k_manifests():
+    if not (FLICKR8K / "images").is_dir():
+        pytest.skip(f"shared Flickr8k images not present at {FLICKR8K.resolve()}")
+    images = (FLICKR8K / "images").resolve()
+    reference = flickr_token_captions(FLICKR8K / "captions.txt")
+    seen = {}
+    for split, count in [("train", 6000), ("dev", 1000)]:
+        entries = read_manifest(MANIFESTS / f"flickr8k_{split}.jsonl")
+        assert len(entries) == count
+        names = [e.image.name for e in entries]
+        assert names == (FLICKR8K / "splits" / f"{split}.txt").read_text(encoding="utf-8").split()
+        for entry in entries:
+            assert len(entry.captions) == 5, entry.image
+            assert all(c.strip() for c in entry.captions), entry.image
+            assert entry.captions == tuple(reference[entry.image.name]), entry.image
+            assert entry.image.resolve().parent == images, entry.image
+            assert entry.image.is_file(), entry.image
+        seen[split] = set(names)
+        assert len(seen[split]) == count  # no image listed twice
+    assert not seen["train"] & seen["dev"]

@@ -1,0 +1,56 @@
+"""The default encoder's weights are real: its ImageNet head recognizes known photos."""
+
+import pytest
+import torch
+from conftest import SAMPLES
+
+from captioner.encoders import ENCODERS, build_encoder
+from captioner.errors import ModelLoadError
+from captioner.images import load_image
+
+TABBY, TIGER_CAT, PERSIAN, SIAMESE, EGYPTIAN = 281, 282, 283, 284, 285
+COFFEE_MUG, ESPRESSO, CUP = 504, 967, 968
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_encoder("efficientnet_lite0").eval()
+
+
+def top5(encoder, name):
+    image = encoder.preprocess(load_image(SAMPLES / name))[None]
+    with torch.inference_mode():
+        logits = encoder.features.net(image)
+    return set(logits.topk(5).indices[0].tolist())
+
+
+def test_lite0_ranks_a_cat_class_top5_for_chelsea(lite0):
+    assert top5(lite0, "chelsea.png") & {TABBY, TIGER_CAT, PERSIAN, SIAMESE, EGYPTIAN}
+
+
+def test_lite0_ranks_espresso_or_cup_top5_for_coffee(lite0):
+    assert top5(lite0, "coffee.png") & {ESPRESSO, CUP, COFFEE_MUG}
+
+
+def test_lite0_grid_shape_and_preprocessing_constants(lite0):
+    grid = lite0(torch.zeros(2, 3, 224, 224))
+    assert grid.shape == (2, 1280, 7, 7)
+    assert lite0.preprocess.size == 224
+    # (x - 127) / 128 on the 0..255 scale
+    assert lite0.preprocess.normalize(torch.full((1, 2, 2, 3), 255, dtype=torch.uint8)).max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name, channels", [("resnet50", 2048), ("efficientnet_b0", 1280)])
+def test_torchvision_backbones_build_without_download(name, channels):
+    encoder = build_encoder(name, pretrained=False).eval()
+    with torch.inference_mode():
+        grid = encoder(torch.zeros(1, 3, 224, 224))
+    assert grid.shape == (1, channels, 7, 7)
+    assert encoder.out_channels == channels
+    assert encoder.preprocess.mean == pytest.approx((0.485, 0.456, 0.406))  # read from torchvision's metadata
+
+
+def test_unknown_encoder_is_named_in_the_error():
+    with pytest.raises(ModelLoadError, match="vgg99"):
+        build_encoder("vgg99")
+    assert {"efficientnet_lite0", "resnet50", "efficientnet_b0"} <= set(ENCODERS)

@@ -1,0 +1,221 @@
+"""Loading real photos in every awkward shape Pillow can hand us, and refusing bad files clearly."""
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import captioner.images
+from captioner.errors import CaptionerError, ImageReadError
+from captioner.images import is_image_path, load_image, to_rgb
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"  # /work/shared/samples
+ORIENTATION = 0x0112
+
+
+@pytest.fixture(scope="module")
+def cat():
+    with Image.open(SAMPLES / "chelsea.png") as image:
+        return image.convert("RGB")  # 451x300
+
+
+def mean_abs_diff(a, b):
+    return np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean()
+
+
+def assert_read_error(path, reason):
+    with pytest.raises(ImageReadError) as info:
+        load_image(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert reason.lower() in message[len(f"{path}: ") :].lower(), message
+    return info.value
+
+
+@pytest.mark.parametrize("name, size", [("chelsea.png", (451, 300)), ("rocket.jpg", (640, 427))])
+def test_rgb_photo_loads_unchanged(name, size):
+    image = load_image(SAMPLES / name)
+    assert image.mode == "RGB"
+    assert image.size == size
+    with Image.open(SAMPLES / name) as original:
+        assert np.array_equal(np.asarray(image), np.asarray(original.convert("RGB")))
+
+
+def test_pixels_stay_readable_after_the_file_is_gone(tmp_path, cat):
+    """The file handle is closed on return, so the image must already be decoded."""
+    path = tmp_path / "cat.png"
+    cat.save(path)
+    image = load_image(path)
+    path.unlink()
+    assert np.array_equal(np.asarray(image), np.asarray(cat))
+
+
+def test_exif_orientation_is_applied(tmp_path, cat):
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6  # camera held rotated: display after turning 90 degrees clockwise
+    path = tmp_path / "rotated.jpg"
+    cat.save(path, exif=exif, quality=95)
+    with Image.open(path) as raw:
+        assert raw.size == (451, 300) and raw.getexif()[ORIENTATION] == 6
+
+    image = load_image(path)
+    assert image.mode == "RGB"
+    assert image.size == (300, 451)
+    upright = cat.transpose(Image.Transpose.ROTATE_270)
+    wrong_way = cat.transpose(Image.Transpose.ROTATE_90)
+    assert mean_abs_diff(image, upright) < 3
+    assert mean_abs_diff(image, wrong_way) > 20
+    # The tag is consumed, so nothing downstream can rotate the photo a second time.
+    assert image.getexif().get(ORIENTATION, 1) == 1
+
+
+def test_grayscale(tmp_path):
+    with Image.open(SAMPLES / "coffee.png") as coffee:
+        gray = coffee.convert("L")
+    path = tmp_path / "gray.png"
+    gray.save(path)
+    image = load_image(path)
+    assert image.mode == "RGB"
+    assert image.size == (600, 400)
+    pixels = np.asarray(image)
+    assert np.array_equal(pixels[..., 0], np.asarray(gray))
+    assert np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2])
+
+
+def test_palette_with_transparency_composited_on_white(tmp_path, cat):
+    palette = cat.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    indices = np.asarray(palette)
+    clear = int(indices[0, 0])
+    path = tmp_path / "palette.png"
+    palette.save(path, transparency=clear)
+    with Image.open(path) as raw:
+        assert raw.mode == "P" and raw.info["transparency"] == clear
+
+    pixels = np.asarray(load_image(path))
+    assert pixels.shape == (300, 451, 3)
+    assert (pixels[indices == clear] == 255).all()
+    opaque = palette.convert("RGB")
+    assert np.array_equal(pixels[indices != clear], np.asarray(opaque)[indices != clear])
+
+
+def test_rgba_transparent_pixels_become_white(tmp_path):
+    with Image.open(SAMPLES / "astronaut.png") as astronaut:
+        rgb = np.asarray(astronaut.convert("RGB"))
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:100] = 0  # fully transparent band on top
+    alpha[100:200] = 128  # half transparent band
+    path = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path)
+
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (512, 512)
+    pixels = np.asarray(image).astype(int)
+    assert (pixels[:100] == 255).all()
+    half = (rgb[100:200].astype(int) + 255) / 2
+    assert np.abs(pixels[100:200] - half).max() <= 1
+    assert np.array_equal(pixels[200:], rgb[200:])
+
+
+def test_cmyk_jpeg(tmp_path, cat):
+    path = tmp_path / "cmyk.jpg"
+    cat.convert("CMYK").save(path, quality=95)
+    with Image.open(path) as raw:
+        assert raw.mode == "CMYK"
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (451, 300)
+    assert mean_abs_diff(image, cat) < 5  # an inverted-CMYK mix-up would be off by ~100
+
+
+def test_16_bit_grayscale_maps_to_8_bit(tmp_path):
+    values = np.zeros((20, 30), np.uint16)
+    values[:, :10] = 65535
+    values[:, 10:20] = 100 * 257  # 8-bit 100 stretched to 16 bits
+    values[:, 20:] = 200  # dark in 16-bit terms, not a mid gray
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode == "I;16"
+
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (30, 20)
+    pixels = np.asarray(image)
+    assert (pixels[:, :10] == 255).all()
+    assert (pixels[:, 10:20] == 100).all()
+    assert (pixels[:, 20:] == 0).all()
+
+
+def test_16_bit_photo_keeps_its_picture(tmp_path, cat):
+    gray = np.asarray(cat.convert("L"))
+    path = tmp_path / "cat16.png"
+    Image.fromarray(gray.astype(np.uint16) * 257).save(path)
+    pixels = np.asarray(load_image(path))
+    assert np.array_equal(pixels[..., 1], gray)
+
+
+def test_to_rgb_returns_rgb_input_as_is(cat):
+    assert to_rgb(cat) is cat
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "zero.jpg"
+    path.touch()
+    assert_read_error(path, "empty file")
+
+
+def test_truncated_jpeg(tmp_path):
+    data = (SAMPLES / "rocket.jpg").read_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) * 4 // 10])
+    assert_read_error(path, "truncated")
+
+
+def test_text_file_named_jpg(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("not a photo at all\n")
+    error = assert_read_error(path, "cannot identify image file")
+    assert isinstance(error, CaptionerError)
+
+
+def test_missing_file(tmp_path):
+    assert_read_error(tmp_path / "nowhere.png", "no such file")
+
+
+def test_path_given_as_string(tmp_path):
+    path = tmp_path / "zero.png"
+    path.touch()
+    assert_read_error(str(path), "empty file")
+
+
+def test_too_many_pixels_raises_instead_of_warning(tmp_path, monkeypatch):
+    path = tmp_path / "chelsea.png"
+    shutil.copy(SAMPLES / "chelsea.png", path)
+    monkeypatch.setattr(captioner.images, "MAX_PIXELS", 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_read_error(path, "451x300 pixels exceeds the limit of 1000")
+
+
+@pytest.mark.parametrize("limit", [100_000, 50_000])
+def test_pillow_bomb_guard_becomes_read_error(tmp_path, monkeypatch, limit):
+    """Above Pillow's own limit it warns (up to 2x) or raises; both must end as ImageReadError."""
+    path = tmp_path / "chelsea.png"  # 135,300 pixels
+    shutil.copy(SAMPLES / "chelsea.png", path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert_read_error(path, "decompression bomb")
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "a.JPG", "b.Png", "c.jpeg", "d.JPEG", "e.webp", "f.TIFF", "dir/g.bmp"])
+def test_is_image_path_accepts_photo_extensions(name):
+    assert is_image_path(name)
+    assert is_image_path(Path(name))
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "jpg", "photo.jpg.zip", "clip.mp4", "model.safetensors", ""])
+def test_is_image_path_rejects_others(name):
+    assert not is_image_path(name)
