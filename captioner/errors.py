@@ -19,3 +19,7 @@ class DataError(CaptionerError):
 
 class VideoReadError(CaptionerError):
     """A video could not be opened or decoded."""
+
+
+class VideoWriteError(CaptionerError):
+    """A video file could not be written (e.g. the subtitled copy of ``--burn``)."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from captioner.cider import CiderD
 from captioner.data import ManifestEntry, read_manifest
 from captioner.decoder import DecoderConfig
 from captioner.decoding import DecodingOptions
@@ -29,7 +30,8 @@ from captioner.encoders import build_encoder
 from captioner.features import cached_features, encode_pixels
 from captioner.metrics import score_captions
 from captioner.model import CaptionModel, ModelConfig
-from captioner.vocab import Vocabulary
+from captioner.scst import self_critical_loss
+from captioner.vocab import Vocabulary, tokenize
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class TrainConfig:
     grad_clip: float = 5.0
     label_smoothing: float = 0.1
     patience: int = 3  # stop after this many epochs without a better dev CIDEr-D
+    scst_epochs: int = 0  # self-critical CIDEr-D epochs after cross-entropy (0: none)
+    scst_lr: float = 2e-5  # constant learning rate of the self-critical phase
+    scst_samples: int = 5  # sampled captions per image (the others' mean is each one's baseline)
+    scst_batch_images: int = 32  # images per self-critical batch
     dev_beam_size: int = 3  # beam used for the per-epoch dev evaluation
     dev_limit: int = 0  # evaluate on the first N dev images only (0: all)
     seed: int = 0
@@ -128,6 +134,7 @@ class Trainer:
         self.epoch = 0
         self.best_cider = -1.0
         self.stale_epochs = 0
+        self.scst_done = 0
         self.history: list[dict] = []
 
     def _build_model(self) -> CaptionModel:
@@ -238,21 +245,63 @@ class Trainer:
         return score_captions(references, candidates, meteor=meteor)
 
     def fit(self) -> dict:
-        while self.epoch < self.cfg.epochs and self.stale_epochs < self.cfg.patience:
-            started = time.time()
-            loss = self.train_epoch()
-            scores = self.evaluate_dev()
-            self.epoch += 1
-            record = {"epoch": self.epoch, "train_loss": loss, "seconds": round(time.time() - started, 1), **scores}
-            self.history.append(record)
-            if scores["CIDEr-D"] > self.best_cider:
-                self.best_cider, self.stale_epochs = scores["CIDEr-D"], 0
-                self.model.save(self.out / "best")
-            else:
-                self.stale_epochs += 1
-            self._log(record)
-            self.save_checkpoint()
+        while self.epoch - self.scst_done < self.cfg.epochs and self.stale_epochs < self.cfg.patience:
+            self._run_epoch("xe", self.train_epoch)
+        if self.cfg.scst_epochs and self.scst_done == 0:
+            self._start_scst()
+        while self.scst_done < self.cfg.scst_epochs:
+            self.scst_done += 1
+            self._run_epoch("scst", self.scst_epoch)
         return max(self.history, key=lambda r: r["CIDEr-D"]) if self.history else {}
+
+    def _run_epoch(self, phase: str, run) -> None:
+        started = time.time()
+        loss = run()
+        scores = self.evaluate_dev()
+        self.epoch += 1
+        record = {"epoch": self.epoch, "phase": phase, "train_loss": loss,
+                  "seconds": round(time.time() - started, 1), **scores}
+        self.history.append(record)
+        if scores["CIDEr-D"] > self.best_cider:
+            self.best_cider, self.stale_epochs = scores["CIDEr-D"], 0
+            self.model.save(self.out / "best")
+        else:
+            self.stale_epochs += 1
+        self._log(record)
+        self.save_checkpoint()
+
+    def _start_scst(self) -> None:
+        """Continue from the best cross-entropy weights with a fresh, small-step optimizer."""
+        best = CaptionModel.load(self.out / "best", device=str(self.device))
+        self.model.decoder.load_state_dict(best.decoder.state_dict())
+        self.optimizer.state.clear()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.scst_lr
+        refs = [[tokenize(c) for c in e.captions] for e in self.train_entries]
+        self._cider = CiderD(refs)
+
+    def scst_epoch(self) -> float:
+        """One pass of self-critical training over the training images; returns the mean reward."""
+        if not hasattr(self, "_cider"):
+            self._cider = CiderD([[tokenize(c) for c in e.captions] for e in self.train_entries])
+        self.model.eval()  # no dropout while sampling: rewards judge the model that will be used
+        order = list(range(len(self.train_entries)))
+        random.shuffle(order)
+        size = self.cfg.scst_batch_images
+        bar = tqdm(range(0, len(order), size), desc=f"scst {self.scst_done}", unit="batch")
+        total = 0.0
+        for count, start in enumerate(bar, start=1):
+            ids = order[start : start + size]
+            grid = self._grids_for(ids, self.train_entries, train=True)
+            loss, reward = self_critical_loss(self.model.decoder, grid, ids, self._cider, self.vocab,
+                                              samples=self.cfg.scst_samples)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            total += reward
+            bar.set_postfix(reward=f"{total / count:.3f}")
+        return total / max(1, len(bar))
 
     def _log(self, record: dict) -> None:
         with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as f:
@@ -272,6 +321,7 @@ class Trainer:
             "epoch": self.epoch,
             "best_cider": self.best_cider,
             "stale_epochs": self.stale_epochs,
+            "scst_done": self.scst_done,
             "history": json.dumps(self.history),
             "config": json.dumps(dataclasses.asdict(self.cfg)),
             "rng": torch.get_rng_state(),
@@ -289,6 +339,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.best_cider = float(state["best_cider"])
         self.stale_epochs = int(state["stale_epochs"])
+        self.scst_done = int(state.get("scst_done", 0))
         self.history = json.loads(state["history"])
         torch.set_rng_state(state["rng"].cpu())
         random.seed(self.cfg.seed + self.epoch)

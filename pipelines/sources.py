@@ -1,19 +1,31 @@
-"""Finding the images under a folder: recursive, case-insensitive, safe against link loops."""
+"""Finding the images (or videos) under a folder: recursive, case-insensitive, safe against link loops."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from captioner.images import is_image_path
 
 
 def walk_images(root: str | os.PathLike) -> Iterator[Path]:
-    """Image files under ``root`` in a stable (sorted) order, following directory links once.
+    """Image files under ``root``; see :func:`walk_files`."""
+    return walk_files(root, is_image_path)
+
+
+def walk_videos(root: str | os.PathLike) -> Iterator[Path]:
+    """Video files under ``root`` (.mp4 .avi .mov .mkv .webm .m4v, any case); see :func:`walk_files`."""
+    from pipelines.video_source import is_video_path
+
+    return walk_files(root, is_video_path)
+
+
+def walk_files(root: str | os.PathLike, wanted: Callable[[str], bool]) -> Iterator[Path]:
+    """Files under ``root`` whose name ``wanted`` accepts, in a stable (sorted) order, following directory links once.
 
     A directory reached again through a symlink (a loop, or two links to one place) is not
-    walked twice. Dangling links with an image extension are yielded, so the caller reports
+    walked twice. Dangling links with a wanted extension are yielded, so the caller reports
     them as unreadable instead of silently missing them.
     """
     root = Path(root)
@@ -36,7 +48,7 @@ def walk_images(root: str | os.PathLike) -> Iterator[Path]:
         for entry in entries:
             if _is_dir(entry):
                 subfolders.append(Path(entry.path))
-            elif is_image_path(entry.name):
+            elif wanted(entry.name):
                 yield Path(entry.path)
         stack.extend(reversed(subfolders))
 

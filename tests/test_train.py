@@ -65,3 +65,16 @@ def test_plain_lstm_option_trains_and_overfits_a_tiny_set(tiny_config):
     assert not hasattr(trainer.model.decoder, "att_value")
     losses = [trainer.train_epoch() for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.slow
+def test_self_critical_phase_follows_cross_entropy_and_raises_reward(tiny_config):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config, epochs=12, patience=99, scst_epochs=15, scst_lr=1e-3, scst_batch_images=4)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    phases = [r["phase"] for r in trainer.history]
+    assert phases == ["xe"] * 12 + ["scst"] * 15
+    rewards = [r["train_loss"] for r in trainer.history if r["phase"] == "scst"]  # mean CIDEr-D of samples
+    assert max(rewards[-3:]) > rewards[0]

@@ -1,0 +1,151 @@
+"""Image pipeline benchmark: encoder paths, folder pipeline vs bare encoder, batched vs per-image beam.
+
+Everything is measured in one run on the same images, so the ratios compare like with like:
+
+    .venv/bin/python benchmarks/bench_pipeline.py --images 256
+
+Prints a Markdown table. Images are the Flickr8k dev photos when present (else copies of
+the bundled examples), written to a temporary folder as JPEGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from captioner.api import load_model  # noqa: E402
+from captioner.data import read_manifest  # noqa: E402
+from captioner.decoding import DecodingOptions  # noqa: E402
+from captioner.features import ImageFiles, collate_images  # noqa: E402
+from pipelines.folder import caption_folder  # noqa: E402
+
+
+def timed(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def make_folder(count: int, folder: Path) -> list[Path]:
+    dev = ROOT / "data_manifests" / "flickr8k_dev.jsonl"
+    sources = [e.image for e in read_manifest(dev)] if dev.exists() else []
+    sources = [p for p in sources if p.exists()] or sorted((ROOT / "captioner" / "examples").glob("*.png"))
+    paths = []
+    for i in range(count):
+        src = sources[i % len(sources)]
+        dst = folder / f"{i:05d}{src.suffix}"
+        shutil.copy(src, dst)
+        paths.append(dst)
+    return paths
+
+
+def load_pixels(model, paths: list[Path]) -> torch.Tensor:
+    _, pixels, errors = collate_images([ImageFiles(paths, model.encoder.preprocess)[i] for i in range(len(paths))])
+    assert not errors
+    return pixels
+
+
+def encoder_variants(model, pixels: torch.Tensor, batch: int) -> list[tuple[str, float]]:
+    """Images/s of the encoder alone under each CPU execution choice."""
+    rows = []
+    enc = model.encoder
+    images = enc.preprocess.normalize(pixels)
+
+    def run(module, x, grad=False):
+        ctx = torch.enable_grad() if grad else torch.inference_mode()
+        with ctx:
+            for s in range(0, len(x), batch):
+                module(x[s : s + batch])
+
+    contiguous = images.contiguous()
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    plain = copy.deepcopy(enc).to(memory_format=torch.contiguous_format)
+    rows.append(("encoder, NCHW, autograd on", len(images) / timed(lambda: run(plain, contiguous, grad=True))))
+    rows.append(("encoder, NCHW, inference_mode", len(images) / timed(lambda: run(plain, contiguous))))
+    rows.append(("encoder, channels_last, inference_mode", len(images) / timed(lambda: run(enc, channels_last))))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows.append(("encoder, channels_last, 1 thread", len(images) / timed(lambda: run(enc, channels_last))))
+    torch.set_num_threads(threads)
+    try:
+        compiled = torch.compile(enc)
+        run(compiled, channels_last[:batch])  # compile outside the timing
+        speed = len(images) / timed(lambda: run(compiled, channels_last))
+        rows.append(("encoder, channels_last, torch.compile", speed))
+    except Exception as e:  # noqa: BLE001 - a missing compiler toolchain is a result, not a crash
+        rows.append((f"encoder, torch.compile failed: {type(e).__name__}", float("nan")))
+    return rows
+
+
+def beam_comparison(model, pixels: torch.Tensor, batch: int, beam: int) -> tuple[float, float, bool]:
+    """Seconds for batched beam search vs a per-image loop over the same grids; same captions?"""
+    options = DecodingOptions(beam_size=beam)
+    grid = model.encode(pixels[:batch])
+    batched_captions: list = []
+    per_image_captions: list = []
+    batched = timed(lambda: batched_captions.__setitem__(slice(None), model.caption_grid(grid, options)))
+    per_image = timed(
+        lambda: per_image_captions.__setitem__(
+            slice(None), [model.caption_grid(grid[i : i + 1], options)[0] for i in range(len(grid))]
+        )
+    )
+    same = [c[0].text for c in batched_captions] == [c[0].text for c in per_image_captions]
+    return batched, per_image, same
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32, help="encoder and pipeline batch size")
+    parser.add_argument("--beam-batch", type=int, default=64)
+    parser.add_argument("--beam", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    model = load_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        paths = make_folder(args.images, folder)
+        pixels = load_pixels(model, paths)
+        rows = encoder_variants(model, pixels, args.batch)
+        bare = max(v for name, v in rows if "channels_last, inference_mode" in name)
+        out = Path(tmp) / "out.jsonl"
+        pipeline = args.images / timed(
+            lambda: caption_folder(folder, out, model=model, batch_size=args.batch, num_workers=args.workers,
+                                   progress=False)
+        )
+        batched, per_image, same = beam_comparison(model, pixels, args.beam_batch, args.beam)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    print(f"\n{args.images} images, batch {args.batch}, {torch.get_num_threads()} threads\n")
+    print("| measurement | value |")
+    print("|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value:.1f} img/s |")
+    print(f"| folder pipeline (read, resize, encode, beam {model.config.decoding.beam_size}, write) "
+          f"| {pipeline:.1f} img/s |")
+    print(f"| pipeline / bare encoder | {pipeline / bare:.2f}x |")
+    print(f"| beam {args.beam}, batch {args.beam_batch}: batched search | {batched:.3f} s |")
+    print(f"| same, per-image loop | {per_image:.3f} s |")
+    print(f"| batched speed-up | {per_image / batched:.1f}x |")
+    print(f"| batched captions identical to per-image | {same} |")
+    print(f"| peak RSS | {peak_mb:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()

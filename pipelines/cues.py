@@ -1,0 +1,90 @@
+"""From captioned frames to readable cues: merge repeats, drop doubtful ones, fix durations.
+
+Pure functions on typed values, no I/O and no model, so every rule is tested with
+hand-written samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from difflib import SequenceMatcher
+
+from pipelines.subtitles import Segment
+
+# Neighbouring captions whose word sequences are at least this similar (difflib ratio:
+# 2 * matching words / total words) show as one cue. 0.8 joins one-word variants of a
+# sentence ("a cat sitting on a couch" / "a cat laying on a couch": 0.83) but keeps apart
+# short captions that differ in the word that matters ("a black dog" / "a white dog": 0.67).
+MERGE_SIMILARITY = 0.8
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A captioned frame and the stretch of video it stands for."""
+
+    start: float  # seconds
+    end: float  # seconds
+    text: str  # best caption of the frame
+    score: float  # its mean log-probability per token
+    shot: int = 0  # samples from different shots never merge (all 0 without scene detection)
+
+
+def word_similarity(a: str, b: str) -> float:
+    """Similarity of two captions' word sequences in [0, 1] (1: the same words in the same order)."""
+    return SequenceMatcher(None, a.split(), b.split(), autojunk=False).ratio()
+
+
+def merge_samples(samples: list[Sample], *, similarity: float = MERGE_SIMILARITY) -> list[Segment]:
+    """One cue per run of consecutive samples of one shot whose captions are near-same.
+
+    Each sample is compared with the one before it. A cue shows the caption of its most
+    confident sample, with that sample's score.
+    """
+    runs: list[list[Sample]] = []
+    for sample in samples:
+        previous = runs[-1][-1] if runs else None
+        if previous and previous.shot == sample.shot and word_similarity(previous.text, sample.text) >= similarity:
+            runs[-1].append(sample)
+        else:
+            runs.append([sample])
+    cues = []
+    for run in runs:
+        best = max(run, key=lambda s: s.score)
+        cues.append(Segment(run[0].start, run[-1].end, best.text, best.score))
+    return cues
+
+
+def split_long(segments: list[Segment], max_duration: float) -> list[Segment]:
+    """Cues longer than ``max_duration`` cut into equal parts, each showing the same text."""
+    result = []
+    for segment in segments:
+        parts = max(1, math.ceil((segment.end - segment.start) / max_duration - 1e-9))
+        step = (segment.end - segment.start) / parts
+        for i in range(parts):
+            end = segment.end if i == parts - 1 else segment.start + (i + 1) * step
+            result.append(replace(segment, start=segment.start + i * step, end=end))
+    return result
+
+
+def extend_short(segments: list[Segment], min_duration: float, video_end: float) -> list[Segment]:
+    """Cues shorter than ``min_duration`` lengthened, never past the next cue's start or the video's end."""
+    result = []
+    for i, segment in enumerate(segments):
+        limit = segments[i + 1].start if i + 1 < len(segments) else max(video_end, segment.end)
+        end = max(segment.end, min(segment.start + min_duration, limit))
+        result.append(replace(segment, end=end))
+    return result
+
+
+def shape_cues(
+    segments: list[Segment],
+    *,
+    min_score: float | None,
+    min_duration: float,
+    max_duration: float,
+    video_end: float,
+) -> list[Segment]:
+    """Drop empty and doubtful cues (score below ``min_score``), then enforce the duration limits."""
+    kept = [s for s in segments if s.text.strip() and (min_score is None or s.score >= min_score)]
+    return extend_short(split_long(kept, max_duration), min_duration, video_end)
