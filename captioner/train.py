@@ -28,6 +28,7 @@ from captioner.decoder import DecoderConfig
 from captioner.decoding import DecodingOptions
 from captioner.encoders import build_encoder
 from captioner.features import cached_features, encode_pixels
+from captioner.images import load_image
 from captioner.metrics import score_captions
 from captioner.model import CaptionModel, ModelConfig
 from captioner.scst import self_critical_loss
@@ -105,6 +106,12 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class Trainer:
     """Owns the model, optimizer and data of one run; ``fit`` runs epochs until stopping."""
 
@@ -112,8 +119,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        self.device = _pick_device(cfg.device)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.train_entries = read_manifest(cfg.train_manifest)
@@ -179,8 +185,6 @@ class Trainer:
         if self.train_grids is not None:
             source = self.train_grids[random.randrange(len(self.train_grids))] if train else self.dev_grids
             return source[image_ids].to(self.device).float()
-        from captioner.images import load_image
-
         pre = self.model.encoder.preprocess
         pixels = torch.stack([torch.from_numpy(pre.resize(load_image(entries[i].image))) for i in image_ids])
         if not train:

@@ -126,6 +126,29 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_video(args: argparse.Namespace) -> int:
+    from pipelines.subtitles import writer_for
+    from pipelines.video import VideoOptions
+    from pipelines.video_batch import plan_jobs, run_jobs
+
+    source = Path(args.input)
+    if source.is_dir() and (args.output or args.burn):
+        print("captioner video: -o and --burn take one video, not a folder (use --out-dir)", file=sys.stderr)
+        return EXIT_USAGE
+    settings = VideoOptions(every=args.every, scenes=args.scenes, max_per_scene=args.max_per_scene,
+                            min_score=args.min_score, min_duration=args.min_duration,
+                            max_duration=args.max_duration, batch_size=args.batch_size)
+    writer = writer_for(args.output, args.format)
+    jobs = plan_jobs(source, writer.extension, output=args.output and Path(args.output),
+                     out_dir=args.out_dir and Path(args.out_dir), burn=args.burn and Path(args.burn))
+    model, options = _load(args)
+    failed = run_jobs(jobs, model=model, writer=writer, options=options, settings=settings,
+                      progress=source.is_dir() and not args.quiet)
+    if source.is_dir():
+        print(f"{len(jobs) - failed} subtitled, {failed} failed", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Caption images and videos.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split file (flickr) or split name (karpathy: train/val/test/restval)")
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_manifest)
+
+    p = sub.add_parser("video", help="subtitle a video (or every video under a folder) as SRT, WebVTT or JSONL")
+    p.add_argument("input", help="a video file, or a folder searched recursively for .mp4 .avi .mov .mkv .webm .m4v")
+    p.add_argument("-o", "--output", help="OUT.srt, OUT.vtt or OUT.jsonl (one video; default: beside the video)")
+    p.add_argument("--format", choices=("srt", "vtt", "jsonl"), help="default: from -o's extension, else srt")
+    p.add_argument("--out-dir", help="write subtitle files here instead of beside each video")
+    p.add_argument("--every", type=float, default=2.0, help="seconds between captioned frames (default: 2)")
+    p.add_argument("--scenes", action="store_true", help="caption frames inside shots found by PySceneDetect")
+    p.add_argument("--max-per-scene", type=int, default=3, help="frames captioned per shot at most (default: 3)")
+    p.add_argument("--min-score", type=float, help="drop cues whose mean log-prob is lower (e.g. -2.5)")
+    p.add_argument("--min-duration", type=float, default=1.0, help="seconds a cue lasts at least (default: 1)")
+    p.add_argument("--max-duration", type=float, default=7.0, help="longer cues are split (default: 7)")
+    p.add_argument("--burn", help="also write OUT.mp4: a copy of the video with the cues drawn on (one video)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_decoding_flags(p)
+    p.set_defaults(run=cmd_video)
     return parser
 
 

@@ -12,10 +12,11 @@ from difflib import SequenceMatcher
 
 from pipelines.subtitles import Segment
 
-# Neighbouring captions whose word sequences are at least this similar (difflib ratio:
-# 2 * matching words / total words) show as one cue. 0.8 joins one-word variants of a
-# sentence ("a cat sitting on a couch" / "a cat laying on a couch": 0.83) but keeps apart
-# short captions that differ in the word that matters ("a black dog" / "a white dog": 0.67).
+# Neighbouring captions at least this similar show as one cue. Similarity is the share of
+# the shorter caption's words that the other has in the same order, because beam search on
+# near-identical frames tends to drop or add a phrase: "a man is standing on the beach" /
+# "a man in a blue shirt is standing on the beach" is 1.0 and "a cat sitting on a couch" /
+# "a cat laying on a couch" is 0.83, while "a black dog" / "a white dog" (0.67) stay apart.
 MERGE_SIMILARITY = 0.8
 
 
@@ -31,8 +32,12 @@ class Sample:
 
 
 def word_similarity(a: str, b: str) -> float:
-    """Similarity of two captions' word sequences in [0, 1] (1: the same words in the same order)."""
-    return SequenceMatcher(None, a.split(), b.split(), autojunk=False).ratio()
+    """Share of the shorter caption's words found, in order, in the other (0..1; 1 for two empty captions)."""
+    words_a, words_b = a.split(), b.split()
+    if not words_a or not words_b:
+        return float(words_a == words_b)
+    blocks = SequenceMatcher(None, words_a, words_b, autojunk=False).get_matching_blocks()
+    return sum(block.size for block in blocks) / min(len(words_a), len(words_b))
 
 
 def merge_samples(samples: list[Sample], *, similarity: float = MERGE_SIMILARITY) -> list[Segment]:

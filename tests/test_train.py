@@ -78,3 +78,18 @@ def test_self_critical_phase_follows_cross_entropy_and_raises_reward(tiny_config
     assert phases == ["xe"] * 12 + ["scst"] * 15
     rewards = [r["train_loss"] for r in trainer.history if r["phase"] == "scst"]  # mean CIDEr-D of samples
     assert max(rewards[-3:]) > rewards[0]
+
+
+@pytest.mark.slow
+def test_encoder_fine_tuning_updates_and_saves_the_cnn(tiny_config):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config, finetune_encoder=True, epochs=1, lr=1e-3)
+    trainer = Trainer(cfg)
+    before = trainer.model.encoder.features.net._conv_head.weight.detach().clone()
+    trainer.fit()
+    after = trainer.model.encoder.features.net._conv_head.weight.detach()
+    assert not torch.equal(before, after)
+    saved = CaptionModel.load(f"{cfg.out_dir}/best")
+    assert saved.config.encoder_weights_stored
+    assert torch.allclose(saved.encoder.features.net._conv_head.weight, after)

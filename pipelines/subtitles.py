@@ -1,0 +1,103 @@
+"""Subtitle cues and their writers: SRT, WebVTT and JSONL, chosen by format name.
+
+SRT and WebVTT share one writer class and differ only in attributes (header, decimal
+marker, escaping), so a fix to one is a fix to both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, TextIO
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One subtitle cue."""
+
+    start: float  # seconds from the start of the video
+    end: float  # seconds, > start
+    text: str  # the caption shown
+    score: float  # mean log-probability per token of the caption (<= 0; higher is more confident)
+
+
+def format_timestamp(seconds: float, *, decimal_marker: str = ".") -> str:
+    """``HH:MM:SS.mmm`` with hours always present (both SRT and WebVTT accept that form)."""
+    if seconds < 0:
+        raise ValueError(f"timestamp {seconds!r} must be >= 0")
+    milliseconds = round(seconds * 1000)
+    hours, milliseconds = divmod(milliseconds, 3_600_000)
+    minutes, milliseconds = divmod(milliseconds, 60_000)
+    secs, milliseconds = divmod(milliseconds, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_marker}{milliseconds:03d}"
+
+
+def _escape_vtt(text: str) -> str:
+    # WebVTT cue text is HTML-like: & and < start entities and tags; "-->" may not appear.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class CueWriter:
+    """Numbered cues separated by blank lines; subclasses set the attributes below."""
+
+    extension = ""
+    header = ""  # written once before the first cue
+    decimal_marker = "."  # between seconds and milliseconds
+    escape = staticmethod(lambda text: text)  # makes caption text safe for the format
+
+    def write(self, segments: Iterable[Segment], file: TextIO) -> None:
+        file.write(self.header)
+        for number, segment in enumerate(segments, start=1):
+            start = format_timestamp(segment.start, decimal_marker=self.decimal_marker)
+            end = format_timestamp(segment.end, decimal_marker=self.decimal_marker)
+            text = self.escape(" ".join(segment.text.split()))  # one line: a blank line would end the cue
+            file.write(f"{number}\n{start} --> {end}\n{text}\n\n")
+
+
+class WriteSRT(CueWriter):
+    extension = "srt"
+    decimal_marker = ","
+
+
+class WriteVTT(CueWriter):
+    extension = "vtt"
+    header = "WEBVTT\n\n"
+    escape = staticmethod(_escape_vtt)
+
+
+class WriteJSONL:
+    """One JSON object per cue: start, end (seconds), text, score; for scripts, not players."""
+
+    extension = "jsonl"
+
+    def write(self, segments: Iterable[Segment], file: TextIO) -> None:
+        for s in segments:
+            record = {"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text, "score": round(s.score, 6)}
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+WRITERS = {"srt": WriteSRT, "vtt": WriteVTT, "jsonl": WriteJSONL}
+
+
+def writer_for(path: str | os.PathLike | None = None, name: str | None = None) -> CueWriter | WriteJSONL:
+    """The writer named, else the one matching ``path``'s extension, else SRT.
+
+    Raises:
+        ValueError: the name or extension is not a subtitle format we write.
+    """
+    if name is None and path is not None:
+        name = Path(path).suffix.lower().lstrip(".")
+    name = name or "srt"
+    if name not in WRITERS:
+        raise ValueError(f"subtitle format {name!r} must be one of {sorted(WRITERS)} (or use --format)")
+    return WRITERS[name]()
+
+
+def write_subtitles(segments: Iterable[Segment], path: str | os.PathLike, writer: CueWriter | WriteJSONL) -> None:
+    """Write ``segments`` to ``path`` as UTF-8 with LF line ends, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as file:
+        writer.write(segments, file)

@@ -1,0 +1,52 @@
+"""Cue shaping: merging near-same captions, score filtering, minimum and maximum durations."""
+
+import pytest
+
+from pipelines.cues import Sample, merge_samples, shape_cues, split_long, word_similarity
+from pipelines.subtitles import Segment
+
+
+def samples(*texts, every=2.0, shots=None):
+    shots = shots or [0] * len(texts)
+    return [Sample(i * every, (i + 1) * every, text, -1.0 - i / 10, shot) for i, (text, shot) in
+            enumerate(zip(texts, shots, strict=True))]
+
+
+def test_word_similarity_is_one_for_equal_captions_and_low_for_a_changed_key_word():
+    assert word_similarity("a dog runs", "a dog runs") == 1.0
+    assert word_similarity("a man is standing on the beach", "a man in a blue shirt is standing on the beach") == 1.0
+    assert word_similarity("a cat sitting on a couch", "a cat laying on a couch") >= 0.8
+    assert word_similarity("a black dog", "a white dog") < 0.8
+    assert word_similarity("a brown dog runs through the grass", "a man is standing on the beach") < 0.5
+    assert word_similarity("", "") == 1.0 and word_similarity("", "a dog") == 0.0
+
+
+def test_same_and_near_same_neighbours_merge_into_one_cue_with_the_most_confident_text():
+    cues = merge_samples(samples("a cat sitting on a couch", "a cat laying on a couch", "a cat sitting on a couch",
+                                 "a red rocket"))
+    assert [(c.start, c.end) for c in cues] == [(0.0, 6.0), (6.0, 8.0)]
+    assert cues[0].text == "a cat sitting on a couch" and cues[0].score == -1.0
+
+
+def test_equal_captions_in_different_shots_stay_apart():
+    cues = merge_samples(samples("a dog", "a dog", "a dog", shots=[0, 0, 1]))
+    assert [(c.start, c.end) for c in cues] == [(0.0, 4.0), (4.0, 6.0)]
+
+
+def test_long_cues_are_split_into_equal_parts_no_longer_than_the_maximum():
+    parts = split_long([Segment(10.0, 25.0, "a boat", -1.0)], max_duration=7.0)
+    assert [(p.start, p.end) for p in parts] == [(10.0, 15.0), (15.0, 20.0), (20.0, 25.0)]
+    assert split_long([Segment(0.0, 7.0, "x", -1.0)], 7.0) == [Segment(0.0, 7.0, "x", -1.0)]
+
+
+def test_short_cues_are_extended_up_to_the_next_cue_and_the_video_end():
+    cues = [Segment(0.0, 0.2, "a", -1.0), Segment(0.5, 0.7, "b", -1.0), Segment(3.0, 3.1, "c", -1.0)]
+    shaped = shape_cues(cues, min_score=None, min_duration=1.0, max_duration=7.0, video_end=3.5)
+    assert [(c.start, c.end) for c in shaped] == [(0.0, 0.5), (0.5, 1.5), (3.0, 3.5)]
+
+
+def test_min_score_drops_doubtful_and_empty_cues():
+    cues = [Segment(0.0, 2.0, "sure", -0.5), Segment(2.0, 4.0, "unsure", -3.0), Segment(4.0, 6.0, " ", -0.1)]
+    shaped = shape_cues(cues, min_score=-2.0, min_duration=1.0, max_duration=7.0, video_end=6.0)
+    assert [c.text for c in shaped] == ["sure"]
+    assert shaped[0].end == pytest.approx(2.0)
