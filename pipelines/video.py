@@ -23,6 +23,7 @@ from PIL import Image
 from captioner.decoding import Caption, DecodingOptions
 from captioner.model import CaptionModel
 from pipelines.cues import Sample, merge_samples, shape_cues
+from pipelines.prefetch import in_background
 from pipelines.subtitles import Segment
 from pipelines.video_source import Frame, OpenCVSource, VideoSource
 
@@ -176,10 +177,11 @@ def caption_frames(
 ) -> Iterator[tuple[float, Caption]]:
     """(frame time, best caption) for each frame, captioned ``batch_size`` frames at a time.
 
-    Frames are squashed to the encoder's input size as they arrive, so a batch of full-size
-    frames is never held in memory.
+    Frames are decoded and squashed to the encoder's input size in a background thread
+    while the previous batch is captioned, and a batch of full-size frames is never held.
     """
-    resized = ((f.time, model.encoder.preprocess.resize(Image.fromarray(f.pixels))) for f in frames)
+    resize = model.encoder.preprocess.resize
+    resized = in_background((f.time, resize(Image.fromarray(f.pixels))) for f in frames)
     while batch := list(itertools.islice(resized, batch_size)):
         pixels = torch.from_numpy(np.stack([p for _, p in batch]))  # (B, S, S, 3) uint8
         for (time, _), n_best in zip(batch, model.caption_pixels(pixels, options), strict=True):
