@@ -6,7 +6,7 @@ import os
 
 
 def plot_history(history: list[dict], path: str | os.PathLike) -> None:
-    """Plot train loss and dev BLEU-4 / CIDEr-D per epoch into ``path``."""
+    """Plot training loss (or self-critical reward) and dev BLEU-4 / CIDEr-D per epoch into ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -14,8 +14,12 @@ def plot_history(history: list[dict], path: str | os.PathLike) -> None:
 
     epochs = [r["epoch"] for r in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [r["train_loss"] for r in history], marker="o")
-    left.set(title="train loss", xlabel="epoch")
+    for key, label in (("train_loss", "cross-entropy loss"), ("train_reward", "self-critical reward (CIDEr-D)")):
+        points = [(r["epoch"], r[key]) for r in history if key in r]
+        if points:
+            left.plot(*zip(*points, strict=True), marker="o", label=label)
+    left.set(title="training", xlabel="epoch")
+    left.legend()
     for name in ("BLEU-4", "CIDEr-D"):
         right.plot(epochs, [r[name] for r in history], marker="o", label=name)
     right.set(title="dev scores", xlabel="epoch")

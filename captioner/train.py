@@ -250,20 +250,21 @@ class Trainer:
 
     def fit(self) -> dict:
         while self.epoch - self.scst_done < self.cfg.epochs and self.stale_epochs < self.cfg.patience:
-            self._run_epoch("xe", self.train_epoch)
+            self._run_epoch("xe", self.train_epoch, "train_loss")
         if self.cfg.scst_epochs and self.scst_done == 0:
             self._start_scst()
         while self.scst_done < self.cfg.scst_epochs:
             self.scst_done += 1
-            self._run_epoch("scst", self.scst_epoch)
+            self._run_epoch("scst", self.scst_epoch, "train_reward")
         return max(self.history, key=lambda r: r["CIDEr-D"]) if self.history else {}
 
-    def _run_epoch(self, phase: str, run) -> None:
+    def _run_epoch(self, phase: str, run, measured: str) -> None:
+        """Run one epoch; ``measured`` names what ``run`` returns (loss, or mean sample reward)."""
         started = time.time()
-        loss = run()
+        value = run()
         scores = self.evaluate_dev()
         self.epoch += 1
-        record = {"epoch": self.epoch, "phase": phase, "train_loss": loss,
+        record = {"epoch": self.epoch, "phase": phase, measured: value,
                   "seconds": round(time.time() - started, 1), **scores}
         self.history.append(record)
         if scores["CIDEr-D"] > self.best_cider:

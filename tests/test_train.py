@@ -76,8 +76,9 @@ def test_self_critical_phase_follows_cross_entropy_and_raises_reward(tiny_config
     trainer.fit()
     phases = [r["phase"] for r in trainer.history]
     assert phases == ["xe"] * 12 + ["scst"] * 15
-    rewards = [r["train_loss"] for r in trainer.history if r["phase"] == "scst"]  # mean CIDEr-D of samples
+    rewards = [r["train_reward"] for r in trainer.history if r["phase"] == "scst"]  # mean CIDEr-D of samples
     assert max(rewards[-3:]) > rewards[0]
+    assert open(f"{cfg.out_dir}/curves.png", "rb").read(4) == b"\x89PNG"
 
 
 @pytest.mark.slow
