@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from captioner.processors import LogitProcessor, MinLength, NoRepeatNGram, SuppressTokens
+from captioner.processors import ConceptBoost, LogitProcessor, MinLength, NoRepeatNGram, SuppressTokens
 from captioner.search import BeamSearch, Greedy, Hypothesis, LengthRanker, Sampling, SearchStrategy, StepDecoder, search
 from captioner.vocab import Vocabulary
 
@@ -29,6 +29,8 @@ class DecodingOptions:
     top_k: int = 0  # sample among the k most likely tokens (0: all)
     top_p: float = 1.0  # nucleus sampling mass (1.0: off)
     seed: int | None = None  # sampling seed, for reproducible samples
+    concept_boost: float = 0.0  # log-prob bonus per unit of classifier evidence for a word (0: off)
+    concept_threshold: float = 0.5  # classifier evidence a word needs before it is boosted
 
     def __post_init__(self) -> None:
         checks = {
@@ -44,6 +46,8 @@ class DecodingOptions:
             "temperature": (self.temperature > 0, "> 0"),
             "top_k": (self.top_k >= 0, ">= 0"),
             "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "concept_boost": (self.concept_boost >= 0, ">= 0"),
+            "concept_threshold": (0 < self.concept_threshold <= 1, "in (0, 1]"),
         }
         for name, (ok, rule) in checks.items():
             if not ok:
@@ -72,9 +76,14 @@ def make_strategy(options: DecodingOptions, batch_size: int, end_id: int) -> Sea
     return Sampling(batch_size, options.n_best, end_id, options.temperature, options.top_k, options.top_p, generator)
 
 
-def make_processors(options: DecodingOptions, vocab: Vocabulary) -> list[LogitProcessor]:
+def make_processors(
+    options: DecodingOptions, vocab: Vocabulary, concept_bias: torch.Tensor | None = None
+) -> list[LogitProcessor]:
+    """Token rules for one search; ``concept_bias`` (N, V) comes from :mod:`captioner.concepts`."""
     suppressed = [vocab.pad, vocab.start] + ([vocab.unk] if options.suppress_unk else [])
     processors: list[LogitProcessor] = [SuppressTokens(suppressed)]
+    if concept_bias is not None:
+        processors.append(ConceptBoost(concept_bias))
     if options.min_length:
         processors.append(MinLength(options.min_length, vocab.end))
     if options.no_repeat_ngram:
@@ -88,12 +97,22 @@ def to_caption(hyp: Hypothesis, vocab: Vocabulary) -> Caption:
 
 
 def decode_grid(
-    decoder: StepDecoder, grid: torch.Tensor, vocab: Vocabulary, options: DecodingOptions
+    decoder: StepDecoder,
+    grid: torch.Tensor,
+    vocab: Vocabulary,
+    options: DecodingOptions,
+    evidence: torch.Tensor | None = None,
 ) -> list[list[Caption]]:
-    """Encoder grids (B, C, h, w) -> the ``n_best`` captions of each image, best first."""
+    """Encoder grids (B, C, h, w) -> the ``n_best`` captions of each image, best first.
+
+    ``evidence`` (B, V) is per-image classifier evidence for words; with
+    ``options.concept_boost`` > 0 it is turned into a log-prob bonus.
+    """
     strategy = make_strategy(options, grid.shape[0], vocab.end)
-    hyps = search(
-        decoder, grid, strategy, make_processors(options, vocab), start_id=vocab.start, max_length=options.max_length
-    )
+    bias = None
+    if evidence is not None and options.concept_boost > 0:
+        bias = (options.concept_boost * evidence.float().cpu()).repeat_interleave(strategy.width, dim=0)
+    processors = make_processors(options, vocab, bias)
+    hyps = search(decoder, grid, strategy, processors, start_id=vocab.start, max_length=options.max_length)
     ranker = LengthRanker(options.length_penalty)
     return [[to_caption(h, vocab) for h in ranker.rank(per_image)[: options.n_best]] for per_image in hyps]

@@ -52,16 +52,29 @@ class Preprocess:
 class Encoder(nn.Module):
     """A backbone returning a feature grid, plus the preprocessing its weights need."""
 
-    def __init__(self, name: str, features: nn.Module, out_channels: int, preprocess: Preprocess):
+    def __init__(
+        self,
+        name: str,
+        features: nn.Module,
+        out_channels: int,
+        preprocess: Preprocess,
+        class_names: tuple[str, ...] | None = None,
+    ):
         super().__init__()
         self.name = name
         self.features = features
         self.out_channels = out_channels
         self.preprocess = preprocess
+        self.class_names = class_names  # labels of the classifier head, when the encoder keeps one
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized images -> (B, C, h, w) feature grid."""
         return self.features(images)
+
+    def classify(self, grid: torch.Tensor) -> torch.Tensor | None:
+        """(B, C, h, w) grid -> (B, classes) class probabilities of the backbone's own head, if kept."""
+        head = getattr(self.features, "classify", None)
+        return None if head is None else head(grid.float().mean(dim=(2, 3))).softmax(dim=1)
 
 
 class _LiteFeatures(nn.Module):
@@ -73,6 +86,10 @@ class _LiteFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(x)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, 1280) pooled features -> (B, 1000) ImageNet logits."""
+        return self.net._fc(pooled)
 
 
 # Lite weights were trained on inputs scaled as (x - 127) / 128 on the 0..255 scale.
@@ -93,7 +110,14 @@ def efficientnet_lite0(*, pretrained: bool = True) -> Encoder:
     net = EfficientNetLite()
     if pretrained:
         net.load_state_dict(_lite0_state_dict(), strict=True)
-    return Encoder("efficientnet_lite0", _LiteFeatures(net), net.out_channels, LITE_PREPROCESS)
+    return Encoder("efficientnet_lite0", _LiteFeatures(net), net.out_channels, LITE_PREPROCESS, imagenet_classes())
+
+
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k labels, from torchvision's weight metadata (no download)."""
+    from torchvision.models import EfficientNet_B0_Weights
+
+    return tuple(EfficientNet_B0_Weights.DEFAULT.meta["categories"])
 
 
 def _torchvision_preprocess(weights_enum) -> Preprocess:

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from captioner.concepts import concept_evidence, concept_matrix
 from captioner.decoder import CaptionDecoder, DecoderConfig
 from captioner.decoding import Caption, DecodingOptions, decode_grid
 from captioner.encoders import build_encoder
@@ -63,6 +64,7 @@ class CaptionModel(nn.Module):
         self.vocab = vocab
         self.encoder = build_encoder(config.encoder, pretrained=pretrained_encoder)
         self.decoder = CaptionDecoder(config.decoder)
+        self._concepts: torch.Tensor | None = None  # class -> word matrix, built on first use
 
     @property
     def device(self) -> torch.device:
@@ -77,7 +79,19 @@ class CaptionModel(nn.Module):
     @torch.inference_mode()
     def caption_grid(self, grid: torch.Tensor, options: DecodingOptions | None = None) -> list[list[Caption]]:
         """Encoder grids (B, C, h, w) -> n-best captions per image."""
-        return decode_grid(self.decoder, grid.to(self.device), self.vocab, options or self.config.decoding)
+        options = options or self.config.decoding
+        grid = grid.to(self.device)
+        evidence = self.concept_evidence(grid, options.concept_threshold) if options.concept_boost > 0 else None
+        return decode_grid(self.decoder, grid, self.vocab, options, evidence)
+
+    def concept_evidence(self, grid: torch.Tensor, threshold: float) -> torch.Tensor | None:
+        """(B, V) evidence from the encoder's own classifier (None when it has no head)."""
+        probs = self.encoder.classify(grid)
+        if probs is None:
+            return None
+        if self._concepts is None:
+            self._concepts = concept_matrix(self.encoder.class_names, self.vocab)
+        return concept_evidence(probs, self._concepts, threshold)
 
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions | None = None) -> list[list[Caption]]:
         """(B, S, S, 3) uint8 pixels, already resized by ``encoder.preprocess.resize`` -> captions."""

@@ -68,3 +68,23 @@ class NoRepeatNGram:
             if banned:
                 log_probs[row, banned] = -math.inf
         return log_probs
+
+
+class ConceptBoost:
+    """Add a per-image bonus (N, V) to the log-probs of words not yet in the hypothesis.
+
+    Rows of ``bias`` follow hypotheses; search only reorders hypotheses within an image,
+    so a row's bias (its image's) stays right.
+    """
+
+    def __init__(self, bias: torch.Tensor):
+        if bias.dim() != 2 or bool((bias < 0).any()):
+            raise ValueError(f"concept bias must be a non-negative (N, V) tensor, got shape {tuple(bias.shape)}")
+        self.bias = bias
+
+    def __call__(self, log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if tokens.shape[1]:
+            used = torch.zeros_like(bias, dtype=torch.bool).scatter_(1, tokens, True)
+            bias = bias.masked_fill(used, 0.0)
+        return log_probs + bias

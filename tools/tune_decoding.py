@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--no-repeat", type=int, nargs="+", default=[0])
+    parser.add_argument("--boosts", type=float, nargs="+", default=[0.0], help="concept_boost values")
     parser.add_argument("--cache-dir", default="cache")
     parser.add_argument("--save", action="store_true", help="write the best options into the model's config.json")
     args = parser.parse_args()
@@ -41,22 +42,23 @@ def main() -> None:
     grids = cached_features(model.encoder, [e.image for e in entries], args.cache_dir)
     references = {str(i): list(e.captions) for i, e in enumerate(entries)}
     results = []
-    print("| beam | length penalty | no-repeat n-gram | BLEU-1 | BLEU-4 | ROUGE-L | CIDEr-D | mean words |")
-    print("|---|---|---|---|---|---|---|---|")
-    for beam, alpha, ngram in itertools.product(args.beams, args.alphas, args.no_repeat):
+    print("| beam | length penalty | no-repeat n-gram | concept boost | BLEU-1 | BLEU-4 | ROUGE-L | CIDEr-D | words |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for beam, alpha, ngram, boost in itertools.product(args.beams, args.alphas, args.no_repeat, args.boosts):
         options = dataclasses.replace(model.config.decoding, method="beam" if beam > 1 else "greedy",
-                                      beam_size=beam, length_penalty=alpha, no_repeat_ngram=ngram, n_best=1)
+                                      beam_size=beam, length_penalty=alpha, no_repeat_ngram=ngram, n_best=1,
+                                      concept_boost=boost)
         texts = []
         for start in range(0, len(entries), 100):
             texts.extend(c[0].text for c in model.caption_grid(grids[start : start + 100].float(), options))
         scores = score_captions(references, {str(i): t for i, t in enumerate(texts)}, meteor=False)
         words = sum(len(t.split()) for t in texts) / len(texts)
         results.append((scores["CIDEr-D"], scores["BLEU-4"], options))
-        print(f"| {beam} | {alpha} | {ngram} | {scores['BLEU-1']:.4f} | {scores['BLEU-4']:.4f} | "
+        print(f"| {beam} | {alpha} | {ngram} | {boost} | {scores['BLEU-1']:.4f} | {scores['BLEU-4']:.4f} | "
               f"{scores['ROUGE-L']:.4f} | {scores['CIDEr-D']:.4f} | {words:.1f} |", flush=True)
     cider, bleu4, best = max(results, key=lambda r: (r[0], r[1]))
-    print(f"\nbest: beam {best.beam_size}, length penalty {best.length_penalty}, "
-          f"no-repeat {best.no_repeat_ngram}: CIDEr-D {cider:.4f}, BLEU-4 {bleu4:.4f}")
+    print(f"\nbest: beam {best.beam_size}, length penalty {best.length_penalty}, no-repeat {best.no_repeat_ngram}, "
+          f"concept boost {best.concept_boost}: CIDEr-D {cider:.4f}, BLEU-4 {bleu4:.4f}")
     if args.save:
         config = dataclasses.replace(model.config, decoding=best)
         (Path(args.model) / "config.json").write_text(config.to_json(), encoding="utf-8")

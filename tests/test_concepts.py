@@ -1,0 +1,58 @@
+"""Classifier-guided decoding: label head nouns map to caption words and boost them once."""
+
+import math
+
+import torch
+
+from captioner.concepts import concept_evidence, concept_matrix, head_noun
+from captioner.processors import ConceptBoost
+from captioner.vocab import Vocabulary
+
+VOCAB = Vocabulary(["a", "cat", "dog", "mug", "bike", "is"])
+
+
+def test_head_nouns_of_imagenet_style_labels():
+    assert head_noun("Egyptian cat") == "cat"
+    assert head_noun("coffee mug") == "mug"
+    assert head_noun("tabby") == "tabby"
+
+
+def test_evidence_sums_classes_sharing_a_word_and_respects_the_threshold():
+    classes = ("tabby", "tiger cat", "Egyptian cat", "coffee mug", "mountain bike")
+    matrix = concept_matrix(classes, VOCAB)
+    assert matrix.sum() == 4  # "tabby" is not a caption word here
+    probs = torch.tensor([[0.1, 0.2, 0.5, 0.15, 0.05]])
+    evidence = concept_evidence(probs, matrix, threshold=0.5)
+    assert evidence[0, VOCAB.stoi["cat"]] == torch.tensor(0.7)
+    assert evidence[0, VOCAB.stoi["mug"]] == 0  # 0.15 is under the threshold
+    assert evidence[0, VOCAB.stoi["bike"]] == 0
+
+
+def test_boost_applies_until_the_word_is_used():
+    bias = torch.zeros(2, len(VOCAB))
+    bias[0, VOCAB.stoi["cat"]] = 3.0
+    log_probs = torch.full((2, len(VOCAB)), math.log(1 / len(VOCAB)))
+    boost = ConceptBoost(bias)
+    fresh = boost(log_probs, torch.tensor([[VOCAB.stoi["a"]], [VOCAB.stoi["a"]]]))
+    assert fresh[0, VOCAB.stoi["cat"]] - log_probs[0, VOCAB.stoi["cat"]] == 3.0
+    assert torch.equal(fresh[1], log_probs[1])  # the other image has no evidence
+    used = boost(log_probs, torch.tensor([[VOCAB.stoi["cat"]], [VOCAB.stoi["a"]]]))
+    assert torch.equal(used[0], log_probs[0])
+
+
+def test_default_model_names_the_cat_through_its_classifier(default_model):
+    from conftest import SAMPLES
+
+    from captioner.api import caption_images
+    from captioner.decoding import DecodingOptions
+
+    options = default_model.config.decoding
+    assert options.concept_boost > 0
+    boosted = caption_images(default_model, [SAMPLES / "chelsea.png"], options=options)[0]
+    assert "cat" in boosted.tokens
+    import dataclasses
+
+    plain = caption_images(default_model, [SAMPLES / "chelsea.png"],
+                           options=dataclasses.replace(options, concept_boost=0.0))[0]
+    assert isinstance(plain.text, str) and plain.text  # without the boost the LSTM alone decides
+    assert DecodingOptions().concept_boost == 0.0  # off unless a model's config turns it on
