@@ -15,7 +15,7 @@ import torch
 
 from captioner.cider import CiderD
 from captioner.decoder import CaptionDecoder
-from captioner.vocab import Vocabulary
+from captioner.vocab import END, Vocabulary
 
 
 def sample_with_logprobs(
@@ -47,6 +47,16 @@ def sample_with_logprobs(
     return torch.stack(emitted, dim=1), torch.stack(logprobs, dim=1)
 
 
+def reward_tokens(words: list[str]) -> list[str]:
+    """Words plus an end marker, for candidates and references alike.
+
+    Without it, CIDEr-D cannot see how a caption ends, and self-critical training learns
+    to stop mid-phrase ("a boy is playing on a"): n-grams like "on a <end>" never occur in
+    references, so the marker makes such endings cost reward.
+    """
+    return [*words, END]
+
+
 def words_of(ids: list[int], vocab: Vocabulary) -> list[str]:
     """Words up to (not including) ``<end>``."""
     words = []
@@ -61,7 +71,7 @@ def self_critical_loss(
     decoder: CaptionDecoder,
     grid: torch.Tensor,
     image_ids: list[int],
-    cider: CiderD,
+    cider: CiderD,  # built on references passed through reward_tokens
     vocab: Vocabulary,
     *,
     samples: int = 5,
@@ -70,7 +80,8 @@ def self_critical_loss(
     """Policy-gradient loss for one batch of images, and the batch's mean sample reward."""
     tokens, logprobs = sample_with_logprobs(decoder, grid, vocab, samples, max_length)
     rewards = torch.tensor(
-        [cider.score(words_of(row, vocab), image_ids[r // samples]) for r, row in enumerate(tokens.tolist())],
+        [cider.score(reward_tokens(words_of(row, vocab)), image_ids[r // samples])
+         for r, row in enumerate(tokens.tolist())],
         device=grid.device,
     ).view(-1, samples)  # (B, K)
     baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (samples - 1)

@@ -31,7 +31,7 @@ from captioner.features import cached_features, encode_pixels
 from captioner.images import load_image
 from captioner.metrics import score_captions
 from captioner.model import CaptionModel, ModelConfig
-from captioner.scst import self_critical_loss
+from captioner.scst import reward_tokens, self_critical_loss
 from captioner.vocab import Vocabulary, tokenize
 
 
@@ -282,13 +282,17 @@ class Trainer:
         self.optimizer.state.clear()
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.scst_lr
-        refs = [[tokenize(c) for c in e.captions] for e in self.train_entries]
-        self._cider = CiderD(refs)
+        self._cider = self._reward_scorer()
+        baseline = self.evaluate_dev()  # the starting point: an SCST epoch must beat it to become best
+        self.best_cider = max(self.best_cider, baseline["CIDEr-D"])
+
+    def _reward_scorer(self) -> CiderD:
+        return CiderD([[reward_tokens(tokenize(c)) for c in e.captions] for e in self.train_entries])
 
     def scst_epoch(self) -> float:
         """One pass of self-critical training over the training images; returns the mean reward."""
         if not hasattr(self, "_cider"):
-            self._cider = CiderD([[tokenize(c) for c in e.captions] for e in self.train_entries])
+            self._cider = self._reward_scorer()
         self.model.eval()  # no dropout while sampling: rewards judge the model that will be used
         order = list(range(len(self.train_entries)))
         random.shuffle(order)

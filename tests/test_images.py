@@ -175,7 +175,7 @@ def test_truncated_jpeg(tmp_path):
 def test_text_file_named_jpg(tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_text("not a photo at all\n")
-    error = assert_read_error(path, "cannot identify image file")
+    error = assert_read_error(path, "not an image")
     assert isinstance(error, CaptionerError)
 
 
