@@ -74,6 +74,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"captioner batch: {args.folder}: not a folder", file=sys.stderr)
         return EXIT_USAGE
     model, options = _load(args)
+    if args.compile:
+        model.compile_encoder()
     summary = caption_folder(args.folder, args.output, model=model, options=options, record_format=args.format,
                              batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
     if args.html:
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (pays off for large folders)")
     _add_decoding_flags(p)
     p.set_defaults(run=cmd_batch)
 
