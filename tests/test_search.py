@@ -165,3 +165,27 @@ def test_decode_grid_returns_n_best_captions_with_scores():
 def test_bad_decoding_options_name_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         DecodingOptions(**bad)
+
+
+def test_sampling_with_no_repeat_survives_rows_that_already_ended():
+    gen = torch.Generator().manual_seed(1)
+    hyps = run(Sampling(2, 4, END, 1.0, 0, 1.0, gen), [NoRepeatNGram(1)], tables=(TABLE, TABLE), which=(0, 1))
+    assert all(h[0].tokens[-1] == END for h in hyps)
+
+
+def test_finished_images_leave_the_decoder_batch():
+    """Image 0 ends at step 2, image 1 runs on: the decoder must see fewer rows afterwards."""
+
+    class Counting(ScriptedDecoder):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.rows = []
+
+        def step(self, tokens, state):
+            self.rows.append(tokens.shape[0])
+            return super().step(tokens, state)
+
+    slow = {(): {A: 0.9}, (A,): {A: 0.9}, (A, A): {A: 0.9}, (A, A, A): {END: 0.9}}
+    decoder = Counting([{(): {END: 1.0}}, slow])
+    search(decoder, grid_for(0, 1), Greedy(2, 1, END), [], start_id=VOCAB.start, max_length=10)
+    assert decoder.rows[0] == 2 and decoder.rows[-1] == 1
