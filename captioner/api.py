@@ -21,7 +21,7 @@ from captioner.data import read_manifest
 from captioner.decoding import Caption, DecodingOptions
 from captioner.errors import ImageReadError
 from captioner.features import ImageFiles, collate_images
-from captioner.images import to_rgb
+from captioner.images import load_image, to_rgb
 from captioner.metrics import score_captions
 from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
 
@@ -89,8 +89,7 @@ def caption_images(
 
 
 def _pixels(model: CaptionModel, image: str | os.PathLike | Image.Image) -> np.ndarray:
-    from captioner.images import load_image
-
+    """A path or PIL image -> (S, S, 3) uint8, resized for the model's encoder."""
     rgb = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
     return model.encoder.preprocess.resize(rgb)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
 
 # Exit codes: 0 all good, 1 some input failed, 2 bad arguments (argparse's own convention).
@@ -29,10 +31,8 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
-def decoding_options(args: argparse.Namespace, defaults):
+def decoding_options(args: argparse.Namespace, defaults: DecodingOptions) -> DecodingOptions:
     """The model's decoding defaults with any flags the user gave."""
-    import dataclasses
-
     fields = ("method", "beam_size", "max_length", "min_length", "length_penalty", "no_repeat_ngram",
               "temperature", "top_k", "top_p", "seed")
     changes = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
