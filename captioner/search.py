@@ -274,8 +274,11 @@ def search(
     for _ in range(max_length):
         step_log_probs, state = decoder.step(last[active].to(grid.device), state)
         step_log_probs = step_log_probs.float().cpu()
-        log_probs = _settled_log_probs(n, step_log_probs.shape[1], strategy.end_id)
-        log_probs[active] = step_log_probs
+        if len(active) == n:
+            log_probs = step_log_probs
+        else:
+            log_probs = _settled_log_probs(n, step_log_probs.shape[1], strategy.end_id)
+            log_probs[active] = step_log_probs
         for processor in processors:
             log_probs = processor(log_probs, strategy.tokens)
         rows = strategy.update(log_probs)

@@ -141,6 +141,7 @@ class Trainer:
         self.best_cider = -1.0
         self.stale_epochs = 0
         self.scst_done = 0
+        self._cider: CiderD | None = None  # self-critical reward, built when that phase first runs
         self.history: list[dict] = []
 
     def _build_model(self) -> CaptionModel:
@@ -282,7 +283,6 @@ class Trainer:
         self.optimizer.state.clear()
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.scst_lr
-        self._cider = self._reward_scorer()
         baseline = self.evaluate_dev()  # the starting point: an SCST epoch must beat it to become best
         self.best_cider = max(self.best_cider, baseline["CIDEr-D"])
 
@@ -291,7 +291,7 @@ class Trainer:
 
     def scst_epoch(self) -> float:
         """One pass of self-critical training over the training images; returns the mean reward."""
-        if not hasattr(self, "_cider"):
+        if self._cider is None:
             self._cider = self._reward_scorer()
         self.model.eval()  # no dropout while sampling: rewards judge the model that will be used
         order = list(range(len(self.train_entries)))

@@ -48,6 +48,7 @@ def _load(args: argparse.Namespace):
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from captioner.api import caption_paths
+    from pipelines.folder import result_record
 
     model, options = _load(args)
     failed = False
@@ -58,9 +59,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             continue
         best = result.captions[0]
         if args.json:
-            record = {"path": str(result.path), "caption": best.text, "score": round(best.score, 6),
-                      "min_prob": round(best.min_prob, 6)}
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+            print(json.dumps(result_record(result), ensure_ascii=False), flush=True)
         else:
             print(f"{result.path}\t{best.text}", flush=True)
     return EXIT_SOME_FAILED if failed else EXIT_OK
