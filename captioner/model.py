@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from captioner.concepts import concept_evidence, concept_matrix
-from captioner.decoder import CaptionDecoder, DecoderConfig
+from captioner.decoder import DecoderConfig, build_decoder
 from captioner.decoding import Caption, DecodingOptions, decode_grid
 from captioner.encoders import build_encoder
 from captioner.errors import ModelLoadError
@@ -38,6 +39,7 @@ class ModelConfig:
     decoder: DecoderConfig
     decoding: DecodingOptions = DecodingOptions()  # defaults, tuned on dev for shipped models
     encoder_weights_stored: bool = False  # True when the encoder was fine-tuned and saved
+    ensemble_size: int = 1  # decoders whose next-word probabilities are averaged (see ``ensemble``)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -46,14 +48,18 @@ class ModelConfig:
     def from_json(cls, text: str) -> "ModelConfig":
         raw = json.loads(text)
         try:
-            return cls(
+            config = cls(
                 encoder=raw["encoder"],
                 decoder=DecoderConfig(**raw["decoder"]),
                 decoding=DecodingOptions(**raw.get("decoding", {})),
                 encoder_weights_stored=bool(raw.get("encoder_weights_stored", False)),
+                ensemble_size=int(raw.get("ensemble_size", 1)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"bad model config: {e}") from e
+        if config.ensemble_size < 1:
+            raise ModelLoadError(f"bad model config: ensemble_size {config.ensemble_size} < 1")
+        return config
 
 
 class CaptionModel(nn.Module):
@@ -64,7 +70,7 @@ class CaptionModel(nn.Module):
         self.config = config
         self.vocab = vocab
         self.encoder = build_encoder(config.encoder, pretrained=pretrained_encoder)
-        self.decoder = CaptionDecoder(config.decoder)
+        self.decoder = build_decoder(config.decoder, config.ensemble_size)
         self._concepts: torch.Tensor | None = None  # class -> word matrix, built on first use
 
     @property
@@ -136,6 +142,34 @@ class CaptionModel(nn.Module):
             raise ModelLoadError(f"{directory}: weights do not match config: {e}") from e
         model.encoder.to(memory_format=torch.channels_last)
         return model.to(device or "cpu").eval()
+
+
+def ensemble(models: Sequence[CaptionModel]) -> CaptionModel:
+    """One model whose search averages the next-word probabilities of ``models``' decoders.
+
+    Members must have been trained alike (same encoder, vocabulary and decoder shape,
+    e.g. the same config with different seeds); decoding defaults come from the first.
+
+    Raises:
+        ModelLoadError: the members differ in anything but their decoder weights.
+    """
+    if len(models) < 2:
+        raise ModelLoadError(f"an ensemble needs at least 2 models, got {len(models)}")
+    first = models[0]
+    for other in models[1:]:
+        if other.config.encoder_weights_stored or first.config.encoder_weights_stored:
+            raise ModelLoadError("models with fine-tuned encoders cannot share one encoder in an ensemble")
+        if other.config.encoder != first.config.encoder or other.config.decoder != first.config.decoder:
+            raise ModelLoadError("ensemble members differ in encoder or decoder shape")
+        if other.vocab.itos != first.vocab.itos:
+            raise ModelLoadError("ensemble members have different vocabularies")
+    decoders = [d for m in models for d in (m.decoder.members if m.config.ensemble_size > 1 else [m.decoder])]
+    config = dataclasses.replace(first.config, ensemble_size=len(decoders))
+    combined = CaptionModel(config, first.vocab)
+    for target, source in zip(combined.decoder.members, decoders, strict=True):
+        target.load_state_dict(source.state_dict())
+    combined.encoder.to(memory_format=torch.channels_last)
+    return combined.to(first.device).eval()
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {"train_manifest": args.train, "dev_manifest": args.dev, "out_dir": args.out, "epochs": args.epochs,
                  "encoder": args.encoder, "attention": args.attention, "finetune_encoder": args.finetune_encoder,
-                 "batch_size": args.batch_size, "lr": args.lr, "device": args.device}
+                 "batch_size": args.batch_size, "lr": args.lr, "device": args.device, "seed": args.seed}
     if args.config:
         cfg = TrainConfig.from_file(args.config, **overrides)
     else:
@@ -111,6 +111,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     best = train(cfg, resume=args.resume)
     print(json.dumps(best))
+    return EXIT_OK
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from captioner.model import CaptionModel, ensemble
+
+    combined = ensemble([CaptionModel.load(folder) for folder in args.models])
+    combined.save(args.out)
+    print(f"wrote an ensemble of {combined.config.ensemble_size} decoders to {args.out}")
     return EXIT_OK
 
 
@@ -192,9 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-encoder", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, help="initialization and shuffling seed (ensemble members differ in it)")
     p.add_argument("--device")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("ensemble", help="combine models trained alike (e.g. different --seed) into one model")
+    p.add_argument("models", nargs="+", help="model folders (each with config.json, vocab.json, model.safetensors)")
+    p.add_argument("--out", required=True, help="folder for the combined model")
+    p.set_defaults(run=cmd_ensemble)
 
     p = sub.add_parser("manifest", help="convert a dataset's caption file into a JSONL manifest")
     p.add_argument("format", choices=("flickr", "coco", "karpathy"))

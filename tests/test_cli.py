@@ -50,3 +50,29 @@ def test_decoding_flags_change_the_search(capsys):
     short = json.loads(capsys.readouterr().out)
     assert len(short["caption"].split()) <= 3
     assert greedy["caption"]
+
+
+def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys):
+    import torch
+
+    from captioner.decoder import DecoderConfig
+    from captioner.model import CaptionModel, ModelConfig
+    from captioner.vocab import Vocabulary
+
+    def save(name: str, words: list[str]) -> str:
+        vocab = Vocabulary(words)
+        config = ModelConfig("efficientnet_lite0", DecoderConfig(len(vocab), 1280, 16, 16, True, 16, 0.0))
+        CaptionModel(config, vocab, pretrained_encoder=False).save(tmp_path / name)
+        return str(tmp_path / name)
+
+    torch.manual_seed(0)
+    a, b = save("a", ["a", "cat"]), save("b", ["a", "cat"])
+    assert main(["ensemble", a, b, "--out", str(tmp_path / "ab")]) == 0
+    assert "2 decoders" in capsys.readouterr().out
+    assert CaptionModel.load(tmp_path / "ab").config.ensemble_size == 2
+    assert main(["caption", "--model", str(tmp_path / "ab"), str(SAMPLES / "chelsea.png")]) == 0
+
+    c = save("c", ["a", "dog"])
+    assert main(["ensemble", a, c, "--out", str(tmp_path / "ac")]) == 1
+    assert "different vocabularies" in capsys.readouterr().err
+    assert not (tmp_path / "ac").exists()
