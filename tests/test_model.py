@@ -64,7 +64,7 @@ def test_default_model_is_small_and_loads_without_network(default_model):
     from captioner.model import DEFAULT_MODEL_DIR
 
     size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir())
-    assert size < 40 * 2**20
+    assert size < 64 * 2**20  # three float16 decoders of 17 MB
     assert (DEFAULT_MODEL_DIR / "MODEL_CARD.md").exists()
     assert default_model.config.encoder == "efficientnet_lite0"
     assert default_model.decoder.config.attention
