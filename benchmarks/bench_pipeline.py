@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import resource
 import shutil
@@ -29,6 +30,7 @@ from captioner.api import load_model  # noqa: E402
 from captioner.data import read_manifest  # noqa: E402
 from captioner.decoding import DecodingOptions  # noqa: E402
 from captioner.features import ImageFiles, collate_images  # noqa: E402
+from captioner.model import CaptionModel  # noqa: E402
 from pipelines.folder import caption_folder  # noqa: E402
 
 
@@ -108,6 +110,16 @@ def beam_comparison(model, pixels: torch.Tensor, batch: int, beam: int) -> tuple
     return batched, per_image, same
 
 
+def first_member(model: CaptionModel) -> CaptionModel:
+    """The model with its first decoder only, sharing the encoder: what the ensemble costs."""
+    if model.config.ensemble_size == 1:
+        return model
+    single = CaptionModel(dataclasses.replace(model.config, ensemble_size=1), model.vocab, pretrained_encoder=False)
+    single.encoder = model.encoder
+    single.decoder.load_state_dict(model.decoder.members[0].state_dict())
+    return single.eval()
+
+
 def captions_of(records: Path) -> dict[str, str]:
     return {r["path"]: r.get("caption", "") for r in map(json.loads, records.read_text().splitlines())}
 
@@ -130,12 +142,13 @@ def main() -> None:
         rows = encoder_variants(model, pixels, args.batch)
         bare = next(v for name, v in rows if name == "encoder, channels_last, inference_mode")  # the pipeline's path
 
-        def pipeline_run(name: str) -> float:
-            return args.images / timed(lambda: caption_folder(folder, Path(tmp) / name, model=model,
+        def pipeline_run(name: str, captioner: CaptionModel = model) -> float:
+            return args.images / timed(lambda: caption_folder(folder, Path(tmp) / name, model=captioner,
                                                               batch_size=args.batch, num_workers=args.workers,
                                                               progress=False))
 
         pipeline = pipeline_run("eager.jsonl")
+        single_pipeline = pipeline_run("single.jsonl", first_member(model))
         batched, per_image, same = beam_comparison(model, pixels, args.beam_batch, args.beam)
         compile_seconds = timed(lambda: (model.compile_encoder(), model.encode(pixels[: args.batch])))
         compiled_pipeline = pipeline_run("compiled.jsonl")
@@ -150,6 +163,8 @@ def main() -> None:
     print(f"| folder pipeline (read, resize, encode, beam {model.config.decoding.beam_size}, write) "
           f"| {pipeline:.1f} img/s |")
     print(f"| pipeline / bare encoder (same eager encoder) | {pipeline / bare:.2f}x |")
+    print(f"| folder pipeline, first decoder only (of {model.config.ensemble_size}) | {single_pipeline:.1f} img/s |")
+    print(f"| ensemble pipeline / one-decoder pipeline | {pipeline / single_pipeline:.2f}x |")
     print(f"| folder pipeline with --compile ({compile_seconds:.0f} s compile first) | {compiled_pipeline:.1f} img/s |")
     print(f"| --compile captions identical to eager | {compiled_same} |")
     print(f"| beam {args.beam}, batch {args.beam_batch}: batched search | {batched:.3f} s |")
