@@ -111,13 +111,13 @@ class EnsembleDecoder(nn.Module):
             raise ValueError(f"an ensemble needs at least 2 members, got {size}")
         self.config = config
         self.members = nn.ModuleList(CaptionDecoder(config) for _ in range(size))
-        self._state_len = 4 if config.attention else 2  # tensors per member state
 
     def start(self, grid: torch.Tensor) -> DecoderState:
         return tuple(s for member in self.members for s in member.start(grid))
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
-        size, k = len(self.members), self._state_len
+        size = len(self.members)
+        k = len(state) // size  # tensors per member state: members are alike, so they hold equal shares
         log_probs, states = [], []
         for i, member in enumerate(self.members):
             member_log_probs, member_state = member.step(tokens, state[i * k : (i + 1) * k])

@@ -155,10 +155,10 @@ def ensemble(models: Sequence[CaptionModel]) -> CaptionModel:
     """
     if len(models) < 2:
         raise ModelLoadError(f"an ensemble needs at least 2 models, got {len(models)}")
+    if any(m.config.encoder_weights_stored for m in models):
+        raise ModelLoadError("models with fine-tuned encoders cannot share one encoder in an ensemble")
     first = models[0]
     for other in models[1:]:
-        if other.config.encoder_weights_stored or first.config.encoder_weights_stored:
-            raise ModelLoadError("models with fine-tuned encoders cannot share one encoder in an ensemble")
         if other.config.encoder != first.config.encoder or other.config.decoder != first.config.decoder:
             raise ModelLoadError("ensemble members differ in encoder or decoder shape")
         if other.vocab.itos != first.vocab.itos:
