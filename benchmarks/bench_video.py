@@ -20,11 +20,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from captioner.pipelines.video import subtitle_video, uniform_times
+from captioner.pipelines.video_source import OpenCVSource
 from PIL import Image
 
 from captioner.api import load_model
-from pipelines.video import subtitle_video, uniform_times
-from pipelines.video_source import OpenCVSource
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from captioner.pipelines.subtitles import Segment
+from captioner.pipelines.video_source import OpenCVSource
 
 from captioner.errors import VideoWriteError
-from pipelines.subtitles import Segment
-from pipelines.video_source import OpenCVSource
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX  # Hershey fonts draw ASCII only; other characters show as '?'
 FOURCC_BY_EXTENSION = {".avi": "MJPG"}  # everything else: MPEG-4 part 2, which every OpenCV build writes

@@ -47,8 +47,9 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    from captioner.pipelines.folder import result_record
+
     from captioner.api import caption_paths
-    from pipelines.folder import result_record
 
     model, options = _load(args)
     failed = False
@@ -66,8 +67,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from pipelines.folder import caption_folder
-    from pipelines.report import write_contact_sheet
+    from captioner.pipelines.folder import caption_folder
+    from captioner.pipelines.report import write_contact_sheet
 
     if not Path(args.folder).is_dir():
         print(f"captioner batch: {args.folder}: not a folder", file=sys.stderr)
@@ -137,9 +138,9 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
-    from pipelines.subtitles import writer_for
-    from pipelines.video import VideoOptions
-    from pipelines.video_batch import plan_jobs, run_jobs
+    from captioner.pipelines.subtitles import writer_for
+    from captioner.pipelines.video import VideoOptions
+    from captioner.pipelines.video_batch import plan_jobs, run_jobs
 
     source = Path(args.input)
     if source.is_dir() and (args.output or args.burn):

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
 
-from pipelines.subtitles import Segment
+from captioner.pipelines.subtitles import Segment
 
 # Neighbouring captions at least this similar show as one cue. Similarity is the share of
 # the shorter caption's words that the other has in the same order, because beam search on

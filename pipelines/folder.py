@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from captioner.pipelines.records import RecordFile, format_for
+from captioner.pipelines.sources import walk_images
 from tqdm import tqdm
 
 from captioner.api import PathResult, caption_paths
 from captioner.decoding import DecodingOptions
 from captioner.model import CaptionModel
-from pipelines.records import RecordFile, format_for
-from pipelines.sources import walk_images
 
 # Paths handed to one DataLoader at a time: bounds memory however large the folder is.
 CHUNK_PATHS = 2048

@@ -9,9 +9,10 @@ import math
 import os
 from pathlib import Path
 
+from captioner.pipelines.records import format_for
+
 from captioner.errors import ImageReadError
 from captioner.images import load_image
-from pipelines.records import format_for
 
 THUMB_SIDE = 192  # longest thumbnail side in pixels
 

@@ -16,7 +16,7 @@ def walk_images(root: str | os.PathLike) -> Iterator[Path]:
 
 def walk_videos(root: str | os.PathLike) -> Iterator[Path]:
     """Video files under ``root`` (.mp4 .avi .mov .mkv .webm .m4v, any case); see :func:`walk_files`."""
-    from pipelines.video_source import is_video_path
+    from captioner.pipelines.video_source import is_video_path
 
     return walk_files(root, is_video_path)
 

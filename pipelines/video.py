@@ -1,7 +1,7 @@
 """Subtitles for a video: pick frames (uniformly or per shot), caption them in batches, merge.
 
     from captioner.api import load_model
-    from pipelines.video import subtitle_video
+    from captioner.pipelines.video import subtitle_video
     subs = subtitle_video("clip.mp4", model=load_model(), every=2.0)
     for cue in subs.segments:
         print(cue.start, cue.end, cue.text)
@@ -18,14 +18,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from captioner.pipelines.cues import Sample, merge_samples, shape_cues
+from captioner.pipelines.prefetch import in_background
+from captioner.pipelines.subtitles import Segment
+from captioner.pipelines.video_source import Frame, OpenCVSource, VideoSource
 from PIL import Image
 
 from captioner.decoding import Caption, DecodingOptions
 from captioner.model import CaptionModel
-from pipelines.cues import Sample, merge_samples, shape_cues
-from pipelines.prefetch import in_background
-from pipelines.subtitles import Segment
-from pipelines.video_source import Frame, OpenCVSource, VideoSource
 
 Shot = tuple[float, float]  # (start, end) seconds of one shot between two cuts
 

@@ -7,15 +7,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from captioner.pipelines.burn import burn_subtitles
+from captioner.pipelines.sources import walk_videos
+from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
+from captioner.pipelines.video import VideoOptions, subtitle_video
 from tqdm import tqdm
 
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
 from captioner.model import CaptionModel
-from pipelines.burn import burn_subtitles
-from pipelines.sources import walk_videos
-from pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
-from pipelines.video import VideoOptions, subtitle_video
 
 
 @dataclass(frozen=True)

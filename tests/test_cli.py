@@ -4,9 +4,8 @@ import json
 import shutil
 
 import pytest
+from captioner.pipelines.cli import main
 from conftest import SAMPLES
-
-from pipelines.cli import main
 
 
 def test_caption_names_a_cat_with_no_flags(capsys):

@@ -1,9 +1,8 @@
 """Cue shaping: merging near-same captions, score filtering, minimum and maximum durations."""
 
 import pytest
-
-from pipelines.cues import Sample, merge_samples, shape_cues, split_long, word_similarity
-from pipelines.subtitles import Segment
+from captioner.pipelines.cues import Sample, merge_samples, shape_cues, split_long, word_similarity
+from captioner.pipelines.subtitles import Segment
 
 
 def samples(*texts, every=2.0, shots=None):

@@ -9,11 +9,10 @@ import sys
 import time
 
 import pytest
+from captioner.pipelines.cli import main
+from captioner.pipelines.folder import caption_folder
 from conftest import ROOT, SHARED_SAMPLES
 from PIL import Image
-
-from pipelines.cli import main
-from pipelines.folder import caption_folder
 
 PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"]
 
@@ -100,7 +99,7 @@ def test_rerun_resumes_without_duplicates(tmp_path, default_model):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     make_good_images(tmp_path / "photos", 40)
-    command = [sys.executable, "-m", "pipelines.cli", "batch", str(tmp_path / "photos"), "--quiet",
+    command = [sys.executable, "-m", "captioner.pipelines.cli", "batch", str(tmp_path / "photos"), "--quiet",
                "--batch-size", "1", "--workers", "0"]
     killed_out, clean_out = tmp_path / "killed.jsonl", tmp_path / "clean.jsonl"
     proc = subprocess.Popen(command + ["-o", str(killed_out)], cwd=ROOT)

@@ -3,8 +3,7 @@
 import threading
 
 import pytest
-
-from pipelines.prefetch import in_background
+from captioner.pipelines.prefetch import in_background
 
 
 def test_items_arrive_in_order():

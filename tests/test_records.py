@@ -4,8 +4,7 @@ import csv
 import json
 
 import pytest
-
-from pipelines.records import RecordFile
+from captioner.pipelines.records import RecordFile
 
 
 @pytest.mark.parametrize("name", ["out.jsonl", "out.csv"])

@@ -2,7 +2,7 @@
 
 import os
 
-from pipelines.sources import walk_images
+from captioner.pipelines.sources import walk_images
 
 
 def touch(path):

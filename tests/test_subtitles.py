@@ -7,8 +7,15 @@ from datetime import timedelta
 import pytest
 import srt
 import webvtt
-
-from pipelines.subtitles import CueWriter, Segment, WriteJSONL, WriteSRT, WriteVTT, format_timestamp, writer_for
+from captioner.pipelines.subtitles import (
+    CueWriter,
+    Segment,
+    WriteJSONL,
+    WriteSRT,
+    WriteVTT,
+    format_timestamp,
+    writer_for,
+)
 
 SEGMENTS = [
     Segment(0.0, 2.5, "a cat sitting on a couch", -0.9),

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import srt
 import webvtt
+from captioner.pipelines.cli import main
+from captioner.pipelines.video import subtitle_video
+from captioner.pipelines.video_source import FramePicker, OpenCVSource
 from conftest import SHARED_SAMPLES
 from PIL import Image
 
 from captioner.errors import VideoReadError
-from pipelines.cli import main
-from pipelines.video import subtitle_video
-from pipelines.video_source import FramePicker, OpenCVSource
 
 SHOTS = [("chelsea.png", 4.0), ("coffee.png", 4.0), ("rocket.jpg", 4.0)]  # truth: cuts at 4 s and 8 s
 CUTS = [0.0, 4.0, 8.0, 12.0]
