@@ -58,7 +58,7 @@ def make_folder(count: int, folder: Path) -> list[Path]:
 
 
 def load_pixels(model, paths: list[Path]) -> torch.Tensor:
-    _, pixels, errors = collate_images([ImageFiles(paths, model.encoder.preprocess)[i] for i in range(len(paths))])
+    _, pixels, errors = collate_images([ImageFiles(paths, model.encoder.preprocess.size)[i] for i in range(len(paths))])
     assert not errors
     return pixels
 

@@ -21,7 +21,7 @@ from captioner.data import read_manifest
 from captioner.decoding import Caption, DecodingOptions
 from captioner.errors import ImageReadError
 from captioner.features import ImageFiles, collate_images
-from captioner.images import load_image, to_rgb
+from captioner.images import model_pixels
 from captioner.metrics import score_captions
 from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
 
@@ -55,7 +55,7 @@ def caption_paths(
     """
     paths = list(paths)
     loader = DataLoader(
-        ImageFiles(paths, model.encoder.preprocess),
+        ImageFiles(paths, model.encoder.preprocess.size),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_images,
@@ -83,15 +83,10 @@ def caption_images(
     images = list(images)
     captions: list[Caption] = []
     for start in range(0, len(images), batch_size):
-        pixels = torch.from_numpy(np.stack([_pixels(model, image) for image in images[start : start + batch_size]]))
+        chunk = images[start : start + batch_size]
+        pixels = torch.from_numpy(np.stack([model_pixels(image, model.encoder.preprocess.size) for image in chunk]))
         captions.extend(n_best[0] for n_best in model.caption_pixels(pixels, options))
     return captions
-
-
-def _pixels(model: CaptionModel, image: str | os.PathLike | Image.Image) -> np.ndarray:
-    """A path or PIL image -> (S, S, 3) uint8, resized for the model's encoder."""
-    rgb = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
-    return model.encoder.preprocess.resize(rgb)
 
 
 def evaluate(

@@ -23,3 +23,15 @@ class VideoReadError(CaptionerError):
 
 class VideoWriteError(CaptionerError):
     """A video file could not be written (e.g. the subtitled copy of ``--burn``)."""
+
+
+class OptionError(CaptionerError, ValueError):
+    """An option value is out of range or of the wrong type; the CLI exits 2 on it."""
+
+
+class OutputError(CaptionerError):
+    """An output cannot be written, or an existing output cannot be resumed."""
+
+
+class CheckpointError(CaptionerError):
+    """A training checkpoint cannot be read back (truncated, foreign or tampered with)."""

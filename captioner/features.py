@@ -18,17 +18,17 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from captioner.encoders import Encoder, Preprocess
+from captioner.encoders import Encoder
 from captioner.errors import ImageReadError
-from captioner.images import load_image
+from captioner.images import model_pixels
 
 
 class ImageFiles(Dataset):
     """Loads and resizes images in DataLoader workers; a bad file yields its error message."""
 
-    def __init__(self, paths: list[Path], preprocess: Preprocess, *, flip: bool = False):
+    def __init__(self, paths: list[Path], size: int, *, flip: bool = False):
         self.paths = paths
-        self.preprocess = preprocess
+        self.size = size  # the encoder's square input side
         self.flip = flip
 
     def __len__(self) -> int:
@@ -36,7 +36,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None]:
         try:
-            pixels = self.preprocess.resize(load_image(self.paths[index]))
+            pixels = model_pixels(self.paths[index], self.size)
         except ImageReadError as e:
             return index, None, str(e)
         if self.flip:
@@ -51,18 +51,6 @@ def collate_images(items: list[tuple[int, np.ndarray | None, str | None]]):
     indices = [i for i, _ in good]
     pixels = torch.from_numpy(np.stack([p for _, p in good])) if good else None
     return indices, pixels, errors
-
-
-@torch.inference_mode()
-def encode_pixels(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, C, h, w) feature grid on the encoder's device.
-
-    channels_last under inference mode: about 1.5x the images/s of plain NCHW on CPU
-    (benchmarks/bench_pipeline.py).
-    """
-    device = next(encoder.parameters()).device
-    images = encoder.preprocess.normalize(pixels.to(device))
-    return encoder(images.contiguous(memory_format=torch.channels_last))
 
 
 def extract_features(
@@ -80,7 +68,7 @@ def extract_features(
         ImageReadError: any image could not be read (training data must be complete).
     """
     loader = DataLoader(
-        ImageFiles(paths, encoder.preprocess, flip=flip),
+        ImageFiles(paths, encoder.preprocess.size, flip=flip),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_images,
@@ -90,7 +78,7 @@ def extract_features(
     for indices, pixels, errors in tqdm(loader, desc="features", unit="batch", disable=not progress):
         if errors:
             raise ImageReadError(errors[0][1])
-        grid = encode_pixels(encoder, pixels).to("cpu", torch.float16)
+        grid = encoder.encode(pixels).to("cpu", torch.float16)
         if out is None:
             out = torch.empty((len(paths), *grid.shape[1:]), dtype=torch.float16)
         out[indices] = grid

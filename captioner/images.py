@@ -1,10 +1,11 @@
-"""Reading photos from disk into upright 8-bit RGB, with one clear error per bad file."""
+"""Reading photos into upright 8-bit RGB, and the one path from any picture to the model's pixels."""
 
 from __future__ import annotations
 
 import os
 import warnings
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,7 +46,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                         f"{path}: {image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}"
                     )
                 image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+                return upright_rgb(image)
     except ImageReadError:
         raise
     except UnidentifiedImageError as e:
@@ -53,6 +54,44 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ImageReadError(f"{path}: {reason}") from e
+
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def model_pixels(image: ImageInput, size: int) -> np.ndarray:
+    """A path, a PIL image or a video frame -> the (size, size, 3) uint8 pixels a model encodes.
+
+    Every door into the model (files, PIL images from Python, video frames, training) comes
+    through here, so one picture gets one caption whichever way it arrives: PIL images are
+    turned upright by their EXIF tag like files are. Frames are (H, W, 3) uint8 RGB arrays.
+    Pictures are squashed, not cropped: a caption describes the whole picture, and the
+    Flickr8k training images were squashed the same way.
+
+    Raises:
+        ImageReadError: a path cannot be read, or an array is not an RGB frame.
+    """
+    if isinstance(image, np.ndarray):
+        rgb = _frame_image(image)
+    elif isinstance(image, Image.Image):
+        rgb = upright_rgb(image)
+    else:
+        rgb = load_image(image)
+    resized = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.array(resized, dtype=np.uint8)  # a writable copy, cheap to send between DataLoader workers
+
+
+def _frame_image(frame: np.ndarray) -> Image.Image:
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 or 0 in frame.shape:
+        raise ImageReadError(f"a video frame must be an (H, W, 3) uint8 RGB array, got {frame.dtype} {frame.shape}")
+    return Image.fromarray(frame)
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """``image`` turned by its EXIF orientation and converted to 8-bit RGB."""
+    if image.width * image.height > MAX_PIXELS:
+        raise ImageReadError(f"{image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}")
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -27,8 +27,8 @@ from captioner.data import ManifestEntry, read_manifest
 from captioner.decoder import DecoderConfig
 from captioner.decoding import DecodingOptions
 from captioner.encoders import build_encoder
-from captioner.features import cached_features, encode_pixels
-from captioner.images import load_image
+from captioner.features import cached_features
+from captioner.images import model_pixels
 from captioner.metrics import score_captions
 from captioner.model import CaptionModel, ModelConfig
 from captioner.scst import reward_tokens, self_critical_loss
@@ -186,11 +186,12 @@ class Trainer:
         if self.train_grids is not None:
             source = self.train_grids[random.randrange(len(self.train_grids))] if train else self.dev_grids
             return source[image_ids].to(self.device).float()
-        pre = self.model.encoder.preprocess
-        pixels = torch.stack([torch.from_numpy(pre.resize(load_image(entries[i].image))) for i in image_ids])
+        encoder = self.model.encoder
+        size = encoder.preprocess.size
+        pixels = torch.stack([torch.from_numpy(model_pixels(entries[i].image, size)) for i in image_ids])
         if not train:
-            return encode_pixels(self.model.encoder, pixels)
-        images = pre.normalize(pixels.to(self.device))
+            return encoder.encode(pixels)
+        images = encoder.preprocess.normalize(pixels.to(self.device))
         return self.model.encoder(images)
 
     def train_epoch(self) -> float:

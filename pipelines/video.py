@@ -22,9 +22,9 @@ from captioner.pipelines.cues import Sample, merge_samples, shape_cues
 from captioner.pipelines.prefetch import in_background
 from captioner.pipelines.subtitles import Segment
 from captioner.pipelines.video_source import Frame, OpenCVSource, VideoSource
-from PIL import Image
 
 from captioner.decoding import Caption, DecodingOptions
+from captioner.images import model_pixels
 from captioner.model import CaptionModel
 
 Shot = tuple[float, float]  # (start, end) seconds of one shot between two cuts
@@ -180,8 +180,8 @@ def caption_frames(
     Frames are decoded and squashed to the encoder's input size in a background thread
     while the previous batch is captioned, and a batch of full-size frames is never held.
     """
-    resize = model.encoder.preprocess.resize
-    resized = in_background((f.time, resize(Image.fromarray(f.pixels))) for f in frames)
+    size = model.encoder.preprocess.size
+    resized = in_background((f.time, model_pixels(f.pixels, size)) for f in frames)
     while batch := list(itertools.islice(resized, batch_size)):
         pixels = torch.from_numpy(np.stack([p for _, p in batch]))  # (B, S, S, 3) uint8
         for (time, _), n_best in zip(batch, model.caption_pixels(pixels, options), strict=True):

@@ -43,3 +43,19 @@ def test_evaluate_prints_all_scores_and_json_last(tmp_path, capsys):
     assert list(scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"]
     assert all(0 <= scores[k] <= 1 for k in scores if k != "CIDEr-D")
     assert any(line.startswith("CIDEr-D") for line in lines[:-1])
+
+
+def test_a_pil_image_is_turned_upright_by_its_exif_tag_like_its_file(default_model, tmp_path):
+    """The photo is stored lying on its side with an EXIF tag saying so: both doors must stand it up."""
+    from captioner.images import model_pixels
+
+    exif = Image.Exif()
+    exif[0x0112] = 8  # display after turning 90 degrees counter-clockwise
+    path = tmp_path / "sideways.jpg"
+    Image.open(PHOTOS[0]).convert("RGB").transpose(Image.Transpose.ROTATE_270).save(path, exif=exif, quality=95)
+    size = default_model.encoder.preprocess.size
+    upright = model_pixels(PHOTOS[0], size).astype(int)
+    assert abs(model_pixels(Image.open(path), size).astype(int) - upright).mean() < 8
+    assert abs(model_pixels(path, size).astype(int) - upright).mean() < 8
+    from_file = captioner.caption_images(default_model, [path])[0]
+    assert captioner.caption_images(default_model, [Image.open(path)])[0].text == from_file.text

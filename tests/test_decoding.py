@@ -13,9 +13,10 @@ PHOTOS = [SHARED_SAMPLES / n for n in ("chelsea.png", "coffee.png", "astronaut.p
 
 @pytest.fixture(scope="module")
 def grids(default_model):
-    from captioner.api import _pixels
+    from captioner.images import model_pixels
 
-    pixels = torch.from_numpy(np.stack([_pixels(default_model, p) for p in PHOTOS]))
+    size = default_model.encoder.preprocess.size
+    pixels = torch.from_numpy(np.stack([model_pixels(p, size) for p in PHOTOS]))
     return default_model.encode(pixels)
 
 

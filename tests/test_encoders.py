@@ -6,7 +6,7 @@ from conftest import SAMPLES
 
 from captioner.encoders import ENCODERS, build_encoder
 from captioner.errors import ModelLoadError
-from captioner.images import load_image
+from captioner.images import model_pixels
 
 TABBY, TIGER_CAT, PERSIAN, SIAMESE, EGYPTIAN = 281, 282, 283, 284, 285
 COFFEE_MUG, ESPRESSO, CUP = 504, 967, 968
@@ -18,7 +18,8 @@ def lite0():
 
 
 def top5(encoder, name):
-    image = encoder.preprocess(load_image(SAMPLES / name))[None]
+    pixels = torch.from_numpy(model_pixels(SAMPLES / name, encoder.preprocess.size))[None]
+    image = encoder.preprocess.normalize(pixels)
     with torch.inference_mode():
         logits = encoder.features.net(image)
     return set(logits.topk(5).indices[0].tolist())
