@@ -1,6 +1,20 @@
 """One error family, so callers can catch everything captioner raises with one clause."""
 
 
+def printable(value: object) -> str:
+    """``str(value)`` with file-name bytes that are not UTF-8 shown as ``\\xNN``.
+
+    Python hands such bytes over as lone surrogates (PEP 383); they cannot be printed to a
+    strict UTF-8 stream nor written into UTF-8 JSON or CSV, so every message and record
+    that carries a path goes through here.
+    """
+    text = str(value)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that did not come from a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class CaptionerError(Exception):
     """Base class of every error captioner raises on purpose."""
 

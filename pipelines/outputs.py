@@ -1,0 +1,65 @@
+"""Where outputs go: checked before any work is done, and written whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, TextIO
+
+from captioner.errors import OutputError, printable
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
+
+
+def check_writable_file(path: str | os.PathLike) -> Path:
+    """Fail now, before a model loads, if ``path`` could not be written later.
+
+    Creates the missing folders and a throwaway file beside ``path`` (permissions checks
+    alone lie for root, read-only mounts and immutable files). An existing ``path`` is
+    left as it is.
+
+    Raises:
+        OutputError: ``path`` is a folder, or its folder cannot be created or written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{printable(path)}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".captioner-check-"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise OutputError(f"{printable(path)}: cannot write here: {_reason(e)}") from e
+    return path
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[TextIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file, then rename it over ``path``.
+
+    A reader never sees half a file, and a failed write leaves the old one in place.
+
+    Raises:
+        OutputError: the file cannot be written (full disk, no permission, a folder there).
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")
+        tmp = Path(name)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:
+            write(file)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise OutputError(f"{printable(path)}: cannot write: {_reason(e)}") from e
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
