@@ -1,4 +1,4 @@
-"""Decoding options and the one function that turns encoder grids into typed captions."""
+"""The one function that turns encoder grids into typed captions (options: :mod:`captioner.options`)."""
 
 from __future__ import annotations
 
@@ -6,62 +6,27 @@ from dataclasses import dataclass
 
 import torch
 
+from captioner.options import DecodingOptions
 from captioner.processors import ConceptBoost, LogitProcessor, MinLength, NoRepeatNGram, SuppressTokens
 from captioner.search import BeamSearch, Greedy, Hypothesis, LengthRanker, Sampling, SearchStrategy, StepDecoder, search
 from captioner.vocab import Vocabulary
 
-METHODS = ("beam", "greedy", "sample")
-
-
-@dataclass(frozen=True)
-class DecodingOptions:
-    """How captions are searched; change fields with ``dataclasses.replace``."""
-
-    method: str = "beam"  # "beam", "greedy" or "sample"
-    beam_size: int = 3  # live hypotheses per image (beam only)
-    max_length: int = 20  # tokens at most, counting <end>
-    min_length: int = 0  # words at least before <end> may be emitted
-    length_penalty: float = 0.0  # alpha: rank by sum log-prob / length**alpha
-    no_repeat_ngram: int = 0  # forbid repeating n-grams of this size (0: off)
-    suppress_unk: bool = True  # never emit <unk>
-    n_best: int = 1  # hypotheses returned per image (<= beam_size; samples drawn for "sample")
-    temperature: float = 1.0  # sampling temperature
-    top_k: int = 0  # sample among the k most likely tokens (0: all)
-    top_p: float = 1.0  # nucleus sampling mass (1.0: off)
-    seed: int | None = None  # sampling seed, for reproducible samples
-    concept_boost: float = 0.0  # log-prob bonus per unit of classifier evidence for a word (0: off)
-    concept_threshold: float = 0.5  # classifier evidence a word needs before it is boosted
-
-    def __post_init__(self) -> None:
-        checks = {
-            "method": (self.method in METHODS, f"one of {METHODS}"),
-            "beam_size": (self.beam_size >= 1, ">= 1"),
-            "max_length": (self.max_length >= 1, ">= 1"),
-            "min_length": (0 <= self.min_length < self.max_length, ">= 0 and < max_length"),
-            "no_repeat_ngram": (self.no_repeat_ngram >= 0, ">= 0"),
-            "n_best": (
-                self.n_best >= 1 and (self.method != "beam" or self.n_best <= self.beam_size),
-                ">= 1 and <= beam_size",
-            ),
-            "temperature": (self.temperature > 0, "> 0"),
-            "top_k": (self.top_k >= 0, ">= 0"),
-            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
-            "concept_boost": (self.concept_boost >= 0, ">= 0"),
-            "concept_threshold": (0 < self.concept_threshold <= 1, "in (0, 1]"),
-        }
-        for name, (ok, rule) in checks.items():
-            if not ok:
-                raise ValueError(f"decoding option {name}={getattr(self, name)!r} must be {rule}")
-
 
 @dataclass(frozen=True)
 class Caption:
-    """A generated caption with its confidence."""
+    """A generated caption with the model's confidence in it.
+
+    ``score`` and ``min_prob`` are the decoder's own probabilities of the words it emitted,
+    whatever token rules steered the search (a concept boost, no-repeat, min-length): a
+    boosted word does not look more certain than the model thinks it is. The order of
+    n-best captions is the search's: the length-penalized sum of search log-probabilities
+    (boosts included, divided by length**length_penalty), which need not follow ``score``.
+    """
 
     text: str  # words joined by spaces
     tokens: tuple[str, ...]  # the words
-    score: float  # mean log-probability per emitted token (including <end>)
-    min_prob: float  # probability of the least likely token
+    score: float  # the model's mean log-probability per emitted token (including <end>)
+    min_prob: float  # the model's probability of the least likely token
     finished: bool = True  # False when the length limit cut the caption
 
 
@@ -92,7 +57,8 @@ def make_processors(
 
 
 def to_caption(hyp: Hypothesis, vocab: Vocabulary) -> Caption:
-    words = tuple(vocab.itos[i] for i in hyp.tokens if i >= 4)
+    """A hypothesis as words, scored with the model's own log-probabilities."""
+    words = tuple(vocab.words(hyp.tokens))
     return Caption(" ".join(words), words, hyp.mean_logprob, hyp.min_prob, hyp.finished)
 
 

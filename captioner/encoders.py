@@ -8,7 +8,9 @@ that no caller ever copies normalization constants around.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -113,11 +115,16 @@ def efficientnet_lite0(*, pretrained: bool = True) -> Encoder:
     return Encoder("efficientnet_lite0", _LiteFeatures(net), net.out_channels, LITE_PREPROCESS, imagenet_classes())
 
 
-def imagenet_classes() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k labels, from torchvision's weight metadata (no download)."""
-    from torchvision.models import EfficientNet_B0_Weights
+IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.json")
 
-    return tuple(EfficientNet_B0_Weights.DEFAULT.meta["categories"])
+
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k labels in class-index order.
+
+    A copy of torchvision's weight metadata ships with the package: importing torchvision
+    costs about a second, which a one-photo ``captioner caption`` should not pay.
+    """
+    return tuple(json.loads(IMAGENET_CLASSES_FILE.read_text(encoding="utf-8")))
 
 
 def _torchvision_preprocess(weights_enum) -> Preprocess:

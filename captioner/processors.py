@@ -2,6 +2,8 @@
 
 Each processor maps ``(log_probs (N, V), tokens (N, t))`` to new log-probs, where
 ``tokens`` is what each hypothesis has emitted so far. Forbidden tokens get ``-inf``.
+Processors return a new tensor and never change ``log_probs`` in place: search keeps the
+decoder's own log-probs beside the processed ones, and reports confidence from those.
 """
 
 from __future__ import annotations

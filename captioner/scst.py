@@ -57,16 +57,6 @@ def reward_tokens(words: list[str]) -> list[str]:
     return [*words, END]
 
 
-def words_of(ids: list[int], vocab: Vocabulary) -> list[str]:
-    """Words up to (not including) ``<end>``."""
-    words = []
-    for i in ids:
-        if i == vocab.end:
-            break
-        words.append(vocab.itos[i])
-    return words
-
-
 def self_critical_loss(
     decoder: CaptionDecoder,
     grid: torch.Tensor,
@@ -80,7 +70,7 @@ def self_critical_loss(
     """Policy-gradient loss for one batch of images, and the batch's mean sample reward."""
     tokens, logprobs = sample_with_logprobs(decoder, grid, vocab, samples, max_length)
     rewards = torch.tensor(
-        [cider.score(reward_tokens(words_of(row, vocab)), image_ids[r // samples])
+        [cider.score(reward_tokens(vocab.words(row)), image_ids[r // samples])
          for r, row in enumerate(tokens.tolist())],
         device=grid.device,
     ).view(-1, samples)  # (B, K)

@@ -5,6 +5,11 @@ step is decided by a strategy object (``Greedy``, ``BeamSearch``, ``Sampling``),
 tokens are allowed by a list of logit processors, and how finished hypotheses are
 ordered by a ranker. Many images times many hypotheses run as one ``(B*K, ...)`` tensor
 program per step.
+
+Two log-probabilities travel side by side: the decoder's own, and the *search* ones that the
+token rules produced from them (a concept boost adds to them, a ban sets ``-inf``). Search
+chooses and ranks by the search ones; each hypothesis also records the decoder's own, which
+are its confidence (a boosted word must not look more certain than the model thinks it is).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Protocol
 import torch
 
 from captioner.decoder import DecoderState
+from captioner.errors import CaptionerError
 from captioner.processors import LogitProcessor
 
 
@@ -32,16 +38,23 @@ class Hypothesis:
     """One searched token sequence, with the log-probability of each emitted token."""
 
     tokens: tuple[int, ...]  # emitted ids, ending with <end> when finished
-    logprobs: tuple[float, ...]  # log-probability of each emitted token (same length)
+    logprobs: tuple[float, ...]  # the decoder's own log-probability of each emitted token (same length)
+    search_logprobs: tuple[float, ...]  # the same after the token rules (boosts included): what search chose by
     finished: bool  # reached <end> before the length limit
 
     @property
     def sum_logprob(self) -> float:
+        """The model's log-probability of the whole sequence."""
         return float(sum(self.logprobs))
 
     @property
+    def search_sum(self) -> float:
+        """Sum of the search log-probabilities: what beam search maximized."""
+        return float(sum(self.search_logprobs))
+
+    @property
     def mean_logprob(self) -> float:
-        """The caption's confidence score: mean token log-probability."""
+        """The caption's confidence score: mean of the model's own token log-probabilities."""
         return self.sum_logprob / max(len(self.logprobs), 1)
 
     @property
@@ -52,12 +65,16 @@ class Hypothesis:
 
 @dataclass(frozen=True)
 class LengthRanker:
-    """Orders hypotheses by sum log-probability / length**alpha (0: raw sum, 1: mean)."""
+    """Orders hypotheses by search log-probability sum / length**alpha (0: raw sum, 1: mean).
+
+    Ranking uses the search scores, as the beam did, so the token rules' choices (a boosted
+    concept word) are not undone at the end; confidence is reported from the model's own.
+    """
 
     alpha: float = 0.0
 
     def score(self, hyp: Hypothesis) -> float:
-        return hyp.sum_logprob / (max(len(hyp.tokens), 1) ** self.alpha)
+        return hyp.search_sum / (max(len(hyp.tokens), 1) ** self.alpha)
 
     def rank(self, hyps: list[Hypothesis]) -> list[Hypothesis]:
         return sorted(hyps, key=self.score, reverse=True)
@@ -71,17 +88,23 @@ class SearchStrategy:
     width: int  # live hypotheses per image
     end_id: int
     tokens: torch.Tensor = field(init=False)  # (B*W, t) emitted ids
-    logprobs: torch.Tensor = field(init=False)  # (B*W, t) their log-probabilities
+    logprobs: torch.Tensor = field(init=False)  # (B*W, t) the decoder's log-probabilities of them
+    search_logprobs: torch.Tensor = field(init=False)  # (B*W, t) the same after the token rules
     finished: list[list[Hypothesis]] = field(init=False)
 
     def __post_init__(self) -> None:
         n = self.batch_size * self.width
         self.tokens = torch.empty((n, 0), dtype=torch.long)
         self.logprobs = torch.empty((n, 0))
+        self.search_logprobs = torch.empty((n, 0))
         self.finished = [[] for _ in range(self.batch_size)]
 
-    def update(self, log_probs: torch.Tensor) -> torch.Tensor:
-        """Consume next-token log-probs (B*W, V); return the (B*W,) rows to continue from."""
+    def update(self, search_log_probs: torch.Tensor, model_log_probs: torch.Tensor) -> torch.Tensor:
+        """Consume next-token log-probs (B*W, V), after and before the token rules.
+
+        Chooses by ``search_log_probs``; records ``model_log_probs`` of the chosen tokens.
+        Returns the (B*W,) rows to continue from.
+        """
         raise NotImplementedError
 
     def searching_rows(self) -> torch.Tensor:
@@ -92,8 +115,13 @@ class SearchStrategy:
     def done(self) -> bool:
         raise NotImplementedError
 
-    def _hypothesis(self, row: int, finished: bool) -> Hypothesis:
-        return Hypothesis(tuple(self.tokens[row].tolist()), tuple(self.logprobs[row].tolist()), finished)
+    def _hypothesis(self, row: int, finished: bool, extra: tuple[int, float, float] | None = None) -> Hypothesis:
+        """Row ``row``'s history as a hypothesis, plus one more (token, model lp, search lp) if given."""
+        tokens, logprobs = self.tokens[row].tolist(), self.logprobs[row].tolist()
+        search_logprobs = self.search_logprobs[row].tolist()
+        if extra is not None:
+            tokens, logprobs, search_logprobs = tokens + [extra[0]], logprobs + [extra[1]], search_logprobs + [extra[2]]
+        return Hypothesis(tuple(tokens), tuple(logprobs), tuple(search_logprobs), finished)
 
     def finalize(self) -> list[list[Hypothesis]]:
         """Finished hypotheses per image; images with too few get their live ones (never empty)."""
@@ -103,6 +131,13 @@ class SearchStrategy:
                     if not self._row_finished(row):
                         hyps.append(self._hypothesis(row, finished=False))
         return self.finished
+
+    def never_empty(self, per_image: list[list[Hypothesis]]) -> list[list[Hypothesis]]:
+        """Give an image that ended with nothing its first row (whisper's fallback at the limit)."""
+        for b, hyps in enumerate(per_image):
+            if not hyps:
+                hyps.append(self._hypothesis(b * self.width, finished=self._row_finished(b * self.width)))
+        return per_image
 
     def _row_finished(self, row: int) -> bool:
         return bool(self.tokens.shape[1]) and int(self.tokens[row, -1]) == self.end_id
@@ -115,23 +150,20 @@ class _Independent(SearchStrategy):
     def choose(self, log_probs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def update(self, log_probs: torch.Tensor) -> torch.Tensor:
-        alive = torch.ones(log_probs.shape[0], dtype=torch.bool)
+    def update(self, search_log_probs: torch.Tensor, model_log_probs: torch.Tensor) -> torch.Tensor:
+        n = search_log_probs.shape[0]
+        alive = torch.ones(n, dtype=torch.bool)
         if self.tokens.shape[1]:
             alive = self.tokens[:, -1] != self.end_id
-        chosen = torch.full((log_probs.shape[0],), self.end_id, dtype=torch.long)  # (N,) ended rows stay ended
+        chosen = torch.full((n,), self.end_id, dtype=torch.long)  # (N,) ended rows stay ended
         if alive.any():
-            chosen[alive] = self.choose(log_probs[alive])
-        lp = log_probs.gather(1, chosen[:, None]).squeeze(1)
-        lp = torch.where(alive, lp, torch.zeros_like(lp))
+            chosen[alive] = self.choose(search_log_probs[alive])
         self.tokens = torch.cat([self.tokens, chosen[:, None]], dim=1)
-        self.logprobs = torch.cat([self.logprobs, lp[:, None]], dim=1)
+        self.logprobs = torch.cat([self.logprobs, _picked(model_log_probs, chosen, alive)], dim=1)
+        self.search_logprobs = torch.cat([self.search_logprobs, _picked(search_log_probs, chosen, alive)], dim=1)
         for row in torch.nonzero(alive & (chosen == self.end_id)).flatten().tolist():
-            length = self.tokens.shape[1]
-            self.finished[row // self.width].append(
-                Hypothesis(tuple(self.tokens[row].tolist()), tuple(self.logprobs[row, :length].tolist()), True)
-            )
-        return torch.arange(log_probs.shape[0])
+            self.finished[row // self.width].append(self._hypothesis(row, finished=True))
+        return torch.arange(n)
 
     @property
     def done(self) -> bool:
@@ -183,42 +215,37 @@ class BeamSearch(SearchStrategy):
         self.scores = torch.full((self.batch_size, self.width), -math.inf)
         self.scores[:, 0] = 0.0  # all beams start identical: expand only the first
 
-    def update(self, log_probs: torch.Tensor) -> torch.Tensor:
+    def update(self, search_log_probs: torch.Tensor, model_log_probs: torch.Tensor) -> torch.Tensor:
         b, w = self.batch_size, self.width
-        vocab = log_probs.shape[1]
-        candidates = (self.scores[:, :, None] + log_probs.view(b, w, vocab)).view(b, w * vocab)
+        vocab = search_log_probs.shape[1]
+        candidates = (self.scores[:, :, None] + search_log_probs.view(b, w, vocab)).view(b, w * vocab)
         top_scores, top_flat = candidates.topk(min(2 * w, w * vocab), dim=1)  # (B, 2W)
         beam = torch.div(top_flat, vocab, rounding_mode="floor")  # (B, 2W) source beam
         token = top_flat % vocab
         is_end = token == self.end_id
         rows = beam + torch.arange(b)[:, None] * w  # (B, 2W) source row in B*W
-        self._collect_finished(top_scores, rows, token, is_end, log_probs)
+        self._collect_finished(top_scores, rows, is_end, search_log_probs, model_log_probs)
         # Live beams: the best W candidates that did not end (ends sort last, stably).
         rank = torch.arange(top_flat.shape[1]).expand_as(top_flat) + is_end.long() * top_flat.shape[1]
         keep = rank.argsort(dim=1)[:, :w]  # (B, W)
         src = rows.gather(1, keep).flatten()  # (B*W,)
         new_tokens = token.gather(1, keep).flatten()
-        step_lp = log_probs[src, new_tokens]
         self.scores = top_scores.gather(1, keep)
         self.scores = self.scores.masked_fill(is_end.gather(1, keep), -math.inf)
         self.tokens = torch.cat([self.tokens[src], new_tokens[:, None]], dim=1)
-        self.logprobs = torch.cat([self.logprobs[src], step_lp[:, None]], dim=1)
+        self.logprobs = torch.cat([self.logprobs[src], model_log_probs[src, new_tokens][:, None]], dim=1)
+        self.search_logprobs = torch.cat([self.search_logprobs[src], search_log_probs[src, new_tokens][:, None]], dim=1)
         return src
 
-    def _collect_finished(self, top_scores, rows, token, is_end, log_probs) -> None:
+    def _collect_finished(self, top_scores, rows, is_end, search_log_probs, model_log_probs) -> None:
         """Record <end> candidates that rank within the top W of their image (fairseq's rule)."""
         hits = torch.nonzero(is_end[:, : self.width] & torch.isfinite(top_scores[:, : self.width]))
         for b, j in hits.tolist():
             if len(self.finished[b]) >= self.width:
                 continue
             row = int(rows[b, j])
-            self.finished[b].append(
-                Hypothesis(
-                    tuple(self.tokens[row].tolist()) + (self.end_id,),
-                    tuple(self.logprobs[row].tolist()) + (float(log_probs[row, self.end_id]),),
-                    True,
-                )
-            )
+            end = (self.end_id, float(model_log_probs[row, self.end_id]), float(search_log_probs[row, self.end_id]))
+            self.finished[b].append(self._hypothesis(row, finished=True, extra=end))
 
     @property
     def done(self) -> bool:
@@ -237,6 +264,12 @@ class BeamSearch(SearchStrategy):
         return self.finished
 
 
+def _picked(log_probs: torch.Tensor, chosen: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """(N, V) log-probs -> (N, 1) those of the ``chosen`` tokens; 0 for rows already ended."""
+    picked = log_probs.gather(1, chosen[:, None])
+    return torch.where(alive[:, None], picked, torch.zeros_like(picked))
+
+
 def _expand(state: DecoderState, width: int) -> DecoderState:
     return tuple(s.repeat_interleave(width, dim=0) for s in state)
 
@@ -245,11 +278,43 @@ def _reorder(state: DecoderState, rows: torch.Tensor) -> DecoderState:
     return tuple(s.index_select(0, rows.to(s.device)) for s in state)
 
 
-def _settled_log_probs(n: int, vocab: int, end_id: int) -> torch.Tensor:
-    """Log-probs for rows whose image is done: certain <end>, so they never change anything."""
-    log_probs = torch.full((n, vocab), -math.inf)
+def _all_rows(step_log_probs: torch.Tensor, active: torch.Tensor, n: int, end_id: int) -> torch.Tensor:
+    """The decoder's (len(active), V) log-probs placed in all ``n`` rows.
+
+    Rows whose image is done get a certain <end>, so they never change anything.
+    """
+    if len(active) == n:
+        return step_log_probs
+    log_probs = torch.full((n, step_log_probs.shape[1]), -math.inf)
     log_probs[:, end_id] = 0.0
+    log_probs[active] = step_log_probs
     return log_probs
+
+
+def _check_finite(step_log_probs: torch.Tensor) -> None:
+    """Log-probs (N, V) that a softmax cannot give mean broken weights: fail loudly, never caption garbage."""
+    if bool(torch.isnan(step_log_probs).any()):
+        raise CaptionerError("the model produced NaN log-probabilities; its weights are broken")
+    if bool(torch.isposinf(step_log_probs).any()):
+        raise CaptionerError("the model produced infinite log-probabilities; its weights are broken")
+    if not bool(torch.isfinite(step_log_probs).any(dim=1).all()):
+        raise CaptionerError("the model gave no token a finite log-probability; its weights are broken")
+
+
+def _unstuck(search_log_probs: torch.Tensor, model_log_probs: torch.Tensor, end_id: int) -> torch.Tensor:
+    """Rows where the token rules forbade every token: the rules bend, so search never stalls.
+
+    Such a row may end (with the model's <end> log-prob); if the model gives <end> no
+    probability either, the row follows the model alone, which always allows some token.
+    """
+    stuck = torch.isneginf(search_log_probs).all(dim=1)  # (N,)
+    if not bool(stuck.any()):
+        return search_log_probs
+    search_log_probs = search_log_probs.clone()
+    search_log_probs[stuck, end_id] = model_log_probs[stuck, end_id]
+    still = torch.isneginf(search_log_probs).all(dim=1)
+    search_log_probs[still] = model_log_probs[still]
+    return search_log_probs
 
 
 @torch.inference_mode()
@@ -266,6 +331,10 @@ def search(
 
     Only rows of images that are still searching go through the decoder: as images
     finish, the decoder's batch shrinks (about 40% less work at beam 3 on Flickr8k).
+    Every image gets at least one hypothesis.
+
+    Raises:
+        CaptionerError: the decoder's log-probabilities are NaN or otherwise impossible (broken weights).
     """
     n = strategy.batch_size * strategy.width
     active = torch.arange(n)  # rows the decoder state holds, in order
@@ -273,15 +342,14 @@ def search(
     last = torch.full((n,), start_id, dtype=torch.long)
     for _ in range(max_length):
         step_log_probs, state = decoder.step(last[active].to(grid.device), state)
-        step_log_probs = step_log_probs.float().cpu()
-        if len(active) == n:
-            log_probs = step_log_probs
-        else:
-            log_probs = _settled_log_probs(n, step_log_probs.shape[1], strategy.end_id)
-            log_probs[active] = step_log_probs
+        step_log_probs = step_log_probs.float().cpu()  # (len(active), V)
+        _check_finite(step_log_probs)
+        model_log_probs = _all_rows(step_log_probs, active, n, strategy.end_id)  # (N, V)
+        search_log_probs = model_log_probs
         for processor in processors:
-            log_probs = processor(log_probs, strategy.tokens)
-        rows = strategy.update(log_probs)
+            search_log_probs = processor(search_log_probs, strategy.tokens)
+        search_log_probs = _unstuck(search_log_probs, model_log_probs, strategy.end_id)
+        rows = strategy.update(search_log_probs, model_log_probs)
         if strategy.done:
             break
         next_active = strategy.searching_rows()
@@ -290,4 +358,4 @@ def search(
         state = _reorder(state, position[rows[next_active]])  # sources of live images were active
         active = next_active
         last = strategy.tokens[:, -1]
-    return strategy.finalize()
+    return strategy.never_empty(strategy.finalize())

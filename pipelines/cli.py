@@ -1,93 +1,106 @@
-"""The ``captioner`` command: one subcommand per use case, tested in-process via ``main(argv)``."""
+"""The ``captioner`` command: one subcommand per use case, tested in-process via ``main(argv)``.
+
+Nothing heavy is imported until a command runs, so ``captioner --help`` answers at once.
+Outputs are checked (and batch outputs opened and locked) before the model loads, so a
+bad ``-o`` fails in well under a second instead of after the model has loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
-from captioner.decoding import DecodingOptions
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, OptionError, printable
+from captioner.pipelines.flags import add_dataclass_flags, bounded_int, dataclass_from_args
 
 # Exit codes: 0 all good, 1 some input failed, 2 bad arguments (argparse's own convention).
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+
+# Decoding fields that no subcommand can show the result of yet (one caption per image is printed).
+HIDDEN_DECODING_FIELDS = ("n_best",)
+
+SCORE_HELP = ("score is the caption's mean log-probability per token by the model's own reckoning (closer to 0 is "
+              "surer) and min_prob the probability of its least likely word; the search ranks candidate captions "
+              "differently: by their length-penalized sum of log-probabilities after token rules such as the "
+              "concept boost")
 
 
-def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("decoding (defaults come from the model)")
-    group.add_argument("--method", choices=("beam", "greedy", "sample"))
-    group.add_argument("--beam-size", type=int)
-    group.add_argument("--max-length", type=int)
-    group.add_argument("--min-length", type=int)
-    group.add_argument("--length-penalty", type=float)
-    group.add_argument("--no-repeat-ngram", type=int)
-    group.add_argument("--temperature", type=float)
-    group.add_argument("--top-k", type=int)
-    group.add_argument("--top-p", type=float)
-    group.add_argument("--seed", type=int)
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    from captioner.options import DecodingOptions
+
+    group = parser.add_argument_group("decoding (defaults come from the model: see its config.json)")
+    add_dataclass_flags(group, DecodingOptions, exclude=HIDDEN_DECODING_FIELDS, show_defaults=False)
     parser.add_argument("--model", help="model folder (default: the model shipped with the package)")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
-def decoding_options(args: argparse.Namespace, defaults: DecodingOptions) -> DecodingOptions:
-    """The model's decoding defaults with any flags the user gave."""
-    fields = ("method", "beam_size", "max_length", "min_length", "length_penalty", "no_repeat_ngram",
-              "temperature", "top_k", "top_p", "seed")
-    changes = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
-    return dataclasses.replace(defaults, **changes)
-
-
 def _load(args: argparse.Namespace):
-    from captioner.api import load_model
+    """The model and its decoding defaults with the user's flags applied.
 
+    Each flag is checked against the plain defaults before the model loads, so a value out
+    of range costs no waiting; combinations are checked again against the model's defaults.
+    """
+    from captioner.api import load_model
+    from captioner.options import DecodingOptions
+
+    dataclass_from_args(args, DecodingOptions(), exclude=HIDDEN_DECODING_FIELDS)
     model = load_model(args.model, device=args.device)
-    return model, decoding_options(args, model.config.decoding)
+    return model, dataclass_from_args(args, model.config.decoding, exclude=HIDDEN_DECODING_FIELDS)
+
+
+def _print(text: str, *, file=None) -> None:
+    print(printable(text), file=file or sys.stdout, flush=True)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from captioner.pipelines.folder import result_record
-
     from captioner.api import caption_paths
+    from captioner.pipelines.records import result_record
 
     model, options = _load(args)
     failed = False
     for result in caption_paths(model, [Path(p) for p in args.images], options=options, batch_size=args.batch_size):
         if result.captions is None:
-            print(f"skipped {result.error}", file=sys.stderr)
+            _print(f"skipped {result.error}", file=sys.stderr)
             failed = True
-            continue
-        best = result.captions[0]
-        if args.json:
-            print(json.dumps(result_record(result), ensure_ascii=False), flush=True)
+        elif args.json:
+            _print(json.dumps(result_record(result), ensure_ascii=False))
         else:
-            print(f"{result.path}\t{best.text}", flush=True)
+            _print(f"{result.path}\t{result.captions[0].text}")
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from captioner.pipelines.folder import caption_folder
+    from captioner.pipelines.outputs import check_writable_file
+    from captioner.pipelines.records import RecordFile, format_for
     from captioner.pipelines.report import write_contact_sheet
 
     if not Path(args.folder).is_dir():
-        print(f"captioner batch: {args.folder}: not a folder", file=sys.stderr)
-        return EXIT_USAGE
-    model, options = _load(args)
-    if args.compile:
-        model.compile_encoder()
-    summary = caption_folder(args.folder, args.output, model=model, options=options, record_format=args.format,
-                             batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
+        raise OptionError(f"{printable(args.folder)}: not a folder")
     if args.html:
-        write_contact_sheet(args.output, args.html)
-    print(f"{summary.captioned} captioned, {summary.failed} failed, {summary.already_done} already done",
-          file=sys.stderr)
-    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+        check_writable_file(args.html)
+    fmt = format_for(Path(args.output), args.format)
+    with RecordFile(args.output, fmt) as records:  # opened, locked and read before the model loads
+        model, options = _load(args)
+        if args.compile:
+            model.compile_encoder()
+        summary = caption_folder(args.folder, records, model=model, options=options, batch_size=args.batch_size,
+                                 num_workers=args.workers, progress=not args.quiet, retry_errors=args.retry_errors)
+    if args.html:
+        write_contact_sheet(args.output, args.html, fmt)
+    _print(summary.describe(), file=sys.stderr)
+    return EXIT_SOME_FAILED if summary.failed or summary.earlier_failed else EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioner.api import evaluate
+    from captioner.data import read_manifest
 
+    read_manifest(args.manifest, require_captions=True)  # a bad manifest fails before the model loads
     model, options = _load(args)
     scores = evaluate(model, args.manifest, options=options, meteor=not args.no_meteor, batch_size=args.batch_size)
     for name, value in scores.items():
@@ -107,8 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_file(args.config, **overrides)
     else:
         if not (args.train and args.dev):
-            print("captioner train: --train and --dev are required without --config", file=sys.stderr)
-            return EXIT_USAGE
+            raise OptionError("--train and --dev are required without --config")
         cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     best = train(cfg, resume=args.resume)
     print(json.dumps(best))
@@ -116,11 +128,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from captioner.model import CaptionModel, ensemble
+    from captioner.model import CaptionModel, check_new_model_folder, ensemble
 
+    check_new_model_folder(args.out)
     combined = ensemble([CaptionModel.load(folder) for folder in args.models])
     combined.save(args.out)
-    print(f"wrote an ensemble of {combined.config.ensemble_size} decoders to {args.out}")
+    _print(f"wrote an ensemble of {combined.config.ensemble_size} decoders to {args.out}")
     return EXIT_OK
 
 
@@ -133,7 +146,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         count = data.coco_manifest(args.captions, args.images, args.out)
     else:
         count = data.karpathy_manifest(args.captions, args.images, args.split, args.out)
-    print(f"wrote {count} images to {args.out}")
+    _print(f"wrote {count} images to {args.out}")
     return EXIT_OK
 
 
@@ -144,11 +157,8 @@ def cmd_video(args: argparse.Namespace) -> int:
 
     source = Path(args.input)
     if source.is_dir() and (args.output or args.burn):
-        print("captioner video: -o and --burn take one video, not a folder (use --out-dir)", file=sys.stderr)
-        return EXIT_USAGE
-    settings = VideoOptions(every=args.every, scenes=args.scenes, max_per_scene=args.max_per_scene,
-                            min_score=args.min_score, min_duration=args.min_duration,
-                            max_duration=args.max_duration, batch_size=args.batch_size)
+        raise OptionError("-o and --burn take one video, not a folder (use --out-dir)")
+    settings = dataclass_from_args(args, VideoOptions())
     writer = writer_for(args.output, args.format)
     jobs = plan_jobs(source, writer.extension, output=args.output and Path(args.output),
                      out_dir=args.out_dir and Path(args.out_dir), burn=args.burn and Path(args.burn))
@@ -156,62 +166,74 @@ def cmd_video(args: argparse.Namespace) -> int:
     failed = run_jobs(jobs, model=model, writer=writer, options=options, settings=settings,
                       progress=source.is_dir() and not args.quiet)
     if source.is_dir():
-        print(f"{len(jobs) - failed} subtitled, {failed} failed", file=sys.stderr)
+        _print(f"{len(jobs) - failed} subtitled, {failed} failed", file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captioner", description="Caption images and videos.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("caption", help="caption image files; prints PATH<TAB>caption")
+def _caption_parser(sub) -> None:
+    p = sub.add_parser("caption", help="caption image files; prints PATH<TAB>caption", epilog=SCORE_HELP)
     p.add_argument("images", nargs="+")
-    p.add_argument("--json", action="store_true", help="one JSON object per line: path, caption, score")
-    p.add_argument("--batch-size", type=int, default=16)
-    _add_decoding_flags(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line: path, caption, score, min_prob")
+    p.add_argument("--batch-size", type=bounded_int(1, 1024), default=16)
+    _add_model_flags(p)
     p.set_defaults(run=cmd_caption)
 
-    p = sub.add_parser("batch", help="caption every image under a folder into JSONL/CSV (resumable)")
+
+def _batch_parser(sub) -> None:
+    from captioner.pipelines.records import RECORD_FORMATS
+
+    p = sub.add_parser("batch", help="caption every image under a folder into JSONL/CSV (resumable)",
+                       epilog=SCORE_HELP)
     p.add_argument("folder")
     p.add_argument("-o", "--output", required=True, help="OUT.jsonl or OUT.csv; re-running resumes it")
-    p.add_argument("--format", choices=("jsonl", "csv"), help="default: from the output's extension")
+    p.add_argument("--format", choices=sorted(RECORD_FORMATS), help="default: from the output's extension")
     p.add_argument("--html", help="also write a self-contained contact sheet REPORT.html")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="caption again the files the output holds errors for; each path keeps one record")
+    p.add_argument("--batch-size", type=bounded_int(1, 1024), default=32)
+    p.add_argument("--workers", type=bounded_int(0, 64), default=2, help="DataLoader processes decoding images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (pays off for large folders)")
-    _add_decoding_flags(p)
+    _add_model_flags(p)
     p.set_defaults(run=cmd_batch)
 
+
+def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="caption a manifest's images and score them")
     p.add_argument("--manifest", required=True)
     p.add_argument("--json", action="store_true", help="last line: one JSON object of scores")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves the JVM start)")
-    p.add_argument("--batch-size", type=int, default=32)
-    _add_decoding_flags(p)
+    p.add_argument("--batch-size", type=bounded_int(1, 1024), default=32)
+    _add_model_flags(p)
     p.set_defaults(run=cmd_evaluate)
 
+
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a caption model")
     p.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
     p.add_argument("--train", help="training manifest")
     p.add_argument("--dev", help="dev manifest (early stopping on CIDEr-D)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=bounded_int(1, 10_000))
     p.add_argument("--encoder")
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--finetune-encoder", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=bounded_int(1, 65_536))
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, help="initialization and shuffling seed (ensemble members differ in it)")
     p.add_argument("--device")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.set_defaults(run=cmd_train)
 
+
+def _ensemble_parser(sub) -> None:
     p = sub.add_parser("ensemble", help="combine models trained alike (e.g. different --seed) into one model")
     p.add_argument("models", nargs="+", help="model folders (each with config.json, vocab.json, model.safetensors)")
-    p.add_argument("--out", required=True, help="folder for the combined model")
+    p.add_argument("--out", required=True, help="new folder for the combined model")
     p.set_defaults(run=cmd_ensemble)
 
+
+def _manifest_parser(sub) -> None:
     p = sub.add_parser("manifest", help="convert a dataset's caption file into a JSONL manifest")
     p.add_argument("format", choices=("flickr", "coco", "karpathy"))
     p.add_argument("--captions", required=True, help="token file, COCO captions JSON or Karpathy dataset JSON")
@@ -220,35 +242,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_manifest)
 
-    p = sub.add_parser("video", help="subtitle a video (or every video under a folder) as SRT, WebVTT or JSONL")
+
+def _video_parser(sub) -> None:
+    from captioner.pipelines.subtitles import WRITERS
+    from captioner.pipelines.video import VideoOptions
+
+    p = sub.add_parser("video", help="subtitle a video (or every video under a folder) as SRT, WebVTT or JSONL",
+                       epilog=SCORE_HELP)
     p.add_argument("input", help="a video file, or a folder searched recursively for .mp4 .avi .mov .mkv .webm .m4v")
     p.add_argument("-o", "--output", help="OUT.srt, OUT.vtt or OUT.jsonl (one video; default: beside the video)")
-    p.add_argument("--format", choices=("srt", "vtt", "jsonl"), help="default: from -o's extension, else srt")
+    p.add_argument("--format", choices=sorted(WRITERS), help="default: from -o's extension, else srt")
     p.add_argument("--out-dir", help="write subtitle files here instead of beside each video")
-    p.add_argument("--every", type=float, default=2.0, help="seconds between captioned frames (default: 2)")
-    p.add_argument("--scenes", action="store_true", help="caption frames inside shots found by PySceneDetect")
-    p.add_argument("--max-per-scene", type=int, default=3, help="frames captioned per shot at most (default: 3)")
-    p.add_argument("--min-score", type=float, help="drop cues whose mean log-prob is lower (e.g. -2.5)")
-    p.add_argument("--min-duration", type=float, default=1.0, help="seconds a cue lasts at least (default: 1)")
-    p.add_argument("--max-duration", type=float, default=7.0, help="longer cues are split (default: 7)")
     p.add_argument("--burn", help="also write OUT.mp4: a copy of the video with the cues drawn on (one video)")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_decoding_flags(p)
+    add_dataclass_flags(p.add_argument_group("frame sampling and cues"), VideoOptions)
+    _add_model_flags(p)
     p.set_defaults(run=cmd_video)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description="Caption images and videos.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_caption_parser, _batch_parser, _evaluate_parser, _train_parser, _ensemble_parser, _manifest_parser,
+                _video_parser):
+        add(sub)
     return parser
 
 
+def _error(message: str) -> None:
+    print(f"captioner: error: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def _os_error_message(error: OSError) -> str:
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{error.filename}: {reason}" if error.filename else reason
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (``captioner caption ... | head -1``), let the interpreter exit quietly."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends as one ``captioner: error: ...`` line and an exit code."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except CaptionerError as e:
-        print(f"captioner: error: {e}", file=sys.stderr)
-        return EXIT_SOME_FAILED
-    except ValueError as e:  # bad option values (e.g. --beam-size 0) are usage errors
-        print(f"captioner: error: {e}", file=sys.stderr)
+    except OptionError as e:  # a value out of range: a usage error, like argparse's own
+        _error(str(e))
         return EXIT_USAGE
+    except CaptionerError as e:
+        _error(str(e))
+        return EXIT_SOME_FAILED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_SOME_FAILED
+    except OSError as e:
+        _error(_os_error_message(e))
+        return EXIT_SOME_FAILED
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug of ours: still one line, with a way to see more
+        if os.environ.get("CAPTIONER_DEBUG"):
+            raise
+        _error(f"unexpected {type(e).__name__}: {e} (a bug; set CAPTIONER_DEBUG=1 for the traceback and report it)")
+        return EXIT_SOME_FAILED
 
 
 if __name__ == "__main__":

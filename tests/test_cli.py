@@ -4,8 +4,9 @@ import json
 import shutil
 
 import pytest
-from captioner.pipelines.cli import main
 from conftest import SAMPLES
+
+from captioner.pipelines.cli import main
 
 
 def test_caption_names_a_cat_with_no_flags(capsys):
@@ -24,14 +25,15 @@ def test_caption_json_has_path_caption_and_score(capsys):
 
 
 def test_a_bad_file_is_skipped_the_rest_printed_and_exit_is_1(tmp_path, capsys):
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes((SAMPLES / "chelsea.png").read_bytes()[:0])
+    data = (SAMPLES / "chelsea.png").read_bytes()
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(data[: len(data) // 2])  # a real photo cut in half
     good = tmp_path / "cat.png"
     shutil.copy(SAMPLES / "chelsea.png", good)
     assert main(["caption", str(bad), str(good)]) == 1
     captured = capsys.readouterr()
-    assert captured.out.startswith(f"{good}\t")
-    assert captured.err.strip() == f"skipped {bad}: empty file"
+    assert captured.out.startswith(f"{good}\t") and captured.out.count("\n") == 1
+    assert captured.err.strip() == f"skipped {bad}: image file is truncated"
 
 
 def test_bad_option_values_exit_2(capsys):
@@ -42,13 +44,43 @@ def test_bad_option_values_exit_2(capsys):
     assert exit_info.value.code == 2
 
 
-def test_decoding_flags_change_the_search(capsys):
-    assert main(["caption", "--json", "--method", "greedy", str(SAMPLES / "chelsea.png")]) == 0
+def test_decoding_flags_change_the_search(capsys, default_model):
+    import dataclasses
+
+    from captioner.api import caption_images
+
+    photo = str(SAMPLES / "chelsea.png")
+    assert main(["caption", "--json", photo]) == 0
+    beam = json.loads(capsys.readouterr().out)
+    assert main(["caption", "--json", "--method", "greedy", photo]) == 0
     greedy = json.loads(capsys.readouterr().out)
-    assert main(["caption", "--json", "--max-length", "3", str(SAMPLES / "chelsea.png")]) == 0
+    expected = caption_images(default_model, [photo],
+                              options=dataclasses.replace(default_model.config.decoding, method="greedy"))[0]
+    assert greedy["caption"] == expected.text != beam["caption"]  # the shipped beam adds "small" here
+    assert main(["caption", "--json", "--max-length", "3", photo]) == 0
     short = json.loads(capsys.readouterr().out)
     assert len(short["caption"].split()) <= 3
-    assert greedy["caption"]
+
+
+def test_every_decoding_option_has_a_flag_that_reaches_the_options():
+    """Flags are generated from DecodingOptions, so none can be listed and silently ignored."""
+    import dataclasses
+
+    from captioner.options import DecodingOptions
+    from captioner.pipelines.cli import HIDDEN_DECODING_FIELDS, build_parser
+    from captioner.pipelines.flags import dataclass_from_args
+
+    changed = {"method": "sample", "beam_size": 7, "max_length": 9, "min_length": 2, "length_penalty": 0.5,
+               "no_repeat_ngram": 3, "suppress_unk": False, "temperature": 0.7, "top_k": 5, "top_p": 0.8, "seed": 4,
+               "concept_boost": 1.5, "concept_threshold": 0.3}
+    names = {f.name for f in dataclasses.fields(DecodingOptions)} - set(HIDDEN_DECODING_FIELDS)
+    assert set(changed) == names
+    argv = ["caption", "x.jpg"]
+    for name, value in changed.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag.replace("--", "--no-")] if value is False else [flag, str(value)]
+    options = dataclass_from_args(build_parser().parse_args(argv), DecodingOptions(), exclude=HIDDEN_DECODING_FIELDS)
+    assert {name: getattr(options, name) for name in changed} == changed
 
 
 def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys):

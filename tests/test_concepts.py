@@ -41,6 +41,12 @@ def test_boost_applies_until_the_word_is_used():
 
 
 def test_default_model_names_the_cat_through_its_classifier(default_model):
+    """On the cat photo the LSTM alone says "a small white dog"; the classifier's "cat" gets in with the boost.
+
+    (captioner/examples/chelsea.png is the same file as ../shared/samples/chelsea.png.)
+    """
+    import dataclasses
+
     from conftest import SAMPLES
 
     from captioner.api import caption_images
@@ -48,11 +54,26 @@ def test_default_model_names_the_cat_through_its_classifier(default_model):
 
     options = default_model.config.decoding
     assert options.concept_boost > 0
-    boosted = caption_images(default_model, [SAMPLES / "chelsea.png"], options=options)[0]
+    photo = [SAMPLES / "chelsea.png"]
+    boosted = caption_images(default_model, photo, options=options)[0]
+    plain = caption_images(default_model, photo, options=dataclasses.replace(options, concept_boost=0.0))[0]
     assert "cat" in boosted.tokens
-    import dataclasses
-
-    plain = caption_images(default_model, [SAMPLES / "chelsea.png"],
-                           options=dataclasses.replace(options, concept_boost=0.0))[0]
-    assert isinstance(plain.text, str) and plain.text  # without the boost the LSTM alone decides
+    assert "cat" not in plain.tokens  # the boost, not the LSTM, put it there
+    # The score stays the model's own: the boosted caption is less likely to the model than its own choice.
+    assert boosted.score < plain.score
     assert DecodingOptions().concept_boost == 0.0  # off unless a model's config turns it on
+
+
+def test_cat_is_a_concept_of_the_cat_photo(default_model):
+    """The word that the boost adds is one the encoder's classifier gives evidence for."""
+    import numpy as np
+    from conftest import SAMPLES
+
+    from captioner.images import model_pixels
+
+    model, threshold = default_model, default_model.config.decoding.concept_threshold
+    pixels = torch.from_numpy(np.stack([model_pixels(SAMPLES / "chelsea.png", model.encoder.preprocess.size)]))
+    with torch.inference_mode():
+        evidence = model.concept_evidence(model.encode(pixels), threshold)
+    assert evidence[0, model.vocab.stoi["cat"]] >= threshold
+    assert evidence[0, model.vocab.stoi["dog"]] == 0

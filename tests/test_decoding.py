@@ -1,12 +1,18 @@
-"""Decoding with the real shipped model: batching never changes a caption."""
+"""Decoding options, and decoding with the real shipped model: batching never changes a caption,
+and a caption's score is the model's own."""
+
+import dataclasses
+import json
+import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_SAMPLES
+from conftest import ROOT, SHARED_SAMPLES
 
 from captioner.api import caption_images
-from captioner.decoding import DecodingOptions
+from captioner.errors import OptionError
+from captioner.options import METHODS, DecodingOptions
 
 PHOTOS = [SHARED_SAMPLES / n for n in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")]
 
@@ -49,3 +55,117 @@ def test_sampling_with_a_seed_is_reproducible(default_model):
 def test_unk_is_suppressed_and_max_length_holds(default_model, grids):
     for (caption,) in default_model.caption_grid(grids, DecodingOptions(max_length=5)):
         assert "<unk>" not in caption.tokens and len(caption.tokens) <= 5
+
+
+def teacher_forced_logprobs(model, grid, caption):
+    """The decoder's log-probability of each of the caption's tokens (and its <end>), fed one by one."""
+    vocab = model.vocab
+    ids = [vocab.stoi[w] for w in caption.tokens] + ([vocab.end] if caption.finished else [])
+    logprobs, previous = [], vocab.start
+    with torch.inference_mode():
+        state = model.decoder.start(grid)
+        for token in ids:
+            log_probs, state = model.decoder.step(torch.tensor([previous], device=grid.device), state)
+            logprobs.append(float(log_probs[0, token]))
+            previous = token
+    return logprobs
+
+
+def test_score_is_the_teacher_forced_log_probability_with_the_default_options(default_model, grids):
+    """Concept boost 4, beam 5, no-repeat 2 steer the search; the score stays the model's own.
+
+    On the cat photo the boost swaps "white dog" for "cat": the boosted search scores were
+    -0.953 / 0.122, the model's own -1.341 / 0.011.
+    """
+    options = default_model.config.decoding
+    assert options.concept_boost > 0 and options.beam_size == 5
+    captions = default_model.caption_grid(grids, options)
+    for i, (caption,) in enumerate(captions):
+        logprobs = teacher_forced_logprobs(default_model, grids[i : i + 1], caption)
+        assert caption.score == pytest.approx(sum(logprobs) / len(logprobs), abs=1e-4), PHOTOS[i].name
+        assert caption.min_prob == pytest.approx(math.exp(min(logprobs)), rel=1e-3), PHOTOS[i].name
+    cat = captions[0][0]
+    assert "cat" in cat.tokens and cat.score == pytest.approx(-1.341, abs=0.01)
+
+
+# --- options: types and bounds -------------------------------------------------------------------------
+
+BAD_OPTIONS = [
+    ("method", "nope"), ("method", 3),
+    ("beam_size", 0), ("beam_size", 65), ("beam_size", 10000), ("beam_size", True), ("beam_size", "5"),
+    ("beam_size", 3.0), ("beam_size", None),
+    ("max_length", 0), ("max_length", 101),
+    ("min_length", -1), ("min_length", 20),  # not below max_length (20)
+    ("length_penalty", math.nan), ("length_penalty", math.inf), ("length_penalty", -0.1), ("length_penalty", 10.5),
+    ("length_penalty", "1"),
+    ("no_repeat_ngram", -1), ("no_repeat_ngram", 11),
+    ("suppress_unk", "false"), ("suppress_unk", 0),
+    ("n_best", 0), ("n_best", 4),  # more than beam_size (3)
+    ("temperature", 0), ("temperature", -1.0), ("temperature", 100.5), ("temperature", math.nan),
+    ("temperature", math.inf), ("temperature", False),
+    ("top_k", -1), ("top_k", 100_001), ("top_k", 1.5),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan),
+    ("seed", -1), ("seed", 2**64), ("seed", 1.0), ("seed", True), ("seed", "3"),
+    ("concept_boost", -1.0), ("concept_boost", 50.5), ("concept_boost", math.nan),
+    ("concept_threshold", 0.0), ("concept_threshold", 1.1),
+]
+
+
+@pytest.mark.parametrize("name, value", BAD_OPTIONS)
+def test_bad_option_values_raise_an_option_error_naming_the_field(name, value):
+    with pytest.raises(OptionError, match=rf"^decoding option {name}=") as error:
+        DecodingOptions(**{name: value})
+    assert isinstance(error.value, ValueError)  # the CLI turns it into a usage error (exit 2)
+    assert repr(value) in str(error.value) or str(value) in str(error.value)
+
+
+@pytest.mark.parametrize("changes", [dict(method="greedy", n_best=2), dict(method="sample", n_best=65)])
+def test_n_best_must_fit_the_method(changes):
+    with pytest.raises(OptionError, match="n_best"):
+        DecodingOptions(**changes)
+
+
+def test_bounds_are_inclusive_where_documented():
+    edge = DecodingOptions(beam_size=64, n_best=64, max_length=100, min_length=99, length_penalty=10,
+                           no_repeat_ngram=10, temperature=100, top_k=100_000, top_p=1, seed=2**64 - 1,
+                           concept_boost=50, concept_threshold=1)
+    assert edge.beam_size == 64 and edge.seed == 2**64 - 1
+    assert DecodingOptions(method="sample", n_best=64, seed=0).n_best == 64
+
+
+def test_numbers_are_normalized_to_the_fields_type():
+    options = DecodingOptions(length_penalty=1, temperature=2, beam_size=np.int64(5))
+    assert type(options.length_penalty) is float and options.length_penalty == 1.0
+    assert type(options.temperature) is float
+    assert type(options.beam_size) is int and options.beam_size == 5
+
+
+def test_every_field_carries_what_the_cli_needs():
+    for f in dataclasses.fields(DecodingOptions):
+        assert isinstance(f.metadata.get("help"), str) and f.metadata["help"], f.name
+        assert f.metadata["type"] in (int, float, bool, str), f.name
+        if f.metadata["type"] in (int, float):
+            assert f.default is None or f.default in f.metadata["bounds"], f.name
+    method = next(f for f in dataclasses.fields(DecodingOptions) if f.name == "method")
+    assert method.metadata["choices"] == METHODS
+
+
+def test_from_dict_reads_the_shipped_config():
+    raw = json.loads((ROOT / "captioner" / "default_model" / "config.json").read_text(encoding="utf-8"))
+    options = DecodingOptions.from_dict(raw["decoding"])
+    assert dataclasses.asdict(options) == raw["decoding"]
+    assert DecodingOptions.from_dict({}) == DecodingOptions()
+    assert DecodingOptions.from_dict({"beam_size": 5, "seed": None}).beam_size == 5
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"beam_size": 5, "beamsize": 3, "colour": 1}, "unknown decoding option.*beamsize, colour"),
+    ({"beam_size": "5"}, "beam_size='5'"),
+    ({"length_penalty": None}, "length_penalty=None"),
+    ({"suppress_unk": "false"}, "suppress_unk"),
+    (["beam"], "must be an object"),
+    ("beam", "must be an object"),
+])
+def test_from_dict_rejects_what_json_can_hold_but_options_cannot(raw, match):
+    with pytest.raises(OptionError, match=match):
+        DecodingOptions.from_dict(raw)

@@ -55,3 +55,11 @@ def test_unknown_encoder_is_named_in_the_error():
     with pytest.raises(ModelLoadError, match="vgg99"):
         build_encoder("vgg99")
     assert {"efficientnet_lite0", "resnet50", "efficientnet_b0"} <= set(ENCODERS)
+
+
+def test_bundled_imagenet_labels_are_torchvisions():
+    from torchvision.models import EfficientNet_B0_Weights
+
+    from captioner.encoders import imagenet_classes
+
+    assert imagenet_classes() == tuple(EfficientNet_B0_Weights.DEFAULT.meta["categories"])

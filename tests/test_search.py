@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from captioner.decoding import DecodingOptions, decode_grid
-from captioner.processors import MinLength, NoRepeatNGram, SuppressTokens
+from captioner.errors import CaptionerError
+from captioner.processors import ConceptBoost, MinLength, NoRepeatNGram, SuppressTokens
 from captioner.search import BeamSearch, Greedy, LengthRanker, Sampling, search
 from captioner.vocab import Vocabulary
 
@@ -167,25 +168,113 @@ def test_bad_decoding_options_name_the_field(bad):
         DecodingOptions(**bad)
 
 
-def test_sampling_with_no_repeat_survives_rows_that_already_ended():
-    gen = torch.Generator().manual_seed(1)
-    hyps = run(Sampling(2, 4, END, 1.0, 0, 1.0, gen), [NoRepeatNGram(1)], tables=(TABLE, TABLE), which=(0, 1))
-    assert all(h[0].tokens[-1] == END for h in hyps)
+def script_logprobs(tokens, table=TABLE):
+    """The scripted decoder's own log-probability of each token, fed one by one (teacher forcing)."""
+    decoder = ScriptedDecoder([table])
+    state = decoder.start(grid_for(0))
+    logprobs, previous = [], VOCAB.start
+    for token in tokens:
+        log_probs, state = decoder.step(torch.tensor([previous]), state)
+        logprobs.append(float(log_probs[0, token]))
+        previous = token
+    return logprobs
 
 
-def test_finished_images_leave_the_decoder_batch():
-    """Image 0 ends at step 2, image 1 runs on: the decoder must see fewer rows afterwards."""
+BONUS = 5.0  # on "c": log(0.1) + 5 beats log(0.5), so every strategy now starts with "c"
 
-    class Counting(ScriptedDecoder):
-        def __init__(self, *a):
-            super().__init__(*a)
-            self.rows = []
 
-        def step(self, tokens, state):
-            self.rows.append(tokens.shape[0])
-            return super().step(tokens, state)
+def boost_c(rows):
+    bias = torch.zeros(rows, len(VOCAB))
+    bias[:, C] = BONUS
+    return ConceptBoost(bias)
 
-    slow = {(): {A: 0.9}, (A,): {A: 0.9}, (A, A): {A: 0.9}, (A, A, A): {END: 0.9}}
-    decoder = Counting([{(): {END: 1.0}}, slow])
-    search(decoder, grid_for(0, 1), Greedy(2, 1, END), [], start_id=VOCAB.start, max_length=10)
-    assert decoder.rows[0] == 2 and decoder.rows[-1] == 1
+
+@pytest.mark.parametrize("make", [lambda: Greedy(1, 1, END), lambda: BeamSearch(1, 3, END),
+                                  lambda: Sampling(1, 6, END, 1.0, 0, 1.0, torch.Generator().manual_seed(0))],
+                         ids=["greedy", "beam", "sample"])
+def test_hypotheses_record_the_models_log_probs_not_the_boosted_ones(make):
+    strategy = make()
+    (hyps,) = run(strategy, [boost_c(strategy.width)])
+    assert C in LengthRanker(0.0).rank(hyps)[0].tokens  # the boost steered the search (unboosted: "a"/"b c")
+    for hyp in hyps:
+        assert hyp.logprobs == pytest.approx(script_logprobs(hyp.tokens), abs=1e-6)
+        first_c = hyp.tokens.index(C) if C in hyp.tokens else -1  # the boost lasts until "c" is used
+        boosted = [lp + (BONUS if i == first_c else 0.0) for i, lp in enumerate(hyp.logprobs)]
+        assert hyp.search_logprobs == pytest.approx(boosted, abs=1e-5)
+
+
+def test_caption_score_is_the_models_while_the_boost_decides_the_caption():
+    options = DecodingOptions(beam_size=2, n_best=2, concept_boost=BONUS, concept_threshold=0.5)
+    evidence = torch.zeros(1, len(VOCAB))
+    evidence[0, C] = 1.0
+    (captions,) = decode_grid(ScriptedDecoder([TABLE]), grid_for(0), VOCAB, options, evidence)
+    assert captions[0].text == "c"  # ranked first by its boosted search score
+    assert captions[0].score == pytest.approx(math.log(0.1) / 2, abs=1e-6)  # "c" 0.1, then <end> ~1.0
+    assert captions[0].min_prob == pytest.approx(0.1)
+    assert captions[1].text == "a" and captions[1].score > captions[0].score  # the model prefers "a"
+
+
+class NaNDecoder(ScriptedDecoder):
+    """Broken weights: log-probs turn NaN at the second step."""
+
+    def step(self, tokens, state):
+        log_probs, state = super().step(tokens, state)
+        if int((state[1] >= 0).sum()):
+            log_probs = torch.full_like(log_probs, math.nan)
+        return log_probs, state
+
+
+STRATEGIES = [lambda b: Greedy(b, 1, END), lambda b: BeamSearch(b, 3, END),
+              lambda b: Sampling(b, 4, END, 1.0, 0, 1.0, torch.Generator().manual_seed(0))]
+
+
+@pytest.mark.parametrize("make", STRATEGIES, ids=["greedy", "beam", "sample"])
+def test_nan_log_probs_raise_a_captioner_error(make):
+    with pytest.raises(CaptionerError, match="NaN log-probabilities; its weights are broken"):
+        search(NaNDecoder([TABLE]), grid_for(0), make(1), [], start_id=VOCAB.start, max_length=10)
+
+
+def ban_everything(log_probs, tokens):
+    return torch.full_like(log_probs, -math.inf)
+
+
+@pytest.mark.parametrize("make", STRATEGIES, ids=["greedy", "beam", "sample"])
+def test_when_the_rules_forbid_every_token_the_caption_ends(make):
+    hyps = run(make(2), [ban_everything], tables=(TABLE, TABLE), which=(0, 1))
+    assert len(hyps) == 2
+    for per_image in hyps:
+        assert per_image and all(h.tokens == (END,) and h.finished for h in per_image)
+        assert per_image[0].logprobs == pytest.approx(script_logprobs((END,)))
+
+
+class ImpossibleDecoder(ScriptedDecoder):
+    """Every token has probability 0 (log-prob -inf), which no softmax gives: broken weights."""
+
+    def step(self, tokens, state):
+        log_probs, state = super().step(tokens, state)
+        return torch.full_like(log_probs, -math.inf), state
+
+
+@pytest.mark.parametrize("make", STRATEGIES, ids=["greedy", "beam", "sample"])
+def test_log_probs_that_allow_nothing_raise_a_captioner_error(make):
+    with pytest.raises(CaptionerError, match="weights are broken"):
+        search(ImpossibleDecoder([TABLE]), grid_for(0), make(1), [], start_id=VOCAB.start, max_length=3)
+
+
+class NeverEndDecoder(ScriptedDecoder):
+    """<end> has probability exactly 0: when the rules forbid everything else, nothing is left."""
+
+    def step(self, tokens, state):
+        log_probs, state = super().step(tokens, state)
+        log_probs[:, END] = -math.inf
+        return log_probs, state
+
+
+@pytest.mark.parametrize("make", STRATEGIES, ids=["greedy", "beam", "sample"])
+def test_every_image_gets_a_hypothesis_even_when_neither_rules_nor_model_allow_an_end(make):
+    hyps = search(NeverEndDecoder([TABLE]), grid_for(0, 0), make(2), [ban_everything],
+                  start_id=VOCAB.start, max_length=3)
+    assert len(hyps) == 2
+    for per_image in hyps:
+        assert per_image and all(len(h.tokens) == 3 and not h.finished for h in per_image)
+        assert all(math.isfinite(h.sum_logprob) for h in per_image)  # the model's own choices, not banned ones

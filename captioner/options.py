@@ -1,0 +1,142 @@
+"""Options dataclasses and their checks, with no heavy imports.
+
+Each user-facing field is made with :func:`option`, whose metadata (help, type, bounds,
+choices) both checks the value when the options are built and lets the CLI generate the
+field's flag (:mod:`captioner.pipelines.flags`), so an option is listed in one place.
+This module imports neither torch nor numpy: ``captioner --help`` builds every flag from
+it in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from captioner.errors import OptionError
+
+METHODS = ("beam", "greedy", "sample")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """An allowed interval, closed unless ``open_low``; prints as in messages ("(0, 1]")."""
+
+    low: float
+    high: float
+    open_low: bool = False  # True: ``low`` itself is not allowed
+
+    def __contains__(self, value: float) -> bool:
+        return (self.low < value if self.open_low else self.low <= value) and value <= self.high
+
+    def __str__(self) -> str:
+        return f"{'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+
+def option(default: Any, kind: type, help: str, bounds: Bounds | None = None, **extra: Any) -> Any:
+    """A field whose metadata says what the CLI flag needs: help, type, bounds (and choices)."""
+    metadata = {"help": help, "type": kind, **extra}
+    if bounds is not None:
+        metadata["bounds"] = bounds
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How captions are searched; change fields with ``dataclasses.replace``.
+
+    Every field is checked when the options are made (type and bounds; an ``OptionError``
+    names the field). Field metadata carries ``help``, ``type``, ``bounds`` and, for
+    ``method``, ``choices``: the CLI builds its decoding flags from them.
+    """
+
+    # "beam", "greedy" or "sample"
+    method: str = option("beam", str, "search method", choices=METHODS)
+    # live hypotheses per image (beam only); memory grows with it
+    beam_size: int = option(3, int, "hypotheses kept per image (beam search)", Bounds(1, 64))
+    # tokens at most, counting <end>
+    max_length: int = option(20, int, "most tokens per caption, counting the end token", Bounds(1, 100))
+    # words at least before <end> may be emitted (< max_length)
+    min_length: int = option(0, int, "fewest words before the caption may end", Bounds(0, 99))
+    # alpha: rank by sum log-prob / length**alpha
+    length_penalty: float = option(
+        0.0, float, "alpha: rank n-best captions by search log-prob sum / length**alpha (0: sum, 1: mean); "
+        "the reported score is always the model's own mean log-prob per token", Bounds(0, 10))
+    # forbid repeating n-grams of this size (0: off)
+    no_repeat_ngram: int = option(0, int, "never repeat an n-gram of this size (0: off)", Bounds(0, 10))
+    # never emit <unk>
+    suppress_unk: bool = option(True, bool, "never emit the unknown-word token")
+    # hypotheses returned per image (<= beam_size; samples drawn for "sample"; 1 for greedy)
+    n_best: int = option(1, int, "captions returned per image (beam: at most beam-size; sample: samples drawn; "
+                          "greedy: 1)", Bounds(1, 64))
+    # sampling temperature
+    temperature: float = option(1.0, float, "sampling temperature", Bounds(0, 100, open_low=True))
+    # sample among the k most likely tokens (0: all)
+    top_k: int = option(0, int, "sample among the k most likely words (0: all)", Bounds(0, 100_000))
+    # nucleus sampling mass (1.0: off)
+    top_p: float = option(1.0, float, "sample from the smallest set holding this probability (1: off)",
+                           Bounds(0, 1, open_low=True))
+    # sampling seed, for reproducible samples (None: random)
+    seed: int | None = option(None, int, "sampling seed, for reproducible samples", Bounds(0, 2**64 - 1))
+    # log-prob bonus per unit of classifier evidence for a word (0: off)
+    concept_boost: float = option(0.0, float, "log-prob bonus for words the encoder's classifier sees (0: off)",
+                                   Bounds(0, 50))
+    # classifier evidence a word needs before it is boosted
+    concept_threshold: float = option(0.5, float, "classifier evidence a word needs to be boosted",
+                                       Bounds(0, 1, open_low=True))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "decoding option")
+        if self.min_length >= self.max_length:
+            raise OptionError(f"decoding option min_length={self.min_length} must be < max_length={self.max_length}")
+        if self.method == "beam" and self.n_best > self.beam_size:
+            raise OptionError(f"decoding option n_best={self.n_best} must be <= beam_size={self.beam_size}")
+        if self.method == "greedy" and self.n_best != 1:
+            raise OptionError(f"decoding option n_best={self.n_best} must be 1 with method 'greedy'")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "DecodingOptions":
+        """Options from a parsed JSON object (a model's config.json "decoding"); missing keys keep defaults.
+
+        Raises:
+            OptionError: ``raw`` is not an object, has unknown keys, or a value of the wrong type or range.
+        """
+        if not isinstance(raw, Mapping):
+            raise OptionError(f"decoding options must be an object of option names, got {type(raw).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in raw if k not in known)
+        if unknown:
+            raise OptionError(f"unknown decoding option(s): {', '.join(unknown)}")
+        return cls(**raw)
+
+
+def check_fields(options: Any, label: str) -> None:
+    """Check and normalize every field of a frozen options dataclass made with :func:`option`."""
+    for f in fields(options):
+        if "type" in f.metadata:
+            object.__setattr__(options, f.name, _checked(f"{label} {f.name}", getattr(options, f.name), f.metadata,
+                                                         f.default))
+
+
+def _checked(name: str, value: Any, metadata: Mapping[str, Any], default: Any) -> Any:
+    """``value`` normalized to the field's type (3 -> 3.0 for a float), or an OptionError naming the field."""
+    kind, bounds, choices = metadata["type"], metadata.get("bounds"), metadata.get("choices")
+    if value is None and default is None:
+        return None
+    if kind is bool:
+        ok, rule = isinstance(value, bool), "true or false"
+    elif kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        rule = f"an integer in {bounds}" + (" or None" if default is None else "")
+    elif kind is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        rule = f"a finite number in {bounds}"
+    else:
+        ok, rule = isinstance(value, str) and (choices is None or value in choices), f"one of {choices}"
+    if ok and bounds is not None:
+        value = kind(value)
+        ok = value in bounds
+    if not ok:
+        raise OptionError(f"{name}={value!r} must be {rule}")
+    return value

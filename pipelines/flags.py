@@ -1,0 +1,85 @@
+"""Command-line flags generated from options dataclasses, so each option is listed in one place.
+
+A field ``beam_size: int`` with ``metadata={"help": ...}`` becomes ``--beam-size N``; a
+``bool`` field becomes ``--name/--no-name``; ``metadata["choices"]`` limits the values.
+Every flag defaults to "not given" (None), so the object's own defaults (or a model's
+tuned ones) apply unless the user says otherwise. Ranges are checked by the dataclass
+itself when it is built, and a bad value exits 2 like any usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _value_type(annotation: Any) -> type:
+    """``int | None`` -> int; plain types as they are."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return inner
+    return annotation
+
+
+def exposed_fields(cls: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
+    """The fields of ``cls`` that carry a help text (the user-facing ones), minus ``exclude``."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata and f.name not in exclude]
+
+
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    exclude: tuple[str, ...] = (),
+    show_defaults: bool = True,
+) -> None:
+    """Add one flag per exposed field of the options dataclass ``cls``.
+
+    ``show_defaults=False`` where the defaults shown would mislead (a model's tuned
+    decoding defaults replace the dataclass's).
+    """
+    hints = typing.get_type_hints(cls)
+    for field in exposed_fields(cls, exclude):
+        kind = field.metadata.get("type") or _value_type(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else None
+        bounds = field.metadata.get("bounds")
+        help_text = field.metadata["help"] + (f"; in {bounds}" if bounds is not None else "")
+        if show_defaults and default is not None:
+            help_text += f" (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag_name(field.name), action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+            continue
+        parser.add_argument(flag_name(field.name), type=kind, default=None, choices=field.metadata.get("choices"),
+                            metavar=field.name.upper() if "choices" not in field.metadata else None, help=help_text)
+
+
+def dataclass_from_args(args: argparse.Namespace, defaults: T, *, exclude: tuple[str, ...] = ()) -> T:
+    """``defaults`` with every flag the user gave applied (raises the dataclass's own OptionError)."""
+    given = {f.name: getattr(args, f.name) for f in exposed_fields(type(defaults), exclude)
+             if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(defaults, **given)
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type for whole numbers in [low, high]; anything else is a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
+        return value
+
+    return parse
