@@ -19,10 +19,9 @@ from torch.utils.data import DataLoader
 
 from captioner.data import read_manifest
 from captioner.decoding import Caption, DecodingOptions
-from captioner.errors import ImageReadError
+from captioner.evaluation import evaluate_grids, path_grids
 from captioner.features import ImageFiles, collate_images
 from captioner.images import model_pixels
-from captioner.metrics import score_captions
 from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
 
 
@@ -101,16 +100,10 @@ def evaluate(
     """Caption every image of a manifest and score against its references (pycocoevalcap).
 
     Raises:
+        DataError: the manifest is unreadable, empty, or has a line without captions.
         ImageReadError: an image of the manifest cannot be read (scores would be biased).
     """
-    entries = read_manifest(manifest)
-    candidates: dict[str, str] = {}
-    results = caption_paths(
-        model, [e.image for e in entries], options=options, batch_size=batch_size, num_workers=num_workers
-    )
-    for i, result in enumerate(results):
-        if result.captions is None:
-            raise ImageReadError(result.error)
-        candidates[str(i)] = result.captions[0].text
-    references = {str(i): list(e.captions) for i, e in enumerate(entries)}
-    return score_captions(references, candidates, meteor=meteor)
+    entries = read_manifest(manifest, require_captions=True)
+    grids = path_grids(model, [e.image for e in entries], batch_size=batch_size, num_workers=num_workers)
+    scores, _ = evaluate_grids(model, grids, [e.captions for e in entries], options, meteor=meteor)
+    return scores

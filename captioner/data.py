@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioner.errors import DataError
+from captioner.errors import DataError, printable
 
 
 @dataclass(frozen=True)
@@ -24,33 +24,55 @@ class ManifestEntry:
     captions: tuple[str, ...]  # reference captions, as written by annotators
 
 
-def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
+def read_manifest(path: str | os.PathLike, *, require_captions: bool = False) -> list[ManifestEntry]:
     """Read a JSONL manifest, resolving relative image paths against its folder.
 
+    Every line is checked when read, so a bad one stops a run before any work (a line
+    without captions would otherwise fail in the scorer, after a whole training epoch).
+
+    Args:
+        require_captions: every entry must have at least one caption (training, evaluation).
     Raises:
-        DataError: a line is not valid JSON or lacks ``image``.
+        DataError: ``FILE:LINE: reason`` for a malformed line; ``FILE: reason`` for an
+            unreadable file or one without entries.
     """
     path = Path(path)
     base = path.resolve().parent
-    entries = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read manifest: {getattr(e, 'strerror', None) or e}") from e
+        raise DataError(f"{printable(path)}: cannot read manifest: {getattr(e, 'strerror', None) or e}") from e
+    entries = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            image = Path(record["image"])
-            captions = record.get("captions", [])
-            if not isinstance(captions, list):  # a bare string would be split into one-letter captions
-                raise TypeError(f"captions must be a list, not {type(captions).__name__}")
-            captions = tuple(str(c) for c in captions)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{path}:{number}: not a manifest record ({e})") from e
+            image, captions = _parse_record(line, require_captions)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            raise DataError(f"{printable(path)}:{number}: not a manifest record ({e})") from e
         entries.append(ManifestEntry(image if image.is_absolute() else base / image, captions))
+    if not entries:
+        raise DataError(f"{printable(path)}: manifest has no entries")
     return entries
+
+
+def _parse_record(line: str, require_captions: bool) -> tuple[Path, tuple[str, ...]]:
+    """One manifest line -> (image path as written, captions); ValueError says what is wrong."""
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, not {type(record).__name__}")
+    image = record.get("image")
+    if not isinstance(image, str) or not image.strip() or "\0" in image:
+        raise ValueError(f"image must be a non-empty file name, not {image!r}")
+    captions = record.get("captions", [])
+    if not isinstance(captions, list):  # a bare string would be split into one-letter captions
+        raise ValueError(f"captions must be a list, not {type(captions).__name__}")
+    for caption in captions:
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"every caption must be non-empty text, not {caption!r}")
+    if require_captions and not captions:
+        raise ValueError("no captions; training and scoring need reference captions")
+    return Path(image), tuple(captions)
 
 
 def write_manifest(path: str | os.PathLike, records: list[tuple[str, list[str]]]) -> None:

@@ -10,16 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.encoders import Encoder
-from captioner.errors import ImageReadError
+from captioner.errors import DataError, ImageReadError, printable
 from captioner.images import model_pixels
 
 
@@ -82,7 +85,8 @@ def extract_features(
         if out is None:
             out = torch.empty((len(paths), *grid.shape[1:]), dtype=torch.float16)
         out[indices] = grid
-    assert out is not None, "no images to encode"
+    if out is None:
+        raise DataError("no images to encode")
     return out
 
 
@@ -95,13 +99,66 @@ def cache_key(encoder_name: str, paths: list[Path], flip: bool) -> str:
 def cached_features(
     encoder: Encoder, paths: list[Path], cache_dir: str | os.PathLike, *, flip: bool = False, **kwargs
 ) -> torch.Tensor:
-    """Features of ``paths`` from ``cache_dir``, computing and saving them on first use."""
+    """Features (N, C, h, w) float16 of ``paths`` from ``cache_dir``, computing and saving them on first use.
+
+    A cache file that cannot be read back as exactly these features (cut short, garbage,
+    another shape) is a miss: a note goes to stderr and the features are computed again.
+    A cache that cannot be written is noted too; the features are still returned.
+    """
     file = Path(cache_dir) / f"{cache_key(encoder.name, paths, flip)}.safetensors"
     if file.exists():
-        return load_file(file)["features"]
+        try:
+            return read_cache(file, len(paths), encoder.out_channels)
+        except CacheMiss as e:
+            print(f"note: {printable(file)}: unreadable ({e}); recomputing", file=sys.stderr)
     features = extract_features(encoder, paths, flip=flip, **kwargs)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    save_file({"features": features}, tmp)
-    os.replace(tmp, file)
+    try:
+        _write_cache(file, features)
+    except (OSError, SafetensorError) as e:
+        print(f"note: {printable(file)}: cannot store features ({_reason(e)}); going on without the cache",
+              file=sys.stderr)
     return features
+
+
+class CacheMiss(Exception):
+    """A cache file that cannot serve as the requested features; the message says why."""
+
+
+def read_cache(file: Path, count: int, channels: int) -> torch.Tensor:
+    """The (count, channels, h, w) float16 features stored in ``file``.
+
+    Raises:
+        CacheMiss: the file is unreadable, or holds anything but finite features of that shape.
+    """
+    try:
+        tensors = load_file(file)
+    except (OSError, SafetensorError) as e:
+        raise CacheMiss(_reason(e)) from e
+    if set(tensors) != {"features"}:
+        raise CacheMiss(f"holds {sorted(tensors)}, not features")
+    features = tensors["features"]
+    if features.dtype != torch.float16 or features.ndim != 4:
+        raise CacheMiss(f"holds {features.dtype} of {features.ndim} dimensions, not 4-d float16")
+    if features.shape[:2] != (count, channels):
+        raise CacheMiss(f"holds {features.shape[0]} grids of {features.shape[1]} channels, "
+                        f"not {count} of {channels}")
+    if not bool(torch.isfinite(features).all()):
+        raise CacheMiss("holds NaN or infinite values")
+    return features
+
+
+def _write_cache(file: Path, features: torch.Tensor) -> None:
+    """Save under a unique temporary name and rename it over ``file``: readers never see half a file."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"features": features.contiguous()}, name)
+        os.replace(name, file)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).splitlines()
+    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Union
@@ -10,7 +11,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from captioner.errors import ImageReadError
+from captioner.errors import ImageReadError, printable
 
 # Refuse images above this many pixels (a decompression bomb guard; 10x a 24 MP photo).
 MAX_PIXELS = 240_000_000
@@ -36,24 +37,27 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageReadError(f"{path}: empty file")
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise ImageReadError(f"{printable(path)}: not a regular file")
+        if info.st_size == 0:
+            raise ImageReadError(f"{printable(path)}: empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise ImageReadError(
-                        f"{path}: {image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}"
+                        f"{printable(path)}: {image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}"
                     )
                 image.load()
                 return upright_rgb(image)
     except ImageReadError:
         raise
     except UnidentifiedImageError as e:
-        raise ImageReadError(f"{path}: not an image in a format Pillow reads") from e
+        raise ImageReadError(f"{printable(path)}: not an image in a format Pillow reads") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise ImageReadError(f"{path}: {reason}") from e
+        raise ImageReadError(f"{printable(path)}: {reason}") from e
 
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]

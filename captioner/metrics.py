@@ -44,7 +44,7 @@ def score_captions(
     Returns:
         ``{"BLEU-1": ..., "CIDEr-D": ...}`` as fractions (CIDEr-D unscaled, e.g. 0.55).
     Raises:
-        CaptionerError: ids differ, or Java is missing.
+        CaptionerError: ids differ, an image has no reference caption, or Java is missing.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -54,6 +54,9 @@ def score_captions(
         raise CaptionerError("references and candidates must cover the same image ids")
     if not candidates:
         raise CaptionerError("no captions to score")
+    empty = [key for key, captions in references.items() if not any(str(c).strip() for c in captions)]
+    if empty:  # pycocoevalcap would fail on an assert, far from the cause
+        raise CaptionerError(f"image {empty[0]} has no reference captions to score against")
     gts = tokenize_for_scoring(references)
     res = tokenize_for_scoring({key: [caption] for key, caption in candidates.items()})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)

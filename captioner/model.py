@@ -11,54 +11,105 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from captioner.concepts import concept_evidence, concept_matrix
 from captioner.decoder import DecoderConfig, build_decoder
 from captioner.decoding import Caption, DecodingOptions, decode_grid
-from captioner.encoders import build_encoder
-from captioner.errors import ModelLoadError
-from captioner.vocab import Vocabulary
+from captioner.encoders import ENCODERS, build_encoder
+from captioner.errors import ModelLoadError, OptionError, OutputError, printable
+from captioner.options import REQUIRED, Bounds, check_fields, option
+from captioner.vocab import SPECIALS, Vocabulary
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "model.safetensors"
+MODEL_FILES = {CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, "MODEL_CARD.md"}  # what a model folder may hold
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+MAX_ENSEMBLE = 16  # decoders in one model; each is a full LSTM decoder held in memory
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a model, saved as config.json."""
 
-    encoder: str  # registered encoder name
+    # registered encoder name
+    encoder: str = option(REQUIRED, str, "image encoder", choices=tuple(ENCODERS))
     decoder: DecoderConfig
     decoding: DecodingOptions = DecodingOptions()  # defaults, tuned on dev for shipped models
-    encoder_weights_stored: bool = False  # True when the encoder was fine-tuned and saved
-    ensemble_size: int = 1  # decoders whose next-word probabilities are averaged (see ``ensemble``)
+    # True when the encoder was fine-tuned and saved
+    encoder_weights_stored: bool = option(False, bool, "the encoder's own weights are stored")
+    # decoders whose next-word probabilities are averaged (see ``ensemble``)
+    ensemble_size: int = option(1, int, "decoders averaged in one model", Bounds(1, MAX_ENSEMBLE))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not isinstance(self.decoder, DecoderConfig) or not isinstance(self.decoding, DecodingOptions):
+            raise OptionError("decoder and decoding must be DecoderConfig and DecodingOptions")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        raw = json.loads(text)
+        """Parse config.json text; see :meth:`from_dict`."""
         try:
-            config = cls(
-                encoder=raw["encoder"],
-                decoder=DecoderConfig(**raw["decoder"]),
-                decoding=DecodingOptions(**raw.get("decoding", {})),
-                encoder_weights_stored=bool(raw.get("encoder_weights_stored", False)),
-                ensemble_size=int(raw.get("ensemble_size", 1)),
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"bad model config: not valid JSON ({e})") from e
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: object) -> "ModelConfig":
+        """Build from parsed JSON, checking every field's type and range before anything is allocated.
+
+        Raises:
+            ModelLoadError: not an object, an unknown or missing field, or a bad value (named with its field).
+        """
+        top = _json_object("model config", raw, cls)
+        decoder = _json_object("decoder", top["decoder"], DecoderConfig)
+        try:
+            return cls(
+                encoder=top["encoder"],
+                decoder=DecoderConfig(**decoder),
+                decoding=_decoding_options(top.get("decoding", {})),
+                encoder_weights_stored=top.get("encoder_weights_stored", False),
+                ensemble_size=top.get("ensemble_size", 1),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (TypeError, ValueError) as e:  # OptionError is a ValueError
             raise ModelLoadError(f"bad model config: {e}") from e
-        if config.ensemble_size < 1:
-            raise ModelLoadError(f"bad model config: ensemble_size {config.ensemble_size} < 1")
-        return config
+
+
+def _json_object(what: str, raw: object, cls: type) -> dict:
+    """``raw`` as a dict holding every required field of dataclass ``cls`` and no other."""
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"bad model config: {what} must be a JSON object, not {type(raw).__name__}")
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(raw) - {f.name for f in fields})
+    if unknown:
+        raise ModelLoadError(f"bad model config: {what} has unknown field {unknown[0]!r}")
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise ModelLoadError(f"bad model config: {what} lacks field {missing[0]!r}")
+    return raw
+
+
+def _decoding_options(raw: object) -> DecodingOptions:
+    try:
+        return DecodingOptions.from_dict(raw)
+    except OptionError as e:
+        raise ModelLoadError(f"bad model config: decoding: {e}") from e
 
 
 class CaptionModel(nn.Module):
@@ -107,38 +158,62 @@ class CaptionModel(nn.Module):
         """(B, S, S, 3) uint8 pixels from :func:`captioner.images.model_pixels` -> captions."""
         return self.caption_grid(self.encode(pixels), options)
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write config.json, vocab.json and model.safetensors (float16 decoder weights)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def save(self, directory: str | os.PathLike, *, replace: bool = False) -> None:
+        """Write config.json, vocab.json and model.safetensors (float16 decoder weights), whole or not at all.
+
+        The files are written into a hidden sibling folder that is renamed into place, so an
+        interrupted save leaves no half-written model behind.
+
+        Args:
+            directory: a new or empty folder.
+            replace: also replace an existing model folder (training's ``best``); other files are never deleted.
+        Raises:
+            OutputError: ``directory`` exists and is not an empty folder (or, with ``replace``, a model
+                folder), or it cannot be written.
+        """
+        target = check_new_model_folder(directory, replace=replace)
+        staging = target.parent / f".{target.name[:40]}.{secrets.token_hex(4)}.tmp"
+        try:
+            staging.mkdir()
+            self._write_files(staging)
+            _move_into_place(staging, target)
+        except (OSError, SafetensorError) as e:
+            raise OutputError(f"{printable(target)}: cannot write model: {_reason(e)}") from e
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_files(self, directory: Path) -> None:
         tensors = {f"decoder.{k}": v.detach().half().contiguous() for k, v in self.decoder.state_dict().items()}
         if self.config.encoder_weights_stored:
             tensors.update({f"encoder.{k}": v.detach().contiguous() for k, v in self.encoder.state_dict().items()})
-        save_file(tensors, directory / "model.safetensors")
-        (directory / "config.json").write_text(self.config.to_json(), encoding="utf-8")
-        self.vocab.save(directory / "vocab.json")
+        save_file(tensors, directory / WEIGHTS_FILE)
+        (directory / CONFIG_FILE).write_text(self.config.to_json(), encoding="utf-8")
+        self.vocab.save(directory / VOCAB_FILE)
 
     @classmethod
     def load(cls, directory: str | os.PathLike = DEFAULT_MODEL_DIR, *, device: str | None = None) -> "CaptionModel":
         """Load a model folder (the shipped default model when none is given).
 
+        Everything is checked before the model is built: the config's field types and ranges,
+        the vocabulary's size, and the names and shapes in the weights file's header against
+        the shapes the config implies; then that no weight is NaN or infinite.
+
         Raises:
-            ModelLoadError: a file is missing or the tensors do not fit the config.
+            ModelLoadError: ``FILE: cannot load model: reason``, naming the field, value or tensor at fault.
         """
         directory = Path(directory)
-        try:
-            config = ModelConfig.from_json((directory / "config.json").read_text(encoding="utf-8"))
-            vocab = Vocabulary.load(directory / "vocab.json")
-            tensors = load_file(directory / "model.safetensors")
-        except (OSError, SafetensorError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"{directory}: cannot load model: {e}") from e
+        if not directory.is_dir():
+            raise ModelLoadError(f"{printable(directory)}: cannot load model: no such folder")
+        config = _read_config(directory / CONFIG_FILE)
+        vocab = _read_vocab(directory / VOCAB_FILE, config)
+        tensors = _read_weights(directory / WEIGHTS_FILE, expected_tensors(config))
         model = cls(config, vocab, pretrained_encoder=not config.encoder_weights_stored)
         try:
             model.decoder.load_state_dict(_strip(tensors, "decoder."), strict=True)
             if config.encoder_weights_stored:
                 model.encoder.load_state_dict(_strip(tensors, "encoder."), strict=True)
-        except RuntimeError as e:
-            raise ModelLoadError(f"{directory}: weights do not match config: {e}") from e
+        except RuntimeError as e:  # the header check makes this unreachable short of a safetensors bug
+            raise ModelLoadError(f"{printable(directory)}: cannot load model: weights do not fit the config") from e
         model.encoder.to(memory_format=torch.channels_last)
         return model.to(device or "cpu").eval()
 
@@ -163,12 +238,158 @@ def ensemble(models: Sequence[CaptionModel]) -> CaptionModel:
         if other.vocab.itos != first.vocab.itos:
             raise ModelLoadError("ensemble members have different vocabularies")
     decoders = [d for m in models for d in (m.decoder.members if m.config.ensemble_size > 1 else [m.decoder])]
+    if len(decoders) > MAX_ENSEMBLE:
+        raise ModelLoadError(f"an ensemble holds at most {MAX_ENSEMBLE} decoders; these models hold {len(decoders)}")
     config = dataclasses.replace(first.config, ensemble_size=len(decoders))
     combined = CaptionModel(config, first.vocab)
     for target, source in zip(combined.decoder.members, decoders, strict=True):
         target.load_state_dict(source.state_dict())
     combined.encoder.to(memory_format=torch.channels_last)
     return combined.to(first.device).eval()
+
+
+def _reason(error: BaseException) -> str:
+    """A one-line reason: the OS's words for an OSError, else the first line of the message."""
+    lines = str(error).splitlines()
+    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)
+
+
+def check_new_model_folder(directory: str | os.PathLike, *, replace: bool = False) -> Path:
+    """Fail now, before models are loaded or trained, if a model could not be saved to ``directory``.
+
+    Raises:
+        OutputError: ``directory`` is a file, a link or a non-empty folder (with ``replace``, a model
+            folder may be replaced), or its parent folder cannot be created or written.
+    """
+    path = Path(directory)
+    try:
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            kind = "a symbolic link" if path.is_symlink() else "not a folder"
+            raise OutputError(f"{printable(path)}: exists and is {kind}; give a new folder for the model")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise NotADirectoryError(20, f"{printable(path.parent)} is not a folder")
+        entries = {p.name for p in path.iterdir()} if path.exists() else set()
+        if entries and not (replace and CONFIG_FILE in entries and entries <= MODEL_FILES):
+            raise OutputError(f"{printable(path)}: folder is not empty; give a new or empty folder for the model")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".captioner-check-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{printable(path)}: cannot write a model here: {_reason(e)}") from e
+    return path
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename the finished folder onto ``target`` (an empty folder is replaced by the rename itself)."""
+    if not target.exists() or not any(target.iterdir()):
+        os.replace(staging, target)
+        return
+    old = target.parent / f".{target.name[:40]}.{secrets.token_hex(4)}.old"
+    os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_error(path: Path, reason: str) -> ModelLoadError:
+    return ModelLoadError(f"{printable(path)}: cannot load model: {reason}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _load_error(path, "file is missing") from None
+    except UnicodeDecodeError:
+        raise _load_error(path, "not UTF-8 text") from None
+    except OSError as e:
+        raise _load_error(path, _reason(e)) from e
+
+
+def _read_config(path: Path) -> ModelConfig:
+    text = _read_text(path)
+    try:
+        return ModelConfig.from_json(text)
+    except ModelLoadError as e:
+        raise _load_error(path, str(e)) from e
+
+
+def _read_vocab(path: Path, config: ModelConfig) -> Vocabulary:
+    text = _read_text(path)
+    try:
+        vocab = Vocabulary.from_json(text)
+    except ModelLoadError as e:
+        raise _load_error(path, str(e)) from e
+    seen: set[str] = set()
+    for word in vocab.itos:
+        if word in seen:
+            raise _load_error(path, f"word {word!r} is listed twice")
+        seen.add(word)
+    if len(vocab) != config.decoder.vocab_size:
+        raise _load_error(path, f"vocabulary has {len(vocab)} words (with the {len(SPECIALS)} special tokens), "
+                                f"{CONFIG_FILE} says vocab_size={config.decoder.vocab_size}")
+    return vocab
+
+
+def expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Tensor name -> (shape, is floating point) that ``config`` implies for model.safetensors.
+
+    The modules are built on the meta device: shapes without a single byte of weights.
+    """
+    with torch.device("meta"), _NoRandomInit():
+        parts = {"decoder": build_decoder(config.decoder, config.ensemble_size)}
+        if config.encoder_weights_stored:
+            parts["encoder"] = build_encoder(config.encoder, pretrained=False)
+    return {f"{prefix}.{name}": (tuple(t.shape), t.dtype.is_floating_point)
+            for prefix, module in parts.items() for name, t in module.state_dict().items()}
+
+
+class _NoRandomInit(TorchFunctionMode):
+    """Skips random weight initialization while modules are built for their shapes only.
+
+    ``normal_`` on the meta device runs through a Python reference that imports TorchDynamo
+    (0.8 s on first use), which every model load would otherwise pay.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _RANDOM_INITS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+_RANDOM_INITS = {"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "orthogonal_"}
+
+
+def _read_weights(path: Path, expected: dict[str, tuple[tuple[int, ...], bool]]) -> dict[str, torch.Tensor]:
+    """Check the header against ``expected``, then load the tensors and check they are finite."""
+    if not path.is_file():
+        raise _load_error(path, "file is missing")
+    try:
+        with safe_open(path, framework="pt") as f:
+            _check_header(path, {name: f.get_slice(name) for name in f.keys()}, expected)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise _load_error(path, f"not a safetensors file ({_reason(e)})") from e
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _load_error(path, f"tensor {name} holds NaN or infinite values")
+    return tensors
+
+
+def _check_header(path: Path, stored: dict, expected: dict[str, tuple[tuple[int, ...], bool]]) -> None:
+    """``stored``: name -> safetensors slice (shape and dtype only; no data is read)."""
+    for name in sorted(set(expected) - set(stored)):
+        raise _load_error(path, f"tensor {name} is missing (the config expects it)")
+    for name in sorted(set(stored) - set(expected)):
+        raise _load_error(path, f"tensor {name} is not part of the model the config describes")
+    for name, (shape, floating) in expected.items():
+        got = tuple(stored[name].get_shape())
+        if got != shape:
+            raise _load_error(path, f"tensor {name} has shape {list(got)}, the config implies {list(shape)}")
+        dtype = stored[name].get_dtype()
+        if floating and dtype not in FLOAT_DTYPES:
+            raise _load_error(path, f"tensor {name} holds {dtype} values, not floating point")
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Mapping
 
 from captioner.errors import OptionError
@@ -21,21 +21,27 @@ METHODS = ("beam", "greedy", "sample")
 
 @dataclass(frozen=True)
 class Bounds:
-    """An allowed interval, closed unless ``open_low``; prints as in messages ("(0, 1]")."""
+    """An allowed interval, closed unless said open; prints as in messages ("(0, 1]")."""
 
     low: float
     high: float
     open_low: bool = False  # True: ``low`` itself is not allowed
+    open_high: bool = False  # True: ``high`` itself is not allowed
 
     def __contains__(self, value: float) -> bool:
-        return (self.low < value if self.open_low else self.low <= value) and value <= self.high
+        above = self.low < value if self.open_low else self.low <= value
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
 
     def __str__(self) -> str:
-        return f"{'(' if self.open_low else '['}{self.low}, {self.high}]"
+        return f"{'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+
+
+REQUIRED: Any = MISSING  # the default of an option that has none: it must be given
 
 
 def option(default: Any, kind: type, help: str, bounds: Bounds | None = None, **extra: Any) -> Any:
-    """A field whose metadata says what the CLI flag needs: help, type, bounds (and choices)."""
+    """A checked field whose metadata says what a CLI flag needs: help, type, bounds (and choices)."""
     metadata = {"help": help, "type": kind, **extra}
     if bounds is not None:
         metadata["bounds"] = bounds
@@ -111,32 +117,46 @@ class DecodingOptions:
         return cls(**raw)
 
 
-def check_fields(options: Any, label: str) -> None:
-    """Check and normalize every field of a frozen options dataclass made with :func:`option`."""
+def check_fields(options: Any, label: str = "") -> None:
+    """Check and normalize every :func:`option` field of a frozen dataclass (others are left alone).
+
+    Values reach options from JSON files, keyword arguments and flags, where ``"512"`` can
+    stand for 512, ``"false"`` for False and NaN for a rate; Python would accept most of them
+    and fail much later (or never). The message names the field, the value and what is allowed.
+
+    Raises:
+        OptionError: ``LABEL NAME=VALUE must be ...``.
+    """
     for f in fields(options):
         if "type" in f.metadata:
-            object.__setattr__(options, f.name, _checked(f"{label} {f.name}", getattr(options, f.name), f.metadata,
-                                                         f.default))
+            name = f"{label} {f.name}".strip()
+            object.__setattr__(options, f.name, _checked(name, getattr(options, f.name), f.metadata, f.default))
 
 
 def _checked(name: str, value: Any, metadata: Mapping[str, Any], default: Any) -> Any:
     """``value`` normalized to the field's type (3 -> 3.0 for a float), or an OptionError naming the field."""
     kind, bounds, choices = metadata["type"], metadata.get("bounds"), metadata.get("choices")
+    given = value
     if value is None and default is None:
         return None
     if kind is bool:
         ok, rule = isinstance(value, bool), "true or false"
     elif kind is int:
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        rule = f"an integer in {bounds}" + (" or None" if default is None else "")
+        ok, rule = isinstance(value, numbers.Integral) and not isinstance(value, bool), "a whole number"
     elif kind is float:
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        rule = f"a finite number in {bounds}"
+        rule = "a number"
+    elif choices is not None:
+        ok, rule = isinstance(value, str) and value in choices, f"one of {', '.join(sorted(choices))}"
     else:
-        ok, rule = isinstance(value, str) and (choices is None or value in choices), f"one of {choices}"
-    if ok and bounds is not None:
-        value = kind(value)
-        ok = value in bounds
+        ok, rule = isinstance(value, str) and bool(value.strip()), "a non-empty string"
+    if bounds is not None:
+        rule += f" in {bounds}"
+        if ok:
+            value = kind(value)
+            ok = value in bounds
+    if default is None:
+        rule += " or None"
     if not ok:
-        raise OptionError(f"{name}={value!r} must be {rule}")
+        raise OptionError(f"{name}={given!r} must be {rule}")
     return value

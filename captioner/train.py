@@ -14,70 +14,30 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from captioner.checkpoint import check_fits, read_checkpoint, resume_error
 from captioner.cider import CiderD
 from captioner.data import ManifestEntry, read_manifest
 from captioner.decoder import DecoderConfig
 from captioner.decoding import DecodingOptions
 from captioner.encoders import build_encoder
+from captioner.errors import DataError, OptionError, OutputError, printable
+from captioner.evaluation import evaluate_grids, grid_batches
 from captioner.features import cached_features
 from captioner.images import model_pixels
-from captioner.metrics import score_captions
-from captioner.model import CaptionModel, ModelConfig
+from captioner.model import CaptionModel, ModelConfig, check_new_model_folder
 from captioner.scst import reward_tokens, self_critical_loss
-from captioner.vocab import Vocabulary, tokenize
+from captioner.train_config import TrainConfig
+from captioner.vocab import SPECIALS, Vocabulary, tokenize
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one training run (a JSON config file holds any subset of these)."""
-
-    train_manifest: str  # JSONL manifest of training images
-    dev_manifest: str  # JSONL manifest used for early stopping
-    out_dir: str = "runs/train"  # checkpoints, metrics log, plot and the best model
-    encoder: str = "efficientnet_lite0"  # registered encoder name
-    finetune_encoder: bool = False  # train the CNN too (slow without a GPU)
-    cache_dir: str = "cache"  # where frozen-encoder features are stored
-    flip_augment: bool = True  # also train on horizontally flipped images' features
-    min_word_count: int = 5  # vocabulary frequency threshold
-    max_caption_words: int = 22  # longer training captions are truncated
-    embed_dim: int = 512
-    hidden_dim: int = 512
-    attention: bool = True  # attend over the grid (False: plain vector-initialized LSTM)
-    attention_dim: int = 512
-    dropout: float = 0.5
-    epochs: int = 12
-    batch_size: int = 64
-    lr: float = 1e-3  # AdamW peak learning rate
-    weight_decay: float = 1e-4
-    warmup_steps: int = 200  # linear warm-up, then cosine decay to lr_min_ratio * lr
-    lr_min_ratio: float = 0.05
-    grad_clip: float = 5.0
-    label_smoothing: float = 0.1
-    patience: int = 3  # stop after this many epochs without a better dev CIDEr-D
-    scst_epochs: int = 0  # self-critical CIDEr-D epochs after cross-entropy (0: none)
-    scst_lr: float = 2e-5  # constant learning rate of the self-critical phase
-    scst_samples: int = 5  # sampled captions per image (the others' mean is each one's baseline)
-    scst_batch_images: int = 32  # images per self-critical batch
-    dev_beam_size: int = 3  # beam used for the per-epoch dev evaluation
-    dev_limit: int = 0  # evaluate on the first N dev images only (0: all)
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "auto"  # "auto": CUDA when present, else CPU
-    amp: bool = True  # mixed precision on CUDA
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+__all__ = ["TrainConfig", "Trainer", "train"]
 
 
 def _pad(sequences: list[list[int]], length: int, pad: int) -> torch.Tensor:
@@ -107,24 +67,64 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def _pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"device={name!r}: CUDA is not available here; use auto or cpu")
+    return device
+
+
+RUN_FILES = ("last.pt", "metrics.jsonl", "best")  # what an earlier run leaves in out_dir
+IN_PLACE_FILES = ("metrics.jsonl", "curves.png")  # appended to or rewritten, not renamed into place
+
+
+def prepare_output(out: Path, *, resume: bool) -> Path:
+    """Fail at the start, not after an epoch, if the run's outputs could not be written.
+
+    Raises:
+        OutputError: ``out`` cannot be created or written, or holds an earlier run that is not being resumed.
+    """
+    try:
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(20, "exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".captioner-check-"):
+            pass
+        for name in IN_PLACE_FILES:
+            if (out / name).is_dir() or ((out / name).exists() and not os.access(out / name, os.W_OK)):
+                raise PermissionError(13, f"{name} cannot be written")
+    except OSError as e:
+        raise OutputError(f"{printable(out)}: cannot write training output here: {e.strerror or e}") from e
+    if not resume and any((out / name).exists() for name in RUN_FILES):
+        raise OutputError(f"{printable(out)}: holds an earlier run; resume it (--resume) or choose another folder")
+    check_new_model_folder(out / "best", replace=True)
+    return out
 
 
 class Trainer:
     """Owns the model, optimizer and data of one run; ``fit`` runs epochs until stopping."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+        """Check the output folder, read and check the manifests, build the model and its features.
+
+        Raises:
+            OptionError: the device is not available.
+            OutputError: the output folder cannot be written, or holds a run that ``resume`` does not continue.
+            DataError: a manifest is malformed, or no training word is frequent enough.
+            ImageReadError: a training or dev image cannot be read.
+        """
         self.cfg = cfg
-        self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.device = _pick_device(cfg.device)
+        self.out = prepare_output(Path(cfg.out_dir), resume=resume)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.train_entries = read_manifest(cfg.train_manifest)
-        self.dev_entries = read_manifest(cfg.dev_manifest)
+        self.train_entries = read_manifest(cfg.train_manifest, require_captions=True)
+        self.dev_entries = read_manifest(cfg.dev_manifest, require_captions=True)
         self.vocab = Vocabulary.build((c for e in self.train_entries for c in e.captions), min_count=cfg.min_word_count)
+        if len(self.vocab) == len(SPECIALS):
+            raise DataError(f"{printable(cfg.train_manifest)}: no word occurs min_word_count={cfg.min_word_count} "
+                            "times; lower min_word_count")
         self.model = self._build_model().to(self.device)
         self.pairs = _caption_pairs(self.train_entries, self.vocab, cfg.max_caption_words)
         self.train_grids, self.dev_grids = self._load_grids()
@@ -240,15 +240,9 @@ class Trainer:
     def evaluate_dev(self, options: DecodingOptions | None = None, *, meteor: bool = False) -> dict[str, float]:
         """Dev-set scores of beam-searched captions (no METEOR by default: it is slow to start)."""
         self.model.eval()
-        options = options or self.model.config.decoding
-        candidates = {}
-        for start in range(0, len(self.dev_entries), 100):
-            ids = list(range(start, min(start + 100, len(self.dev_entries))))
-            grid = self._grids_for(ids, self.dev_entries, train=False)
-            for i, captions in zip(ids, self.model.caption_grid(grid, options), strict=True):
-                candidates[str(i)] = captions[0].text
-        references = {str(i): list(e.captions) for i, e in enumerate(self.dev_entries)}
-        return score_captions(references, candidates, meteor=meteor)
+        grids = grid_batches(lambda ids: self._grids_for(ids, self.dev_entries, train=False), len(self.dev_entries))
+        scores, _ = evaluate_grids(self.model, grids, [e.captions for e in self.dev_entries], options, meteor=meteor)
+        return scores
 
     def fit(self) -> dict:
         while self.epoch - self.scst_done < self.cfg.epochs and self.stale_epochs < self.cfg.patience:
@@ -271,7 +265,7 @@ class Trainer:
         self.history.append(record)
         if scores["CIDEr-D"] > self.best_cider:
             self.best_cider, self.stale_epochs = scores["CIDEr-D"], 0
-            self.model.save(self.out / "best")
+            self.model.save(self.out / "best", replace=True)
         else:
             self.stale_epochs += 1
         self._log(record)
@@ -314,12 +308,15 @@ class Trainer:
         return total / max(1, len(bar))
 
     def _log(self, record: dict) -> None:
-        with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
         from captioner.plot import plot_history
 
-        plot_history(self.history, self.out / "curves.png")
+        try:
+            with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            plot_history(self.history, self.out / "curves.png")
+        except OSError as e:
+            raise OutputError(f"{printable(self.out)}: cannot write the metrics log or plot: {e.strerror or e}") from e
+        print(json.dumps(record), flush=True)
 
     def save_checkpoint(self) -> None:
         """Atomically replace ``last.pt`` (tensors and plain values only: loads with weights_only)."""
@@ -334,24 +331,40 @@ class Trainer:
             "scst_done": self.scst_done,
             "history": json.dumps(self.history),
             "config": json.dumps(dataclasses.asdict(self.cfg)),
+            "vocab": self.vocab.to_json(),
             "rng": torch.get_rng_state(),
         }
         tmp = self.out / "last.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / "last.pt")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.out / "last.pt")
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{printable(self.out / 'last.pt')}: cannot write checkpoint: {e}") from e
 
     def load_checkpoint(self) -> None:
-        state = torch.load(self.out / "last.pt", map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch = int(state["epoch"])
+        """Continue the run saved in ``last.pt``.
+
+        Raises:
+            CheckpointError: ``OUT/last.pt: cannot resume: reason; delete it to start over`` for a
+                file that is cut short, holds pickled objects, or was saved for another model or vocabulary.
+        """
+        path = self.out / "last.pt"
+        state = read_checkpoint(path, self.device)
+        check_fits(path, state, self.cfg, self.vocab, self.model.state_dict())
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"].cpu())
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise resume_error(path, f"its optimizer or random state does not fit this run ({type(e).__name__})") from e
+        self.epoch = state["epoch"]
         self.best_cider = float(state["best_cider"])
-        self.stale_epochs = int(state["stale_epochs"])
-        self.scst_done = int(state.get("scst_done", 0))
+        self.stale_epochs = state["stale_epochs"]
+        self.scst_done = state.get("scst_done", 0)
         self.history = json.loads(state["history"])
-        torch.set_rng_state(state["rng"].cpu())
         random.seed(self.cfg.seed + self.epoch)
 
 
@@ -359,10 +372,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Train a caption model; returns the best epoch's record. The best model is in ``out_dir/best``.
 
     Raises:
-        DataError: a manifest is malformed.
-        ImageReadError: a training image cannot be read.
+        OptionError: a setting cannot be used here (e.g. a CUDA device on a machine without one).
+        OutputError: ``out_dir`` cannot be written, or holds an earlier run and ``resume`` is off.
+        DataError: a manifest is malformed or lacks captions.
+        ImageReadError: a training or dev image cannot be read.
+        CheckpointError: ``resume`` found a ``last.pt`` that cannot be continued.
     """
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, resume=resume)
     if resume and (trainer.out / "last.pt").exists():
         trainer.load_checkpoint()
     return trainer.fit()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from captioner.errors import CaptionerError, OptionError, printable
-from captioner.pipelines.flags import add_dataclass_flags, bounded_int, dataclass_from_args
+from captioner.pipelines.flags import add_dataclass_flags, bounded_int, dataclass_from_args, exposed_fields, flag_name
 
 # Exit codes: 0 all good, 1 some input failed, 2 bad arguments (argparse's own convention).
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -58,7 +58,7 @@ def _print(text: str, *, file=None) -> None:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from captioner.api import caption_paths
-    from captioner.pipelines.records import result_record
+    from captioner.pipelines.record_formats import result_record
 
     model, options = _load(args)
     failed = False
@@ -76,7 +76,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from captioner.pipelines.folder import caption_folder
     from captioner.pipelines.outputs import check_writable_file
-    from captioner.pipelines.records import RecordFile, format_for
+    from captioner.pipelines.record_formats import format_for
+    from captioner.pipelines.records import RecordFile
     from captioner.pipelines.report import write_contact_sheet
 
     if not Path(args.folder).is_dir():
@@ -111,17 +112,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from captioner.train import TrainConfig, train
+    from captioner.train import train
+    from captioner.train_config import TrainConfig
 
-    overrides = {"train_manifest": args.train, "dev_manifest": args.dev, "out_dir": args.out, "epochs": args.epochs,
-                 "encoder": args.encoder, "attention": args.attention, "finetune_encoder": args.finetune_encoder,
-                 "batch_size": args.batch_size, "lr": args.lr, "device": args.device, "seed": args.seed}
+    given = {f.name: getattr(args, f.name) for f in exposed_fields(TrainConfig) if getattr(args, f.name) is not None}
     if args.config:
-        cfg = TrainConfig.from_file(args.config, **overrides)
+        cfg = TrainConfig.from_file(args.config, **given)
     else:
-        if not (args.train and args.dev):
-            raise OptionError("--train and --dev are required without --config")
-        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+        missing = [flag_name(name) for name in ("train_manifest", "dev_manifest") if name not in given]
+        if missing:
+            raise OptionError(f"{' and '.join(missing)} required without --config")
+        cfg = TrainConfig(**given)
     best = train(cfg, resume=args.resume)
     print(json.dumps(best))
     return EXIT_OK
@@ -180,7 +181,7 @@ def _caption_parser(sub) -> None:
 
 
 def _batch_parser(sub) -> None:
-    from captioner.pipelines.records import RECORD_FORMATS
+    from captioner.pipelines.record_formats import RECORD_FORMATS
 
     p = sub.add_parser("batch", help="caption every image under a folder into JSONL/CSV (resumable)",
                        epilog=SCORE_HELP)
@@ -209,20 +210,12 @@ def _evaluate_parser(sub) -> None:
 
 
 def _train_parser(sub) -> None:
+    from captioner.train_config import TrainConfig
+
     p = sub.add_parser("train", help="train a caption model")
-    p.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
-    p.add_argument("--train", help="training manifest")
-    p.add_argument("--dev", help="dev manifest (early stopping on CIDEr-D)")
-    p.add_argument("--out", help="output folder")
-    p.add_argument("--epochs", type=bounded_int(1, 10_000))
-    p.add_argument("--encoder")
-    p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--finetune-encoder", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--batch-size", type=bounded_int(1, 65_536))
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int, help="initialization and shuffling seed (ensemble members differ in it)")
-    p.add_argument("--device")
+    p.add_argument("--config", help="JSON file of training settings (any of the fields below); flags override it")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    add_dataclass_flags(p.add_argument_group("training settings"), TrainConfig)
     p.set_defaults(run=cmd_train)
 
 

@@ -1,7 +1,8 @@
 """Command-line flags generated from options dataclasses, so each option is listed in one place.
 
 A field ``beam_size: int`` with ``metadata={"help": ...}`` becomes ``--beam-size N``; a
-``bool`` field becomes ``--name/--no-name``; ``metadata["choices"]`` limits the values.
+``bool`` field becomes ``--name/--no-name``; ``metadata["choices"]`` limits the values and
+``metadata["aliases"]`` adds shorter spellings (``--out`` for ``out_dir``).
 Every flag defaults to "not given" (None), so the object's own defaults (or a model's
 tuned ones) apply unless the user says otherwise. Ranges are checked by the dataclass
 itself when it is built, and a bad value exits 2 like any usage error.
@@ -55,11 +56,12 @@ def add_dataclass_flags(
         help_text = field.metadata["help"] + (f"; in {bounds}" if bounds is not None else "")
         if show_defaults and default is not None:
             help_text += f" (default: {default})"
+        names = (flag_name(field.name), *field.metadata.get("aliases", ()))
         if kind is bool:
-            parser.add_argument(flag_name(field.name), action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
             continue
-        parser.add_argument(flag_name(field.name), type=kind, default=None, choices=field.metadata.get("choices"),
+        parser.add_argument(*names, dest=field.name, type=kind, default=None, choices=field.metadata.get("choices"),
                             metavar=field.name.upper() if "choices" not in field.metadata else None, help=help_text)
 
 

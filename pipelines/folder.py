@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from captioner.pipelines.records import RecordFile, format_for
-from captioner.pipelines.sources import walk_images
 from tqdm import tqdm
 
 from captioner.api import PathResult, caption_paths
 from captioner.decoding import DecodingOptions
+from captioner.errors import OptionError, printable
 from captioner.model import CaptionModel
+from captioner.pipelines.record_formats import format_for, result_record
+from captioner.pipelines.records import RecordFile
+from captioner.pipelines.sources import walk_images
+
+__all__ = ["FolderSummary", "caption_folder"]
 
 # Paths handed to one DataLoader at a time: bounds memory however large the folder is.
 CHUNK_PATHS = 2048
@@ -23,31 +28,25 @@ CHUNK_PATHS = 2048
 
 @dataclass(frozen=True)
 class FolderSummary:
-    """What one run did."""
+    """What one run did, and what the output holds after it."""
 
     captioned: int  # images captioned in this run
     failed: int  # unreadable files reported in this run
     already_done: int  # images skipped because the output already held them
+    earlier_failed: int = 0  # files under the folder whose error record is from an earlier run (not retried)
 
-
-def result_record(result: PathResult) -> dict:
-    """The JSON/CSV record of one file: its best caption with confidence, or its error."""
-    if result.captions is None:
-        return {"path": str(result.path), "error": result.error}
-    best = result.captions[0]
-    return {"path": str(result.path), "caption": best.text, "score": round(best.score, 6),
-            "min_prob": round(best.min_prob, 6)}
-
-
-def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
-    iterator = iter(paths)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
+    def describe(self) -> str:
+        """The one-line summary the CLI prints, with the way on when earlier failures remain."""
+        text = f"{self.captioned} captioned, {self.failed} failed, {self.already_done} already done"
+        if self.earlier_failed:
+            files = "file" if self.earlier_failed == 1 else "files"
+            text += f"; {self.earlier_failed} {files} failed in an earlier run (use --retry-errors to try again)"
+        return text
 
 
 def caption_folder(
     root: str | os.PathLike,
-    out: str | os.PathLike,
+    records: RecordFile | str | os.PathLike,
     *,
     model: CaptionModel,
     options: DecodingOptions | None = None,
@@ -55,34 +54,105 @@ def caption_folder(
     batch_size: int = 32,
     num_workers: int = 2,
     progress: bool = True,
+    retry_errors: bool = False,
 ) -> FolderSummary:
-    """Caption all images under ``root`` into ``out``, skipping those ``out`` already holds.
+    """Caption all images under ``root`` into ``records``, skipping those it already holds.
 
-    Each record is flushed when written, so an interrupted run is resumed by running the
-    same call again. Unreadable files get an error record and a ``skipped PATH: reason``
-    line on stderr; the run goes on.
+    Args:
+        root: the folder, searched recursively; records name files by absolute paths under
+            its resolved location, so any spelling of it resumes the same output.
+        records: an open :class:`RecordFile` (the CLI opens and locks it before loading the
+            model), or a path to open here in ``record_format`` (default: from its extension).
+        retry_errors: caption again the files whose record is an error. Whenever the output
+            holds superseded records, it is rewritten at the end with one per path (the latest).
+
+    Each record is flushed when written, so an interrupted run is resumed by running the same
+    call again. Unreadable files get an error record and a ``skipped PATH: reason`` line on
+    stderr; the run goes on.
+
+    Raises:
+        OptionError: ``root`` is not a folder.
+        OutputError: the output cannot be opened, read back or written.
     """
-    out = Path(out)
-    captioned = failed = already = 0
-    with RecordFile(out, format_for(out, record_format)) as records:
+    if not isinstance(records, RecordFile):
+        with RecordFile(records, format_for(records, record_format)) as opened:
+            return caption_folder(root, opened, model=model, options=options, batch_size=batch_size,
+                                  num_workers=num_workers, progress=progress, retry_errors=retry_errors)
+    if not os.path.isdir(root):
+        raise OptionError(f"{printable(root)}: not a folder")
+    run = _Run(records, retry_errors, tqdm(desc="captioning", unit="img", disable=not progress, file=sys.stderr))
+    try:
+        for chunk in _chunks(run.pending(Path(os.path.realpath(root))), CHUNK_PATHS):
+            for result in _caption_chunk(model, chunk, options, batch_size, num_workers):
+                run.add(result)
+    finally:
+        run.bar.close()
+    records.compact()  # one record per path: retried files' old errors (or an older version's duplicates) go
+    return FolderSummary(run.captioned, run.failed, run.already, run.earlier_failed)
 
-        def pending() -> Iterator[Path]:
-            nonlocal already
-            for path in walk_images(root):
-                if str(path) in records.done:
-                    already += 1
-                else:
-                    yield path
 
-        bar = tqdm(desc="captioning", unit="img", disable=not progress, file=sys.stderr)
-        for chunk in _chunks(pending(), CHUNK_PATHS):
-            for result in caption_paths(model, chunk, options=options, batch_size=batch_size, num_workers=num_workers):
-                records.write(result_record(result))
-                if result.captions is None:
-                    failed += 1
-                    tqdm.write(f"skipped {result.error}", file=sys.stderr)
-                else:
-                    captioned += 1
-                bar.update(1)
-        bar.close()
-    return FolderSummary(captioned, failed, already)
+@dataclass
+class _Run:
+    """One run's progress: writes each result and counts it."""
+
+    records: RecordFile
+    retry_errors: bool
+    bar: tqdm
+    captioned: int = 0
+    failed: int = 0
+    already: int = 0
+    earlier_failed: int = 0
+
+    def pending(self, root: Path) -> Iterator[Path]:
+        """Images not yet held; special files (a FIFO would block a reader forever) are recorded as errors here."""
+        for path in walk_images(root):
+            if self.records.holds(path, retry_errors=self.retry_errors):
+                self.already += 1
+                self.earlier_failed += self.records.failed(path)
+            elif reason := _not_a_regular_file(path):
+                self.add(PathResult(path, None, f"{path}: {reason}"))
+            else:
+                yield path
+
+    def add(self, result: PathResult) -> None:
+        record = result_record(result)
+        self.records.write(record)
+        if result.captions is None:
+            self.failed += 1
+            tqdm.write(f"skipped {record['error']}", file=sys.stderr)
+        else:
+            self.captioned += 1
+        self.bar.update(1)
+
+
+def _caption_chunk(
+    model: CaptionModel, paths: list[Path], options: DecodingOptions | None, batch_size: int, num_workers: int
+) -> Iterator[PathResult]:
+    """Results for ``paths``; if captioning them together fails, each file alone, so one bad file stops nothing."""
+    done = 0
+    try:
+        for result in caption_paths(model, paths, options=options, batch_size=batch_size, num_workers=num_workers):
+            yield result
+            done += 1
+        return
+    except Exception:  # noqa: BLE001 (an unforeseen failure: find the file that causes it)
+        pass
+    for path in paths[done:]:
+        try:
+            yield from caption_paths(model, [path], options=options, batch_size=1, num_workers=0)
+        except Exception as e:  # noqa: BLE001 (reported on this file's record; the batch goes on)
+            yield PathResult(path, None, f"{path}: {type(e).__name__}: {e}")
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # missing or a dangling link: the reader says why
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
+    iterator = iter(paths)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

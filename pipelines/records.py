@@ -1,114 +1,237 @@
-"""Append-only record files (JSONL or CSV) that survive a crash and resume without duplicates.
+"""Append-only record files (JSONL or CSV): locked, crash-safe, resumable without duplicates.
 
 Every record is flushed as soon as it is written, so a killed run loses nothing it had
-finished. On resume the paths already present are skipped; a last line cut short by the
-kill is removed first, so the final file equals an uninterrupted run's (order aside).
+finished. On resume a record cut short by the kill is removed first and the paths already
+present are skipped, so the final file equals an uninterrupted run's (order aside). One run
+at a time may write a file (an exclusive ``flock``), and paths are compared by their resolved
+folder, so ``dir``, ``./dir/../dir`` and ``/abs/dir`` resume one another.
 """
 
 from __future__ import annotations
 
-import csv
+import errno
+import fcntl
 import io
-import json
 import os
+import stat
+import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import BinaryIO, Iterator
 
-CSV_FIELDS = ("path", "caption", "score", "min_prob", "error")
-
-
-def drop_partial_last_line(path: Path) -> None:
-    """Truncate a file that does not end with a newline back to its last complete line."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        f.truncate(f.read().rfind(b"\n") + 1)
+from captioner.errors import OutputError, printable
+from captioner.pipelines.record_formats import RecordFormat, format_for, raw_path
 
 
-class JsonlRecords:
-    """One JSON object per line."""
+class _Keys:
+    """Resume keys: a path's resolved folder plus its name, so any spelling of a folder gives one key."""
 
-    extension = ".jsonl"
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}  # folder as written -> resolved
 
-    def read(self, path: Path) -> Iterator[dict]:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
-
-    def header(self) -> str:
-        return ""
-
-    def format(self, record: dict) -> str:
-        return json.dumps(record, ensure_ascii=False) + "\n"
-
-
-class CsvRecords:
-    """Comma-separated with a header row; absent fields are empty cells."""
-
-    extension = ".csv"
-
-    def read(self, path: Path) -> Iterator[dict]:
-        with path.open(encoding="utf-8", newline="") as f:
-            yield from csv.DictReader(f)
-
-    def header(self) -> str:
-        return self._row({field: field for field in CSV_FIELDS})
-
-    def format(self, record: dict) -> str:
-        return self._row(record)
-
-    def _row(self, record: dict) -> str:
-        buffer = io.StringIO()
-        csv.DictWriter(buffer, CSV_FIELDS, extrasaction="ignore", lineterminator="\n").writerow(record)
-        return buffer.getvalue()
-
-
-RECORD_FORMATS = {"jsonl": JsonlRecords, "csv": CsvRecords}
-
-
-def format_for(path: Path, name: str | None = None):
-    """The record format named, or the one matching the file extension (JSONL by default)."""
-    if name:
-        return RECORD_FORMATS[name]()
-    return CsvRecords() if path.suffix.lower() == ".csv" else JsonlRecords()
+    def __call__(self, path: str | os.PathLike) -> str:
+        folder, name = os.path.split(os.fspath(path))
+        if folder not in self._folders:
+            self._folders[folder] = os.path.realpath(folder or ".")
+        return os.path.join(self._folders[folder], name)
 
 
 class RecordFile:
-    """An output file opened for appending, knowing which paths it already holds."""
+    """An output file opened, locked and read: appends records and knows which paths it holds.
 
-    def __init__(self, path: str | os.PathLike, fmt=None):
+    Open it before loading a model, so a bad output fails at once; use it as a context manager.
+    The lock is held until :meth:`close` (or the process dies).
+
+    Raises:
+        OutputError: the file cannot be opened or written, another run holds it, or a complete
+            line in it is not a record (``OUT:LINE: not a captioner record (reason); ...``).
+    """
+
+    def __init__(self, path: str | os.PathLike, fmt: RecordFormat | None = None):
         self.path = Path(path)
         self.fmt = fmt or format_for(self.path)
-        drop_partial_last_line(self.path)
-        self.done: set[str] = set()
-        if self.path.exists() and self.path.stat().st_size:
-            self.done = {record["path"] for record in self.fmt.read(self.path)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        self._file: IO[str] = self.path.open("a", encoding="utf-8", newline="")
-        if fresh:
-            self._write(self.fmt.header())
+        self._keys = _Keys()
+        self._latest: dict[str, tuple[int, bool]] = {}  # key -> (ordinal of its latest record, is it an error)
+        self._count = 0  # records in the file, superseded ones included
+        self.errors = 0  # paths whose latest record is an error
+        self._file = self._open_locked()
+        try:
+            if self._regular:
+                for record in self._records(self._file):
+                    self._note(record)
+                if self.fmt.outdated:
+                    self._rewrite()
+            if self._file.tell() == 0:
+                self._write(self._file, self.fmt.header())
+        except BaseException:
+            self._file.close()
+            raise
 
-    def _write(self, text: str) -> None:
-        if text:
-            self._file.write(text)
-            self._file.flush()
+    def _fail(self, what: str, error: OSError) -> OutputError:
+        return OutputError(f"{printable(self.path)}: {what}: {error.strerror or error}")
+
+    def _open_locked(self) -> BinaryIO:
+        """Open and lock the file, again if a finishing run renamed a new one over it meanwhile."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._fail("cannot create its folder", e) from e
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except IsADirectoryError as e:
+                raise OutputError(f"{printable(self.path)}: is a folder; give a file name") from e
+            except OSError as e:
+                raise self._fail("cannot open for writing", e) from e
+            try:
+                _lock(fd)
+                file = open(fd, "r+b", buffering=0)  # noqa: SIM115 (closed by close()); unbuffered: see _write
+            except BlockingIOError as e:
+                os.close(fd)
+                raise OutputError(f"{printable(self.path)}: another captioner run is writing this file") from e
+            except OSError as e:
+                os.close(fd)
+                raise self._fail("cannot use as an output", e) from e
+            if _same_file(fd, self.path):
+                return file
+            file.close()
+        raise OutputError(f"{printable(self.path)}: replaced by another run while opening; try again")
+
+    @property
+    def _regular(self) -> bool:
+        return stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
+
+    def _records(self, file: BinaryIO) -> Iterator[dict]:
+        """``file``'s records from the start, truncating an incomplete last one; ends positioned at the end."""
+        file.seek(0)
+        reader = io.BufferedReader(file)  # type: ignore[arg-type]
+        try:
+            for chunk in self.fmt.chunks(reader):
+                if not chunk.complete:
+                    self._truncate(file, chunk.offset)
+                    break
+                if (record := self.fmt.parse_at(chunk, self.path)) is not None:
+                    yield record
+        finally:
+            reader.detach()  # the file stays open
+        file.seek(0, os.SEEK_END)
+
+    def _truncate(self, file: BinaryIO, size: int) -> None:
+        try:
+            file.truncate(size)
+        except OSError as e:
+            raise self._fail("cannot drop its cut-off last record", e) from e
+
+    def _note(self, record: dict) -> None:
+        key = self._keys(raw_path(record))
+        failed = bool(record.get("error"))
+        previous = self._latest.get(key)
+        self.errors += int(failed) - int(previous is not None and previous[1])
+        self._latest[key] = (self._count, failed)
+        self._count += 1
+
+    def _write(self, file: BinaryIO, text: str) -> None:
+        """Write straight to the OS (no buffer: a failed write leaves nothing to fail again at close)."""
+        data = memoryview(text.encode("utf-8", "backslashreplace"))
+        try:
+            while data:
+                data = data[file.write(data) :]
+        except OSError as e:
+            raise self._fail("cannot write", e) from e
 
     def write(self, record: dict) -> None:
         """Append one record and flush it to the OS at once."""
-        self._write(self.fmt.format(record))
-        self.done.add(record["path"])
+        self._write(self._file, self.fmt.format(record))
+        self._note(record)
+
+    def holds(self, path: str | os.PathLike, *, retry_errors: bool = False) -> bool:
+        """True when ``path`` needs no captioning: it has a record (with ``retry_errors``, a caption)."""
+        latest = self._latest.get(self._keys(path))
+        return latest is not None and not (retry_errors and latest[1])
+
+    def failed(self, path: str | os.PathLike) -> bool:
+        """True when the latest record of ``path`` is an error."""
+        latest = self._latest.get(self._keys(path))
+        return latest is not None and latest[1]
+
+    def __len__(self) -> int:
+        """The number of distinct paths held."""
+        return len(self._latest)
+
+    @property
+    def duplicates(self) -> int:
+        """Records superseded by a later record of the same path."""
+        return self._count - len(self._latest)
+
+    def latest(self) -> list[dict]:
+        """One record per path, the latest, in file order (what a report shows)."""
+        if not self._regular:
+            return []
+        keep = {ordinal for ordinal, _ in self._latest.values()}
+        return [record for ordinal, record in enumerate(self._records(self._file)) if ordinal in keep]
+
+    def compact(self) -> None:
+        """Rewrite the file atomically with one record per path (the latest), if it holds superseded ones."""
+        if self.duplicates and self._regular:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        """Write the latest records into a locked temporary file, then rename it over the output.
+
+        Locking the new file before the rename keeps a run that opens it meanwhile out.
+        """
+        target = Path(os.path.realpath(self.path))
+        keep = {ordinal for ordinal, _ in self._latest.values()}
+        state = self._count, self._latest, self.errors
+        self._count, self._latest, self.errors = 0, {}, 0
+        try:
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:40]}.", suffix=".tmp")
+        except OSError as e:
+            self._count, self._latest, self.errors = state
+            raise self._fail("cannot rewrite", e) from e
+        new = open(fd, "r+b", buffering=0)  # noqa: SIM115 (becomes self._file)
+        try:
+            _lock(fd)
+            os.fchmod(fd, stat.S_IMODE(os.fstat(self._file.fileno()).st_mode))
+            self._write(new, self.fmt.header())
+            for ordinal, record in enumerate(self._records(self._file)):
+                if ordinal in keep:
+                    self._write(new, self.fmt.format(record))
+                    self._note(record)
+            os.fsync(fd)
+            os.replace(name, target)
+        except BaseException as e:
+            new.close()
+            Path(name).unlink(missing_ok=True)
+            self._count, self._latest, self.errors = state
+            if isinstance(e, OSError):
+                raise self._fail("cannot rewrite", e) from e
+            raise
+        self._file.close()
+        self._file = new
 
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "RecordFile":
+    def __enter__(self) -> RecordFile:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _lock(fd: int) -> None:
+    """Take an exclusive lock or raise BlockingIOError at once; released when the file closes (or the run dies)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise BlockingIOError(e.errno, e.strerror) from e
+        raise

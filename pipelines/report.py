@@ -1,4 +1,9 @@
-"""A self-contained HTML contact sheet of a batch run: thumbnails, captions, scores, errors."""
+"""A self-contained HTML contact sheet of a batch run: thumbnails, captions, scores, errors.
+
+The caller passes the output's format (the one it was written in), so the page never guesses
+it from a file extension. A record that is odd in any way (no thumbnail, a name with control
+characters, a missing score) still gets its figure.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,11 @@ import html
 import io
 import math
 import os
-from pathlib import Path
 
-from captioner.pipelines.records import format_for
-
-from captioner.errors import ImageReadError
+from captioner.errors import printable
 from captioner.images import load_image
+from captioner.pipelines.outputs import write_atomically
+from captioner.pipelines.record_formats import RecordFormat, raw_path
 
 THUMB_SIDE = 192  # longest thumbnail side in pixels
 
@@ -33,41 +37,64 @@ figcaption {{ font-size: 13px; margin-top: 4px; overflow-wrap: anywhere; }}
 """
 
 
-def _thumbnail_data_uri(path: Path) -> str | None:
-    try:
-        image = load_image(path)
-    except ImageReadError:
-        return None
-    image.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+def write_contact_sheet(records_path: str | os.PathLike, html_path: str | os.PathLike, fmt: RecordFormat) -> int:
+    """Render every record of a batch output, read as ``fmt``, into one HTML file written atomically.
+
+    Returns the number of records shown.
+
+    Raises:
+        OutputError: the output cannot be read back, or the page cannot be written.
+    """
+    records = list(fmt.read(records_path))
+    page = render_contact_sheet(records, title=f"Captions: {printable(os.path.basename(records_path))}")
+    write_atomically(html_path, lambda file: file.write(page))
+    return len(records)
 
 
-def _figure(record: dict) -> str:
-    path = Path(record["path"])
-    name = html.escape(str(path))
-    if record.get("error"):
-        return f'<figure><figcaption class="error">{html.escape(record["error"])}</figcaption></figure>'
-    uri = _thumbnail_data_uri(path)
-    image = f'<img src="{uri}" alt="{name}">' if uri else ""
-    score = float(record.get("score") or math.nan)
-    return (
-        f"<figure>{image}<figcaption>{html.escape(record.get('caption', ''))}"
-        f'<div class="meta">{name}<br>score {score:.3f} (mean log-prob)</div></figcaption></figure>'
-    )
-
-
-def write_contact_sheet(records_path: str | os.PathLike, html_path: str | os.PathLike) -> int:
-    """Render every record of a JSONL/CSV batch output into one HTML file; returns the count."""
-    records_path = Path(records_path)
-    records = list(format_for(records_path).read(records_path))
+def render_contact_sheet(records: list[dict], *, title: str) -> str:
+    """The HTML page of ``records``: one figure each, whatever odd values they hold."""
     failed = sum(1 for r in records if r.get("error"))
-    page = PAGE.format(
-        title=html.escape(f"Captions: {records_path.name}"),
+    return PAGE.format(
+        title=_shown(title),
         summary=f"{len(records) - failed} captioned, {failed} failed",
         side=THUMB_SIDE,
         figures="\n".join(_figure(r) for r in records),
     )
-    Path(html_path).write_text(page, encoding="utf-8")
-    return len(records)
+
+
+def _figure(record: dict) -> str:
+    name = _shown(record.get("path", "?"))
+    if record.get("error"):
+        return (f'<figure><figcaption class="error">{_shown(record["error"])}'
+                f'<div class="meta">{name}</div></figcaption></figure>')
+    uri = _thumbnail_data_uri(record)
+    image = f'<img src="{uri}" alt="{name}">' if uri else ""
+    return (
+        f"<figure>{image}<figcaption>{_shown(record.get('caption', ''))}"
+        f'<div class="meta">{name}<br>score {_score(record.get("score"))} (mean log-prob)</div></figcaption></figure>'
+    )
+
+
+def _shown(value: object) -> str:
+    """Text safe inside HTML: escaped, with control characters (a ``\\r`` in a name) shown as ``\\xNN``."""
+    text = "".join(c if c.isprintable() or c == " " else f"\\x{ord(c):02x}" for c in str(value))
+    return html.escape(text)
+
+
+def _score(value: object) -> str:
+    try:
+        score = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "?"
+    return "?" if math.isnan(score) else f"{score:.3f}"
+
+
+def _thumbnail_data_uri(record: dict) -> str | None:
+    try:
+        image = load_image(raw_path(record))
+        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=80)
+    except Exception:  # noqa: BLE001 (a thumbnail is decoration: a file gone or changed since must not stop the page)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

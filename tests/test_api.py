@@ -3,12 +3,12 @@
 import json
 
 import pytest
-from captioner.pipelines.cli import main
 from conftest import SHARED_SAMPLES
 from PIL import Image
 
 import captioner
 from captioner.data import write_manifest
+from captioner.pipelines.cli import main
 
 PHOTOS = [SHARED_SAMPLES / "chelsea.png", SHARED_SAMPLES / "coffee.png"]
 

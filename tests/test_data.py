@@ -1,6 +1,7 @@
 """Manifests: the converters from Flickr, COCO and Karpathy layouts, reading them back, and the committed splits."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -187,6 +188,10 @@ def test_karpathy_manifest_selects_one_split(karpathy, tmp_path, split, expected
     dataset_file, images = karpathy
     out = tmp_path / f"{split}.jsonl"
     assert karpathy_manifest(dataset_file, images, split, out) == len(expected)
+    if not expected:
+        with pytest.raises(DataError, match="manifest has no entries"):
+            read_manifest(out)
+        return
     entries = read_manifest(out)
     assert [e.image.resolve() for e in entries] == [(images / p).resolve() for p in expected]
     if split == "restval":
@@ -243,6 +248,12 @@ def test_read_manifest_given_a_relative_path_returns_absolute_images(tmp_path, m
         '{"image": null, "captions": ["x"]}',
         '{"image": "b.jpg", "captions": null}',
         '{"image": "b.jpg", "captions": "a caption that is not a list"}',
+        '{"image": "", "captions": ["x"]}',
+        '{"image": 7, "captions": ["x"]}',
+        '{"image": "b.jpg", "captions": ["x", ""]}',
+        '{"image": "b.jpg", "captions": ["x", "   "]}',
+        '{"image": "b.jpg", "captions": ["x", 3]}',
+        '{"image": "b.jpg", "captions": [["nested"]]}',
     ],
 )
 def test_read_manifest_malformed_line_names_file_and_line(tmp_path, bad_line):
@@ -252,6 +263,34 @@ def test_read_manifest_malformed_line_names_file_and_line(tmp_path, bad_line):
     with pytest.raises(DataError) as info:
         read_manifest(path)
     assert str(info.value).startswith(f"{path}:3: ")
+
+
+@pytest.mark.parametrize("bad_line", ['{"image": "b.jpg", "captions": []}', '{"image": "b.jpg"}'])
+def test_read_manifest_can_require_captions_and_names_the_line(tmp_path, bad_line):
+    """Training and evaluation need references: the scorer would fail on an assert, after a whole epoch."""
+    path = tmp_path / "m.jsonl"
+    good = json.dumps({"image": "a.jpg", "captions": ["ok"]})
+    path.write_text(f"{good}\n{bad_line}\n", encoding="utf-8")
+    assert [e.captions for e in read_manifest(path)] == [("ok",), ()]
+    with pytest.raises(DataError, match=rf"^{path}:2: not a manifest record \(no captions"):
+        read_manifest(path, require_captions=True)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_a_manifest_without_entries_is_refused(tmp_path, content):
+    path = tmp_path / "blank.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{path}: manifest has no entries$"):
+        read_manifest(path)
+
+
+def test_read_manifest_names_a_file_that_is_not_valid_utf8_printably(tmp_path):
+    path = tmp_path / os.fsdecode(b"b\xe9.jsonl")
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_manifest(path)
+    assert "b\\xe9.jsonl: manifest has no entries" in str(info.value)
+    str(info.value).encode("utf-8")  # printable: no lone surrogates
 
 
 def test_read_manifest_missing_file(tmp_path):

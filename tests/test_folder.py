@@ -1,5 +1,6 @@
 """Folder batch captioning: bad-input corpus, resume, and a SIGKILL mid-run."""
 
+import csv
 import json
 import os
 import shutil
@@ -9,10 +10,12 @@ import sys
 import time
 
 import pytest
-from captioner.pipelines.cli import main
-from captioner.pipelines.folder import caption_folder
 from conftest import ROOT, SHARED_SAMPLES
 from PIL import Image
+
+from captioner.pipelines.cli import main
+from captioner.pipelines.folder import caption_folder
+from captioner.pipelines.records import RecordFile
 
 PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"]
 
@@ -45,8 +48,6 @@ def make_bad_images(folder):
 
 
 def summary_errors(csv_path):
-    import csv
-
     return [row["error"] for row in csv.DictReader(csv_path.open()) if row["error"]]
 
 
@@ -122,13 +123,87 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_html_contact_sheet_is_self_contained(tmp_path):
-    make_good_images(tmp_path / "photos", 3)
-    shutil.copy(SHARED_SAMPLES / "coffee.png", tmp_path / "photos" / "cup.png")
-    out, page = tmp_path / "out.jsonl", tmp_path / "report.html"
-    assert main(["batch", str(tmp_path / "photos"), "-o", str(out), "--html", str(page), "--quiet"]) == 0
-    html = page.read_text()
-    assert html.count("<figure>") == 4 and html.count('src="data:image/jpeg;base64,') == 4
-    for record in read_jsonl(out):
-        assert record["caption"] in html
-    assert "http://" not in html and "https://" not in html
+def test_a_non_utf8_name_and_a_fifo_stop_nothing_and_the_output_stays_utf8(tmp_path, capsys, default_model):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    odd = os.fsdecode(bytes(photos) + b"/b_\xe9.png")
+    shutil.copy(SHARED_SAMPLES / "chelsea.png", odd)
+    shutil.copy(SHARED_SAMPLES / "coffee.png", photos / "c.png")  # sorted after the odd name
+    os.mkfifo(photos / "d.jpg")  # opening it would block forever
+    out = tmp_path / "out.jsonl"
+    summary = caption_folder(photos, out, model=default_model, num_workers=0, progress=False)
+    assert (summary.captioned, summary.failed, summary.earlier_failed) == (2, 1, 0)
+    lines = out.read_bytes().decode("utf-8").splitlines()  # strict UTF-8
+    records = sorted((json.loads(line) for line in lines), key=lambda r: r["path"])
+    assert [r["path"] for r in records] == [str(photos / "b_\\xe9.png"), str(photos / "c.png"), str(photos / "d.jpg")]
+    assert "cat" in records[0]["caption"] and records[0]["path_hex"] == os.fsencode(odd).hex()
+    assert records[2]["error"] == f"{photos / 'd.jpg'}: not a regular file"
+    assert capsys.readouterr().err == f"skipped {photos / 'd.jpg'}: not a regular file\n"
+    again = caption_folder(photos, out, model=default_model, num_workers=0, progress=False)
+    assert (again.captioned, again.failed, again.already_done, again.earlier_failed) == (0, 0, 3, 1)
+
+
+@pytest.mark.slow
+def test_a_respelled_folder_resumes_without_duplicates(tmp_path, monkeypatch, default_model):
+    (tmp_path / "photos").mkdir()
+    shutil.copy(SHARED_SAMPLES / "rocket.jpg", tmp_path / "photos" / "a.jpg")
+    os.symlink(tmp_path / "photos", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out.csv"
+    first = caption_folder("photos", out, model=default_model, num_workers=0, progress=False)
+    assert first.captioned == 1
+    for spelling in [tmp_path / "photos", "./photos/../photos", "link", tmp_path / "link" / "."]:
+        again = caption_folder(spelling, out, model=default_model, num_workers=0, progress=False)
+        assert (again.captioned, again.already_done) == (0, 1), spelling
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [r["path"] for r in rows] == [str(tmp_path / "photos" / "a.jpg")]  # absolute, under the resolved root
+
+
+@pytest.mark.slow
+def test_a_fixed_file_is_captioned_with_retry_errors_and_the_output_keeps_one_record_per_path(tmp_path, default_model):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    data = (SHARED_SAMPLES / "chelsea.png").read_bytes()
+    (photos / "cat.png").write_bytes(data[: len(data) // 3])  # truncated
+    out = tmp_path / "out.jsonl"
+    with RecordFile(out) as records:
+        first = caption_folder(photos, records, model=default_model, num_workers=0, progress=False)
+    assert (first.captioned, first.failed, first.earlier_failed) == (0, 1, 0)
+    (photos / "cat.png").write_bytes(data)  # the user fixes it
+    with RecordFile(out) as records:  # and the output also holds an error from another folder
+        records.write({"path": "/elsewhere/dog.png", "error": "/elsewhere/dog.png: empty file"})
+    with RecordFile(out) as records:
+        plain = caption_folder(photos, records, model=default_model, num_workers=0, progress=False)
+    assert (plain.captioned, plain.failed, plain.already_done, plain.earlier_failed) == (0, 0, 1, 1)
+    assert plain.describe() == ("0 captioned, 0 failed, 1 already done; 1 file failed in an earlier run "
+                                "(use --retry-errors to try again)")
+    with RecordFile(out) as records:
+        retried = caption_folder(photos, records, model=default_model, num_workers=0, progress=False,
+                                 retry_errors=True)
+    assert (retried.captioned, retried.failed, retried.already_done, retried.earlier_failed) == (1, 0, 0, 0)
+    records = read_jsonl(out)  # the other folder's record is kept, and is no reason to say "retry" again
+    assert [r["path"] for r in records] == ["/elsewhere/dog.png", str(photos / "cat.png")]
+    assert "cat" in records[1]["caption"] and "error" not in records[1]
+
+
+@pytest.mark.slow
+def test_an_unforeseen_failure_on_one_file_is_that_files_error_and_the_rest_are_captioned(tmp_path, monkeypatch,
+                                                                                          capsys, default_model):
+    import captioner.features
+
+    real = captioner.features.model_pixels
+
+    def crashing_on_boom(image, size):  # a fault no reader foresaw (not an ImageReadError)
+        if "boom" in str(image):
+            raise RuntimeError("decoder crashed")
+        return real(image, size)
+
+    monkeypatch.setattr(captioner.features, "model_pixels", crashing_on_boom)
+    for name, sample in [("a.png", "chelsea.png"), ("boom.png", "coffee.png"), ("c.png", "rocket.jpg")]:
+        shutil.copy(SHARED_SAMPLES / sample, tmp_path / name)
+    out = tmp_path / "out.jsonl"
+    summary = caption_folder(tmp_path, out, model=default_model, num_workers=0, progress=False)
+    assert (summary.captioned, summary.failed) == (2, 1)
+    errors = [r["error"] for r in read_jsonl(out) if "error" in r]
+    assert errors == [f"{tmp_path / 'boom.png'}: RuntimeError: decoder crashed"]
+    assert capsys.readouterr().err == f"skipped {errors[0]}\n"

@@ -1,5 +1,6 @@
 """Loading real photos in every awkward shape Pillow can hand us, and refusing bad files clearly."""
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -219,3 +220,9 @@ def test_is_image_path_accepts_photo_extensions(name):
 @pytest.mark.parametrize("name", ["notes.txt", "jpg", "photo.jpg.zip", "clip.mp4", "model.safetensors", ""])
 def test_is_image_path_rejects_others(name):
     assert not is_image_path(name)
+
+
+def test_a_fifo_named_like_a_photo_is_refused_not_waited_on(tmp_path):
+    path = tmp_path / "pipe.jpg"
+    os.mkfifo(path)
+    assert_read_error(path, "not a regular file")

@@ -76,3 +76,10 @@ def test_perfect_candidates_score_full_bleu():
 def test_mismatched_ids_are_refused():
     with pytest.raises(CaptionerError, match="same image ids"):
         score_captions({"a": ["x"]}, {"b": "x"}, meteor=False)
+
+
+@pytest.mark.parametrize("empty", [[], [""], ["  ", ""]])
+def test_an_image_without_references_is_named_not_an_assert_in_the_scorer(empty):
+    refs = {"a": ["a dog runs on the grass"], "b": empty}
+    with pytest.raises(CaptionerError, match="^image b has no reference captions to score against$"):
+        score_captions(refs, {"a": "a dog", "b": "a beach"}, meteor=False)

@@ -1,17 +1,21 @@
 """Model folders: save/load round trip, and loading refuses anything but tensors and JSON."""
 
 import dataclasses
+import json
+import os
 import pickle
+import resource
 
 import pytest
 import torch
 from conftest import SAMPLES
+from safetensors.torch import load_file, save_file
 
 from captioner.api import caption_images
 from captioner.decoder import DecoderConfig
 from captioner.decoding import DecodingOptions
-from captioner.errors import ModelLoadError
-from captioner.model import CaptionModel, ModelConfig, ensemble
+from captioner.errors import ModelLoadError, OptionError, OutputError
+from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, ensemble
 from captioner.vocab import Vocabulary
 
 
@@ -135,3 +139,220 @@ def test_ensemble_members_must_match(small_model):
                                                                                 hidden_dim=32))
     with pytest.raises(ModelLoadError, match="decoder shape"):
         ensemble([small_model, CaptionModel(wider, small_model.vocab, pretrained_encoder=False)])
+
+
+# --- model folders checked before anything is allocated ------------------------------------------
+
+
+def _edit_config(folder, change):
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture()
+def saved(small_model, tmp_path):
+    small_model.save(tmp_path / "m")
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["decoder"].update(embed_dim="16"), r"decoder option embed_dim='16' must be a whole number"),
+        (lambda c: c["decoder"].update(vocab_size="10"), r"vocab_size='10' must be a whole number in \[5, "),
+        (lambda c: c["decoder"].update(attention="false"), r"attention='false' must be true or false"),
+        (lambda c: c["decoder"].update(hidden_dim=200000), r"hidden_dim=200000 must be a whole number in \[1, 8192\]"),
+        (lambda c: c["decoder"].update(hidden_dim=16.0), r"hidden_dim=16.0 must be a whole number"),
+        (lambda c: c["decoder"].update(dropout=1.5), r"dropout=1.5 must be a number in \[0, 1\)"),
+        (lambda c: c["decoder"].update(vocab_size=4), r"vocab_size=4 must be a whole number in \[5, "),
+        (lambda c: c.update(ensemble_size=1000), r"ensemble_size=1000 must be a whole number in \[1, 16\]"),
+        (lambda c: c.update(ensemble_size=True), r"ensemble_size=True must be a whole number"),
+        (lambda c: c.update(encoder="vgg16"), r"encoder='vgg16' must be one of efficientnet_b0, efficientnet_lite0"),
+        (lambda c: c.update(encoder_weights_stored="no"), r"encoder_weights_stored='no' must be true or false"),
+        (lambda c: c.update(decoder=[1, 2]), r"decoder must be a JSON object, not list"),
+        (lambda c: c.update(decoding=None), r"decoding: decoding options must be an object of option names, got NoneType"),
+        (lambda c: c.update(extra=1), r"model config has unknown field 'extra'"),
+        (lambda c: c["decoder"].pop("feature_dim"), r"decoder lacks field 'feature_dim'"),
+        (lambda c: c.pop("encoder"), r"model config lacks field 'encoder'"),
+    ],
+)
+def test_bad_config_values_name_the_file_field_and_value(saved, change, message):
+    _edit_config(saved, change)
+    prefix = rf"^{saved}/config.json: cannot load model: bad model config: "
+    with pytest.raises(ModelLoadError, match=prefix + rf".*{message}"):
+        CaptionModel.load(saved)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("[1, 2]", "model config must be a JSON object, not list"), ("{oops", "not valid JSON"), ("", "not valid JSON")],
+)
+def test_config_that_is_not_a_json_object_is_refused(saved, text, message):
+    (saved / "config.json").write_text(text)
+    with pytest.raises(ModelLoadError, match=rf"^{saved}/config.json: cannot load model: bad model config: {message}"):
+        CaptionModel.load(saved)
+
+
+def test_a_config_too_big_for_memory_is_refused_from_the_header_without_allocating(saved):
+    """16 decoders of 8192 units are valid sizes but would take about 50 GB: the header check stops it first."""
+    _edit_config(saved, lambda c: (c.update(ensemble_size=16), c["decoder"].update(hidden_dim=8192)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelLoadError, match=rf"^{saved}/model.safetensors: cannot load model: tensor decoder\.\S+ "):
+        CaptionModel.load(saved)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # kB: no weights were allocated
+
+
+@pytest.mark.parametrize("missing", ["config.json", "vocab.json", "model.safetensors"])
+def test_each_missing_file_is_named(saved, missing):
+    (saved / missing).unlink()
+    with pytest.raises(ModelLoadError, match=rf"^{saved}/{missing}: cannot load model: file is missing$"):
+        CaptionModel.load(saved)
+
+
+def test_a_folder_that_is_not_there_or_a_file_is_named(tmp_path):
+    with pytest.raises(ModelLoadError, match=rf"^{tmp_path}/nowhere: cannot load model: no such folder$"):
+        CaptionModel.load(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelLoadError, match=rf"^{tmp_path}/file: cannot load model: no such folder$"):
+        CaptionModel.load(tmp_path / "file")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"a": 1}', "vocabulary must be a JSON list of words"),
+        ('["a", 3]', "vocabulary must be a JSON list of words"),
+        ("not json", "vocabulary is not valid JSON"),
+        ('["a", "cat", "dog", "on", "the", "a"]', "word 'a' is listed twice"),
+        ('["a", "cat", "dog", "on", "the", "grass", "sand"]', r"vocabulary has 11 words .*says vocab_size=10"),
+        ('["a", "b"]', r"vocabulary has 6 words \(with the 4 special tokens\), config.json says vocab_size=10"),
+    ],
+)
+def test_a_wrong_vocabulary_is_named(saved, content, message):
+    (saved / "vocab.json").write_text(content)
+    with pytest.raises(ModelLoadError, match=rf"^{saved}/vocab.json: cannot load model: {message}"):
+        CaptionModel.load(saved)
+
+
+def _edit_weights(folder, change):
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_that_are_not_finite_name_the_tensor(saved, bad):
+    _edit_weights(saved, lambda t: t["decoder.out.bias"].__setitem__(3, bad))
+    with pytest.raises(ModelLoadError, match=r"safetensors: cannot load model: tensor decoder.out.bias holds NaN"):
+        CaptionModel.load(saved)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.update({"decoder.out.bias": torch.zeros(11, dtype=torch.float16)}),
+         r"tensor decoder.out.bias has shape \[11\], the config implies \[10\]"),
+        (lambda t: t.pop("decoder.lstm.weight_hh"),
+         r"tensor decoder.lstm.weight_hh is missing \(the config expects it\)"),
+        (lambda t: t.update({"encoder.stem.weight": torch.zeros(2)}),
+         "tensor encoder.stem.weight is not part of the model the config describes"),
+        (lambda t: t.update({"decoder.out.bias": torch.zeros(10, dtype=torch.int32)}),
+         "tensor decoder.out.bias holds I32 values, not floating point"),
+    ],
+)
+def test_weights_that_do_not_fit_the_config_name_the_tensor(saved, change, message):
+    _edit_weights(saved, change)
+    with pytest.raises(ModelLoadError, match=rf"^{saved}/model.safetensors: cannot load model: {message}$"):
+        CaptionModel.load(saved)
+
+
+def test_a_config_for_another_shape_is_caught_by_the_header_check(saved):
+    _edit_config(saved, lambda c: c["decoder"].update(hidden_dim=32))
+    with pytest.raises(ModelLoadError, match=r"tensor decoder\.\S+ has shape \[.*\], the config implies \[.*32.*\]"):
+        CaptionModel.load(saved)
+
+
+def test_a_truncated_weights_file_is_refused(saved):
+    data = (saved / "model.safetensors").read_bytes()
+    (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match=rf"^{saved}/model.safetensors: cannot load model: not a safetensors file"):
+        CaptionModel.load(saved)
+
+
+def test_model_config_round_trips_through_json(small_model):
+    from captioner.model import DEFAULT_MODEL_DIR
+
+    assert ModelConfig.from_json(small_model.config.to_json()) == small_model.config
+    shipped = ModelConfig.from_json((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert ModelConfig.from_json(shipped.to_json()) == shipped
+
+
+def test_a_config_built_in_code_is_checked_too():
+    with pytest.raises(OptionError, match=r"embed_dim=0 must be a whole number in \[1, 8192\]"):
+        DecoderConfig(10, 1280, embed_dim=0)
+    with pytest.raises(OptionError, match=r"ensemble_size=17 must be a whole number in \[1, 16\]"):
+        ModelConfig("efficientnet_lite0", DecoderConfig(10, 1280), ensemble_size=17)
+
+
+# --- saving: whole or not at all, never over something else --------------------------------------
+
+
+def test_save_refuses_an_existing_file_or_non_empty_folder(small_model, tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(OutputError, match=rf"^{tmp_path}/file: exists and is not a folder"):
+        small_model.save(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep me"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("keep me")
+    for replace in (False, True):  # replace=True replaces model folders only
+        with pytest.raises(OutputError, match=rf"^{tmp_path}/full: folder is not empty"):
+            small_model.save(tmp_path / "full", replace=replace)
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["notes.txt"]
+
+
+def test_save_into_an_empty_folder_and_replace_a_model_folder(small_model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    small_model.save(tmp_path / "empty")
+    assert CaptionModel.load(tmp_path / "empty").config == small_model.config
+    with pytest.raises(OutputError, match="folder is not empty"):
+        small_model.save(tmp_path / "empty")
+    other = CaptionModel(dataclasses.replace(small_model.config, decoding=DecodingOptions(beam_size=1)),
+                         small_model.vocab, pretrained_encoder=False)
+    other.save(tmp_path / "empty", replace=True)
+    assert CaptionModel.load(tmp_path / "empty").config.decoding.beam_size == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no staging or old folder left behind
+
+
+def test_a_failed_save_leaves_nothing_half_written(small_model, tmp_path, monkeypatch):
+    import captioner.model
+
+    def full_disk(tensors, path):
+        open(path, "wb").write(b"\0" * 10)  # part of the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(captioner.model, "save_file", full_disk)
+    with pytest.raises(OutputError, match=rf"^{tmp_path}/m: cannot write model: No space left on device$"):
+        small_model.save(tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_target_is_checked_before_any_work(tmp_path):
+    assert check_new_model_folder(tmp_path / "new" / "model") == tmp_path / "new" / "model"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=rf"^{tmp_path}/file/model: cannot write a model here: .* is not a folder"):
+        check_new_model_folder(tmp_path / "file" / "model")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("running as root: permissions do not stop writes")
+        with pytest.raises(OutputError, match=rf"^{tmp_path}/ro/model: cannot write a model here: Permission denied"):
+            check_new_model_folder(tmp_path / "ro" / "model")
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
+def test_an_ensemble_of_more_than_16_decoders_is_refused(small_model):
+    with pytest.raises(ModelLoadError, match="at most 16 decoders; these models hold 17"):
+        ensemble([small_model] * 17)

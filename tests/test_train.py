@@ -1,12 +1,16 @@
 """A real (tiny) training run: cached features, epochs, checkpoint, resume, metrics log, plot."""
 
+import dataclasses
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import SHARED_SAMPLES
 
 from captioner.data import write_manifest
+from captioner.errors import CheckpointError, DataError, OptionError, OutputError
 from captioner.model import CaptionModel
 from captioner.train import TrainConfig, Trainer, train
 
@@ -47,8 +51,6 @@ def test_training_writes_checkpoints_logs_plot_and_a_loadable_best_model(tiny_co
 
 @pytest.mark.slow
 def test_resume_continues_from_the_last_epoch(tiny_config):
-    import dataclasses
-
     train(tiny_config)
     longer = dataclasses.replace(tiny_config, epochs=3)
     train(longer, resume=True)
@@ -58,8 +60,6 @@ def test_resume_continues_from_the_last_epoch(tiny_config):
 
 @pytest.mark.slow
 def test_plain_lstm_option_trains_and_overfits_a_tiny_set(tiny_config):
-    import dataclasses
-
     cfg = dataclasses.replace(tiny_config, attention=False, epochs=30)  # epochs sets the LR schedule
     trainer = Trainer(cfg)
     assert not hasattr(trainer.model.decoder, "att_value")
@@ -69,8 +69,6 @@ def test_plain_lstm_option_trains_and_overfits_a_tiny_set(tiny_config):
 
 @pytest.mark.slow
 def test_self_critical_phase_follows_cross_entropy_and_raises_reward(tiny_config):
-    import dataclasses
-
     cfg = dataclasses.replace(tiny_config, epochs=12, patience=99, scst_epochs=15, scst_lr=1e-3, scst_batch_images=4)
     trainer = Trainer(cfg)
     trainer.fit()
@@ -83,8 +81,6 @@ def test_self_critical_phase_follows_cross_entropy_and_raises_reward(tiny_config
 
 @pytest.mark.slow
 def test_encoder_fine_tuning_updates_and_saves_the_cnn(tiny_config):
-    import dataclasses
-
     cfg = dataclasses.replace(tiny_config, finetune_encoder=True, epochs=1, lr=1e-3)
     trainer = Trainer(cfg)
     before = trainer.model.encoder.features.net._conv_head.weight.detach().clone()
@@ -94,3 +90,184 @@ def test_encoder_fine_tuning_updates_and_saves_the_cnn(tiny_config):
     saved = CaptionModel.load(f"{cfg.out_dir}/best")
     assert saved.config.encoder_weights_stored
     assert torch.allclose(saved.encoder.features.net._conv_head.weight, after)
+
+
+# --- settings checked before any work ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("embed_dim", "32", r"embed_dim='32' must be a whole number in \[1, 8192\]"),
+        ("hidden_dim", 200000, r"hidden_dim=200000 must be a whole number in \[1, 8192\]"),
+        ("attention", "false", "attention='false' must be true or false"),
+        ("epochs", 0, r"epochs=0 must be a whole number in \[1, "),
+        ("batch_size", 4.0, "batch_size=4.0 must be a whole number"),
+        ("dropout", float("nan"), r"dropout=nan must be a number in \[0, 1\)"),
+        ("lr", 0, r"lr=0 must be a number in \(0, 10\]"),
+        ("scst_samples", 1, r"scst_samples=1 must be a whole number in \[2, 64\]"),
+        ("encoder", "vgg16", "encoder='vgg16' must be one of"),
+        ("device", "gpu9", "device='gpu9' is not a torch device"),
+        ("train_manifest", "", "train_manifest='' must be a non-empty string"),
+    ],
+)
+def test_train_config_refuses_wrong_types_and_ranges(tiny_config, field, value, message):
+    with pytest.raises(OptionError, match=f"^{message}"):
+        dataclasses.replace(tiny_config, **{field: value})
+
+
+def test_every_train_setting_has_help_for_the_command_line():
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert all("help" in f.metadata for f in fields.values())
+    assert set(fields["encoder"].metadata["choices"]) == {"efficientnet_lite0", "resnet50", "efficientnet_b0"}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{oops", "training config is not valid JSON"),
+        ('["a"]', "training config must be a JSON object, not list"),
+        ('{"train_manifest": "t", "dev_manifest": "d", "epoch": 3}', "unknown field 'epoch'"),
+        ('{"train_manifest": "t", "dev_manifest": "d", "embed_dim": "512"}', "embed_dim='512' must be a whole number"),
+        ('{"train_manifest": "t", "dev_manifest": "d", "attention": "false"}', "attention='false' must be true or"),
+        ('{"dev_manifest": "d"}', "field 'train_manifest' is missing"),
+    ],
+)
+def test_train_config_file_errors_name_the_file_and_field(tmp_path, content, message):
+    path = tmp_path / "train.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(OptionError, match=rf"^{path}: {message}"):
+        TrainConfig.from_file(path)
+
+
+def test_train_config_file_with_overrides(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text('{"train_manifest": "t.jsonl", "dev_manifest": "d.jsonl", "epochs": 3}', encoding="utf-8")
+    cfg = TrainConfig.from_file(path, epochs=5, lr=None)
+    assert (cfg.train_manifest, cfg.epochs, cfg.lr) == ("t.jsonl", 5, 1e-3)
+    with pytest.raises(OptionError, match=rf"^{tmp_path}/absent.json: cannot read training config: No such file"):
+        TrainConfig.from_file(tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize("bad_line", ['{"image": "x.png", "captions": []}', '{"image": "x.png"}'])
+def test_a_manifest_line_without_captions_stops_training_before_any_work(tiny_config, bad_line):
+    manifest = Path(tiny_config.dev_manifest)
+    with manifest.open("a", encoding="utf-8") as f:
+        f.write(bad_line + "\n")
+    with pytest.raises(DataError, match=rf"^{manifest}:5: not a manifest record \(no captions"):
+        Trainer(tiny_config)
+    assert not Path(tiny_config.cache_dir).exists()  # no feature was computed
+
+
+def test_no_frequent_enough_word_is_a_clear_error(tiny_config):
+    with pytest.raises(DataError, match="no word occurs min_word_count=1000 times"):
+        Trainer(dataclasses.replace(tiny_config, min_word_count=1000))
+
+
+def test_an_unwritable_output_folder_fails_at_the_start(tiny_config, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(OutputError, match=rf"^{out}: cannot write training output here: "):
+            Trainer(dataclasses.replace(tiny_config, out_dir=str(out)))
+    (tmp_path / "run" / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(OutputError, match="cannot write training output here: metrics.jsonl cannot be written"):
+        Trainer(tiny_config)
+    assert not Path(tiny_config.cache_dir).exists()
+
+
+def test_a_cuda_device_without_cuda_is_an_option_error(tiny_config):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(OptionError, match="device='cuda': CUDA is not available"):
+        Trainer(dataclasses.replace(tiny_config, device="cuda"))
+
+
+# --- resuming: only a checkpoint of this very run, and nothing is unpickled --------------------
+
+
+@pytest.fixture()
+def saved_run(tiny_config):
+    """A run folder with a real last.pt (saved before any epoch: the format is what matters)."""
+    Trainer(tiny_config).save_checkpoint()
+    return Path(tiny_config.out_dir)
+
+
+def _resume(cfg):
+    trainer = Trainer(cfg, resume=True)
+    trainer.load_checkpoint()
+    return trainer
+
+
+def test_a_fresh_run_into_an_earlier_runs_folder_is_refused(tiny_config, saved_run):
+    with pytest.raises(OutputError, match=rf"^{saved_run}: holds an earlier run; resume it"):
+        Trainer(tiny_config)
+    assert _resume(tiny_config).epoch == 0
+
+
+def _message(error) -> str:
+    text = str(error.value)
+    assert "weights_only" not in text and "\n" not in text
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # torch's advice is not chained
+    return text
+
+
+def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tiny_config, saved_run):
+    last = saved_run / "last.pt"
+    data = last.read_bytes()
+    for size in (len(data) // 2, 100, 0):
+        last.write_bytes(data[:size])
+        with pytest.raises(CheckpointError) as info:
+            _resume(tiny_config)
+        assert _message(info) == (f"{last}: cannot resume: the file is cut short or is not a checkpoint; "
+                                  "delete it to start over")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_never_unpickles_code_from_a_tampered_checkpoint(tiny_config, saved_run, tmp_path):
+    marker = tmp_path / "code-ran"
+    state = torch.load(saved_run / "last.pt", weights_only=True)
+    state["history"] = _RunsCode(marker)
+    torch.save(state, saved_run / "last.pt")
+    with pytest.raises(CheckpointError) as info:
+        _resume(tiny_config)
+    assert "holds objects other than tensors and plain values" in _message(info)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.pop("optimizer"), "its entry 'optimizer' is missing or malformed"),
+        (lambda s: s.update(epoch="2"), "its entry 'epoch' is missing or malformed"),
+        (lambda s: s.update(history="[{"), "its config, history or vocabulary is not valid JSON"),
+        (lambda s: s.update(history='[{"epoch": 1}]'), "its config or history is malformed"),
+        (lambda s: s.update(config='{"encoder": "resnet50"}'),
+         "it was saved with encoder='resnet50', this run has encoder='efficientnet_lite0'"),
+        (lambda s: s.update(vocab='["a", "cat"]'), "it was saved with another vocabulary"),
+        (lambda s: (s.pop("vocab"), s["model"].update({"decoder.out.bias": torch.zeros(3)})),
+         r"tensor decoder.out.bias is \[3\], this run has \[\d+\]"),
+        (lambda s: s["model"].pop("decoder.out.bias"), "tensor decoder.out.bias is missing"),
+    ],
+)
+def test_resume_from_a_checkpoint_of_another_run_is_a_clear_error(tiny_config, saved_run, change, message):
+    state = torch.load(saved_run / "last.pt", weights_only=True)
+    change(state)
+    torch.save(state, saved_run / "last.pt")
+    with pytest.raises(CheckpointError, match=rf"^{saved_run}/last.pt: cannot resume: {message}.*; delete it"):
+        _resume(tiny_config)
+
+
+def test_resume_with_another_model_shape_or_vocabulary_is_refused(tiny_config, saved_run):
+    wider = dataclasses.replace(tiny_config, hidden_dim=48)
+    with pytest.raises(CheckpointError, match="it was saved with hidden_dim=32, this run has hidden_dim=48"):
+        _resume(wider)
+    fewer_words = dataclasses.replace(tiny_config, min_word_count=2)
+    with pytest.raises(CheckpointError, match=r"another vocabulary \(\d+ words, this run has \d+\)"):
+        _resume(fewer_words)

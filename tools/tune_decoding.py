@@ -20,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from captioner.data import read_manifest  # noqa: E402
+from captioner.errors import CaptionerError  # noqa: E402
+from captioner.evaluation import evaluate_grids, grid_batches  # noqa: E402
 from captioner.features import cached_features  # noqa: E402
-from captioner.metrics import score_captions  # noqa: E402
-from captioner.model import CaptionModel  # noqa: E402
+from captioner.model import CONFIG_FILE, CaptionModel  # noqa: E402
+from captioner.pipelines.outputs import write_atomically  # noqa: E402
 
 
 def main() -> None:
@@ -36,11 +38,17 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="cache")
     parser.add_argument("--save", action="store_true", help="write the best options into the model's config.json")
     args = parser.parse_args()
+    try:
+        tune(args)
+    except CaptionerError as e:
+        sys.exit(f"tune_decoding: error: {e}")
 
+
+def tune(args: argparse.Namespace) -> None:
     model = CaptionModel.load(args.model)
-    entries = read_manifest(args.manifest)
+    entries = read_manifest(args.manifest, require_captions=True)
     grids = cached_features(model.encoder, [e.image for e in entries], args.cache_dir)
-    references = {str(i): list(e.captions) for i, e in enumerate(entries)}
+    references = [e.captions for e in entries]
     results = []
     print("| beam | length penalty | no-repeat n-gram | concept boost | BLEU-1 | BLEU-4 | ROUGE-L | CIDEr-D | words |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -48,10 +56,8 @@ def main() -> None:
         options = dataclasses.replace(model.config.decoding, method="beam" if beam > 1 else "greedy",
                                       beam_size=beam, length_penalty=alpha, no_repeat_ngram=ngram, n_best=1,
                                       concept_boost=boost)
-        texts = []
-        for start in range(0, len(entries), 100):
-            texts.extend(c[0].text for c in model.caption_grid(grids[start : start + 100].float(), options))
-        scores = score_captions(references, {str(i): t for i, t in enumerate(texts)}, meteor=False)
+        batches = grid_batches(lambda ids: grids[ids].float(), len(entries))
+        scores, texts = evaluate_grids(model, batches, references, options)
         words = sum(len(t.split()) for t in texts) / len(texts)
         results.append((scores["CIDEr-D"], scores["BLEU-4"], options))
         print(f"| {beam} | {alpha} | {ngram} | {boost} | {scores['BLEU-1']:.4f} | {scores['BLEU-4']:.4f} | "
@@ -61,8 +67,8 @@ def main() -> None:
           f"concept boost {best.concept_boost}: CIDEr-D {cider:.4f}, BLEU-4 {bleu4:.4f}")
     if args.save:
         config = dataclasses.replace(model.config, decoding=best)
-        (Path(args.model) / "config.json").write_text(config.to_json(), encoding="utf-8")
-        print(f"saved into {args.model}/config.json")
+        write_atomically(Path(args.model) / CONFIG_FILE, lambda f: f.write(config.to_json()))
+        print(f"saved into {args.model}/{CONFIG_FILE}")
 
 
 if __name__ == "__main__":

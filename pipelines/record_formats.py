@@ -1,0 +1,298 @@
+"""The record schema and its file formats (JSONL, CSV): one record per captioned file.
+
+A record is the best caption of a file with its confidence, or the reason it was skipped.
+Formats are registered by name with their extension; each writes a record as text and
+reads a file back in chunks that :class:`captioner.pipelines.records.RecordFile` can cut
+at the last complete record after a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Iterator, NamedTuple
+
+from captioner.errors import OptionError, OutputError, printable
+
+if TYPE_CHECKING:
+    from captioner.api import PathResult
+
+# The record schema: JSONL keys and CSV columns, in this order.
+RECORD_FIELDS = (
+    "path",  # the file, as printable UTF-8 text (bytes that are not UTF-8 shown as \xNN)
+    "caption",  # the best caption (absent when the file could not be read)
+    "score",  # the model's mean log-probability per token, <end> included (a number <= 0)
+    "min_prob",  # the model's probability of its least likely token
+    "error",  # "PATH: reason" when the file could not be read
+    "path_hex",  # the path's raw bytes in hex, only when they are not UTF-8 (so resume is exact)
+)
+NUMERIC_FIELDS = frozenset({"score", "min_prob"})
+# The columns written by versions before path_hex; such files are read without CSV escapes and upgraded.
+LEGACY_CSV_FIELDS = RECORD_FIELDS[:5]
+# A text cell starting with one of these is a formula to a spreadsheet; "'" is escaped too so any text round-trips.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def result_record(result: PathResult) -> dict:
+    """The record of one captioned file: its best caption with confidence, or its error."""
+    record: dict = {"path": printable(result.path)}
+    if result.captions is None:
+        record["error"] = printable(result.error)
+    else:
+        best = result.captions[0]
+        record.update(caption=best.text, score=round(best.score, 6), min_prob=round(best.min_prob, 6))
+    raw = os.fsencode(result.path)
+    if printable(result.path).encode("utf-8") != raw:
+        record["path_hex"] = raw.hex()
+    return record
+
+
+def raw_path(record: dict) -> str:
+    """The file a record names, exact even for names that are not UTF-8 (from ``path_hex`` when present)."""
+    if record.get("path_hex"):
+        return os.fsdecode(bytes.fromhex(record["path_hex"]))
+    return record["path"]
+
+
+class BadRecord(ValueError):
+    """A complete line of an existing output that is not a record (the reason is the message)."""
+
+
+class BadHeader(BadRecord):
+    """The first line of an existing CSV output is not our header: it is some other file."""
+
+
+def _checked(record: object) -> dict:
+    """``record`` if it has the types of a captioner record, else :class:`BadRecord` saying what is wrong."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"a JSON {type(record).__name__}, not an object")
+    if not isinstance(record.get("path"), str) or not record["path"]:
+        raise BadRecord('no "path"')
+    if not isinstance(record.get("caption", ""), str) or not isinstance(record.get("error", ""), str):
+        raise BadRecord('"caption" and "error" must be text')
+    if "caption" not in record and "error" not in record:
+        raise BadRecord('neither "caption" nor "error"')
+    for name in NUMERIC_FIELDS & record.keys():
+        if isinstance(record[name], bool) or not isinstance(record[name], (int, float)):
+            raise BadRecord(f'"{name}" is not a number')
+    try:
+        raw_path(record)
+    except (TypeError, ValueError) as e:
+        raise BadRecord('"path_hex" is not hex') from e
+    return record
+
+
+class Chunk(NamedTuple):
+    """The bytes of one record (or header) as found in a file."""
+
+    line: int  # 1-based line where it starts
+    offset: int  # byte offset where it starts
+    data: bytes
+    complete: bool  # False for a record cut short by a kill: it is dropped
+
+
+def _lines(file: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
+    offset = 0
+    for number, line in enumerate(file, start=1):
+        yield number, offset, line
+        offset += len(line)
+
+
+class RecordFormat:
+    """A record file format: ``chunks`` splits a file into records, ``parse`` reads one, ``format`` writes one."""
+
+    extension = ""  # the file name extension that selects it
+    outdated = False  # True after reading a file an older version wrote in a layout that must be upgraded
+
+    def chunks(self, file: BinaryIO) -> Iterator[Chunk]:
+        raise NotImplementedError
+
+    def parse(self, chunk: Chunk) -> dict | None:
+        """The record in ``chunk`` (None for a blank line or a header); raises :class:`BadRecord`."""
+        raise NotImplementedError
+
+    def header(self) -> str:
+        return ""
+
+    def format(self, record: dict) -> str:
+        raise NotImplementedError
+
+    def parse_at(self, chunk: Chunk, path: str | os.PathLike) -> dict | None:
+        """:meth:`parse`, with a bad line reported as ``OutputError`` naming the file, line and a way on."""
+        try:
+            return self.parse(chunk)
+        except BadHeader as e:
+            raise OutputError(f"{printable(path)}:{chunk.line}: {e}; write to a new file") from e
+        except BadRecord as e:
+            raise OutputError(
+                f"{printable(path)}:{chunk.line}: not a captioner record ({e}); delete that line or write to a new file"
+            ) from e
+
+    def read(self, path: str | os.PathLike) -> Iterator[dict]:
+        """Every complete record of ``path``, read only (no lock; a cut-off last record is skipped).
+
+        Raises:
+            OutputError: ``path`` cannot be read, or a complete line in it is not a record.
+        """
+        try:
+            with open(path, "rb") as file:
+                for chunk in self.chunks(file):
+                    if chunk.complete and (record := self.parse_at(chunk, path)) is not None:
+                        yield record
+        except OSError as e:
+            raise OutputError(f"{printable(path)}: cannot read: {e.strerror or e}") from e
+
+
+class JsonlRecords(RecordFormat):
+    """One JSON object per line."""
+
+    extension = ".jsonl"
+
+    def chunks(self, file: BinaryIO) -> Iterator[Chunk]:
+        for number, offset, line in _lines(file):
+            yield Chunk(number, offset, line, line.endswith(b"\n"))
+
+    def parse(self, chunk: Chunk) -> dict | None:
+        text = _utf8(chunk.data)
+        if not text.strip():
+            return None
+        try:
+            record = json.loads(text.rstrip("\r\n"))
+        except ValueError as e:
+            raise BadRecord(f"bad JSON: {e}") from e
+        return _checked(record)
+
+    def format(self, record: dict) -> str:
+        return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+class CsvRecords(RecordFormat):
+    """Comma-separated with a header row; every text cell quoted and formula-safe, numbers bare.
+
+    A record may span lines (a name holding a newline), so a record ends at a newline outside
+    quotes: an even count of ``"`` so far. A file cut inside a quoted name thus ends with an
+    incomplete record, which resume drops.
+    """
+
+    extension = ".csv"
+
+    def __init__(self) -> None:
+        self._columns: tuple[str, ...] | None = None  # the header of the file being read
+
+    @property
+    def outdated(self) -> bool:
+        """True when the file read was written by an older version (rewrite it before appending)."""
+        return self._columns == LEGACY_CSV_FIELDS
+
+    def chunks(self, file: BinaryIO) -> Iterator[Chunk]:
+        """Records from the file's start (the first is its header)."""
+        self._columns = None
+        first: tuple[int, int] | None = None  # (line, offset) where the record being gathered starts
+        parts: list[bytes] = []
+        quotes = 0
+        for number, offset, line in _lines(file):
+            first = first or (number, offset)
+            parts.append(line)
+            quotes += line.count(b'"')
+            if quotes % 2 == 0 and line.endswith(b"\n"):
+                yield Chunk(*first, b"".join(parts), True)
+                first, parts = None, []
+        if first is not None:
+            yield Chunk(*first, b"".join(parts), False)
+
+    def parse(self, chunk: Chunk) -> dict | None:
+        text = _utf8(chunk.data)
+        if self._columns is None:
+            self._columns = self._header(text.removeprefix("\ufeff"))
+            return None
+        if not text.strip():
+            return None
+        cells = self._cells(text)
+        if len(cells) != len(self._columns):
+            raise BadRecord(f"{len(cells)} cells, expected {len(self._columns)}")
+        return _checked(self._record(dict(zip(self._columns, cells, strict=True))))
+
+    def _header(self, text: str) -> tuple[str, ...]:
+        columns = tuple(next(csv.reader([text]), []))
+        if columns not in (RECORD_FIELDS, LEGACY_CSV_FIELDS):
+            raise BadHeader(f"not a captioner CSV file: its first line is not {','.join(RECORD_FIELDS)}")
+        return columns
+
+    def _cells(self, text: str) -> list[str]:
+        if not self.outdated:
+            rows = list(csv.reader(io.StringIO(text, newline="")))
+            return rows[0] if len(rows) == 1 else []
+        # Older versions wrote a "\r" in a name unquoted: hide it from the reader, which ends rows there.
+        rows = list(csv.reader(io.StringIO(text.replace("\r", "\ue000"), newline="")))
+        return [cell.replace("\ue000", "\r") for cell in rows[0]] if len(rows) == 1 else []
+
+    def _record(self, cells: dict[str, str]) -> dict:
+        record: dict = {}
+        for name, cell in cells.items():
+            if name in NUMERIC_FIELDS:
+                if cell:
+                    record[name] = _number(name, cell)
+            elif cell or (name == "caption" and not cells.get("error")):
+                record[name] = cell[1:] if cell.startswith("'") and not self.outdated else cell
+        return record
+
+    def header(self) -> str:
+        return self._row(list(RECORD_FIELDS))
+
+    def format(self, record: dict) -> str:
+        return self._row([self._cell(name, record.get(name)) for name in RECORD_FIELDS])
+
+    @staticmethod
+    def _cell(name: str, value: object) -> object:
+        if value is None:
+            return ""
+        if name in NUMERIC_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        text = str(value)
+        return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+    @staticmethod
+    def _row(cells: list) -> str:
+        buffer = io.StringIO()
+        csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n").writerow(cells)
+        return buffer.getvalue()
+
+
+def _utf8(data: bytes) -> str:
+    if b"\0" in data:
+        raise BadRecord("NUL bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord("not UTF-8 text") from e
+
+
+def _number(name: str, cell: str) -> float:
+    try:
+        return float(cell)
+    except ValueError as e:
+        raise BadRecord(f'"{name}" is not a number') from e
+
+
+# The format registry: names (the CLI's --format choices) -> format classes, each with its extension.
+RECORD_FORMATS: dict[str, type[RecordFormat]] = {"jsonl": JsonlRecords, "csv": CsvRecords}
+
+
+def format_for(path: str | os.PathLike, name: str | None = None) -> RecordFormat:
+    """The record format named, else the one whose extension ``path`` has (JSONL by default).
+
+    Raises:
+        OptionError: ``name`` is not a registered format.
+    """
+    if name is not None:
+        if name not in RECORD_FORMATS:
+            raise OptionError(f"format: {name!r} is not one of {', '.join(RECORD_FORMATS)}")
+        return RECORD_FORMATS[name]()
+    suffix = Path(path).suffix.lower()
+    for fmt in RECORD_FORMATS.values():
+        if fmt.extension == suffix:
+            return fmt()
+    return JsonlRecords()

@@ -1,0 +1,79 @@
+"""The one "caption in batches, then score" loop, from grids and from image files."""
+
+import pytest
+import torch
+from conftest import SAMPLES, SHARED_SAMPLES
+
+from captioner.api import evaluate
+from captioner.data import write_manifest
+from captioner.decoder import DecoderConfig
+from captioner.decoding import DecodingOptions
+from captioner.errors import CaptionerError, DataError, ImageReadError
+from captioner.evaluation import evaluate_grids, grid_batches, index_batches, path_grids
+from captioner.metrics import score_captions
+from captioner.model import CaptionModel, ModelConfig
+from captioner.vocab import Vocabulary
+
+REFERENCES = [("a cat on the grass", "a cat"), ("a dog on the grass",), ("the cat and the dog",)]
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    vocab = Vocabulary(["a", "cat", "dog", "on", "the", "grass"])
+    config = ModelConfig("efficientnet_lite0", DecoderConfig(len(vocab), 1280, 16, 16, True, 16, 0.0),
+                         DecodingOptions(beam_size=2, max_length=6))
+    return CaptionModel(config, vocab).eval()
+
+
+def test_index_batches_cover_every_position_once():
+    assert list(index_batches(5, 2)) == [[0, 1], [2, 3], [4]]
+    assert list(index_batches(0, 2)) == []
+
+
+def test_grids_in_batches_are_captioned_in_order_and_scored(small_model):
+    grids = torch.randn(3, 1280, 7, 7, generator=torch.Generator().manual_seed(0))
+    scores, captions = evaluate_grids(small_model, grid_batches(lambda ids: grids[ids], 3, size=2), REFERENCES)
+    assert captions == [n_best[0].text for n_best in small_model.caption_grid(grids)]  # one batch, same captions
+    expected = score_captions({str(i): list(r) for i, r in enumerate(REFERENCES)},
+                              {str(i): c for i, c in enumerate(captions)}, meteor=False)
+    assert scores == expected
+
+
+def test_options_reach_the_search(small_model):
+    grids = torch.randn(3, 1280, 7, 7, generator=torch.Generator().manual_seed(1))
+    _, short = evaluate_grids(small_model, [grids], REFERENCES, DecodingOptions(method="greedy", max_length=2))
+    assert all(len(c.split()) <= 2 for c in short)
+    _, longer = evaluate_grids(small_model, [grids], REFERENCES, DecodingOptions(method="greedy", max_length=6))
+    assert any(len(c.split()) > 2 for c in longer)
+
+
+def test_batches_that_do_not_cover_the_references_are_refused(small_model):
+    grids = torch.randn(2, 1280, 7, 7)
+    with pytest.raises(CaptionerError, match="2 captions for 3 images"):
+        evaluate_grids(small_model, [grids], REFERENCES)
+
+
+def test_path_grids_match_the_encoder_and_name_an_unreadable_file(small_model, tmp_path):
+    photos = [SAMPLES / "chelsea.png", SHARED_SAMPLES / "rocket.jpg", SAMPLES / "coffee.png"]
+    batches = list(path_grids(small_model, photos, batch_size=2))
+    assert [b.shape[0] for b in batches] == [2, 1]
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes((SHARED_SAMPLES / "rocket.jpg").read_bytes()[:300])
+    with pytest.raises(ImageReadError, match="cut.jpg"):
+        list(path_grids(small_model, [photos[0], cut], batch_size=2))
+
+
+def test_evaluate_refuses_a_manifest_line_without_captions_before_captioning(small_model, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, [(str(SAMPLES / "chelsea.png"), ["a cat"]), (str(tmp_path / "missing.jpg"), [])])
+    with pytest.raises(DataError, match=rf"^{manifest}:2: not a manifest record \(no captions"):
+        evaluate(small_model, manifest, meteor=False)
+
+
+def test_evaluate_scores_a_manifest(small_model, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, [(str(SAMPLES / "chelsea.png"), ["a cat on the grass"]),
+                              (str(SAMPLES / "coffee.png"), ["a cup on the table"])])
+    scores = evaluate(small_model, manifest, meteor=False, num_workers=0)
+    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"}
