@@ -26,13 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from captioner.pipelines.folder import caption_folder  # noqa: E402
-
 from captioner.api import load_model  # noqa: E402
 from captioner.data import read_manifest  # noqa: E402
 from captioner.decoding import DecodingOptions  # noqa: E402
 from captioner.features import ImageFiles, collate_images  # noqa: E402
 from captioner.model import CaptionModel  # noqa: E402
+from captioner.pipelines.folder import caption_folder  # noqa: E402
 
 
 def timed(fn, repeat: int = 1) -> float:

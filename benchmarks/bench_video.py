@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_video.py --seconds 20   # quick
     python benchmarks/bench_video.py                                   # 2 minutes of 720p, 25 fps
+    python benchmarks/bench_video.py --mode scenes                     # with scene detection (same one pass)
 
 The clip holds a few sample photos for ``--hold`` seconds each (mp4v, written with
 cv2.VideoWriter into a temporary folder, deleted afterwards). One run prints a table:
@@ -20,11 +21,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from captioner.pipelines.video import subtitle_video, uniform_times
-from captioner.pipelines.video_source import OpenCVSource
 from PIL import Image
 
 from captioner.api import load_model
+from captioner.pipelines.video import subtitle_video, uniform_times
+from captioner.pipelines.video_options import SAMPLING_MODES, VideoOptions
+from captioner.pipelines.video_source import OpenCVSource
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png")
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=2.0, help="seconds between captioned frames (default: 2)")
     parser.add_argument("--hold", type=float, default=15.0, help="seconds each photo is held (default: 15)")
     parser.add_argument("--fps", type=int, default=25)
+    parser.add_argument("--mode", choices=SAMPLING_MODES, default="uniform", help="frame sampling mode")
     parser.add_argument("--video", help="benchmark this file instead of generating a clip")
     args = parser.parse_args()
 
@@ -82,14 +85,16 @@ def main() -> None:
                   f"({path.stat().st_size / 1e6:.1f} MB)")
         decode_s, frames = timed(decode_every_frame, path)
         needed_s, needed = timed(read_needed_frames, path, args.every)
-        total_s, result = timed(subtitle_video, path, model=model, every=args.every)
+        settings = VideoOptions(mode=args.mode, every=args.every)
+        total_s, result = timed(subtitle_video, path, model=model, settings=settings)
     length = result.duration
     print(f"threads: torch {torch.get_num_threads()}, opencv {cv2.getNumThreads()}; "
-          f"{frames} frames, {length:.1f} s of video, --every {args.every:g}: {needed} frames captioned")
+          f"{frames} frames, {length:.1f} s of video, --every {args.every:g}: {needed} frames read, "
+          f"{result.frames_captioned} captioned")
     rows = [
         ("bare decode, every frame (grab+retrieve)", decode_s),
         (f"bare read of the {needed} frames needed (grab all, retrieve those)", needed_s),
-        (f"full subtitle_video(every={args.every:g}), {len(result.segments)} cues", total_s),
+        (f"full subtitle_video(mode={args.mode}, every={args.every:g}), {len(result.segments)} cues", total_s),
     ]
     width = max(len(name) for name, _ in rows)
     for name, seconds in rows:

@@ -25,11 +25,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from captioner.concepts import concept_evidence, concept_matrix
-from captioner.decoder import DecoderConfig, build_decoder
+from captioner.decoder import build_decoder
 from captioner.decoding import Caption, DecodingOptions, decode_grid
 from captioner.encoders import ENCODERS, build_encoder
 from captioner.errors import ModelLoadError, OptionError, OutputError, printable
-from captioner.options import REQUIRED, Bounds, check_fields, option
+from captioner.options import REQUIRED, Bounds, DecoderConfig, check_fields, option
 from captioner.vocab import SPECIALS, Vocabulary
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"

@@ -160,3 +160,33 @@ def _checked(name: str, value: Any, metadata: Mapping[str, Any], default: Any) -
     if not ok:
         raise OptionError(f"{name}={given!r} must be {rule}")
     return value
+
+
+MIN_VOCAB = 5  # the four special tokens and at least one word
+MAX_VOCAB = 1_000_000  # far above any caption corpus; bounds the output layer
+MAX_DIM = 8192  # bounds each layer: an LSTM of this size already holds about 3 GB of float32 weights
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Shape and regularization of the decoder (saved with the model)."""
+
+    # output words, including the four special tokens
+    vocab_size: int = option(REQUIRED, int, "output words, special tokens included", Bounds(MIN_VOCAB, MAX_VOCAB))
+    # channels of the encoder grid
+    feature_dim: int = option(REQUIRED, int, "channels of the encoder grid", Bounds(1, MAX_DIM))
+    # word embedding size
+    embed_dim: int = option(512, int, "word embedding size", Bounds(1, MAX_DIM))
+    # LSTM hidden and cell size
+    hidden_dim: int = option(512, int, "LSTM hidden and cell size", Bounds(1, MAX_DIM))
+    # attend over grid cells at every step
+    attention: bool = option(True, bool, "attend over the grid cells at every step")
+    # size of the additive attention's hidden layer
+    attention_dim: int = option(512, int, "size of the attention's hidden layer", Bounds(1, MAX_DIM))
+    # dropout on embeddings and before the output layer
+    dropout: float = option(0.5, float, "dropout on embeddings and before the output layer",
+                            Bounds(0, 1, open_high=True))
+
+    def __post_init__(self) -> None:
+        """Refuse wrong types and sizes before any weight is allocated (a config comes from JSON)."""
+        check_fields(self, "decoder option")

@@ -25,7 +25,6 @@ from tqdm import tqdm
 from captioner.checkpoint import check_fits, read_checkpoint, resume_error
 from captioner.cider import CiderD
 from captioner.data import ManifestEntry, read_manifest
-from captioner.decoder import DecoderConfig
 from captioner.decoding import DecodingOptions
 from captioner.encoders import build_encoder
 from captioner.errors import DataError, OptionError, OutputError, printable
@@ -33,6 +32,7 @@ from captioner.evaluation import evaluate_grids, grid_batches
 from captioner.features import cached_features
 from captioner.images import model_pixels
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder
+from captioner.options import DecoderConfig
 from captioner.scst import reward_tokens, self_critical_loss
 from captioner.train_config import TrainConfig
 from captioner.vocab import SPECIALS, Vocabulary, tokenize

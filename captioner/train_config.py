@@ -13,12 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from captioner.decoder import MAX_DIM
-from captioner.encoders import ENCODERS
 from captioner.errors import OptionError, printable
-from captioner.options import REQUIRED, Bounds, check_fields, option
+from captioner.options import MAX_DIM, REQUIRED, Bounds, check_fields, option
 
 MODEL_FIELDS = ("encoder", "finetune_encoder", "embed_dim", "hidden_dim", "attention", "attention_dim")
 """Fields that shape the model: a checkpoint saved with other values cannot be resumed."""
@@ -32,7 +28,8 @@ class TrainConfig:
     dev_manifest: str = option(REQUIRED, str, "JSONL manifest used to pick the best epoch", aliases=("--dev",))
     out_dir: str = option("runs/train", str, "folder for checkpoints, metrics log, plot and the best model",
                           aliases=("--out",))
-    encoder: str = option("efficientnet_lite0", str, "image encoder", choices=tuple(ENCODERS))
+    encoder: str = option("efficientnet_lite0", str, "image encoder: efficientnet_lite0 (offline), resnet50, "
+                          "efficientnet_b0 (torchvision, weights downloaded once) or any name in encoders.ENCODERS")
     finetune_encoder: bool = option(False, bool, "train the CNN too (slow without a GPU)")
     cache_dir: str = option("cache", str, "where frozen-encoder features are stored")
     flip_augment: bool = option(True, bool, "also train on horizontally flipped images' features")
@@ -69,6 +66,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        _check_encoder(self.encoder)
         _check_device(self.device)
 
     @classmethod
@@ -94,7 +92,16 @@ class TrainConfig:
             raise OptionError(f"{printable(path)}: {e}") from e
 
 
+def _check_encoder(name: str) -> None:
+    from captioner.encoders import ENCODERS  # torch: imported when a run is configured, not for --help
+
+    if name not in ENCODERS:
+        raise OptionError(f"encoder={name!r} must be one of {', '.join(sorted(ENCODERS))}")
+
+
 def _check_device(name: str) -> None:
+    import torch
+
     if name == "auto":
         return
     try:

@@ -7,22 +7,44 @@ the copy has the same frame count; which cue a frame shows follows the frame's s
 from __future__ import annotations
 
 import os
+import tempfile
 from bisect import bisect_right
 from pathlib import Path
 
 import cv2
 import numpy as np
-from captioner.pipelines.subtitles import Segment
-from captioner.pipelines.video_source import OpenCVSource
 
-from captioner.errors import VideoWriteError
+from captioner.errors import OptionError, VideoWriteError, printable
+from captioner.pipelines.cues import Segment
+from captioner.pipelines.outputs import check_writable_file, new_file_mode
+from captioner.pipelines.video_source import FALLBACK_FPS, OpenCVName, OpenCVSource
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX  # Hershey fonts draw ASCII only; other characters show as '?'
-FOURCC_BY_EXTENSION = {".avi": "MJPG"}  # everything else: MPEG-4 part 2, which every OpenCV build writes
+# Containers the copy can be written in, with the codec OpenCV's FFmpeg writer uses for each:
+# MPEG-4 part 2 (which every OpenCV build writes) except AVI, which gets Motion JPEG.
+FOURCC_BY_EXTENSION = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
+
+
+def check_burn_target(out: str | os.PathLike) -> Path:
+    """Fail now, before a model loads, if the burned copy could not be written to ``out``.
+
+    Raises:
+        OptionError: ``out``'s extension is not a container we write.
+        OutputError: ``out`` is a folder or its folder cannot be written.
+    """
+    out = Path(out)
+    if out.suffix.lower() not in FOURCC_BY_EXTENSION:
+        raise OptionError(f"{printable(out)}: --burn writes {', '.join(sorted(FOURCC_BY_EXTENSION))} files")
+    return check_writable_file(out)
 
 
 def burn_subtitles(video: str | os.PathLike, segments: list[Segment], out: str | os.PathLike) -> int:
     """Write ``out``: ``video`` with the text of the cue current at each frame drawn at the bottom.
+
+    This is a second decode pass, on purpose: the cues exist only once every sampled frame
+    has been captioned, and the decoded video cannot be held until then. The copy goes to a
+    temporary file beside ``out`` (with an ASCII name, which OpenCV can always take) and is
+    renamed over ``out`` when complete, so a failed run leaves no half-written video.
 
     Returns:
         The number of frames written.
@@ -32,24 +54,75 @@ def burn_subtitles(video: str | os.PathLike, segments: list[Segment], out: str |
         VideoWriteError: ``out`` cannot be written with this OpenCV build.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with OpenCVSource(video) as source:
-        fourcc = cv2.VideoWriter_fourcc(*FOURCC_BY_EXTENSION.get(out.suffix.lower(), "mp4v"))
-        writer = cv2.VideoWriter(str(out), fourcc, source.fps, source.size)
-        if not writer.isOpened():
-            raise VideoWriteError(f"{out}: cannot write a video here (OpenCV refused the file name or codec)")
-        written, track = 0, CueTrack(segments)
-        try:
-            for frame in source.frames():
-                bgr = cv2.cvtColor(frame.pixels, cv2.COLOR_RGB2BGR)
-                text = track.text_at(frame.time)
-                if text:
-                    draw_caption(bgr, text)
-                writer.write(bgr)
-                written += 1
-        finally:
-            writer.release()
+        with _TemporaryVideo(out) as temporary:
+            written = _copy_with_cues(source, segments, temporary.name, out)
+            temporary.keep()
     return written
+
+
+def _copy_with_cues(source: OpenCVSource, segments: list[Segment], name: str, out: Path) -> int:
+    """Write the copy to ``name`` (OpenCV-safe); ``out`` is the file it becomes, for formats and messages."""
+    fourcc = cv2.VideoWriter_fourcc(*FOURCC_BY_EXTENSION.get(out.suffix.lower(), "mp4v"))
+    try:
+        writer = cv2.VideoWriter(name, fourcc, source.fps or FALLBACK_FPS, source.size)
+    except cv2.error:
+        writer = None
+    if writer is None or not writer.isOpened():
+        width, height = source.size
+        raise VideoWriteError(f"{printable(out)}: OpenCV cannot write a {out.suffix} video of {width}x{height} pixels")
+    written, track = 0, CueTrack(segments)
+    try:
+        for frame in source.frames():
+            bgr = cv2.cvtColor(frame.pixels, cv2.COLOR_RGB2BGR)
+            if (bgr.shape[1], bgr.shape[0]) != source.size:  # a damaged stream may change size mid-way
+                bgr = cv2.resize(bgr, source.size)
+            text = track.text_at(frame.time)
+            if text:
+                draw_caption(bgr, text)
+            writer.write(bgr)
+            written += 1
+    finally:
+        writer.release()
+    return written
+
+
+class _TemporaryVideo:
+    """A temporary file beside ``out``, named so OpenCV can take it, renamed over ``out`` by :meth:`keep`."""
+
+    def __init__(self, out: Path):
+        self.out, self._kept = out, False
+        self._folder: OpenCVName | None = None
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._folder = OpenCVName(out.parent)  # a link when the folder's name is not valid UTF-8
+            suffix = out.suffix.lower() if out.suffix.isascii() else ".mp4"
+            fd, self.name = tempfile.mkstemp(dir=self._folder.name, prefix=".captioner-burn-", suffix=suffix)
+            os.close(fd)
+        except OSError as e:
+            if self._folder is not None:
+                self._folder.close()
+            raise VideoWriteError(f"{printable(out)}: cannot write: {e.strerror or e}") from e
+        self._path = out.parent / os.path.basename(self.name)
+
+    def keep(self) -> None:
+        try:
+            if self._path.stat().st_size == 0:
+                raise OSError(28, "nothing was written (is the disk full?)")
+            os.chmod(self._path, new_file_mode())  # mkstemp makes it private; a video is as readable as any
+            os.replace(self._path, self.out)
+        except OSError as e:
+            raise VideoWriteError(f"{printable(self.out)}: cannot write: {e.strerror or e}") from e
+        self._kept = True
+
+    def __enter__(self) -> "_TemporaryVideo":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._kept:
+            self._path.unlink(missing_ok=True)
+        if self._folder is not None:
+            self._folder.close()
 
 
 class CueTrack:

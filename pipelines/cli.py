@@ -153,16 +153,14 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 def cmd_video(args: argparse.Namespace) -> int:
     from captioner.pipelines.subtitles import writer_for
-    from captioner.pipelines.video import VideoOptions
-    from captioner.pipelines.video_batch import plan_jobs, run_jobs
+    from captioner.pipelines.video_batch import prepare_jobs, run_jobs
+    from captioner.pipelines.video_options import VideoOptions
 
     source = Path(args.input)
-    if source.is_dir() and (args.output or args.burn):
-        raise OptionError("-o and --burn take one video, not a folder (use --out-dir)")
     settings = dataclass_from_args(args, VideoOptions())
     writer = writer_for(args.output, args.format)
-    jobs = plan_jobs(source, writer.extension, output=args.output and Path(args.output),
-                     out_dir=args.out_dir and Path(args.out_dir), burn=args.burn and Path(args.burn))
+    jobs = prepare_jobs(source, writer.extension, output=args.output and Path(args.output),
+                        out_dir=args.out_dir and Path(args.out_dir), burn=args.burn and Path(args.burn))
     model, options = _load(args)
     failed = run_jobs(jobs, model=model, writer=writer, options=options, settings=settings,
                       progress=source.is_dir() and not args.quiet)
@@ -238,7 +236,7 @@ def _manifest_parser(sub) -> None:
 
 def _video_parser(sub) -> None:
     from captioner.pipelines.subtitles import WRITERS
-    from captioner.pipelines.video import VideoOptions
+    from captioner.pipelines.video_options import VideoOptions
 
     p = sub.add_parser("video", help="subtitle a video (or every video under a folder) as SRT, WebVTT or JSONL",
                        epilog=SCORE_HELP)

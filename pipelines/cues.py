@@ -1,16 +1,15 @@
 """From captioned frames to readable cues: merge repeats, drop doubtful ones, fix durations.
 
 Pure functions on typed values, no I/O and no model, so every rule is tested with
-hand-written samples.
+hand-written samples. :class:`Segment`, the cue every writer takes, lives here too.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
-
-from captioner.pipelines.subtitles import Segment
 
 # Neighbouring captions at least this similar show as one cue. Similarity is the share of
 # the shorter caption's words that the other has in the same order, because beam search on
@@ -18,6 +17,29 @@ from captioner.pipelines.subtitles import Segment
 # "a man in a blue shirt is standing on the beach" is 1.0 and "a cat sitting on a couch" /
 # "a cat laying on a couch" is 0.83, while "a black dog" / "a white dog" (0.67) stay apart.
 MERGE_SIMILARITY = 0.8
+
+Span = tuple[float, float]  # (start, end) in seconds
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One subtitle cue."""
+
+    start: float  # seconds from the start of the video
+    end: float  # seconds, > start
+    text: str  # the caption shown
+    score: float  # mean log-probability per token of the caption (<= 0; higher is more confident)
+
+
+@dataclass(frozen=True)
+class CaptionedFrame:
+    """A sampled frame with its best caption, and how it was sampled."""
+
+    time: float  # stream time of the frame, seconds
+    text: str  # best caption
+    score: float  # its mean log-probability per token
+    shot: int = 0  # index of the shot the frame belongs to (0 for everything without scene detection)
+    shot_span: Span | None = None  # (start, end) of that shot; None when the frame was sampled uniformly
 
 
 @dataclass(frozen=True)
@@ -29,6 +51,34 @@ class Sample:
     text: str  # best caption of the frame
     score: float  # its mean log-probability per token
     shot: int = 0  # samples from different shots never merge (all 0 without scene detection)
+
+
+def frame_samples(frames: list[CaptionedFrame], video_end: float) -> list[Sample]:
+    """The stretch of video each captioned frame stands for.
+
+    A uniformly sampled frame stands for the video up to the next sampled frame (the last
+    one: up to the end). Frames of one detected shot share it, split halfway between
+    neighbours, so cues start and end at cuts. ``frames`` are in time order.
+    """
+    samples: list[Sample] = []
+    groups = [list(g) for _, g in itertools.groupby(frames, key=lambda f: (f.shot, f.shot_span))]
+    for i, group in enumerate(groups):
+        following = groups[i + 1][0].time if i + 1 < len(groups) else video_end
+        samples += _shot_samples(group, video_end) if group[0].shot_span else _uniform_samples(group, following)
+    return samples
+
+
+def _uniform_samples(frames: list[CaptionedFrame], following: float) -> list[Sample]:
+    ends = [f.time for f in frames[1:]] + [max(following, frames[-1].time)]
+    return [Sample(f.time, end, f.text, f.score, f.shot) for f, end in zip(frames, ends, strict=True)]
+
+
+def _shot_samples(frames: list[CaptionedFrame], video_end: float) -> list[Sample]:
+    start, end = frames[0].shot_span or (frames[0].time, video_end)
+    times = [f.time for f in frames]
+    bounds = [min(start, times[0])] + [(a + b) / 2 for a, b in itertools.pairwise(times)]
+    bounds.append(max(min(end, video_end), times[-1]))
+    return [Sample(bounds[i], bounds[i + 1], f.text, f.score, f.shot) for i, f in enumerate(frames)]
 
 
 def word_similarity(a: str, b: str) -> float:

@@ -38,6 +38,13 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def new_file_mode() -> int:
+    """The mode a plainly created file gets (0666 less the umask); temporary files start private."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[TextIO], None]) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file, then rename it over ``path``.
 
@@ -54,6 +61,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[TextIO], None]) -
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")
         tmp = Path(name)
+        os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a written file gets the usual mode
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:
             write(file)
         os.replace(tmp, path)

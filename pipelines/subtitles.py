@@ -1,4 +1,4 @@
-"""Subtitle cues and their writers: SRT, WebVTT and JSONL, chosen by format name.
+"""Subtitle writers: SRT, WebVTT and JSONL, chosen by format name (the cue type, Segment, is in cues.py).
 
 SRT and WebVTT share one writer class and differ only in attributes (header, decimal
 marker, escaping), so a fix to one is a fix to both.
@@ -7,26 +7,20 @@ marker, escaping), so a fix to one is a fix to both.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, TextIO
 
-
-@dataclass(frozen=True)
-class Segment:
-    """One subtitle cue."""
-
-    start: float  # seconds from the start of the video
-    end: float  # seconds, > start
-    text: str  # the caption shown
-    score: float  # mean log-probability per token of the caption (<= 0; higher is more confident)
+from captioner.errors import OptionError
+from captioner.pipelines.cues import Segment
+from captioner.pipelines.outputs import write_atomically
 
 
 def format_timestamp(seconds: float, *, decimal_marker: str = ".") -> str:
     """``HH:MM:SS.mmm`` with hours always present (both SRT and WebVTT accept that form)."""
-    if seconds < 0:
-        raise ValueError(f"timestamp {seconds!r} must be >= 0")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"timestamp {seconds!r} must be finite and >= 0")
     milliseconds = round(seconds * 1000)
     hours, milliseconds = divmod(milliseconds, 3_600_000)
     minutes, milliseconds = divmod(milliseconds, 60_000)
@@ -85,19 +79,24 @@ def writer_for(path: str | os.PathLike | None = None, name: str | None = None) -
     """The writer named, else the one matching ``path``'s extension, else SRT.
 
     Raises:
-        ValueError: the name or extension is not a subtitle format we write.
+        OptionError: the name or extension is not a subtitle format we write (a ValueError too).
     """
     if name is None and path is not None:
         name = Path(path).suffix.lower().lstrip(".")
     name = name or "srt"
     if name not in WRITERS:
-        raise ValueError(f"subtitle format {name!r} must be one of {sorted(WRITERS)} (or use --format)")
+        raise OptionError(f"subtitle format {name!r} must be one of {sorted(WRITERS)} (or use --format)")
     return WRITERS[name]()
 
 
 def write_subtitles(segments: Iterable[Segment], path: str | os.PathLike, writer: CueWriter | WriteJSONL) -> None:
-    """Write ``segments`` to ``path`` as UTF-8 with LF line ends, creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as file:
-        writer.write(segments, file)
+    """Write ``segments`` to ``path`` as UTF-8 with LF line ends, creating its folder.
+
+    The file is replaced whole or not at all, so a player never reads half a file and a
+    failed run leaves the previous subtitles in place.
+
+    Raises:
+        OutputError: ``path`` cannot be written (a folder, no permission, a full disk).
+    """
+    segments = list(segments)
+    write_atomically(path, lambda file: writer.write(segments, file))

@@ -1,58 +1,236 @@
-"""Subtitles for a video: pick frames (uniformly or per shot), caption them in batches, merge.
+"""Subtitles for a video in one decode pass: pick frames (uniformly or per shot), caption them in batches, merge.
 
     from captioner.api import load_model
-    from captioner.pipelines.video import subtitle_video
-    subs = subtitle_video("clip.mp4", model=load_model(), every=2.0)
+    from captioner.pipelines.video import VideoOptions, subtitle_video
+    subs = subtitle_video("clip.mp4", model=load_model(), settings=VideoOptions(mode="scenes"))
     for cue in subs.segments:
         print(cue.start, cue.end, cue.text)
+
+How frames are picked is a sampling mode: a class (:data:`SAMPLERS`) that is offered every
+frame of the one decode pass and hands on the frames to caption, already at the model's
+input size. To add a mode, write such a class with a ``from_options`` constructor, add it
+to :data:`SAMPLERS` and its name to ``video_options.SAMPLING_MODES``; the CLI's choices follow.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
-from bisect import bisect_right
+from bisect import bisect_left
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
+import cv2
 import numpy as np
 import torch
-from captioner.pipelines.cues import Sample, merge_samples, shape_cues
-from captioner.pipelines.prefetch import in_background
-from captioner.pipelines.subtitles import Segment
-from captioner.pipelines.video_source import Frame, OpenCVSource, VideoSource
 
-from captioner.decoding import Caption, DecodingOptions
+from captioner.decoding import DecodingOptions
+from captioner.errors import printable
 from captioner.images import model_pixels
 from captioner.model import CaptionModel
+from captioner.pipelines.cues import CaptionedFrame, Segment, Span, frame_samples, merge_samples, shape_cues
+from captioner.pipelines.prefetch import in_background
+from captioner.pipelines.video_options import SAMPLING_MODES, VideoOptions
+from captioner.pipelines.video_source import FALLBACK_FPS, TIME_TOLERANCE, FramePicker, Grab, OpenCVSource, VideoSource
 
-Shot = tuple[float, float]  # (start, end) seconds of one shot between two cuts
+# Frames are shrunk to about this width for the scene detector, as PySceneDetect's SceneManager does.
+DETECTOR_WIDTH = 256
+# Skipped spans named in a warning; the rest are counted.
+SPANS_LISTED = 5
 
 
 @dataclass(frozen=True)
-class VideoOptions:
-    """How frames are picked and cues shaped; change fields with ``dataclasses.replace``."""
+class Pick:
+    """A frame chosen for captioning, already at the model's input size."""
 
-    every: float = 2.0  # seconds between sampled frames (also the density inside shots with ``scenes``)
-    scenes: bool = False  # sample inside shots found by PySceneDetect; cues never cross a cut
-    max_per_scene: int = 3  # frames captioned per shot at most (evenly spread), with ``scenes``
-    min_score: float | None = None  # drop cues whose score (mean log-prob, <= 0) is lower
-    min_duration: float = 1.0  # seconds a cue lasts at least, if the next cue leaves room
-    max_duration: float = 7.0  # seconds a cue lasts at most; longer ones are split
-    batch_size: int = 16  # frames per encoder + beam search batch
+    time: float  # stream time in seconds
+    pixels: np.ndarray  # (S, S, 3) uint8 RGB
+    shot: int = 0  # shot index (0 for everything when sampling uniformly)
+    shot_span: Span | None = None  # (start, end) of the frame's shot; None when sampled uniformly
 
-    def __post_init__(self) -> None:
-        checks = {
-            "every": (self.every > 0, "> 0"),
-            "max_per_scene": (self.max_per_scene >= 1, ">= 1"),
-            "min_duration": (self.min_duration >= 0, ">= 0"),
-            "max_duration": (self.max_duration >= max(self.min_duration, 1e-3), ">= min_duration and > 0"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-        }
-        for name, (ok, rule) in checks.items():
-            if not ok:
-                raise ValueError(f"video option {name}={getattr(self, name)!r} must be {rule}")
+
+class Sampler(Protocol):
+    """Offered every frame of the decode pass in order; hands on the frames to caption."""
+
+    notes: list[str]  # what went differently than asked (e.g. scene detection failed), without the path
+
+    def offer(self, grab: Grab) -> Iterable[Pick]:
+        """Frames to caption that are known once ``grab`` has been seen (they may be earlier ones)."""
+        ...
+
+    def finish(self, end: float) -> Iterable[Pick]:
+        """The frames still held when the video ends at ``end`` seconds."""
+        ...
+
+
+def uniform_times(every: float) -> Iterator[float]:
+    """0, every, 2 * every, ... without accumulating rounding error."""
+    return (k * every for k in itertools.count())
+
+
+class UniformSampler:
+    """The first frame at or after 0, every, 2 * every, ... seconds (or at ``start`` and the grid after it)."""
+
+    def __init__(self, every: float, size: int, *, start: float | None = None, shot: int = 0):
+        times = uniform_times(every)
+        if start is not None:
+            times = itertools.chain([start], (t for t in times if t > start + TIME_TOLERANCE))
+        self._picker, self._size, self._shot = FramePicker(times), size, shot
+        self.notes: list[str] = []
+
+    @classmethod
+    def from_options(cls, settings: VideoOptions, source: VideoSource, size: int) -> UniformSampler:
+        return cls(settings.every, size)
+
+    def offer(self, grab: Grab) -> Iterator[Pick]:
+        if self._picker.due(grab.time) and (rgb := grab.rgb()) is not None:
+            self._picker.take(grab.time)
+            yield Pick(grab.time, model_pixels(rgb, self._size), self._shot)
+
+    def finish(self, end: float) -> Iterator[Pick]:
+        return iter(())
+
+
+class ShotFrames:
+    """Candidate frames of the open shot: at most ``capacity``, kept evenly spread as the shot grows.
+
+    The first frame in each ``step``-second cell from the shot's start is kept. When more
+    than ``capacity`` are kept, the cells double and every other candidate goes, so memory
+    stays bounded however long the shot runs, and the candidates still cover all of it.
+    """
+
+    def __init__(self, start: float, step: float, capacity: int):
+        self.start, self.step, self.capacity = start, step, capacity
+        self.kept: list[tuple[float, np.ndarray]] = []  # (time, (S, S, 3) pixels), in time order
+
+    def _cell(self, time: float) -> int:
+        return math.floor((time - self.start) / self.step + 1e-9)
+
+    def wants(self, time: float) -> bool:
+        return not self.kept or self._cell(time) > self._cell(self.kept[-1][0])
+
+    def add(self, time: float, pixels: np.ndarray) -> None:
+        self.kept.append((time, pixels))
+        while len(self.kept) > self.capacity:
+            self.step *= 2
+            cells = [self._cell(t) for t, _ in self.kept]
+            self.kept = [c for i, c in enumerate(self.kept) if i == 0 or cells[i] > cells[i - 1]]
+
+    def spread(self, end: float, every: float, most: int) -> list[tuple[float, np.ndarray]]:
+        """One frame per ``every`` seconds of the shot (at least one, at most ``most``), evenly spread.
+
+        The shot split into n equal parts is sampled nearest the middle of each part, away
+        from the cuts (where fades and motion blur live).
+        """
+        if not self.kept:
+            return []
+        length = max(end - self.start, 0.0)
+        count = min(most, max(1, round(length / every)))
+        times = [t for t, _ in self.kept]
+        chosen = {_nearest(times, self.start + (k + 0.5) * length / count) for k in range(count)}
+        return [self.kept[i] for i in sorted(chosen)]
+
+
+def _nearest(times: list[float], target: float) -> int:
+    i = bisect_left(times, target)
+    return min((j for j in (i - 1, i) if 0 <= j < len(times)), key=lambda j: abs(times[j] - target))
+
+
+class SceneSampler:
+    """Frames spread over each shot found by PySceneDetect's ContentDetector, in the same decode pass.
+
+    Every frame is retrieved, shrunk to about 256 pixels wide (as PySceneDetect's own
+    SceneManager does) and shown to the detector. Candidates of the open shot are kept at
+    the model's input size (:class:`ShotFrames`); at the cut the evenly spread ones are
+    handed on and the rest dropped, so a shot's frames are never all held. The detector's
+    flash filter runs in SUPPRESS mode, which reports a cut on the frame it happens (the
+    default MERGE mode may report it ``min_scene_len`` frames late), so the shot closes at once.
+
+    Should the detector fail (not installed, or any error of its own), the shot so far is
+    closed and the rest of the video is sampled uniformly, with a note: never a lost video.
+    """
+
+    def __init__(self, every: float, most: int, size: int, fps: float):
+        self._every, self._most, self._size, self._fps = every, most, size, fps or FALLBACK_FPS
+        self.notes: list[str] = []
+        self._shot: ShotFrames | None = None
+        self._shots = 0  # shots closed so far
+        self._fallback: UniformSampler | None = None
+        self._detect_size: tuple[int, int] | None = None
+        try:
+            self._detector, self._timecode = _content_detector()
+        except Exception as e:  # a third-party failure of any kind falls back to uniform sampling
+            self._detector, self._failure = None, f"scene detection failed ({e or type(e).__name__})"
+
+    @classmethod
+    def from_options(cls, settings: VideoOptions, source: VideoSource, size: int) -> SceneSampler:
+        return cls(settings.every, settings.max_per_scene, size, source.fps)
+
+    def offer(self, grab: Grab) -> Iterator[Pick]:
+        if self._fallback is None and self._detector is None:
+            yield from self._fall_back(grab, self._failure)
+        if self._fallback is not None:
+            yield from self._fallback.offer(grab)
+            return
+        bgr = grab.bgr()
+        if bgr is None:
+            return
+        try:
+            cut = self._is_cut(grab.index, bgr)
+        except Exception as e:  # a third-party failure of any kind falls back to uniform sampling
+            yield from self._fall_back(grab, f"scene detection failed ({e or type(e).__name__})")
+            yield from self._fallback.offer(grab)
+            return
+        if cut and self._shot is not None and grab.time > self._shot.start:
+            yield from self._close(grab.time)
+        if self._shot is None:
+            self._shot = ShotFrames(grab.time, self._every / 4, max(8, 4 * self._most))
+        if self._shot.wants(grab.time):
+            self._shot.add(grab.time, model_pixels(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self._size))
+
+    def finish(self, end: float) -> Iterator[Pick]:
+        if self._shot is not None:
+            yield from self._close(max(end, self._shot.start))
+
+    def _is_cut(self, index: int, bgr: np.ndarray) -> bool:
+        if self._detect_size is None:
+            height, width = bgr.shape[:2]
+            scale = max(1.0, width / DETECTOR_WIDTH)
+            self._detect_size = (max(1, round(width / scale)), max(1, round(height / scale)))
+        if (bgr.shape[1], bgr.shape[0]) != self._detect_size:  # also evens out a frame size that changes mid-stream
+            bgr = cv2.resize(bgr, self._detect_size, interpolation=cv2.INTER_AREA)
+        return bool(self._detector.process_frame(self._timecode(index, self._fps), bgr))
+
+    def _close(self, end: float) -> Iterator[Pick]:
+        shot, self._shot = self._shot, None
+        for time, pixels in shot.spread(end, self._every, self._most):
+            yield Pick(time, pixels, self._shots, (shot.start, end))
+        self._shots += 1
+
+    def _fall_back(self, grab: Grab, reason: str) -> Iterator[Pick]:
+        if self._shot is not None and grab.time > self._shot.start:
+            yield from self._close(grab.time)
+        self._shot, self._detector = None, None
+        since = f" from {grab.time:.2f} s on" if self._shots else ""
+        self.notes.append(f"{reason}; sampling every {self._every:g} s instead{since}")
+        self._fallback = UniformSampler(self._every, self._size, start=grab.time, shot=self._shots)
+
+
+def _content_detector() -> tuple[object, Callable[[int, float], object]]:
+    """A ContentDetector reporting cuts on the frame they happen, and the timecode type it takes."""
+    from scenedetect import ContentDetector, FrameTimecode
+    from scenedetect.detector import FlashFilter
+
+    return ContentDetector(filter_mode=FlashFilter.Mode.SUPPRESS), FrameTimecode
+
+
+# A sampler class for each mode name of VideoOptions.mode; a class has
+# ``from_options(settings, source, size) -> Sampler``.
+SAMPLERS: dict[str, type] = {"uniform": UniformSampler, "scenes": SceneSampler}
+assert tuple(SAMPLERS) == SAMPLING_MODES, "every sampling mode needs a sampler, and every sampler a mode name"
 
 
 @dataclass(frozen=True)
@@ -64,8 +242,9 @@ class VideoSubtitles:
     duration: float  # seconds of video decoded (up to the break when decoding stopped early)
     frames_captioned: int
     stopped_at: float | None = None  # time of the last good frame when the file broke off early
-    error: str | None = None  # "PATH: reason" when it broke off; the segments cover the video up to there
-    notes: tuple[str, ...] = ()  # e.g. scene detection failed and uniform sampling was used
+    skipped: tuple[Span, ...] = ()  # stretches of undecodable frames skipped over
+    warnings: tuple[str, ...] = ()  # "PATH: reason" for each way the cues fall short of the whole video
+    notes: tuple[str, ...] = ()  # "PATH: ..." for what went differently, e.g. uniform sampling after a failure
 
 
 def subtitle_video(
@@ -73,33 +252,24 @@ def subtitle_video(
     *,
     model: CaptionModel,
     options: DecodingOptions | None = None,
-    every: float = 2.0,
-    scenes: bool = False,
-    max_per_scene: int = 3,
-    min_score: float | None = None,
-    min_duration: float = 1.0,
-    max_duration: float = 7.0,
-    batch_size: int = 16,
+    settings: VideoOptions | None = None,
 ) -> VideoSubtitles:
-    """Caption a video's frames and turn them into subtitle cues.
+    """Caption a video's frames and turn them into subtitle cues, decoding the file once.
 
     Args:
-        path: the video file (anything OpenCV's FFmpeg backend decodes).
+        path: the video file (anything OpenCV's FFmpeg backend decodes; any file name).
         model: the caption model; frames go through the same batched search as photos.
         options: decoding options (default: the model's own).
-        every, scenes, max_per_scene, min_score, min_duration, max_duration, batch_size:
-            see :class:`VideoOptions`.
+        settings: sampling and cue options (default: ``VideoOptions()``).
 
     Returns:
-        The cues with the decoded duration. A file that breaks off part-way still returns
-        the cues up to the break, with ``stopped_at`` and ``error`` set: check them.
+        The cues with the decoded duration. Undecodable stretches are skipped over and a
+        file that breaks off still gives the cues up to the break: both are listed in
+        ``warnings``, so check it.
 
     Raises:
         VideoReadError: the file is missing, not a video, or has no decodable frame.
-        ValueError: an option is out of range.
     """
-    settings = VideoOptions(every=every, scenes=scenes, max_per_scene=max_per_scene, min_score=min_score,
-                            min_duration=min_duration, max_duration=max_duration, batch_size=batch_size)
     with OpenCVSource(path) as source:
         return subtitle_source(source, model=model, options=options, settings=settings)
 
@@ -113,98 +283,57 @@ def subtitle_source(
 ) -> VideoSubtitles:
     """:func:`subtitle_video` for an already opened source (any :class:`VideoSource`)."""
     settings = settings or VideoOptions()
-    shots, note = detect_shots(source.path, settings.every) if settings.scenes else (None, None)
-    if shots is None:
-        times: Iterable[float] = uniform_times(settings.every)
-    else:
-        times = shot_times(shots, settings.every, settings.max_per_scene)
-    captioned = list(caption_frames(model, source.frames(times), options, settings.batch_size))
+    sampler = SAMPLERS[settings.mode].from_options(settings, source, model.encoder.preprocess.size)
+    with closing(in_background(sample_frames(source, sampler))) as picks:  # stopped before the source closes
+        captioned = list(caption_picks(model, picks, options, settings.batch_size))
     end = source.end_time
-    samples = uniform_samples(captioned, end) if shots is None else shot_samples(captioned, shots, end)
-    segments = shape_cues(merge_samples(samples), min_score=settings.min_score, min_duration=settings.min_duration,
-                          max_duration=settings.max_duration, video_end=end)
-    return VideoSubtitles(source.path, segments, end, len(captioned), source.stopped_at,
-                          stop_message(source), (note,) if note else ())
+    segments = shape_cues(merge_samples(frame_samples(captioned, end)), min_score=settings.min_score,
+                          min_duration=settings.min_duration, max_duration=settings.max_duration, video_end=end)
+    name = printable(source.path)
+    notes = [f"{name}: {note}" for note in sampler.notes] + retime_notes(source)
+    return VideoSubtitles(source.path, segments, end, len(captioned), source.stopped_at, tuple(source.skipped),
+                          tuple(decode_warnings(source)), tuple(notes))
 
 
-def stop_message(source: VideoSource) -> str | None:
-    """``PATH: reason`` when the source broke off before the end its container announced."""
-    if source.stopped_at is None:
-        return None
-    expected = f" of about {source.expected_duration:.2f} s" if source.expected_duration else ""
-    return (f"{source.path}: decoding stopped at {source.stopped_at:.2f} s{expected}; "
-            "the file is truncated or corrupt after that point")
+def sample_frames(source: VideoSource, sampler: Sampler) -> Iterator[Pick]:
+    """The one decode pass: every frame offered to the sampler, the frames it picks handed on."""
+    for grab in source.grabs():
+        yield from sampler.offer(grab)
+    yield from sampler.finish(source.end_time)
 
 
-def uniform_times(every: float) -> Iterator[float]:
-    """0, every, 2 * every, ... without accumulating rounding error."""
-    return (k * every for k in itertools.count())
+def caption_picks(
+    model: CaptionModel, picks: Iterable[Pick], options: DecodingOptions | None, batch_size: int
+) -> Iterator[CaptionedFrame]:
+    """Each picked frame with its best caption, captioned ``batch_size`` frames at a time.
 
-
-def detect_shots(path: Path, every: float) -> tuple[list[Shot] | None, str | None]:
-    """Shots found by PySceneDetect's ContentDetector, or (None, why) when it fails.
-
-    PySceneDetect decodes the whole file once more; any error of its own (it has many
-    backends and file quirks) means uniform sampling instead, never a lost video.
+    ``picks`` come from a background thread (decoding, scene detection, resizing) that
+    runs while the previous batch is captioned; only model-size frames are ever batched.
     """
-    from scenedetect import ContentDetector, detect
-
-    try:
-        scenes = detect(str(path), ContentDetector(), start_in_scene=True)
-    except Exception as e:  # a third-party failure of any kind falls back to uniform sampling
-        return None, f"{path}: scene detection failed ({e or type(e).__name__}); sampling every {every:g} s instead"
-    shots = [(start.seconds, end.seconds) for start, end in scenes if end.seconds > start.seconds]
-    if not shots:
-        return None, f"{path}: scene detection found no shots; sampling every {every:g} s instead"
-    return shots, None
+    picks = iter(picks)
+    while batch := list(itertools.islice(picks, batch_size)):
+        pixels = torch.from_numpy(np.stack([p.pixels for p in batch]))  # (B, S, S, 3) uint8
+        for pick, n_best in zip(batch, model.caption_pixels(pixels, options), strict=True):
+            yield CaptionedFrame(pick.time, n_best[0].text, n_best[0].score, pick.shot, pick.shot_span)
 
 
-def shot_times(shots: list[Shot], every: float, max_per_shot: int) -> list[float]:
-    """Target times spread evenly inside each shot: one per ``every`` seconds, at most ``max_per_shot``.
-
-    A shot split into n equal parts is sampled at the middle of each part, away from the
-    cut itself (where fades and motion blur live).
-    """
-    times = []
-    for start, end in shots:
-        count = min(max_per_shot, max(1, round((end - start) / every)))
-        times += [start + (k + 0.5) * (end - start) / count for k in range(count)]
-    return times
-
-
-def caption_frames(
-    model: CaptionModel, frames: Iterable[Frame], options: DecodingOptions | None, batch_size: int
-) -> Iterator[tuple[float, Caption]]:
-    """(frame time, best caption) for each frame, captioned ``batch_size`` frames at a time.
-
-    Frames are decoded and squashed to the encoder's input size in a background thread
-    while the previous batch is captioned, and a batch of full-size frames is never held.
-    """
-    size = model.encoder.preprocess.size
-    resized = in_background((f.time, model_pixels(f.pixels, size)) for f in frames)
-    while batch := list(itertools.islice(resized, batch_size)):
-        pixels = torch.from_numpy(np.stack([p for _, p in batch]))  # (B, S, S, 3) uint8
-        for (time, _), n_best in zip(batch, model.caption_pixels(pixels, options), strict=True):
-            yield time, n_best[0]
+def decode_warnings(source: VideoSource) -> list[str]:
+    """``PATH: reason`` for skipped stretches and for a file that broke off before its announced end."""
+    name, warnings = printable(source.path), []
+    if source.skipped:
+        spans = ", ".join(f"{a:.2f}-{b:.2f} s" for a, b in source.skipped[:SPANS_LISTED])
+        more = len(source.skipped) - SPANS_LISTED
+        spans += f" and {more} more" if more > 0 else ""
+        warnings.append(f"{name}: skipped undecodable frames at {spans}; the cues around them cover the gap")
+    if source.stopped_at is not None:
+        expected = f" of about {source.expected_duration:.2f} s" if source.expected_duration else ""
+        warnings.append(f"{name}: decoding stopped at {source.stopped_at:.2f} s{expected}; "
+                        "the file is truncated or corrupt after that point")
+    return warnings
 
 
-def uniform_samples(captioned: list[tuple[float, Caption]], end: float) -> list[Sample]:
-    """Each frame stands for the video from its time to the next sampled frame's (the last: to the end)."""
-    times = [t for t, _ in captioned]
-    ends = times[1:] + [max(end, times[-1])] if times else []
-    return [Sample(t, e, c.text, c.score) for (t, c), e in zip(captioned, ends, strict=True)]
-
-
-def shot_samples(captioned: list[tuple[float, Caption]], shots: list[Shot], end: float) -> list[Sample]:
-    """Frames of one shot share it, split halfway between neighbours; cues then start and end at cuts."""
-    starts = [s for s, _ in shots]
-    by_shot: dict[int, list[tuple[float, Caption]]] = {}
-    for time, caption in captioned:
-        by_shot.setdefault(max(0, bisect_right(starts, time) - 1), []).append((time, caption))
-    samples = []
-    for shot, members in sorted(by_shot.items()):
-        shot_start, shot_end = shots[shot][0], min(shots[shot][1], end)
-        times = [t for t, _ in members]
-        bounds = [shot_start] + [(a + b) / 2 for a, b in itertools.pairwise(times)] + [max(shot_end, times[-1])]
-        samples += [Sample(bounds[i], bounds[i + 1], c.text, c.score, shot) for i, (_, c) in enumerate(members)]
-    return samples
+def retime_notes(source: VideoSource) -> list[str]:
+    if not source.retimed:
+        return []
+    return [f"{printable(source.path)}: {source.retimed} frames had no usable stream time (missing or going "
+            "backwards); their times were estimated from the frame before"]

@@ -1,21 +1,28 @@
-"""Subtitle one video or every video under a folder, reporting bad files and going on."""
+"""Subtitle one video or every video under a folder, reporting bad files and going on.
+
+    jobs = prepare_jobs(Path("clips"), "srt", out_dir=Path("subs"))   # before the model loads
+    failed = run_jobs(jobs, model=load_model(), writer=WriteSRT())
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioner.pipelines.burn import burn_subtitles
-from captioner.pipelines.sources import walk_videos
-from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
-from captioner.pipelines.video import VideoOptions, subtitle_video
 from tqdm import tqdm
 
 from captioner.decoding import DecodingOptions
-from captioner.errors import CaptionerError
+from captioner.errors import CaptionerError, OptionError, OutputError, VideoReadError, printable
 from captioner.model import CaptionModel
+from captioner.pipelines.burn import burn_subtitles, check_burn_target
+from captioner.pipelines.outputs import check_writable_file
+from captioner.pipelines.sources import walk_videos
+from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
+from captioner.pipelines.video import VideoOptions, subtitle_source
+from captioner.pipelines.video_source import OpenCVSource
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,39 @@ class VideoJob:
     burn: Path | None = None  # a copy of the video with the cues drawn on, when asked for
 
 
+def prepare_jobs(
+    source: Path, extension: str, *, output: Path | None = None, out_dir: Path | None = None, burn: Path | None = None
+) -> list[VideoJob]:
+    """:func:`plan_jobs`, then every output location checked, in well under a second: call it before the model loads.
+
+    For one video, its subtitle file and ``burn`` copy must be writable (folders are
+    created) and neither may be the video itself. In folder mode ``out_dir`` must be a
+    writable folder; each subtitle file is checked again when its video comes up.
+
+    Raises:
+        OptionError: ``output`` or ``burn`` with a folder, an output that is the video, a ``burn``
+            format we cannot write.
+        OutputError: an output location cannot be written.
+        VideoReadError: ``source`` does not exist.
+    """
+    if not source.exists():
+        raise VideoReadError(f"{printable(source)}: no such file or folder")
+    jobs = plan_jobs(source, extension, output=output, out_dir=out_dir, burn=burn)
+    if out_dir is not None:
+        check_folder(out_dir)
+    if not source.is_dir():
+        job = jobs[0]
+        for target, what in ((job.output, "the subtitle file"), (job.burn, "--burn")):
+            if target is not None and _same_file(target, job.video):
+                raise OptionError(f"{printable(target)}: {what} would overwrite the input video")
+        if job.burn is not None:
+            if _same_file(job.burn, job.output):
+                raise OptionError(f"{printable(job.burn)}: --burn and the subtitle file are the same file")
+            check_burn_target(job.burn)
+        check_writable_file(job.output)
+    return jobs
+
+
 def plan_jobs(
     source: Path, extension: str, *, output: Path | None = None, out_dir: Path | None = None, burn: Path | None = None
 ) -> list[VideoJob]:
@@ -34,18 +74,53 @@ def plan_jobs(
 
     Subtitles go to ``output`` (one video only), else into ``out_dir`` (keeping the
     folder's sub-paths, so equal names in two sub-folders do not collide), else beside
-    each video with the format's extension. ``burn`` applies to one video only.
+    each video with the format's extension. Two videos of one folder that differ only in
+    their extension (``a.mp4``, ``a.avi``) get ``a.mp4.srt`` and ``a.avi.srt`` instead of
+    one overwriting the other. ``burn`` applies to one video only.
+
+    Raises:
+        OptionError: ``output`` or ``burn`` given for a folder.
     """
+    if source.is_dir() and (output is not None or burn is not None):
+        raise OptionError(f"{printable(source)}: -o and --burn take one video, not a folder (use --out-dir)")
     if not source.is_dir():
-        if output is None:
-            output = (out_dir or source.parent) / f"{source.stem}.{extension}"
-        return [VideoJob(source, output, burn)]
+        return [VideoJob(source, output or (out_dir or source.parent) / f"{source.stem}.{extension}", burn)]
+    videos = list(walk_videos(source))
+    stems: dict[tuple[Path, str], int] = {}
+    for video in videos:
+        key = (video.parent, video.stem.casefold())
+        stems[key] = stems.get(key, 0) + 1
     jobs = []
-    for video in walk_videos(source):
-        relative = video.relative_to(source)
-        folder = out_dir / relative.parent if out_dir else video.parent
-        jobs.append(VideoJob(video, folder / f"{video.stem}.{extension}"))
+    for video in videos:
+        folder = out_dir / video.parent.relative_to(source) if out_dir else video.parent
+        name = video.name if stems[(video.parent, video.stem.casefold())] > 1 else video.stem
+        jobs.append(VideoJob(video, folder / f"{name}.{extension}"))
     return jobs
+
+
+def check_folder(folder: Path) -> None:
+    """Create ``folder`` if needed and make sure files can be created in it.
+
+    Raises:
+        OutputError: it is a file, or it cannot be created or written.
+    """
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".captioner-check-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{printable(folder)}: cannot write here: {e.strerror or e}") from e
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def run_jobs(
@@ -57,19 +132,20 @@ def run_jobs(
     settings: VideoOptions | None = None,
     progress: bool = True,
 ) -> int:
-    """Subtitle each job's video; returns how many failed or broke off part-way.
+    """Subtitle each job's video; returns how many failed or were subtitled only in part.
 
-    A video that cannot be read is reported as ``skipped PATH: reason`` on stderr and the
-    run goes on. A video that breaks off part-way still gets subtitles up to the break and
-    a ``warning: PATH: ...`` line, and counts as failed so scripts notice.
+    A video that cannot be read, or whose subtitles or burned copy cannot be written, is
+    reported as ``skipped VIDEO: reason`` on stderr and the run goes on. A video with
+    undecodable stretches or that breaks off part-way still gets its subtitles and a
+    ``warning: VIDEO: ...`` line, and counts as failed so scripts notice.
     """
     failed, settings = 0, settings or VideoOptions()
     bar = tqdm(jobs, desc="subtitling", unit="video", disable=not progress, file=sys.stderr)
     for job in bar:
         try:
             failed += not run_job(job, model=model, writer=writer, options=options, settings=settings)
-        except CaptionerError as e:
-            tqdm.write(f"skipped {e}", file=sys.stderr)
+        except (CaptionerError, OSError) as e:
+            tqdm.write(f"skipped {failure_reason(job, e)}", file=sys.stderr)
             failed += 1
     return failed
 
@@ -78,15 +154,26 @@ def run_job(
     job: VideoJob, *, model: CaptionModel, writer: CueWriter | WriteJSONL, options: DecodingOptions | None,
     settings: VideoOptions,
 ) -> bool:
-    """Subtitle one video (and burn the copy); False when it broke off part-way."""
-    subtitles = subtitle_video(job.video, model=model, options=options, **dataclasses.asdict(settings))
+    """Subtitle one video (and burn the copy); False when the cues cover it only in part."""
+    with OpenCVSource(job.video) as source:
+        check_writable_file(job.output)  # a folder or a read-only place there: know it before captioning
+        subtitles = subtitle_source(source, model=model, options=options, settings=settings)
     for note in subtitles.notes:
         tqdm.write(f"note: {note}", file=sys.stderr)
     write_subtitles(subtitles.segments, job.output, writer)
     if job.burn:
         burn_subtitles(job.video, subtitles.segments, job.burn)
-    if subtitles.error:
-        tqdm.write(f"warning: {subtitles.error}; wrote the {len(subtitles.segments)} cues before it",
-                   file=sys.stderr)
-        return False
-    return True
+    for warning in subtitles.warnings:
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
+    return not subtitles.warnings
+
+
+def failure_reason(job: VideoJob, error: BaseException) -> str:
+    """``VIDEO: reason``, the reason naming the output when an output failed."""
+    video = printable(job.video)
+    if isinstance(error, OSError) and not isinstance(error, CaptionerError):
+        where = f"{printable(error.filename)}: " if error.filename else ""
+        reason = f"{where}{error.strerror or error}"
+    else:
+        reason = printable(error)
+    return reason if reason.startswith(f"{video}: ") else f"{video}: {reason}"

@@ -86,8 +86,8 @@ def test_every_decoding_option_has_a_flag_that_reaches_the_options():
 def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys):
     import torch
 
-    from captioner.decoder import DecoderConfig
     from captioner.model import CaptionModel, ModelConfig
+    from captioner.options import DecoderConfig
     from captioner.vocab import Vocabulary
 
     def save(name: str, words: list[str]) -> str:

@@ -1,8 +1,17 @@
-"""Cue shaping: merging near-same captions, score filtering, minimum and maximum durations."""
+"""Cue shaping: the stretch each frame stands for, merging near-same captions, score filtering, durations."""
 
 import pytest
-from captioner.pipelines.cues import Sample, merge_samples, shape_cues, split_long, word_similarity
-from captioner.pipelines.subtitles import Segment
+
+from captioner.pipelines.cues import (
+    CaptionedFrame,
+    Sample,
+    Segment,
+    frame_samples,
+    merge_samples,
+    shape_cues,
+    split_long,
+    word_similarity,
+)
 
 
 def samples(*texts, every=2.0, shots=None):
@@ -49,3 +58,32 @@ def test_min_score_drops_doubtful_and_empty_cues():
     shaped = shape_cues(cues, min_score=-2.0, min_duration=1.0, max_duration=7.0, video_end=6.0)
     assert [c.text for c in shaped] == ["sure"]
     assert shaped[0].end == pytest.approx(2.0)
+
+
+def frame(time, text="a dog", shot=0, span=None):
+    return CaptionedFrame(time, text, -1.0, shot, span)
+
+
+def test_a_uniformly_sampled_frame_stands_for_the_video_up_to_the_next_one():
+    samples = frame_samples([frame(0.0), frame(2.0), frame(4.0)], video_end=5.5)
+    assert [(s.start, s.end) for s in samples] == [(0.0, 2.0), (2.0, 4.0), (4.0, 5.5)]
+
+
+def test_frames_of_a_shot_share_it_halfway_between_neighbours_and_cues_end_at_cuts():
+    frames = [frame(1.0, span=(0.0, 4.0)), frame(3.0, span=(0.0, 4.0)), frame(6.0, shot=1, span=(4.0, 8.0))]
+    samples = frame_samples(frames, video_end=8.0)
+    assert [(s.start, s.end, s.shot) for s in samples] == [(0.0, 2.0, 0), (2.0, 4.0, 0), (4.0, 8.0, 1)]
+
+
+def test_after_a_detector_failure_the_uniform_tail_follows_the_last_shot():
+    frames = [frame(2.0, span=(0.0, 4.0)), frame(4.5, shot=1, span=(4.0, 5.0)), frame(5.0, shot=2),
+              frame(6.0, shot=2)]
+    samples = frame_samples(frames, video_end=7.0)
+    assert [(s.start, s.end, s.shot) for s in samples] == [(0.0, 4.0, 0), (4.0, 5.0, 1), (5.0, 6.0, 2),
+                                                           (6.0, 7.0, 2)]
+    assert len(merge_samples(samples)) == 3  # same text, but never merged across shots
+
+
+def test_a_shot_ending_past_the_decoded_end_is_cut_there():
+    samples = frame_samples([frame(0.0, span=(0.0, 9.0))], video_end=6.5)
+    assert [(s.start, s.end) for s in samples] == [(0.0, 6.5)]

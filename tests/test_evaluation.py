@@ -6,12 +6,12 @@ from conftest import SAMPLES, SHARED_SAMPLES
 
 from captioner.api import evaluate
 from captioner.data import write_manifest
-from captioner.decoder import DecoderConfig
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, DataError, ImageReadError
 from captioner.evaluation import evaluate_grids, grid_batches, index_batches, path_grids
 from captioner.metrics import score_captions
 from captioner.model import CaptionModel, ModelConfig
+from captioner.options import DecoderConfig
 from captioner.vocab import Vocabulary
 
 REFERENCES = [("a cat on the grass", "a cat"), ("a dog on the grass",), ("the cat and the dog",)]

@@ -73,13 +73,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_video(path: Path, names: list[str], *, frames_each: int = 20, fps: float = 10.0) -> Path:
-    writer = cv2.VideoWriter(os.fsdecode(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (160, 120))
+    """An mp4 holding each photo for ``frames_each`` frames; written under an ASCII name, then renamed
+    (OpenCV itself crashes on a name that is not valid UTF-8)."""
+    ascii_path = path.with_name("writing.mp4")
+    writer = cv2.VideoWriter(str(ascii_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (160, 120))
     assert writer.isOpened()
     for name in names:
         rgb = np.array(Image.open(SHARED_SAMPLES / name).convert("RGB").resize((160, 120)))
         for _ in range(frames_each):
             writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     writer.release()
+    os.replace(ascii_path, path)
     return path
 
 
@@ -109,7 +113,8 @@ def test_caption_json_of_a_non_utf8_name_on_a_strict_utf8_stdout(tmp_path):
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path, capsys):
-    from captioner.pipelines.records import RecordFile, format_for
+    from captioner.pipelines.record_formats import format_for
+    from captioner.pipelines.records import RecordFile
 
     photo(tmp_path / "dir" / "a.png")
     out = tmp_path / "out.jsonl"
@@ -162,7 +167,7 @@ def test_csv_round_trips_any_name_and_writes_no_formula(tmp_path, capsys, stem):
     assert not [c for c in cells if c[:1] in ("=", "+", "@") or (c[:1] == "-" and not _is_number(c))]
     code, _, err = run(["batch", folder, "-o", out, "--quiet", "--workers", "0"], capsys)
     assert code == 0 and "0 captioned, 0 failed, 2 already done" in err
-    from captioner.pipelines.records import CsvRecords
+    from captioner.pipelines.record_formats import CsvRecords
 
     paths = [r["path"] for r in CsvRecords().read(out)]
     assert sorted(paths) == sorted([str(folder / f"{stem}.png"), str(folder / "plain.png")])
@@ -186,7 +191,7 @@ def test_a_csv_cut_inside_a_quoted_name_is_recovered(tmp_path, capsys):
     text = out.read_bytes()
     out.write_bytes(text[: text.index(b"z\n") + 2])  # killed right after the newline inside the quoted name
     assert run(["batch", folder, "-o", out, "--quiet", "--workers", "0"], capsys)[0] == 0
-    from captioner.pipelines.records import CsvRecords
+    from captioner.pipelines.record_formats import CsvRecords
 
     assert sorted(Path(r["path"]).name for r in CsvRecords().read(out)) == ["a.png", "z\nnewline.png"]
 
@@ -290,8 +295,8 @@ def test_options_out_of_range_are_usage_errors(tmp_path, capsys, argv):
 def small_model_dir(tmp_path_factory):
     import torch
 
-    from captioner.decoder import DecoderConfig
     from captioner.model import CaptionModel, ModelConfig
+    from captioner.options import DecoderConfig
     from captioner.vocab import Vocabulary
 
     torch.manual_seed(0)

@@ -12,10 +12,10 @@ from conftest import SAMPLES
 from safetensors.torch import load_file, save_file
 
 from captioner.api import caption_images
-from captioner.decoder import DecoderConfig
 from captioner.decoding import DecodingOptions
 from captioner.errors import ModelLoadError, OptionError, OutputError
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, ensemble
+from captioner.options import DecoderConfig
 from captioner.vocab import Vocabulary
 
 
@@ -171,7 +171,7 @@ def saved(small_model, tmp_path):
         (lambda c: c.update(encoder="vgg16"), r"encoder='vgg16' must be one of efficientnet_b0, efficientnet_lite0"),
         (lambda c: c.update(encoder_weights_stored="no"), r"encoder_weights_stored='no' must be true or false"),
         (lambda c: c.update(decoder=[1, 2]), r"decoder must be a JSON object, not list"),
-        (lambda c: c.update(decoding=None), r"decoding: decoding options must be an object of option names, got NoneType"),
+        (lambda c: c.update(decoding=None), r"decoding: decoding options must be an object"),
         (lambda c: c.update(extra=1), r"model config has unknown field 'extra'"),
         (lambda c: c["decoder"].pop("feature_dim"), r"decoder lacks field 'feature_dim'"),
         (lambda c: c.pop("encoder"), r"model config lacks field 'encoder'"),

@@ -3,6 +3,7 @@
 import threading
 
 import pytest
+
 from captioner.pipelines.prefetch import in_background
 
 

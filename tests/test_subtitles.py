@@ -7,13 +7,16 @@ from datetime import timedelta
 import pytest
 import srt
 import webvtt
+
+from captioner.errors import OptionError, OutputError
+from captioner.pipelines.cues import Segment
 from captioner.pipelines.subtitles import (
     CueWriter,
-    Segment,
     WriteJSONL,
     WriteSRT,
     WriteVTT,
     format_timestamp,
+    write_subtitles,
     writer_for,
 )
 
@@ -44,9 +47,10 @@ def test_format_timestamp_always_has_hours_and_rounds_to_milliseconds(seconds, m
     assert format_timestamp(seconds, decimal_marker=marker) == expected
 
 
-def test_format_timestamp_refuses_negative_times():
-    with pytest.raises(ValueError, match="-1"):
-        format_timestamp(-1.0)
+@pytest.mark.parametrize("seconds", [-1.0, float("nan"), float("inf")])
+def test_format_timestamp_refuses_negative_and_non_finite_times(seconds):
+    with pytest.raises(ValueError, match=f"{seconds!r} must be finite and >= 0"):
+        format_timestamp(seconds)
 
 
 def test_srt_parses_with_the_srt_library():
@@ -86,5 +90,26 @@ def test_writer_is_chosen_by_name_then_extension_then_srt():
     assert isinstance(writer_for("out.vtt", "jsonl"), WriteJSONL)
     assert isinstance(writer_for(None), WriteSRT)
     assert {w().extension for w in (WriteSRT, WriteVTT, WriteJSONL)} == {"srt", "vtt", "jsonl"}
-    with pytest.raises(ValueError, match="'txt'"):
+    with pytest.raises(OptionError, match="'txt'"):
         writer_for("out.txt")
+
+
+def test_subtitles_are_written_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "deep" / "a.srt"
+    write_subtitles(SEGMENTS, path, WriteSRT())
+    assert path.read_text() == written(WriteSRT())
+
+    class Failing(WriteSRT):
+        def write(self, segments, file):
+            file.write("1\n00:00:00,000 --> ")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match=f"{path}: cannot write: No space left on device"):
+        write_subtitles(SEGMENTS[:1], path, Failing())
+    assert path.read_text() == written(WriteSRT())  # the old file, untouched
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.srt"]  # no temporary file left
+
+
+def test_a_subtitle_path_that_is_a_folder_is_an_output_error(tmp_path):
+    with pytest.raises(OutputError, match=f"{tmp_path}: cannot write: Is a directory"):
+        write_subtitles(SEGMENTS, tmp_path, WriteVTT())

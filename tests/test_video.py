@@ -4,38 +4,35 @@ Each clip holds a photo for a known time, so shot cuts and cue boundaries are kn
 shipped model's wording is not asserted, only structure and timing.
 """
 
+import dataclasses
+import inspect
+import itertools
 import json
-import re
+import math
+import os
 import shutil
+import threading
+import time
 
 import cv2
 import numpy as np
 import pytest
 import srt
 import webvtt
-from captioner.pipelines.cli import main
-from captioner.pipelines.video import subtitle_video
-from captioner.pipelines.video_source import FramePicker, OpenCVSource
-from conftest import SHARED_SAMPLES
-from PIL import Image
+from test_video_source import PHOTOS, assert_near, count_opencv_calls, damage_middle, write_video
 
-from captioner.errors import VideoReadError
+from captioner.errors import OptionError, OutputError, VideoReadError
+from captioner.pipelines.burn import burn_subtitles
+from captioner.pipelines.cli import main
+from captioner.pipelines.cues import Segment
+from captioner.pipelines.subtitles import WriteSRT, WriteVTT
+from captioner.pipelines.video import SAMPLERS, ShotFrames, subtitle_video
+from captioner.pipelines.video_batch import VideoJob, plan_jobs, prepare_jobs, run_jobs
+from captioner.pipelines.video_options import VideoOptions
+from captioner.pipelines.video_source import MAX_FAILED_GRABS, OPEN_HINT
 
 SHOTS = [("chelsea.png", 4.0), ("coffee.png", 4.0), ("rocket.jpg", 4.0)]  # truth: cuts at 4 s and 8 s
 CUTS = [0.0, 4.0, 8.0, 12.0]
-
-
-def write_video(path, shots, *, fps=10.0, fourcc="mp4v", size=(320, 240)):
-    """Each photo held for its seconds; frame counts rounded, so cuts fall on frames."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
-    assert writer.isOpened()
-    for name, seconds in shots:
-        rgb = np.array(Image.open(SHARED_SAMPLES / name).convert("RGB").resize(size))
-        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        for _ in range(round(seconds * fps)):
-            writer.write(bgr)
-    writer.release()
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -51,95 +48,291 @@ def bounds(segments):
     return [segments[0].start] + [s.end for s in segments]
 
 
-def assert_near(actual, expected, tolerance):
-    assert len(actual) == len(expected), (actual, expected)
-    for a, e in zip(actual, expected, strict=True):
-        assert abs(a - e) <= tolerance, (actual, expected)
+def uniform(every, **changes):
+    return VideoOptions(every=every, **changes)
 
 
-def test_frame_times_come_from_the_stream_at_29_97_fps(tmp_path):
-    path = write_video(tmp_path / "ntsc.mp4", [("rocket.jpg", 2.5)], fps=30000 / 1001)
-    with OpenCVSource(path) as source:
-        frames = list(source.frames([0.0, 1.0, 2.0]))
-        assert [f.index for f in frames] == [0, 30, 60]
-        assert_near([f.time for f in frames], [0.0, 30 * 1001 / 30000, 60 * 1001 / 30000], 0.0005)
-        assert frames[2].time > 2.0015  # index / 30 would say 2.000
-        assert frames[0].pixels.shape == (240, 320, 3) and frames[0].pixels.dtype == np.uint8
-        assert source.end_time == pytest.approx(75 * 1001 / 30000, abs=0.001) and source.stopped_at is None
+# Options
 
 
-def test_picker_takes_the_first_frame_at_or_after_each_time_of_an_irregular_stream():
-    stream = [0.0, 0.04, 0.9, 2.5, 2.52, 6.0, 6.1]  # variable frame rate: gaps of 40 ms to 3.5 s
-    picker = FramePicker(k * 1.0 for k in range(100))
-    assert [t for t in stream if picker.wants(t)] == [0.0, 2.5, 6.0]
+def test_every_video_default_lives_in_video_options_and_each_field_has_help():
+    assert list(inspect.signature(subtitle_video).parameters) == ["path", "model", "options", "settings"]
+    for field in dataclasses.fields(VideoOptions):
+        assert field.metadata["help"], field.name
+    mode = {f.name: f for f in dataclasses.fields(VideoOptions)}["mode"]
+    assert mode.default == "uniform" and mode.metadata["choices"] == tuple(SAMPLERS) == ("uniform", "scenes")
+    assert str(VideoOptions.__dataclass_fields__["every"].metadata["bounds"]) == "[0.01, 3600]"
 
 
-def make_bad_videos(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, fourcc in (("zero.avi", "MJPG"), ("zero.mp4", "mp4v")):
-        cv2.VideoWriter(str(folder / name), cv2.VideoWriter_fourcc(*fourcc), 10, (320, 240)).release()
-    (folder / "notes.mp4").write_text("this is not a video\n")
-    return {"zero.avi": "no decodable video frames", "zero.mp4": "cannot open", "notes.mp4": "cannot open",
-            "missing.mkv": "no such file"}
+@pytest.mark.parametrize(
+    "name, value",
+    [("every", 1e-9), ("every", math.inf), ("every", math.nan), ("every", 0), ("every", 3601), ("every", "2"),
+     ("every", True), ("mode", "shots"), ("mode", None), ("max_per_scene", 0), ("max_per_scene", 101),
+     ("max_per_scene", 2.0), ("max_per_scene", True), ("min_score", 0.5), ("min_score", math.nan),
+     ("min_score", -math.inf), ("min_duration", -1.0), ("min_duration", math.inf), ("max_duration", math.inf),
+     ("max_duration", 0.1), ("max_duration", 0.8), ("batch_size", 0), ("batch_size", 257), ("batch_size", "16")],
+)
+def test_out_of_range_or_mistyped_options_are_refused_naming_the_field(name, value):
+    with pytest.raises(OptionError, match=f"^video option {name}=.+ must be"):
+        VideoOptions(**{name: value})  # max_duration 0.8 is below the default min_duration of 1
 
 
-@pytest.mark.parametrize("name", ["zero.avi", "zero.mp4", "notes.mp4", "missing.mkv"])
-def test_unreadable_videos_raise_an_error_naming_the_file(tmp_path, name):
-    reasons = make_bad_videos(tmp_path)
-    with pytest.raises(VideoReadError, match=re.escape(str(tmp_path / name)) + ".*" + reasons[name]):
-        OpenCVSource(tmp_path / name)
+def test_options_at_their_bounds_are_accepted():
+    VideoOptions(every=0.01, max_per_scene=100, batch_size=256, min_score=0.0, min_duration=0, max_duration=0.5)
+    VideoOptions(every=3600, max_per_scene=1, batch_size=1, min_score=-40, min_duration=60, max_duration=3600)
+    assert VideoOptions(every=2).every == 2  # a whole number is a number of seconds too
+
+
+# Sampling and cues
 
 
 def test_every_second_gives_one_cue_per_held_photo(clips, default_model):
-    result = subtitle_video(clips["mp4"], model=default_model, every=1.0)
+    result = subtitle_video(clips["mp4"], model=default_model, settings=uniform(1.0))
     assert result.frames_captioned == 12 and result.duration == pytest.approx(12.0)
     assert len(result.segments) == 3  # twelve captioned frames, three photos
     assert_near(bounds(result.segments), CUTS, 1.0)
     assert all(s.text and s.score < 0 for s in result.segments)
-    assert (result.stopped_at, result.error, result.notes) == (None, None, ())
+    assert (result.stopped_at, result.skipped, result.warnings, result.notes) == (None, (), (), ())
 
 
-def test_scenes_give_one_cue_per_shot_with_cut_aligned_bounds(clips, default_model):
-    result = subtitle_video(clips["avi"], model=default_model, every=2.0, scenes=True, max_per_scene=2)
-    assert len(result.segments) == 3
-    assert_near(bounds(result.segments), CUTS, 2.0)
-    assert result.frames_captioned <= 3 * 2
+def test_scenes_decode_the_video_once_and_give_one_cue_per_shot(clips, default_model, monkeypatch):
+    import scenedetect
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("scenedetect.detect decodes the file a second time")
+
+    monkeypatch.setattr(scenedetect, "detect", second_pass)
+    calls = count_opencv_calls(monkeypatch)
+    settings = VideoOptions(mode="scenes", every=2.0, max_per_scene=2)
+    result = subtitle_video(clips["avi"], model=default_model, settings=settings)
+    assert calls["open"] == 1 and calls["grab"] == 120 + MAX_FAILED_GRABS and calls["retrieve"] == 120
+    assert len(result.segments) == 3 and result.notes == ()
+    assert_near(bounds(result.segments), CUTS, 0.01)  # cues start and end at the cuts themselves
+    assert result.frames_captioned == 3 * 2
+
+
+@pytest.mark.parametrize("mode", ["scenes", "uniform"])
+def test_a_one_frame_video_gives_one_cue(tmp_path, default_model, mode):
+    path = write_video(tmp_path / "one.mp4", [("chelsea.png", 0.1)])
+    result = subtitle_video(path, model=default_model, settings=VideoOptions(mode=mode))
+    assert result.frames_captioned == 1 and len(result.segments) == 1
+    assert result.segments[0].start == 0.0 and result.segments[0].end == pytest.approx(0.1)
 
 
 def test_failed_scene_detection_falls_back_to_uniform_sampling(clips, default_model, monkeypatch):
-    import scenedetect
+    from scenedetect import ContentDetector
 
-    def broken(*args, **kwargs):
+    def broken(self, timecode, frame):
         raise RuntimeError("codec exploded")
 
-    monkeypatch.setattr(scenedetect, "detect", broken)
-    result = subtitle_video(clips["mp4"], model=default_model, every=2.0, scenes=True)
+    monkeypatch.setattr(ContentDetector, "process_frame", broken)
+    result = subtitle_video(clips["mp4"], model=default_model, settings=VideoOptions(mode="scenes", every=2.0))
     assert result.notes == (f"{clips['mp4']}: scene detection failed (codec exploded); sampling every 2 s instead",)
     assert result.frames_captioned == 6 and len(result.segments) == 3
 
 
+def test_without_scenedetect_scenes_mode_samples_uniformly(clips, default_model, monkeypatch):
+    import captioner.pipelines.video as video
+
+    def missing():
+        raise ImportError("No module named 'scenedetect'")
+
+    monkeypatch.setattr(video, "_content_detector", missing)
+    result = subtitle_video(clips["mp4"], model=default_model, settings=VideoOptions(mode="scenes", every=4.0))
+    assert result.notes == (f"{clips['mp4']}: scene detection failed (No module named 'scenedetect'); "
+                            "sampling every 4 s instead",)
+    assert result.frames_captioned == 3
+
+
+def test_a_captioning_error_stops_the_decoding_thread_before_the_file_closes(clips, default_model, monkeypatch):
+    calls = []
+
+    def fails_second_time(pixels, options=None):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(pixels, options)
+
+    real = default_model.caption_pixels
+    monkeypatch.setattr(default_model, "caption_pixels", fails_second_time)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        subtitle_video(clips["mp4"], model=default_model, settings=uniform(0.5, batch_size=2))
+    assert calls == [2, 2]
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_scene_detection_failing_part_way_keeps_the_shots_found_and_samples_the_rest(clips, default_model,
+                                                                                      monkeypatch):
+    from scenedetect import ContentDetector
+
+    real, seen = ContentDetector.process_frame, []
+
+    def fails_at_five_seconds(self, timecode, frame):
+        seen.append(timecode)
+        if len(seen) > 50:
+            raise RuntimeError("out of memory")
+        return real(self, timecode, frame)
+
+    monkeypatch.setattr(ContentDetector, "process_frame", fails_at_five_seconds)
+    result = subtitle_video(clips["mp4"], model=default_model, settings=VideoOptions(mode="scenes", every=2.0))
+    assert result.notes == (f"{clips['mp4']}: scene detection failed (out of memory); sampling every 2 s instead "
+                            "from 5.00 s on",)
+    assert result.segments[0].end == pytest.approx(4.0, abs=0.01)  # the cut found before the failure
+    assert result.segments[-1].end == pytest.approx(12.0)
+    assert all(a.end <= b.start + 1e-9 for a, b in itertools.pairwise(result.segments))
+
+
+def test_shot_candidates_stay_few_and_spread_over_a_long_shot():
+    shot, pixels = ShotFrames(start=0.0, step=0.5, capacity=12), np.zeros((2, 2, 3), np.uint8)
+    for i in range(25 * 600):  # ten minutes at 25 fps
+        if shot.wants(i / 25):
+            shot.add(i / 25, pixels)
+        assert len(shot.kept) <= 12
+    times = [t for t, _ in shot.spread(600.0, every=2.0, most=3)]
+    assert_near(times, [100.0, 300.0, 500.0], 600 / 12)
+    assert [t for t, _ in ShotFrames(5.0, 0.5, 12).spread(5.1, 2.0, 3)] == []  # no frame seen, none made up
+
+
 def test_cue_bounds_follow_stream_time_at_a_non_integer_frame_rate(tmp_path, default_model):
     path = write_video(tmp_path / "ntsc.mp4", [("chelsea.png", 2.002), ("rocket.jpg", 2.002)], fps=30000 / 1001)
-    result = subtitle_video(path, model=default_model, every=1.0)
+    result = subtitle_video(path, model=default_model, settings=uniform(1.0))
     assert len(result.segments) == 2
     assert result.segments[0].end == pytest.approx(60 * 1001 / 30000, abs=0.0005)  # frame 60, not 2.000 s
     assert result.segments[1].end == pytest.approx(120 * 1001 / 30000, abs=0.0005)
 
 
-def test_a_truncated_file_keeps_the_cues_before_the_break_and_says_where(clips, default_model, tmp_path, capsys):
+# Broken files
+
+
+@pytest.mark.parametrize("mode", ["uniform", "scenes"])
+def test_a_damaged_middle_is_skipped_and_the_cues_after_it_are_kept(tmp_path, default_model, mode):
+    path = damage_middle(write_video(tmp_path / "damaged.mp4", [(name, 5.0) for name in PHOTOS]))
+    result = subtitle_video(path, model=default_model, settings=VideoOptions(mode=mode, every=2.5))
+    (start, end), = result.skipped
+    assert result.stopped_at is None and result.duration == pytest.approx(20.0)
+    assert result.warnings == (f"{path}: skipped undecodable frames at {start:.2f}-{end:.2f} s; "
+                               "the cues around them cover the gap",)
+    assert [s for s in result.segments if s.start >= end] and result.segments[-1].end == pytest.approx(20.0)
+    assert len(result.segments) >= 4  # the photos after the damage are captioned too
+
+
+def test_a_truncated_file_keeps_the_cues_before_the_break_and_says_where(clips, default_model, tmp_path):
     data = clips["avi"].read_bytes()
     cut = tmp_path / "cut.avi"
     cut.write_bytes(data[: len(data) * 6 // 10])
-    whole = subtitle_video(clips["avi"], model=default_model, every=1.0)
-    result = subtitle_video(cut, model=default_model, every=1.0)
+    whole = subtitle_video(clips["avi"], model=default_model, settings=uniform(1.0))
+    result = subtitle_video(cut, model=default_model, settings=uniform(1.0))
     assert 4.0 < result.stopped_at < 7.2 and result.duration == pytest.approx(result.stopped_at + 0.1)
-    assert result.error.startswith(f"{cut}: decoding stopped at {result.stopped_at:.2f} s of about 12.00 s")
+    assert result.warnings == (f"{cut}: decoding stopped at {result.stopped_at:.2f} s of about 12.00 s; "
+                               "the file is truncated or corrupt after that point",)
     assert result.segments[0] == whole.segments[0]
     assert result.segments[-1].end <= result.duration
-    out = tmp_path / "cut.srt"
-    assert main(["video", str(cut), "-o", str(out), "--every", "1"]) == 1
-    assert f"warning: {cut}: decoding stopped at" in capsys.readouterr().err
-    assert len(list(srt.parse(out.read_text()))) == len(result.segments)
+
+
+# Jobs: planning, checking outputs before the model, running a folder
+
+
+def test_outputs_are_checked_before_any_model_loads(clips, tmp_path):
+    started = time.perf_counter()
+    video = clips["mp4"]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match=f"{tmp_path / 'taken'}: is a folder"):
+        prepare_jobs(video, "srt", output=tmp_path / "taken")
+    with pytest.raises(OutputError, match=f"{tmp_path / 'file' / 'a.srt'}: cannot write here"):
+        prepare_jobs(video, "srt", output=tmp_path / "file" / "a.srt")
+    with pytest.raises(OptionError, match="--burn writes"):
+        prepare_jobs(video, "srt", output=tmp_path / "a.srt", burn=tmp_path / "a.webm")
+    with pytest.raises(OptionError, match="would overwrite the input video"):
+        prepare_jobs(video, "srt", output=tmp_path / "a.srt", burn=video)
+    with pytest.raises(OptionError, match="one video, not a folder"):
+        prepare_jobs(tmp_path, "srt", output=tmp_path / "a.srt")
+    with pytest.raises(OutputError, match=f"{tmp_path / 'file'}: cannot write here: is a file"):
+        prepare_jobs(tmp_path, "srt", out_dir=tmp_path / "file")
+    with pytest.raises(VideoReadError, match="no such file or folder"):
+        prepare_jobs(tmp_path / "gone.mp4", "srt")
+    assert prepare_jobs(video, "vtt", out_dir=tmp_path / "new") == [VideoJob(video, tmp_path / "new" / "three.vtt")]
+    assert time.perf_counter() - started < 1.0
+
+
+def test_videos_differing_only_in_extension_get_separate_subtitle_files(tmp_path):
+    for name in ("a.mp4", "A.avi", "b.mov"):
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(j.output.name for j in plan_jobs(tmp_path, "srt")) == ["A.avi.srt", "a.mp4.srt", "b.srt"]
+
+
+def folder_of_videos(root, clips):
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(clips["mp4"], root / "a.mp4")
+    shutil.copy(clips["avi"], root / "sub" / "B.AVI")
+    shutil.copy(clips["mp4"], root / os.fsdecode(b"clip_\xe9.mp4"))  # a name that is not UTF-8
+    (root / "broken.mov").write_text("not a video\n")
+    (root / "notes.txt").write_text("ignored\n")
+    return root
+
+
+def test_folder_mode_subtitles_every_good_video_and_reports_the_bad_one(clips, tmp_path, capsys, default_model):
+    root = folder_of_videos(tmp_path / "videos", clips)
+    (root / os.fsdecode(b"bad_\xe9.avi")).write_bytes(b"RIFF")
+    jobs = prepare_jobs(root, "srt")
+    assert run_jobs(jobs, model=default_model, writer=WriteSRT(), settings=uniform(4.0), progress=False) == 2
+    written = sorted(os.fsencode(p.relative_to(root)) for p in root.rglob("*.srt"))
+    assert written == [b"a.srt", b"clip_\xe9.srt", b"sub/B.srt"]
+    assert len(list(srt.parse((root / os.fsdecode(b"clip_\xe9.srt")).read_text()))) == 3
+    hint = f"cannot open as a video ({OPEN_HINT})"
+    err = capsys.readouterr().err
+    assert err == f"skipped {root}/bad_\\xe9.avi: {hint}\nskipped {root / 'broken.mov'}: {hint}\n"
+    err.encode("utf-8")  # printable: no lone surrogates from the file name
+
+
+def test_a_subtitle_path_that_is_a_folder_skips_that_video_and_the_rest_go_on(clips, tmp_path, capsys,
+                                                                               default_model):
+    root = folder_of_videos(tmp_path / "videos", clips)
+    (root / "broken.mov").unlink()
+    out = tmp_path / "out"
+    (out / "a.vtt").mkdir(parents=True)
+    jobs = prepare_jobs(root, "vtt", out_dir=out)
+    assert run_jobs(jobs, model=default_model, writer=WriteVTT(), settings=uniform(4.0), progress=False) == 1
+    assert sorted(os.fsencode(p.relative_to(out)) for p in out.rglob("*.vtt") if p.is_file()) == [
+        b"clip_\xe9.vtt", b"sub/B.vtt"]
+    assert capsys.readouterr().err == f"skipped {root / 'a.mp4'}: {out / 'a.vtt'}: is a folder; give a file name\n"
+
+
+def test_a_burn_that_cannot_be_written_is_reported_after_the_subtitles(clips, tmp_path, capsys, default_model):
+    (tmp_path / "file").write_text("")
+    job = VideoJob(clips["mp4"], tmp_path / "a.srt", burn=tmp_path / "file" / "burned.mp4")
+    assert run_jobs([job], model=default_model, writer=WriteSRT(), settings=uniform(4.0), progress=False) == 1
+    assert len(list(srt.parse((tmp_path / "a.srt").read_text()))) == 3
+    assert capsys.readouterr().err.startswith(f"skipped {clips['mp4']}: {tmp_path / 'file' / 'burned.mp4'}: "
+                                              "cannot write: ")
+
+
+def test_burned_copy_of_an_oddly_named_video_keeps_frame_count_and_fps(clips, tmp_path):
+    odd = tmp_path / os.fsdecode(b"\xe9t\xe9")
+    odd.mkdir()
+    video, burned = odd / os.fsdecode(b"v\xe9.mp4"), odd / os.fsdecode(b"burned_\xe9.mp4")
+    shutil.copy(clips["mp4"], video)
+    cues = [Segment(0.0, 4.0, "a cat on a couch", -1.0), Segment(8.0, 12.0, "a rocket", -1.0)]
+    assert burn_subtitles(video, cues, burned) == 120
+    assert sorted(os.listdir(odd)) == sorted([video.name, burned.name])  # no temporary file left
+    assert burned.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    shutil.copy(burned, tmp_path / "burned.mp4")
+    before, after = cv2.VideoCapture(str(clips["mp4"])), cv2.VideoCapture(str(tmp_path / "burned.mp4"))
+    for prop in (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FPS, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT):
+        assert after.get(prop) == before.get(prop)
+    (_, original), (_, drawn) = before.read(), after.read()
+    bottom = slice(200, 240)
+    assert np.abs(drawn[bottom].astype(int) - original[bottom]).mean() > 5  # text at the bottom
+    assert np.abs(drawn[:100].astype(int) - original[:100]).mean() < 5  # the rest untouched
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The command line (needs cli.py's video flags built from VideoOptions: --mode, --every, ...)
 
 
 def test_cli_writes_srt_vtt_and_jsonl_that_parse(clips, tmp_path):
@@ -155,45 +348,51 @@ def test_cli_writes_srt_vtt_and_jsonl_that_parse(clips, tmp_path):
     assert [r["text"] for r in records] == [c.content for c in cues] and all(r["score"] < 0 for r in records)
 
 
-def test_burned_copy_keeps_frame_count_and_fps(clips, tmp_path):
+def test_cli_scenes_mode_and_a_truncated_file(clips, tmp_path, capsys):
+    out = tmp_path / "s.srt"
+    assert main(["video", str(clips["avi"]), "-o", str(out), "--mode", "scenes", "--max-per-scene", "1"]) == 0
+    assert_near([c.end.total_seconds() for c in srt.parse(out.read_text())], CUTS[1:], 0.01)
+    data = clips["avi"].read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    assert main(["video", str(cut), "-o", str(tmp_path / "cut.srt"), "--every", "1"]) == 1
+    assert f"warning: {cut}: decoding stopped at" in capsys.readouterr().err
+    assert len(list(srt.parse((tmp_path / "cut.srt").read_text()))) == 2
+
+
+def test_cli_burned_copy_keeps_frame_count(clips, tmp_path):
     burned = tmp_path / "burned.mp4"
     assert main(["video", str(clips["mp4"]), "-o", str(tmp_path / "a.srt"), "--burn", str(burned)]) == 0
-    before, after = cv2.VideoCapture(str(clips["mp4"])), cv2.VideoCapture(str(burned))
-    for prop in (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FPS, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT):
-        assert after.get(prop) == before.get(prop)
-    (_, original), (_, drawn) = before.read(), after.read()
-    bottom = slice(200, 240)
-    assert np.abs(drawn[bottom].astype(int) - original[bottom]).mean() > 5  # text at the bottom
-    assert np.abs(drawn[:100].astype(int) - original[:100]).mean() < 5  # the rest untouched
-
-
-def test_folder_mode_writes_one_file_per_good_video_and_reports_the_bad_one(clips, tmp_path, capsys):
-    root = tmp_path / "videos"
-    (root / "sub").mkdir(parents=True)
-    shutil.copy(clips["mp4"], root / "a.mp4")
-    shutil.copy(clips["avi"], root / "sub" / "B.AVI")
-    (root / "broken.mov").write_text("not a video\n")
-    (root / "notes.txt").write_text("ignored\n")
-    assert main(["video", str(root), "--every", "4", "--quiet"]) == 1
-    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.srt")) == ["a.srt", "sub/B.srt"]
-    err = capsys.readouterr().err
-    assert f"skipped {root / 'broken.mov'}: cannot open as a video" in err
-    assert "2 subtitled, 1 failed" in err
-    out_dir = tmp_path / "o"
-    assert main(["video", str(root), "--every", "4", "--quiet", "--format", "vtt", "--out-dir", str(out_dir)]) == 1
-    assert sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()) == [
-        "a.vtt", "sub/B.vtt"]
+    assert cv2.VideoCapture(str(burned)).get(cv2.CAP_PROP_FRAME_COUNT) == 120
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--every", "0"], ["-o", "out.txt"], ["--max-per-scene", "0"], ["--min-duration", "9"]],
+    [["--every", "0"], ["--every", "1e-9"], ["--every", "inf"], ["--every", "nan"], ["-o", "out.txt"],
+     ["--max-per-scene", "0"], ["--min-duration", "9"], ["--batch-size", "100000"], ["--mode", "shots"],
+     ["--burn", "x.webm"]],
 )
 def test_bad_arguments_exit_2(clips, argv, capsys):
-    assert main(["video", str(clips["avi"]), *argv]) == 2
+    try:
+        code = main(["video", str(clips["avi"]), *argv])
+    except SystemExit as e:  # argparse's own refusals (a value not among the choices)
+        code = e.code
+    assert code == 2
     assert "error" in capsys.readouterr().err
 
 
 def test_burn_or_output_with_a_folder_exit_2(tmp_path, capsys):
     assert main(["video", str(tmp_path), "--burn", str(tmp_path / "x.mp4")]) == 2
     assert "one video, not a folder" in capsys.readouterr().err
+
+
+def test_a_bad_output_fails_before_the_model_loads(clips, tmp_path, capsys, monkeypatch):
+    import captioner.api
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(captioner.api, "load_model", no_model)
+    (tmp_path / "taken.srt").mkdir()
+    assert main(["video", str(clips["mp4"]), "-o", str(tmp_path / "taken.srt")]) != 0
+    assert f"{tmp_path / 'taken.srt'}: is a folder" in capsys.readouterr().err

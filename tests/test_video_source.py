@@ -1,0 +1,187 @@
+"""Video sources on real files written with cv2.VideoWriter: stream times, damaged and truncated files, odd names.
+
+No model here: these are the decoding rules the subtitle pipeline stands on.
+"""
+
+import math
+import os
+import random
+import re
+
+import cv2
+import numpy as np
+import pytest
+from conftest import SHARED_SAMPLES
+from PIL import Image
+
+from captioner.errors import VideoReadError
+from captioner.pipelines.video_source import MAX_FAILED_GRABS, FramePicker, OpenCVName, OpenCVSource, StreamClock
+
+PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png")
+
+
+def write_video(path, shots, *, fps=10.0, fourcc="mp4v", size=(320, 240)):
+    """Each photo held for its seconds; frame counts rounded, so cuts fall on frames."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
+    assert writer.isOpened()
+    for name, seconds in shots:
+        rgb = np.array(Image.open(SHARED_SAMPLES / name).convert("RGB").resize(size))
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        for _ in range(round(seconds * fps)):
+            writer.write(bgr)
+    writer.release()
+    return path
+
+
+def damage_middle(path, start=0.40, stop=0.48, seed=0):
+    """Overwrite bytes ``start``..``stop`` of the file (as shares of its size) with noise; the rest stays intact."""
+    data = bytearray(path.read_bytes())
+    noise = random.Random(seed)
+    for i in range(int(len(data) * start), int(len(data) * stop)):
+        data[i] = noise.randrange(256)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def assert_near(actual, expected, tolerance):
+    assert len(actual) == len(expected), (actual, expected)
+    for a, e in zip(actual, expected, strict=True):
+        assert abs(a - e) <= tolerance, (actual, expected)
+
+
+def test_frame_times_come_from_the_stream_at_29_97_fps(tmp_path):
+    path = write_video(tmp_path / "ntsc.mp4", [("rocket.jpg", 2.5)], fps=30000 / 1001)
+    with OpenCVSource(path) as source:
+        frames = list(source.frames([0.0, 1.0, 2.0]))
+        assert [f.index for f in frames] == [0, 30, 60]
+        assert_near([f.time for f in frames], [0.0, 30 * 1001 / 30000, 60 * 1001 / 30000], 0.0005)
+        assert frames[2].time > 2.0015  # index / 30 would say 2.000
+        assert frames[0].pixels.shape == (240, 320, 3) and frames[0].pixels.dtype == np.uint8
+        assert source.end_time == pytest.approx(75 * 1001 / 30000, abs=0.001)
+        assert (source.stopped_at, source.skipped, source.retimed) == (None, [], 0)
+
+
+def test_picker_takes_the_first_frame_at_or_after_each_time_of_an_irregular_stream():
+    stream = [0.0, 0.04, 0.9, 2.5, 2.52, 6.0, 6.1]  # variable frame rate: gaps of 40 ms to 3.5 s
+    picker = FramePicker(k * 1.0 for k in range(100))
+    assert [t for t in stream if picker.wants(t)] == [0.0, 2.5, 6.0]
+
+
+def test_a_frame_that_cannot_be_retrieved_leaves_its_target_to_the_next_frame():
+    picker = FramePicker([1.0, 2.0])
+    assert picker.due(1.0)  # ... but its pixels never came, so it is not taken
+    assert picker.wants(1.1) and not picker.due(1.2) and picker.wants(2.0)
+
+
+def test_stream_clock_repairs_missing_and_backward_times():
+    clock = StreamClock(fps=25.0)
+    raw = [0.0, 0.04, 0.0, 0.12, 0.08, math.nan, 0.3, -1.0]
+    times = [clock.time_of(t) for t in raw]
+    assert_near(times, [0.0, 0.04, 0.08, 0.12, 0.16, 0.20, 0.3, 0.4], 1e-9)  # last step seen was 0.1
+    assert clock.retimed == 4 and clock.end == pytest.approx(0.5)
+    assert StreamClock(fps=0.0).time_of(-3.0) == 0.0  # a first time below zero starts the video at 0
+
+
+def make_bad_videos(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, fourcc in (("zero.avi", "MJPG"), ("zero.mp4", "mp4v")):
+        cv2.VideoWriter(str(folder / name), cv2.VideoWriter_fourcc(*fourcc), 10, (320, 240)).release()
+    (folder / "notes.mp4").write_text("this is not a video\n")
+    (folder / "folder.mp4").mkdir()
+    return {"zero.avi": "no decodable video frames", "zero.mp4": "cannot open", "notes.mp4": "cannot open",
+            "missing.mkv": "no such file", "folder.mp4": "is a folder"}
+
+
+@pytest.mark.parametrize("name", ["zero.avi", "zero.mp4", "notes.mp4", "missing.mkv", "folder.mp4"])
+def test_unreadable_videos_raise_an_error_naming_the_file(tmp_path, name):
+    reasons = make_bad_videos(tmp_path)
+    with pytest.raises(VideoReadError, match=re.escape(str(tmp_path / name)) + ".*" + reasons[name]):
+        OpenCVSource(tmp_path / name)
+
+
+def test_a_damaged_middle_is_skipped_and_the_frames_after_it_are_read(tmp_path):
+    shots = [(name, 5.0) for name in PHOTOS]  # 20 s at 10 fps
+    path = damage_middle(write_video(tmp_path / "damaged.mp4", shots))
+    with OpenCVSource(path) as source:
+        times = [grab.time for grab in source.grabs()]
+        assert len(source.skipped) == 1
+        start, end = source.skipped[0]
+        assert 2.0 < start < end < 18.0 and end - start >= 0.2
+        assert times[-1] == pytest.approx(19.9) and len(times) >= 150  # most of the 200 frames after all
+        assert not any(start <= t < end for t in times)
+        assert source.stopped_at is None and source.end_time == pytest.approx(20.0)
+
+
+def test_a_truncated_file_says_where_it_stopped(tmp_path):
+    whole = write_video(tmp_path / "whole.avi", [(name, 3.0) for name in PHOTOS[:3]], fourcc="MJPG")
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])
+    with OpenCVSource(cut) as source:
+        assert sum(1 for _ in source.grabs()) < 70
+        assert 4.0 < source.stopped_at < 7.2 and source.expected_duration == pytest.approx(9.0)
+        assert source.end_time == pytest.approx(source.stopped_at + 0.1)
+
+
+def test_a_frame_count_a_little_above_what_decodes_is_not_called_truncated(tmp_path):
+    """FFmpeg estimates the count for MKV/WebM/VFR: a good file that decodes a few frames short ends on time."""
+    path = write_video(tmp_path / "good.mkv", [("chelsea.png", 12.0)])
+    with OpenCVSource(path) as source:
+        source.frame_count = 125  # an estimate 5 frames high: 12.5 s announced, 12.0 s decoded
+        assert sum(1 for _ in source.grabs()) == 120
+        assert source.stopped_at is None
+
+
+def count_opencv_calls(monkeypatch):
+    """Counts of VideoCapture opens, grabs and retrieves from now on (a dict that fills in)."""
+    calls = {"grab": 0, "retrieve": 0, "open": 0}
+    capture = cv2.VideoCapture
+
+    class Counting:  # wraps, not subclasses: OpenCV's classes are not made to be subclassed
+        def __init__(self, *args):
+            calls["open"] += 1
+            self._capture = capture(*args)
+
+        def grab(self):
+            calls["grab"] += 1
+            return self._capture.grab()
+
+        def retrieve(self, *args):
+            calls["retrieve"] += 1
+            return self._capture.retrieve(*args)
+
+        def __getattr__(self, name):
+            return getattr(self._capture, name)
+
+    monkeypatch.setattr(cv2, "VideoCapture", Counting)
+    return calls
+
+
+def test_one_pass_grabs_each_frame_once_and_retrieves_only_the_picked(tmp_path, monkeypatch):
+    path = write_video(tmp_path / "clip.mp4", [("coffee.png", 3.0)])
+    calls = count_opencv_calls(monkeypatch)
+    with OpenCVSource(path) as source:
+        assert len(list(source.frames([0.0, 1.0, 2.0]))) == 3
+    assert calls == {"open": 1, "grab": 30 + MAX_FAILED_GRABS, "retrieve": 3}
+
+
+def test_a_file_name_that_is_not_utf8_is_opened_through_a_link(tmp_path):
+    good = write_video(tmp_path / "good.mp4", [("rocket.jpg", 1.0)])
+    odd = tmp_path / os.fsdecode(b"clip_\xe9.mp4")
+    os.rename(good, odd)
+    with OpenCVSource(odd) as source:
+        assert sum(1 for _ in source.frames()) == 10
+        assert source.path == odd
+    with pytest.raises(VideoReadError, match=r"gone_\\xe9\.mp4: no such file"):
+        OpenCVSource(tmp_path / os.fsdecode(b"gone_\xe9.mp4"))
+
+
+def test_opencv_names_are_absolute_and_links_are_removed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain = OpenCVName("pipe:0.mp4")  # relative, FFmpeg would read standard input
+    assert plain.name == str(tmp_path / "pipe:0.mp4")
+    odd = tmp_path / os.fsdecode(b"\xff.mkv")
+    odd.write_bytes(b"x")
+    alias = OpenCVName(odd)
+    assert alias.name.endswith("link.mkv") and alias.name.isascii() and os.path.samefile(alias.name, odd)
+    alias.close()
+    assert not os.path.lexists(alias.name) and odd.exists()
