@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,7 +37,9 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     # Errors are raised "from None": torch's own message suggests weights_only=False, which
     # would run whatever code a tampered file holds.
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
         raise resume_error(path, "it holds objects other than tensors and plain values (never unpickled)") from None
     except OSError as e:

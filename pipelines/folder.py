@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from tqdm import tqdm
 
 from captioner.api import PathResult, caption_paths
 from captioner.decoding import DecodingOptions
-from captioner.errors import OptionError, printable
+from captioner.errors import CaptionerError, OptionError, printable
 from captioner.model import CaptionModel
 from captioner.pipelines.record_formats import format_for, result_record
 from captioner.pipelines.records import RecordFile
@@ -104,13 +103,11 @@ class _Run:
     earlier_failed: int = 0
 
     def pending(self, root: Path) -> Iterator[Path]:
-        """Images not yet held; special files (a FIFO would block a reader forever) are recorded as errors here."""
+        """Images the output does not hold yet (with ``retry_errors``: or holds only an error for)."""
         for path in walk_images(root):
             if self.records.holds(path, retry_errors=self.retry_errors):
                 self.already += 1
                 self.earlier_failed += self.records.failed(path)
-            elif reason := _not_a_regular_file(path):
-                self.add(PathResult(path, None, f"{path}: {reason}"))
             else:
                 yield path
 
@@ -128,28 +125,28 @@ class _Run:
 def _caption_chunk(
     model: CaptionModel, paths: list[Path], options: DecodingOptions | None, batch_size: int, num_workers: int
 ) -> Iterator[PathResult]:
-    """Results for ``paths``; if captioning them together fails, each file alone, so one bad file stops nothing."""
+    """Results for ``paths``; if captioning them together fails, each file alone, so one bad file stops nothing.
+
+    Our own errors raised here are about the model, not a file (e.g. NaN log-probabilities):
+    they stop the run instead of filling the output with one error record per file.
+    """
     done = 0
     try:
         for result in caption_paths(model, paths, options=options, batch_size=batch_size, num_workers=num_workers):
             yield result
             done += 1
         return
+    except CaptionerError:
+        raise
     except Exception:  # noqa: BLE001 (an unforeseen failure: find the file that causes it)
         pass
     for path in paths[done:]:
         try:
             yield from caption_paths(model, [path], options=options, batch_size=1, num_workers=0)
+        except CaptionerError:
+            raise
         except Exception as e:  # noqa: BLE001 (reported on this file's record; the batch goes on)
             yield PathResult(path, None, f"{path}: {type(e).__name__}: {e}")
-
-
-def _not_a_regular_file(path: Path) -> str | None:
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None  # missing or a dangling link: the reader says why
-    return None if stat.S_ISREG(mode) else "not a regular file"
 
 
 def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:

@@ -1,7 +1,8 @@
 """Subtitles for a video in one decode pass: pick frames (uniformly or per shot), caption them in batches, merge.
 
     from captioner.api import load_model
-    from captioner.pipelines.video import VideoOptions, subtitle_video
+    from captioner.pipelines.video import subtitle_video
+    from captioner.pipelines.video_options import VideoOptions
     subs = subtitle_video("clip.mp4", model=load_model(), settings=VideoOptions(mode="scenes"))
     for cue in subs.segments:
         print(cue.start, cue.end, cue.text)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -35,11 +36,17 @@ NON_UTF8 = os.fsdecode(b"b_\xe9")  # a file-name stem that is not valid UTF-8
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the CLI in-process; no traceback or internal error may reach stderr."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
+    """Run the CLI in-process; no traceback, internal error or warning may reach the user.
+
+    A warning printed by a library is a second line (torch's pickle-protocol warning once was).
+    """
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+    assert not seen, [f"{w.category.__name__}: {w.message}" for w in seen]
     out, err = capsys.readouterr()
     assert "Traceback" not in err and "unexpected" not in err, err
     return code, out, err
@@ -235,7 +242,8 @@ def test_caption_into_a_closed_pipe_exits_quietly():
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.readline()
     proc.stdout.close()  # `| head -1`
-    err = proc.stderr.read().decode()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) >= 0 and "Traceback" not in err and "BrokenPipe" not in err
 
 

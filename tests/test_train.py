@@ -119,7 +119,9 @@ def test_train_config_refuses_wrong_types_and_ranges(tiny_config, field, value, 
 def test_every_train_setting_has_help_for_the_command_line():
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     assert all("help" in f.metadata for f in fields.values())
-    assert set(fields["encoder"].metadata["choices"]) == {"efficientnet_lite0", "resnet50", "efficientnet_b0"}
+    from captioner.encoders import ENCODERS
+
+    assert all(name in fields["encoder"].metadata["help"] for name in ENCODERS)  # checked when built, see above
 
 
 @pytest.mark.parametrize(
