@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from captioner.features import cached_features
 from captioner.images import model_pixels
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder
 from captioner.options import DecoderConfig
+from captioner.outputs import check_writable_folder
 from captioner.scst import reward_tokens, self_critical_loss
 from captioner.train_config import TrainConfig
 from captioner.vocab import SPECIALS, Vocabulary, tokenize
@@ -85,17 +85,10 @@ def prepare_output(out: Path, *, resume: bool) -> Path:
     Raises:
         OutputError: ``out`` cannot be created or written, or holds an earlier run that is not being resumed.
     """
-    try:
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(20, "exists and is not a folder")
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".captioner-check-"):
-            pass
-        for name in IN_PLACE_FILES:
-            if (out / name).is_dir() or ((out / name).exists() and not os.access(out / name, os.W_OK)):
-                raise PermissionError(13, f"{name} cannot be written")
-    except OSError as e:
-        raise OutputError(f"{printable(out)}: cannot write training output here: {e.strerror or e}") from e
+    check_writable_folder(out)
+    for name in IN_PLACE_FILES:
+        if (out / name).is_dir() or ((out / name).exists() and not os.access(out / name, os.W_OK)):
+            raise OutputError(f"{printable(out / name)}: cannot write training output here: not a writable file")
     if not resume and any((out / name).exists() for name in RUN_FILES):
         raise OutputError(f"{printable(out)}: holds an earlier run; resume it (--resume) or choose another folder")
     check_new_model_folder(out / "best", replace=True)

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 from captioner.errors import OptionError, VideoWriteError, printable
+from captioner.outputs import check_writable_file, new_file_mode
 from captioner.pipelines.cues import Segment
-from captioner.pipelines.outputs import check_writable_file, new_file_mode
 from captioner.pipelines.video_source import FALLBACK_FPS, OpenCVName, OpenCVSource
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX  # Hershey fonts draw ASCII only; other characters show as '?'

@@ -74,8 +74,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    from captioner.outputs import check_writable_file
     from captioner.pipelines.folder import caption_folder
-    from captioner.pipelines.outputs import check_writable_file
     from captioner.pipelines.record_formats import format_for
     from captioner.pipelines.records import RecordFile
     from captioner.pipelines.report import write_contact_sheet

@@ -15,7 +15,7 @@ import os
 
 from captioner.errors import printable
 from captioner.images import load_image
-from captioner.pipelines.outputs import write_atomically
+from captioner.outputs import write_atomically
 from captioner.pipelines.record_formats import RecordFormat, raw_path
 
 THUMB_SIDE = 192  # longest thumbnail side in pixels

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from captioner.errors import OptionError
+from captioner.outputs import write_atomically
 from captioner.pipelines.cues import Segment
-from captioner.pipelines.outputs import write_atomically
 
 
 def format_timestamp(seconds: float, *, decimal_marker: str = ".") -> str:

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from captioner.decoding import DecodingOptions
-from captioner.errors import CaptionerError, OptionError, OutputError, VideoReadError, printable
+from captioner.errors import CaptionerError, OptionError, VideoReadError, printable
 from captioner.model import CaptionModel
+from captioner.outputs import check_writable_file, check_writable_folder
 from captioner.pipelines.burn import burn_subtitles, check_burn_target
-from captioner.pipelines.outputs import check_writable_file
 from captioner.pipelines.sources import walk_videos
 from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
 from captioner.pipelines.video import VideoOptions, subtitle_source
@@ -53,7 +52,7 @@ def prepare_jobs(
         raise VideoReadError(f"{printable(source)}: no such file or folder")
     jobs = plan_jobs(source, extension, output=output, out_dir=out_dir, burn=burn)
     if out_dir is not None:
-        check_folder(out_dir)
+        check_writable_folder(out_dir)
     if not source.is_dir():
         job = jobs[0]
         for target, what in ((job.output, "the subtitle file"), (job.burn, "--burn")):
@@ -96,22 +95,6 @@ def plan_jobs(
         name = video.name if stems[(video.parent, video.stem.casefold())] > 1 else video.stem
         jobs.append(VideoJob(video, folder / f"{name}.{extension}"))
     return jobs
-
-
-def check_folder(folder: Path) -> None:
-    """Create ``folder`` if needed and make sure files can be created in it.
-
-    Raises:
-        OutputError: it is a file, or it cannot be created or written.
-    """
-    try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(20, "is a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".captioner-check-"):
-            pass
-    except OSError as e:
-        raise OutputError(f"{printable(folder)}: cannot write here: {e.strerror or e}") from e
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -10,20 +10,8 @@ from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, DataError, ImageReadError
 from captioner.evaluation import evaluate_grids, grid_batches, index_batches, path_grids
 from captioner.metrics import score_captions
-from captioner.model import CaptionModel, ModelConfig
-from captioner.options import DecoderConfig
-from captioner.vocab import Vocabulary
 
 REFERENCES = [("a cat on the grass", "a cat"), ("a dog on the grass",), ("the cat and the dog",)]
-
-
-@pytest.fixture(scope="module")
-def small_model():
-    torch.manual_seed(0)
-    vocab = Vocabulary(["a", "cat", "dog", "on", "the", "grass"])
-    config = ModelConfig("efficientnet_lite0", DecoderConfig(len(vocab), 1280, 16, 16, True, 16, 0.0),
-                         DecodingOptions(beam_size=2, max_length=6))
-    return CaptionModel(config, vocab).eval()
 
 
 def test_index_batches_cover_every_position_once():

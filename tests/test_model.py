@@ -19,15 +19,6 @@ from captioner.options import DecoderConfig
 from captioner.vocab import Vocabulary
 
 
-@pytest.fixture(scope="module")
-def small_model():
-    torch.manual_seed(0)
-    vocab = Vocabulary(["a", "cat", "dog", "on", "the", "grass"])
-    config = ModelConfig("efficientnet_lite0", DecoderConfig(len(vocab), 1280, 16, 16, True, 16, 0.0),
-                         DecodingOptions(beam_size=2, max_length=6))
-    return CaptionModel(config, vocab).eval()
-
-
 def test_save_load_round_trip_gives_the_same_captions(small_model, tmp_path):
     small_model.save(tmp_path / "m")
     loaded = CaptionModel.load(tmp_path / "m")

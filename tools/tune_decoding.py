@@ -24,7 +24,7 @@ from captioner.errors import CaptionerError  # noqa: E402
 from captioner.evaluation import evaluate_grids, grid_batches  # noqa: E402
 from captioner.features import cached_features  # noqa: E402
 from captioner.model import CONFIG_FILE, CaptionModel  # noqa: E402
-from captioner.pipelines.outputs import write_atomically  # noqa: E402
+from captioner.outputs import write_atomically  # noqa: E402
 
 
 def main() -> None:

@@ -38,6 +38,24 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_writable_folder(folder: str | os.PathLike) -> Path:
+    """Fail now if files cannot be created in ``folder`` (created here when missing).
+
+    Raises:
+        OutputError: it is a file, or it cannot be created or written.
+    """
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".captioner-check-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{printable(folder)}: cannot write here: {_reason(e)}") from e
+    return folder
+
+
 def new_file_mode() -> int:
     """The mode a plainly created file gets (0666 less the umask); temporary files start private."""
     mask = os.umask(0o022)
