@@ -1,21 +1,25 @@
-"""Image pipeline benchmark: encoder paths, folder pipeline vs bare encoder, batched vs per-image beam.
+"""Image pipeline benchmark: encoder paths, folder pipeline vs bare encoder and vs an earlier default.
 
 Everything is measured in one run on the same images, so the ratios compare like with like:
 
-    .venv/bin/python benchmarks/bench_pipeline.py --images 256
+    .venv/bin/python benchmarks/bench_pipeline.py --images 256 --repeat 3
 
 Prints a Markdown table. Images are the Flickr8k dev photos when present (else copies of
-the bundled examples), written to a temporary folder as JPEGs.
+the bundled examples), written to a temporary folder. The earlier default model (the
+three-decoder ensemble of commit a530fb7) is taken from git history into a temporary
+folder, so the comparison needs no saved copy. Pipeline figures are repeated
+(interleaved) and given as median (min-max).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import resource
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,14 +114,18 @@ def beam_comparison(model, pixels: torch.Tensor, batch: int, beam: int) -> tuple
     return batched, per_image, same
 
 
-def first_member(model: CaptionModel) -> CaptionModel:
-    """The model with its first decoder only, sharing the encoder: what the ensemble costs."""
-    if model.config.ensemble_size == 1:
-        return model
-    single = CaptionModel(dataclasses.replace(model.config, ensemble_size=1), model.vocab, pretrained_encoder=False)
-    single.encoder = model.encoder
-    single.decoder.load_state_dict(model.decoder.members[0].state_dict())
-    return single.eval()
+def model_from_git(rev: str, folder: Path) -> CaptionModel:
+    """The default model as shipped at commit ``rev``, read from git history."""
+    folder.mkdir(parents=True)
+    for name in ("config.json", "vocab.json", "model.safetensors"):
+        blob = subprocess.run(["git", "show", f"{rev}:captioner/default_model/{name}"], cwd=ROOT, check=True,
+                              capture_output=True).stdout
+        (folder / name).write_bytes(blob)
+    return load_model(folder)
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def captions_of(records: Path) -> dict[str, str]:
@@ -131,10 +139,13 @@ def main() -> None:
     parser.add_argument("--beam-batch", type=int, default=64)
     parser.add_argument("--beam", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each pipeline figure")
+    parser.add_argument("--baseline-rev", default="a530fb7", help="commit whose default model is the comparison")
     args = parser.parse_args()
 
     model = load_model()
     with tempfile.TemporaryDirectory() as tmp:
+        baseline = model_from_git(args.baseline_rev, Path(tmp) / "baseline")
         folder = Path(tmp) / "photos"
         folder.mkdir()
         paths = make_folder(args.images, folder)
@@ -142,29 +153,36 @@ def main() -> None:
         rows = encoder_variants(model, pixels, args.batch)
         bare = next(v for name, v in rows if name == "encoder, channels_last, inference_mode")  # the pipeline's path
 
-        def pipeline_run(name: str, captioner: CaptionModel = model) -> float:
-            return args.images / timed(lambda: caption_folder(folder, Path(tmp) / name, model=captioner,
-                                                              batch_size=args.batch, num_workers=args.workers,
-                                                              progress=False))
+        def pipeline_run(name: str, captioner: CaptionModel) -> float:
+            out = Path(tmp) / name
+            out.unlink(missing_ok=True)
+            return args.images / timed(lambda: caption_folder(folder, out, model=captioner, batch_size=args.batch,
+                                                              num_workers=args.workers, progress=False))
 
-        pipeline = pipeline_run("eager.jsonl")
-        single_pipeline = pipeline_run("single.jsonl", first_member(model))
+        runs: dict[str, list[float]] = {"default": [], "baseline": []}
+        for _ in range(args.repeat):
+            runs["default"].append(pipeline_run("default.jsonl", model))
+            runs["baseline"].append(pipeline_run("baseline.jsonl", baseline))
+        ratios = [d / b for d, b in zip(runs["default"], runs["baseline"], strict=True)]
         batched, per_image, same = beam_comparison(model, pixels, args.beam_batch, args.beam)
         compile_seconds = timed(lambda: (model.compile_encoder(), model.encode(pixels[: args.batch])))
-        compiled_pipeline = pipeline_run("compiled.jsonl")
-        compiled_same = captions_of(Path(tmp) / "eager.jsonl") == captions_of(Path(tmp) / "compiled.jsonl")
+        compiled_pipeline = pipeline_run("compiled.jsonl", model)
+        compiled_same = captions_of(Path(tmp) / "default.jsonl") == captions_of(Path(tmp) / "compiled.jsonl")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    decoding = model.config.decoding
 
     print(f"\n{args.images} images, batch {args.batch}, {torch.get_num_threads()} threads\n")
     print("| measurement | value |")
     print("|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:.1f} img/s |")
-    print(f"| folder pipeline (read, resize, encode, beam {model.config.decoding.beam_size}, write) "
-          f"| {pipeline:.1f} img/s |")
-    print(f"| pipeline / bare encoder (same eager encoder) | {pipeline / bare:.2f}x |")
-    print(f"| folder pipeline, first decoder only (of {model.config.ensemble_size}) | {single_pipeline:.1f} img/s |")
-    print(f"| ensemble pipeline / one-decoder pipeline | {pipeline / single_pipeline:.2f}x |")
+    print(f"| folder pipeline, default (read, resize, encode, beam {decoding.beam_size}, write) "
+          f"| {spread(runs['default'])} img/s |")
+    print(f"| folder pipeline, {args.baseline_rev} default ({baseline.config.ensemble_size} decoders, beam "
+          f"{baseline.config.decoding.beam_size}) | {spread(runs['baseline'])} img/s |")
+    print(f"| default / {args.baseline_rev} default, same run | {spread(ratios)}x |")
+    to_bare = statistics.median(runs["default"]) / bare
+    print(f"| default pipeline / bare encoder (same eager encoder) | {to_bare:.2f}x |")
     print(f"| folder pipeline with --compile ({compile_seconds:.0f} s compile first) | {compiled_pipeline:.1f} img/s |")
     print(f"| --compile captions identical to eager | {compiled_same} |")
     print(f"| beam {args.beam}, batch {args.beam_batch}: batched search | {batched:.3f} s |")

@@ -293,12 +293,14 @@ def _all_rows(step_log_probs: torch.Tensor, active: torch.Tensor, n: int, end_id
 
 def _check_finite(step_log_probs: torch.Tensor) -> None:
     """Log-probs (N, V) that a softmax cannot give mean broken weights: fail loudly, never caption garbage."""
-    if bool(torch.isnan(step_log_probs).any()):
+    best = step_log_probs.amax(dim=1)  # (N,): one pass over the log-probs; NaN propagates into it
+    if bool(torch.isfinite(best).all()):
+        return
+    if bool(torch.isnan(best).any()):
         raise CaptionerError("the model produced NaN log-probabilities; its weights are broken")
-    if bool(torch.isposinf(step_log_probs).any()):
+    if bool(torch.isposinf(best).any()):
         raise CaptionerError("the model produced infinite log-probabilities; its weights are broken")
-    if not bool(torch.isfinite(step_log_probs).any(dim=1).all()):
-        raise CaptionerError("the model gave no token a finite log-probability; its weights are broken")
+    raise CaptionerError("the model gave no token a finite log-probability; its weights are broken")
 
 
 def _unstuck(search_log_probs: torch.Tensor, model_log_probs: torch.Tensor, end_id: int) -> torch.Tensor:
@@ -307,7 +309,7 @@ def _unstuck(search_log_probs: torch.Tensor, model_log_probs: torch.Tensor, end_
     Such a row may end (with the model's <end> log-prob); if the model gives <end> no
     probability either, the row follows the model alone, which always allows some token.
     """
-    stuck = torch.isneginf(search_log_probs).all(dim=1)  # (N,)
+    stuck = torch.isneginf(search_log_probs.amax(dim=1))  # (N,)
     if not bool(stuck.any()):
         return search_log_probs
     search_log_probs = search_log_probs.clone()

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -240,6 +241,8 @@ class Trainer:
     def fit(self) -> dict:
         while self.epoch - self.scst_done < self.cfg.epochs and self.stale_epochs < self.cfg.patience:
             self._run_epoch("xe", self.train_epoch, "train_loss")
+        if self.cfg.average_last > 1 and not any(r["phase"] == "average" for r in self.history):
+            self._average_snapshots()
         if self.cfg.scst_epochs and self.scst_done == 0:
             self._start_scst()
         while self.scst_done < self.cfg.scst_epochs:
@@ -261,6 +264,44 @@ class Trainer:
             self.model.save(self.out / "best", replace=True)
         else:
             self.stale_epochs += 1
+        if phase == "xe" and self.cfg.average_last > 1:
+            self._snapshot()
+        self._log(record)
+        self.save_checkpoint()
+
+    def _snapshots(self) -> list[Path]:
+        """Saved decoder weights of the latest cross-entropy epochs, oldest first."""
+        return sorted((self.out / "epochs").glob("epoch-*.safetensors"), key=lambda p: int(p.stem.split("-")[1]))
+
+    def _snapshot(self) -> None:
+        """Keep this epoch's decoder weights (float32) for averaging; only the last ``average_last`` stay."""
+        folder = self.out / "epochs"
+        folder.mkdir(exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.decoder.state_dict().items()}
+        save_file(state, folder / f"epoch-{self.epoch}.safetensors")
+        for old in self._snapshots()[: -self.cfg.average_last]:
+            old.unlink()
+
+    def _average_snapshots(self) -> None:
+        """Average the last epochs' decoder weights (Polyak-style checkpoint averaging), score it on dev.
+
+        Neighbouring epochs of a cosine schedule sit around one minimum; their mean is often
+        flatter and better than any of them. It becomes ``best`` only if it scores higher.
+        """
+        files = self._snapshots()[-self.cfg.average_last :]
+        if len(files) < 2:
+            return
+        states = [load_file(f) for f in files]
+        average = {k: torch.stack([s[k] for s in states]).mean(dim=0) for k in states[0]}
+        self.model.decoder.load_state_dict(average)
+        scores = self.evaluate_dev()
+        record = {"epoch": self.epoch, "phase": "average", "averaged": [int(f.stem.split("-")[1]) for f in files],
+                  **scores}
+        self.history.append(record)
+        self.model.save(self.out / "averaged", replace=True)
+        if scores["CIDEr-D"] > self.best_cider:
+            self.best_cider = scores["CIDEr-D"]
+            self.model.save(self.out / "best", replace=True)
         self._log(record)
         self.save_checkpoint()
 

@@ -273,3 +273,21 @@ def test_resume_with_another_model_shape_or_vocabulary_is_refused(tiny_config, s
     fewer_words = dataclasses.replace(tiny_config, min_word_count=2)
     with pytest.raises(CheckpointError, match=r"another vocabulary \(\d+ words, this run has \d+\)"):
         _resume(fewer_words)
+
+
+@pytest.mark.slow
+def test_checkpoint_averaging_scores_the_mean_of_the_last_epochs(tiny_config):
+    from safetensors.torch import load_file
+
+    cfg = dataclasses.replace(tiny_config, epochs=3, average_last=2)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert [r["phase"] for r in trainer.history] == ["xe", "xe", "xe", "average"]
+    assert trainer.history[-1]["averaged"] == [2, 3]
+    snapshots = sorted(p.name for p in (Path(cfg.out_dir) / "epochs").iterdir())
+    assert snapshots == ["epoch-2.safetensors", "epoch-3.safetensors"]
+    two, three = (load_file(Path(cfg.out_dir) / "epochs" / name) for name in snapshots)
+    averaged = CaptionModel.load(Path(cfg.out_dir) / "averaged").decoder.state_dict()
+    for name in ("out.weight", "lstm.weight_hh"):  # saved as float16: compare at that precision
+        assert torch.allclose(averaged[name], (two[name] + three[name]) / 2, atol=2e-3)
+    assert not torch.equal(two["out.weight"], three["out.weight"])
