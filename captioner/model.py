@@ -248,6 +248,23 @@ def ensemble(models: Sequence[CaptionModel]) -> CaptionModel:
     return combined.to(first.device).eval()
 
 
+def member(model: CaptionModel, index: int) -> CaptionModel:
+    """Decoder ``index`` of an ensemble as a model of its own (sharing the encoder): a distillation
+    starting point, or the cost of one decoder in a benchmark.
+
+    Raises:
+        ModelLoadError: ``model`` is not an ensemble, or has no decoder ``index``.
+    """
+    size = model.config.ensemble_size
+    if size == 1 or not 0 <= index < size:
+        raise ModelLoadError(f"member {index} of a model of {size} decoder(s): choose 0 to {size - 1} of an ensemble")
+    config = dataclasses.replace(model.config, ensemble_size=1)
+    single = CaptionModel(config, model.vocab, pretrained_encoder=False)
+    single.encoder = model.encoder
+    single.decoder.load_state_dict(model.decoder.members[index].state_dict())
+    return single.to(model.device).eval()
+
+
 def _reason(error: BaseException) -> str:
     """A one-line reason: the OS's words for an OSError, else the first line of the message."""
     lines = str(error).splitlines()

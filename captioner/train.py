@@ -96,6 +96,23 @@ def prepare_output(out: Path, *, resume: bool) -> Path:
     return out
 
 
+def _start_from(model: CaptionModel, init: CaptionModel, folder: str) -> None:
+    """Copy ``init``'s decoder (and fine-tuned encoder) into ``model``, which must be shaped alike.
+
+    Raises:
+        OptionError: the model settings differ from the folder's model, or it is an ensemble.
+    """
+    if init.config.ensemble_size != 1:
+        raise OptionError(f"init_from={folder!r} is an ensemble of {init.config.ensemble_size} decoders; "
+                          "start from one decoder")
+    if (init.config.encoder, init.config.decoder) != (model.config.encoder, model.config.decoder):
+        raise OptionError(f"init_from={folder!r}: its encoder or decoder shape differs from these settings "
+                          f"({init.config.encoder}, {init.config.decoder})")
+    model.decoder.load_state_dict(init.decoder.state_dict())
+    if init.config.encoder_weights_stored and model.config.encoder_weights_stored:
+        model.encoder.load_state_dict(init.encoder.state_dict())
+
+
 class Trainer:
     """Owns the model, optimizer and data of one run; ``fit`` runs epochs until stopping."""
 
@@ -115,7 +132,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.train_entries = read_manifest(cfg.train_manifest, require_captions=True)
         self.dev_entries = read_manifest(cfg.dev_manifest, require_captions=True)
-        self.vocab = Vocabulary.build((c for e in self.train_entries for c in e.captions), min_count=cfg.min_word_count)
+        self.init_model = CaptionModel.load(cfg.init_from) if cfg.init_from else None
+        if self.init_model is not None:
+            self.vocab = self.init_model.vocab  # its decoder's output ids are this vocabulary's
+        else:
+            self.vocab = Vocabulary.build((c for e in self.train_entries for c in e.captions),
+                                          min_count=cfg.min_word_count)
         if len(self.vocab) == len(SPECIALS):
             raise DataError(f"{printable(cfg.train_manifest)}: no word occurs min_word_count={cfg.min_word_count} "
                             "times; lower min_word_count")
@@ -157,6 +179,8 @@ class Trainer:
             encoder_weights_stored=cfg.finetune_encoder,
         )
         model = CaptionModel(config, self.vocab)
+        if self.init_model is not None:
+            _start_from(model, self.init_model, cfg.init_from)
         model.encoder.requires_grad_(cfg.finetune_encoder)
         return model
 

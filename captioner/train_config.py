@@ -52,6 +52,8 @@ class TrainConfig:
     grad_clip: float = option(5.0, float, "clip the gradient norm to this", Bounds(0, 1e6, open_low=True))
     label_smoothing: float = option(0.1, float, "cross-entropy label smoothing", Bounds(0, 1, open_high=True))
     patience: int = option(3, int, "stop after this many epochs without a better dev CIDEr-D", Bounds(1, 100_000))
+    init_from: str | None = option(None, str, "start from this model folder's decoder and vocabulary (fine-tuning, "
+                                   "distillation into a trained decoder); the model fields below must match it")
     average_last: int = option(0, int, "also average the decoder weights of the last N cross-entropy epochs and keep "
                                "the average if it scores higher on dev (0: off)", Bounds(0, 100))
     scst_epochs: int = option(0, int, "self-critical CIDEr-D epochs after cross-entropy (0: none)", Bounds(0, 100_000))

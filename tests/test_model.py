@@ -347,3 +347,18 @@ def test_save_target_is_checked_before_any_work(tmp_path):
 def test_an_ensemble_of_more_than_16_decoders_is_refused(small_model):
     with pytest.raises(ModelLoadError, match="at most 16 decoders; these models hold 17"):
         ensemble([small_model] * 17)
+
+
+def test_member_is_one_decoder_of_an_ensemble_as_a_model_of_its_own(small_model):
+    from captioner.model import member
+
+    sibling = _sibling(small_model, 1)
+    pair = ensemble([small_model, sibling])
+    second = member(pair, 1)
+    assert second.config.ensemble_size == 1
+    for name, tensor in sibling.decoder.state_dict().items():
+        assert torch.equal(second.decoder.state_dict()[name], tensor)
+    with pytest.raises(ModelLoadError, match="choose 0 to 1"):
+        member(pair, 2)
+    with pytest.raises(ModelLoadError, match="of an ensemble"):
+        member(small_model, 0)

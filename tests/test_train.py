@@ -291,3 +291,20 @@ def test_checkpoint_averaging_scores_the_mean_of_the_last_epochs(tiny_config):
     for name in ("out.weight", "lstm.weight_hh"):  # saved as float16: compare at that precision
         assert torch.allclose(averaged[name], (two[name] + three[name]) / 2, atol=2e-3)
     assert not torch.equal(two["out.weight"], three["out.weight"])
+
+
+@pytest.mark.slow
+def test_init_from_continues_a_trained_decoder_with_its_vocabulary(tiny_config, tmp_path):
+    first = dataclasses.replace(tiny_config, epochs=1)
+    train(first)
+    start = CaptionModel.load(Path(first.out_dir) / "best")
+    manifest = tmp_path / "other.jsonl"  # other captions: a vocabulary built from them would differ
+    write_manifest(manifest, [(str(SHARED_SAMPLES / "chelsea.png"), ["a cat sits on the floor"])])
+    cfg = dataclasses.replace(tiny_config, train_manifest=str(manifest), out_dir=str(tmp_path / "fine"), epochs=1,
+                              init_from=str(Path(first.out_dir) / "best"))
+    trainer = Trainer(cfg)
+    assert trainer.vocab.itos == start.vocab.itos
+    for name, tensor in start.decoder.state_dict().items():
+        assert torch.equal(trainer.model.decoder.state_dict()[name], tensor)
+    with pytest.raises(OptionError, match="init_from=.*decoder shape differs"):
+        Trainer(dataclasses.replace(cfg, hidden_dim=16, out_dir=str(tmp_path / "other")))
