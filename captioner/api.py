@@ -56,7 +56,7 @@ def caption_paths(
     loader = DataLoader(
         ImageFiles(paths, model.encoder.preprocess.size),
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=min(num_workers, os.cpu_count() or 1),  # more processes than cores only slow the encoder
         collate_fn=collate_images,
     )
     for indices, pixels, errors in loader:

@@ -37,10 +37,10 @@ def read_manifest(path: str | os.PathLike, *, require_captions: bool = False) ->
             unreadable file or one without entries.
     """
     path = Path(path)
-    base = path.resolve().parent
     try:
+        base = path.resolve().parent
         lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, RuntimeError, UnicodeDecodeError) as e:  # RuntimeError: a symlink loop
         raise DataError(f"{printable(path)}: cannot read manifest: {getattr(e, 'strerror', None) or e}") from e
     entries = []
     for number, line in enumerate(lines, start=1):
@@ -58,7 +58,10 @@ def read_manifest(path: str | os.PathLike, *, require_captions: bool = False) ->
 
 def _parse_record(line: str, require_captions: bool) -> tuple[Path, tuple[str, ...]]:
     """One manifest line -> (image path as written, captions); ValueError says what is wrong."""
-    record = json.loads(line)
+    try:
+        record = json.loads(line)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, not {type(record).__name__}")
     image = record.get("image")

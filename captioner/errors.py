@@ -15,6 +15,19 @@ def printable(value: object) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def one_line(value: object) -> str:
+    """:func:`printable` with control characters escaped, for a message printed as one line.
+
+    A file name may hold a newline, a carriage return or a terminal escape sequence; printed
+    raw, it would split a ``skipped PATH: reason`` line in two or drive the terminal.
+    """
+    return printable(value).translate(_CONTROLS)
+
+
 class CaptionerError(Exception):
     """Base class of every error captioner raises on purpose."""
 

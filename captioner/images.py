@@ -95,7 +95,9 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     """``image`` turned by its EXIF orientation and converted to 8-bit RGB."""
     if image.width * image.height > MAX_PIXELS:
         raise ImageReadError(f"{image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}")
-    return to_rgb(ImageOps.exif_transpose(image))
+    with warnings.catch_warnings():  # "Corrupt EXIF data": the photo is still good, only its tag is not
+        warnings.simplefilter("ignore", UserWarning)
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -107,7 +109,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         gray = (np.asarray(image, dtype=np.float64) / scale).clip(0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if image.mode == "F":
-        return Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8)).convert("RGB")
+        values = np.nan_to_num(np.asarray(image), nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(values.clip(0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -8,8 +8,11 @@ make our numbers incomparable the moment one detail differed.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
-from typing import Mapping, Sequence
+import sys
+from typing import Iterator, Mapping, Sequence
 
 from captioner.errors import CaptionerError
 
@@ -26,7 +29,23 @@ def tokenize_for_scoring(captions: Mapping[str, Sequence[str]]) -> dict[str, lis
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     _require_java()
-    return PTBTokenizer().tokenize({key: [{"caption": c} for c in caps] for key, caps in captions.items()})
+    with _quiet_stderr():  # the Java tokenizer reports its speed (and "Untokenizable" characters) there
+        return PTBTokenizer().tokenize({key: [{"caption": c} for c in caps] for key, caps in captions.items()})
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null: child processes inherit it, so their chatter goes too."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def score_captions(
@@ -58,6 +77,9 @@ def score_captions(
     if empty:  # pycocoevalcap would fail on an assert, far from the cause
         raise CaptionerError(f"image {empty[0]} has no reference captions to score against")
     gts = tokenize_for_scoring(references)
+    wordless = [key for key, refs in gts.items() if not any(ref.strip() for ref in refs)]
+    if wordless:  # e.g. only "..." as a reference: BLEU would fail deep inside the scorer
+        raise CaptionerError(f"image {wordless[0]}'s reference captions have no words once punctuation is removed")
     res = tokenize_for_scoring({key: [caption] for key, caption in candidates.items()})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}

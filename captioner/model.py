@@ -28,7 +28,7 @@ from captioner.concepts import concept_evidence, concept_matrix
 from captioner.decoder import build_decoder
 from captioner.decoding import Caption, DecodingOptions, decode_grid
 from captioner.encoders import ENCODERS, build_encoder
-from captioner.errors import ModelLoadError, OptionError, OutputError, printable
+from captioner.errors import CaptionerError, ModelLoadError, OptionError, OutputError, printable
 from captioner.options import REQUIRED, Bounds, DecoderConfig, check_fields, option
 from captioner.vocab import SPECIALS, Vocabulary
 
@@ -65,7 +65,7 @@ class ModelConfig:
         """Parse config.json text; see :meth:`from_dict`."""
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting too deep to parse
             raise ModelLoadError(f"bad model config: not valid JSON ({e})") from e
         return cls.from_dict(raw)
 
@@ -134,8 +134,24 @@ class CaptionModel(nn.Module):
 
     def compile_encoder(self) -> None:
         """Compile the CNN with torch.compile: about 1.7x the images/s on CPU once compiled,
-        at a one-off cost of tens of seconds, so it pays off for folders, not single photos."""
-        self.encoder.features = torch.compile(self.encoder.features, dynamic=False)
+        at a one-off cost of tens of seconds, so it pays off for folders, not single photos.
+
+        A first batch is encoded here, so a machine where compiling cannot work (no C++
+        compiler, say) fails once, now, instead of on every image.
+
+        Raises:
+            CaptionerError: compiling failed; the eager encoder is kept.
+        """
+        eager = self.encoder.features
+        self.encoder.features = torch.compile(eager, dynamic=False)
+        size = self.encoder.preprocess.size
+        try:
+            self.encode(torch.zeros((1, size, size, 3), dtype=torch.uint8))
+        except Exception as e:  # noqa: BLE001 (any compiler failure; the message says which)
+            self.encoder.features = eager
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CaptionerError(f"torch.compile does not work here ({type(e).__name__}: {reason}); "
+                                 "run without --compile") from e
 
     @torch.inference_mode()
     def caption_grid(self, grid: torch.Tensor, options: DecodingOptions | None = None) -> list[list[Caption]]:

@@ -14,6 +14,11 @@ def _reason(error: OSError) -> str:
     return error.strerror or str(error) or type(error).__name__
 
 
+def _target(path: Path) -> Path:
+    """Where writing ``path`` lands: a symbolic link is written through (the link stays a link)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def check_writable_file(path: str | os.PathLike) -> Path:
     """Fail now, before a model loads, if ``path`` could not be written later.
 
@@ -24,9 +29,11 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     Raises:
         OutputError: ``path`` is a folder, or its folder cannot be created or written.
     """
-    path = Path(path)
+    path = _target(Path(path))
     if path.is_dir():
         raise OutputError(f"{printable(path)}: is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"{printable(path)}: not a regular file (a device, pipe or socket); give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".captioner-check-"):
@@ -71,11 +78,13 @@ def write_atomically(path: str | os.PathLike, write: Callable[[TextIO], None]) -
     Raises:
         OutputError: the file cannot be written (full disk, no permission, a folder there).
     """
-    path = Path(path)
+    path = _target(Path(path))
     tmp: Path | None = None
     try:
         if path.is_dir():
             raise IsADirectoryError(21, "Is a directory")
+        if path.exists() and not path.is_file():
+            raise OSError(22, "not a regular file (a device, pipe or socket)")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")
         tmp = Path(name)

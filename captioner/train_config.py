@@ -109,9 +109,11 @@ def _check_device(name: str) -> None:
     if name == "auto":
         return
     try:
-        torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise OptionError(f"device={name!r} is not a torch device (e.g. auto, cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError(f"device={name!r}: training runs on auto, cpu or cuda")
 
 
 def _read_json_object(path: Path) -> dict:
@@ -119,7 +121,7 @@ def _read_json_object(path: Path) -> dict:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise OptionError(f"{printable(path)}: cannot read training config: {e.strerror or e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise OptionError(f"{printable(path)}: training config is not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise OptionError(f"{printable(path)}: training config must be a JSON object, not {type(raw).__name__}")

@@ -119,7 +119,7 @@ class Vocabulary:
     def from_json(cls, text: str) -> "Vocabulary":
         try:
             words = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting too deep to parse
             raise ModelLoadError(f"vocabulary is not valid JSON: {e}") from e
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise ModelLoadError("vocabulary must be a JSON list of words")

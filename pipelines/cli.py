@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from captioner.errors import CaptionerError, OptionError, printable
+from captioner.errors import CaptionerError, OptionError, one_line, printable
 from captioner.pipelines.flags import add_dataclass_flags, bounded_int, dataclass_from_args, exposed_fields, flag_name
 
 # Exit codes: 0 all good, 1 some input failed, 2 bad arguments (argparse's own convention).
@@ -48,12 +48,32 @@ def _load(args: argparse.Namespace):
     from captioner.options import DecodingOptions
 
     dataclass_from_args(args, DecodingOptions(), exclude=HIDDEN_DECODING_FIELDS)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=_device(args.device))
     return model, dataclass_from_args(args, model.config.decoding, exclude=HIDDEN_DECODING_FIELDS)
 
 
+def _device(name: str | None) -> str | None:
+    """``--device``, checked before the model loads: a torch device this machine has."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OptionError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError(f"--device {name!r}: captioner runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {name!r}: CUDA is not available here; use cpu")
+    return name
+
+
 def _print(text: str, *, file=None) -> None:
-    print(printable(text), file=file or sys.stdout, flush=True)
+    """Print one line whatever the stream's encoding (an ASCII terminal gets ``\\u`` escapes, not an error)."""
+    stream = file or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    print(printable(text).encode(encoding, "backslashreplace").decode(encoding), file=stream, flush=True)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -64,12 +84,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
     failed = False
     for result in caption_paths(model, [Path(p) for p in args.images], options=options, batch_size=args.batch_size):
         if result.captions is None:
-            _print(f"skipped {result.error}", file=sys.stderr)
+            _print(f"skipped {one_line(result.error)}", file=sys.stderr)
             failed = True
         elif args.json:
             _print(json.dumps(result_record(result), ensure_ascii=False))
         else:
-            _print(f"{result.path}\t{result.captions[0].text}")
+            _print(f"{one_line(result.path)}\t{result.captions[0].text}")
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
@@ -83,6 +103,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if not Path(args.folder).is_dir():
         raise OptionError(f"{printable(args.folder)}: not a folder")
     if args.html:
+        _check_report_path(Path(args.html), Path(args.output))
         check_writable_file(args.html)
     fmt = format_for(Path(args.output), args.format)
     with RecordFile(args.output, fmt) as records:  # opened, locked and read before the model loads
@@ -95,6 +116,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
         write_contact_sheet(args.output, args.html, fmt)
     _print(summary.describe(), file=sys.stderr)
     return EXIT_SOME_FAILED if summary.failed or summary.earlier_failed else EXIT_OK
+
+
+def _check_report_path(html: Path, output: Path) -> None:
+    """The report is written whole over ``html``: never over the records, a photo or anything not a page."""
+    if html.suffix.lower() not in (".html", ".htm"):
+        raise OptionError(f"--html {printable(html)}: the report's name must end in .html")
+    if os.path.abspath(html) == os.path.abspath(output) or (html.exists() and output.exists()
+                                                            and os.path.samefile(html, output)):
+        raise OptionError(f"--html {printable(html)} is the records file -o; give the report its own name")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -140,13 +170,22 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 def cmd_manifest(args: argparse.Namespace) -> int:
     from captioner import data
+    from captioner.errors import DataError
 
-    if args.format == "flickr":
-        count = data.flickr_manifest(args.captions, args.split, args.images, args.out)
-    elif args.format == "coco":
-        count = data.coco_manifest(args.captions, args.images, args.out)
-    else:
-        count = data.karpathy_manifest(args.captions, args.images, args.split, args.out)
+    if args.format in ("flickr", "karpathy") and not args.split:
+        raise OptionError(f"manifest {args.format} needs --split")
+    try:
+        if args.format == "flickr":
+            count = data.flickr_manifest(args.captions, args.split, args.images, args.out)
+        elif args.format == "coco":
+            count = data.coco_manifest(args.captions, args.images, args.out)
+        else:
+            count = data.karpathy_manifest(args.captions, args.images, args.split, args.out)
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:  # JSON and Unicode errors too
+        raise DataError(f"{printable(args.captions)}: not a {args.format} caption file ({type(e).__name__}: "
+                        f"{e})") from e
+    if count == 0:
+        raise DataError(f"{printable(args.captions)}: no images with captions for this split; nothing written")
     _print(f"wrote {count} images to {args.out}")
     return EXIT_OK
 
@@ -251,8 +290,28 @@ def _video_parser(sub) -> None:
     p.set_defaults(run=cmd_video)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with where to look) instead of the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+# Arguments that name files or folders: an empty one would silently mean the current folder.
+PATH_ARGUMENTS = ("images", "folder", "input", "output", "html", "out_dir", "burn", "model", "manifest", "config",
+                  "out", "captions", "split")
+
+
+def _reject_empty_paths(args: argparse.Namespace) -> None:
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise OptionError(f"{'--' if name not in ('images', 'folder', 'input') else ''}"
+                              f"{name.replace('_', '-')}: an empty path was given")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captioner", description="Caption images and videos.")
+    parser = _Parser(prog="captioner", description="Caption images and videos.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_caption_parser, _batch_parser, _evaluate_parser, _train_parser, _ensemble_parser, _manifest_parser,
                 _video_parser):
@@ -261,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> None:
-    print(f"captioner: error: {printable(message)}", file=sys.stderr, flush=True)
+    print(f"captioner: error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def _os_error_message(error: OSError) -> str:
@@ -281,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure ends as one ``captioner: error: ...`` line and an exit code."""
     args = build_parser().parse_args(argv)
     try:
+        _reject_empty_paths(args)
         return args.run(args)
     except OptionError as e:  # a value out of range: a usage error, like argparse's own
         _error(str(e))

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from captioner.api import PathResult, caption_paths
 from captioner.decoding import DecodingOptions
-from captioner.errors import CaptionerError, OptionError, printable
+from captioner.errors import CaptionerError, OptionError, one_line, printable
 from captioner.model import CaptionModel
 from captioner.pipelines.record_formats import format_for, result_record
 from captioner.pipelines.records import RecordFile
@@ -104,19 +104,26 @@ class _Run:
 
     def pending(self, root: Path) -> Iterator[Path]:
         """Images the output does not hold yet (with ``retry_errors``: or holds only an error for)."""
-        for path in walk_images(root):
+        for path in walk_images(root, self.unlisted):
+            if path.name == self.records.path.name and _same_file(path, self.records.path):
+                continue  # the output itself, written inside the folder under an image's extension
             if self.records.holds(path, retry_errors=self.retry_errors):
                 self.already += 1
                 self.earlier_failed += self.records.failed(path)
             else:
                 yield path
 
+    def unlisted(self, folder: Path, error: OSError) -> None:
+        """A folder that cannot be listed: its files cannot be captioned, and the run says so."""
+        self.failed += 1
+        tqdm.write(f"skipped {one_line(folder)}: cannot list this folder: {error.strerror or error}", file=sys.stderr)
+
     def add(self, result: PathResult) -> None:
         record = result_record(result)
         self.records.write(record)
         if result.captions is None:
             self.failed += 1
-            tqdm.write(f"skipped {record['error']}", file=sys.stderr)
+            tqdm.write(f"skipped {one_line(record['error'])}", file=sys.stderr)
         else:
             self.captioned += 1
         self.bar.update(1)
@@ -153,3 +160,10 @@ def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
     iterator = iter(paths)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

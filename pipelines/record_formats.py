@@ -161,7 +161,7 @@ class JsonlRecords(RecordFormat):
             return None
         try:
             record = json.loads(text.rstrip("\r\n"))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise BadRecord(f"bad JSON: {e}") from e
         return _checked(record)
 

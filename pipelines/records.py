@@ -15,6 +15,7 @@ import io
 import os
 import stat
 import tempfile
+import weakref
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -54,6 +55,7 @@ class RecordFile:
         self._count = 0  # records in the file, superseded ones included
         self.errors = 0  # paths whose latest record is an error
         self._file = self._open_locked()
+        _OPEN.add(self)
         try:
             if self._regular:
                 for record in self._records(self._file):
@@ -63,8 +65,16 @@ class RecordFile:
             if self._file.tell() == 0:
                 self._write(self._file, self.fmt.header())
         except BaseException:
-            self._file.close()
+            self.close()
             raise
+
+    def _release_in_child(self) -> None:
+        """In a forked child, point our descriptor at /dev/null: the child must not hold the lock."""
+        if self._file.closed:
+            return
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, self._file.fileno())
+        os.close(devnull)
 
     def _fail(self, what: str, error: OSError) -> OutputError:
         return OutputError(f"{printable(self.path)}: {what}: {error.strerror or error}")
@@ -210,6 +220,7 @@ class RecordFile:
         self._file = new
 
     def close(self) -> None:
+        _OPEN.discard(self)
         self._file.close()
 
     def __enter__(self) -> RecordFile:
@@ -235,3 +246,17 @@ def _lock(fd: int) -> None:
         if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
             raise BlockingIOError(e.errno, e.strerror) from e
         raise
+
+
+# Record files open in this process. DataLoader workers are forked children: each inherits the
+# locked descriptor, and a flock lasts while any process holds it, so after a kill -9 the
+# orphaned workers would keep the output locked for seconds. Children let go of it at once.
+_OPEN: weakref.WeakSet[RecordFile] = weakref.WeakSet()
+
+
+def _release_locks_in_child() -> None:
+    for records in list(_OPEN):
+        records._release_in_child()
+
+
+os.register_at_fork(after_in_child=_release_locks_in_child)

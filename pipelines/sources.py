@@ -8,10 +8,12 @@ from typing import Callable, Iterator
 
 from captioner.images import is_image_path
 
+OnError = Callable[[Path, OSError], None]
 
-def walk_images(root: str | os.PathLike) -> Iterator[Path]:
+
+def walk_images(root: str | os.PathLike, on_error: OnError | None = None) -> Iterator[Path]:
     """Image files under ``root``; see :func:`walk_files`."""
-    return walk_files(root, is_image_path)
+    return walk_files(root, is_image_path, on_error)
 
 
 def walk_videos(root: str | os.PathLike) -> Iterator[Path]:
@@ -21,12 +23,16 @@ def walk_videos(root: str | os.PathLike) -> Iterator[Path]:
     return walk_files(root, is_video_path)
 
 
-def walk_files(root: str | os.PathLike, wanted: Callable[[str], bool]) -> Iterator[Path]:
+def walk_files(
+    root: str | os.PathLike, wanted: Callable[[str], bool], on_error: OnError | None = None
+) -> Iterator[Path]:
     """Files under ``root`` whose name ``wanted`` accepts, in a stable (sorted) order, following directory links once.
 
     A directory reached again through a symlink (a loop, or two links to one place) is not
     walked twice. Dangling links with a wanted extension are yielded, so the caller reports
-    them as unreadable instead of silently missing them.
+    them as unreadable instead of silently missing them. A folder that cannot be listed
+    (no permission, a path longer than the system allows) goes to ``on_error`` so that its
+    files are not missed in silence.
     """
     root = Path(root)
     seen: set[tuple[int, int]] = set()
@@ -35,14 +41,18 @@ def walk_files(root: str | os.PathLike, wanted: Callable[[str], bool]) -> Iterat
         folder = stack.pop()
         try:
             info = folder.stat()
-        except OSError:
+        except OSError as e:
+            if on_error is not None and folder != root:
+                on_error(folder, e)
             continue
         if (info.st_dev, info.st_ino) in seen:
             continue
         seen.add((info.st_dev, info.st_ino))
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
+        except OSError as e:
+            if on_error is not None:
+                on_error(folder, e)
             continue
         subfolders = []
         for entry in entries:

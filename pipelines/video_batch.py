@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from captioner.decoding import DecodingOptions
-from captioner.errors import CaptionerError, OptionError, VideoReadError, printable
+from captioner.errors import CaptionerError, OptionError, VideoReadError, one_line, printable
 from captioner.model import CaptionModel
 from captioner.outputs import check_writable_file, check_writable_folder
 from captioner.pipelines.burn import burn_subtitles, check_burn_target
@@ -128,7 +128,7 @@ def run_jobs(
         try:
             failed += not run_job(job, model=model, writer=writer, options=options, settings=settings)
         except (CaptionerError, OSError) as e:
-            tqdm.write(f"skipped {failure_reason(job, e)}", file=sys.stderr)
+            tqdm.write(f"skipped {one_line(failure_reason(job, e))}", file=sys.stderr)
             failed += 1
     return failed
 
@@ -142,12 +142,12 @@ def run_job(
         check_writable_file(job.output)  # a folder or a read-only place there: know it before captioning
         subtitles = subtitle_source(source, model=model, options=options, settings=settings)
     for note in subtitles.notes:
-        tqdm.write(f"note: {note}", file=sys.stderr)
+        tqdm.write(f"note: {one_line(note)}", file=sys.stderr)
     write_subtitles(subtitles.segments, job.output, writer)
     if job.burn:
         burn_subtitles(job.video, subtitles.segments, job.burn)
     for warning in subtitles.warnings:
-        tqdm.write(f"warning: {warning}", file=sys.stderr)
+        tqdm.write(f"warning: {one_line(warning)}", file=sys.stderr)
     return not subtitles.warnings
 
 

@@ -56,12 +56,15 @@ def is_video_path(path: str | os.PathLike) -> bool:
 
 
 def quiet_ffmpeg() -> None:
-    """Silence FFmpeg's own log lines (``header damaged`` for every broken packet).
+    """Silence FFmpeg's and OpenCV's own log lines (``header damaged`` for every broken packet,
+    ``[ WARN ] ... can't be used to capture by name`` before a file we then report as unreadable).
 
-    We report damaged spans ourselves, in one line. It must run before OpenCV's FFmpeg
-    backend first opens a file; a value the user set (e.g. 24 to debug) is kept.
+    We report damaged spans and unreadable files ourselves, in one line. It must run before
+    OpenCV's FFmpeg backend first opens a file; a value the user set (e.g. 24 to debug) is kept.
     """
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def _opencv_safe(name: str) -> bool:

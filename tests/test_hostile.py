@@ -432,3 +432,80 @@ def test_a_killed_batch_loses_nothing_and_a_corpus_of_bad_photos_is_skipped(tmp_
     records = read_jsonl(out)
     assert len(records) == len({r["path"] for r in records}) == 15
     assert sum("caption" in r for r in records) == 12
+
+
+# Found by a second hostile pass ------------------------------------------------------------------------
+
+
+def test_argparse_usage_errors_are_one_line(capsys):
+    code, _, err = run(["caption", "--batch-size", "0", "x.png"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--batch-size" in err and "usage:" not in err
+
+
+@pytest.mark.parametrize("device", ["meta", "nonsense", "mps"])
+def test_a_device_this_machine_cannot_use_is_a_usage_error(capsys, device):
+    code, _, err = run(["caption", "--device", device, SHARED_SAMPLES / "chelsea.png"], capsys)
+    assert code == 2 and "--device" in error_line(err)
+
+
+@pytest.mark.parametrize("argv", [["caption", ""], ["video", ""], ["batch", "DIR", "-o", ""]])
+def test_an_empty_path_is_a_usage_error_not_the_current_folder(tmp_path, capsys, argv):
+    code, _, err = run([tmp_path if a == "DIR" else a for a in argv], capsys)
+    assert code == 2 and "empty path" in error_line(err)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("html", ["out.jsonl", "dir/a.png", "report.txt"])
+def test_the_report_never_overwrites_the_records_or_a_photo(tmp_path, capsys, html):
+    photo(tmp_path / "dir" / "a.png")
+    out = tmp_path / "out.jsonl"
+    code, _, err = run(["batch", tmp_path / "dir", "-o", out, "--html", tmp_path / html, "--quiet"], capsys)
+    assert code == 2 and "--html" in error_line(err)
+    assert (tmp_path / "dir" / "a.png").read_bytes() == (SHARED_SAMPLES / "chelsea.png").read_bytes()
+
+
+def test_an_output_inside_the_folder_is_not_captioned_as_a_photo(tmp_path, capsys):
+    photo(tmp_path / "dir" / "a.png")
+    out = tmp_path / "dir" / "zz_out.png"
+    code, _, err = run(["batch", tmp_path / "dir", "-o", out, "--format", "jsonl", "--quiet", "--workers", "0"],
+                       capsys)
+    assert code == 0 and [Path(r["path"]).name for r in read_jsonl(out)] == ["a.png"]
+
+
+def test_names_with_newlines_and_escapes_stay_on_one_line(tmp_path, capsys):
+    bad = tmp_path / "two\nlines\x1b[31m.png"
+    bad.write_bytes(b"not a photo")
+    code, out, err = run(["caption", bad, photo(tmp_path / "ok\rname.png")], capsys)
+    assert code == 1 and err.count("\n") == 1 and "two\\nlines\\x1b[31m.png: not an image" in err
+    assert out.count("\n") == 1 and out.startswith(f"{tmp_path}/ok\\rname.png\t")
+
+
+def test_an_ascii_only_stdout_gets_escapes_not_an_error(tmp_path):
+    odd = photo(tmp_path / "🐱 cat.png")
+    proc = run_process(["caption", odd], env={**os.environ, "PYTHONIOENCODING": "ascii:strict"})
+    assert proc.returncode == 0 and b"\\U0001f431 cat.png\t" in proc.stdout
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, '{"image": "x.png", "captions": ["..."]}'])
+def test_manifests_that_break_parsers_or_scorers_are_one_line(tmp_path, capsys, content):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(content.replace("x.png", str(SHARED_SAMPLES / "chelsea.png")) + "\n")
+    code, _, err = run(["evaluate", "--manifest", manifest, "--no-meteor"], capsys)
+    assert code == 1 and error_line(err)
+
+
+def test_manifest_conversion_of_a_broken_caption_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "coco.json").write_text('{"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": null}]}')
+    code, _, err = run(["manifest", "coco", "--captions", tmp_path / "coco.json", "--images", tmp_path,
+                        "--out", tmp_path / "m.jsonl"], capsys)
+    assert code == 1 and "coco.json" in error_line(err)
+    code, _, err = run(["manifest", "flickr", "--captions", tmp_path / "coco.json", "--images", tmp_path,
+                        "--out", tmp_path / "m.jsonl"], capsys)
+    assert code == 2 and "--split" in error_line(err)
+
+
+def test_an_unreadable_video_is_one_line_without_opencv_chatter(tmp_path):
+    (tmp_path / "notes.mp4").write_text("not a video")
+    proc = run_process(["video", tmp_path / "notes.mp4", "-o", tmp_path / "notes.srt"])
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.count("\n") == 1 and err.startswith(f"skipped {tmp_path / 'notes.mp4'}")

@@ -321,3 +321,25 @@ def test_an_immutable_output_is_refused_at_open_even_for_root(tmp_path):
             RecordFile(path)
     finally:
         subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_forked_child_does_not_keep_the_output_locked(tmp_path):
+    """DataLoader workers are forked; after the run dies they must not hold its lock."""
+    import time
+
+    path = tmp_path / "out.jsonl"
+    records = RecordFile(path, format_for(path))
+    ready, started = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker outliving its parent's hold on the file
+        os.write(started, b"x")  # fork hooks have run by now
+        time.sleep(5)
+        os._exit(0)
+    try:
+        os.read(ready, 1)
+        records.close()
+        with RecordFile(path, format_for(path)):  # the child is still alive
+            pass
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
