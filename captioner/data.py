@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioner.errors import DataError, printable
+from captioner.outputs import write_atomically
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,17 @@ def _parse_record(line: str, require_captions: bool) -> tuple[Path, tuple[str, .
 
 
 def write_manifest(path: str | os.PathLike, records: list[tuple[str, list[str]]]) -> None:
-    """Write ``(image, captions)`` pairs as JSONL; image paths are written as given."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    """Write ``(image, captions)`` pairs as JSONL, whole or not at all; image paths are written as given.
+
+    Raises:
+        OutputError: the file cannot be written (the message names it).
+    """
+
+    def write(file) -> None:
         for image, captions in records:
-            f.write(json.dumps({"image": image, "captions": list(captions)}, ensure_ascii=False) + "\n")
+            file.write(json.dumps({"image": image, "captions": list(captions)}, ensure_ascii=False) + "\n")
+
+    write_atomically(path, write)
 
 
 def relative_image_path(image: Path, manifest: Path) -> str:
@@ -119,8 +125,7 @@ def flickr_manifest(
         raise DataError(f"{split_file}: {len(missing)} images have no captions, e.g. {missing[0]}")
     out = Path(out)
     records = [(relative_image_path(Path(image_dir) / n, out), captions[n]) for n in names]
-    write_manifest(out, records)
-    return len(records)
+    return _write_converted(out, records, split_file)
 
 
 def coco_manifest(annotation_file: str | os.PathLike, image_dir: str | os.PathLike, out: str | os.PathLike) -> int:
@@ -130,13 +135,9 @@ def coco_manifest(annotation_file: str | os.PathLike, image_dir: str | os.PathLi
     for ann in data["annotations"]:
         by_id[ann["image_id"]].append(ann["caption"].strip())
     out = Path(out)
-    records = [
-        (relative_image_path(Path(image_dir) / img["file_name"], out), by_id[img["id"]])
-        for img in data["images"]
-        if by_id[img["id"]]
-    ]
-    write_manifest(out, records)
-    return len(records)
+    records = [(relative_image_path(Path(image_dir) / img["file_name"], out), by_id[img["id"]])
+               for img in data["images"]]
+    return _write_converted(out, records, annotation_file)
 
 
 def karpathy_manifest(
@@ -155,5 +156,18 @@ def karpathy_manifest(
             continue
         image = Path(image_dir) / img.get("filepath", "") / img["filename"]
         records.append((relative_image_path(image, out), [s["raw"].strip() for s in img["sentences"]]))
-    write_manifest(out, records)
-    return len(records)
+    return _write_converted(out, records, dataset_file)
+
+
+def _write_converted(out: Path, records: list[tuple[str, list[str]]], source: str | os.PathLike) -> int:
+    """Write the images that have captions (blank ones dropped); returns how many.
+
+    Raises:
+        DataError: no image of ``source`` has a caption (for this split): nothing is written.
+    """
+    kept = [(image, [c for c in captions if c.strip()]) for image, captions in records]
+    kept = [(image, captions) for image, captions in kept if captions]
+    if not kept:
+        raise DataError(f"{printable(source)}: no images with captions (for this split); nothing written")
+    write_manifest(out, kept)
+    return len(kept)

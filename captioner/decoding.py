@@ -62,6 +62,18 @@ def to_caption(hyp: Hypothesis, vocab: Vocabulary) -> Caption:
     return Caption(" ".join(words), words, hyp.mean_logprob, hyp.min_prob, hyp.finished)
 
 
+# Hypotheses searched at once at most. It bounds memory whatever the batch size and beam (a
+# hostile `--beam-size 64 --max-length 100 --batch-size 1024` needs about 80 MB per image);
+# a larger batch is searched in parts, with the same captions (seeded sampling restarts its
+# random stream in each part).
+MAX_SEARCH_ROWS = 2048
+
+
+def search_width(options: DecodingOptions) -> int:
+    """Hypotheses kept per image by the options' strategy."""
+    return {"beam": options.beam_size, "greedy": 1}.get(options.method, options.n_best)
+
+
 def decode_grid(
     decoder: StepDecoder,
     grid: torch.Tensor,
@@ -74,6 +86,11 @@ def decode_grid(
     ``evidence`` (B, V) is per-image classifier evidence for words; with
     ``options.concept_boost`` > 0 it is turned into a log-prob bonus.
     """
+    part = max(1, MAX_SEARCH_ROWS // search_width(options))
+    if grid.shape[0] > part:
+        return [captions for start in range(0, grid.shape[0], part)
+                for captions in decode_grid(decoder, grid[start : start + part], vocab, options,
+                                            None if evidence is None else evidence[start : start + part])]
     strategy = make_strategy(options, grid.shape[0], vocab.end)
     bias = None
     if evidence is not None and options.concept_boost > 0:

@@ -86,7 +86,23 @@ def score_captions(
     if meteor:
         from pycocoevalcap.meteor.meteor import Meteor
 
-        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])  # its __del__ stops the JVM
+        meteor = Meteor()
+        try:
+            scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+        finally:
+            _stop(meteor)
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
     return scores
+
+
+def _stop(meteor) -> None:
+    """Stop METEOR's JVM now, even after Ctrl-C mid-score.
+
+    pycocoevalcap's ``Meteor.__del__`` waits for the lock that an interrupted
+    ``compute_score`` still holds, so the interpreter would hang at exit.
+    """
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
+    if meteor.lock.locked():
+        meteor.lock.release()

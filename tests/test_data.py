@@ -187,11 +187,12 @@ def test_karpathy_manifest_keeps_filepath_subfolder(karpathy, tmp_path):
 def test_karpathy_manifest_selects_one_split(karpathy, tmp_path, split, expected):
     dataset_file, images = karpathy
     out = tmp_path / f"{split}.jsonl"
-    assert karpathy_manifest(dataset_file, images, split, out) == len(expected)
-    if not expected:
-        with pytest.raises(DataError, match="manifest has no entries"):
-            read_manifest(out)
+    if not expected:  # an unknown split: said, and no empty manifest left behind
+        with pytest.raises(DataError, match="no images with captions"):
+            karpathy_manifest(dataset_file, images, split, out)
+        assert not out.exists()
         return
+    assert karpathy_manifest(dataset_file, images, split, out) == len(expected)
     entries = read_manifest(out)
     assert [e.image.resolve() for e in entries] == [(images / p).resolve() for p in expected]
     if split == "restval":
@@ -329,3 +330,14 @@ def test_committed_flickr8k_manifests():
         seen[split] = set(names)
         assert len(seen[split]) == count  # no image listed twice
     assert not seen["train"] & seen["dev"]
+
+
+def test_conversion_drops_blank_captions_and_images_left_without_any(tmp_path):
+    annotations = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+                   "annotations": [{"image_id": 1, "caption": "  "}, {"image_id": 2, "caption": "A dog ."},
+                                   {"image_id": 2, "caption": ""}]}
+    (tmp_path / "captions.json").write_text(json.dumps(annotations))
+    out = tmp_path / "m.jsonl"
+    assert coco_manifest(tmp_path / "captions.json", tmp_path, out) == 1
+    [entry] = read_manifest(out, require_captions=True)
+    assert entry.image.name == "b.jpg" and entry.captions == ("A dog .",)

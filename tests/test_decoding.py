@@ -169,3 +169,19 @@ def test_from_dict_reads_the_shipped_config():
 def test_from_dict_rejects_what_json_can_hold_but_options_cannot(raw, match):
     with pytest.raises(OptionError, match=match):
         DecodingOptions.from_dict(raw)
+
+
+def test_a_batch_larger_than_the_search_bound_is_searched_in_parts_with_the_same_captions(default_model, grids,
+                                                                                          monkeypatch):
+    import captioner.decoding
+
+    options = DecodingOptions(beam_size=3)
+    whole = default_model.caption_grid(grids, options)
+    monkeypatch.setattr(captioner.decoding, "MAX_SEARCH_ROWS", 3)  # one image (3 beams) per part
+    searches = []
+    real_search = captioner.decoding.search
+    monkeypatch.setattr(captioner.decoding, "search", lambda *a, **k: searches.append(1) or real_search(*a, **k))
+    parts = default_model.caption_grid(grids, options)
+    assert len(searches) == len(PHOTOS)
+    assert [c[0].text for c in parts] == [c[0].text for c in whole]
+    assert [c[0].score for c in parts] == pytest.approx([c[0].score for c in whole], abs=1e-4)

@@ -83,3 +83,21 @@ def test_an_image_without_references_is_named_not_an_assert_in_the_scorer(empty)
     refs = {"a": ["a dog runs on the grass"], "b": empty}
     with pytest.raises(CaptionerError, match="^image b has no reference captions to score against$"):
         score_captions(refs, {"a": "a dog", "b": "a beach"}, meteor=False)
+
+
+def test_ctrl_c_while_meteor_scores_stops_its_jvm_instead_of_hanging(monkeypatch):
+    from pycocoevalcap.meteor import meteor as meteor_module
+
+    from captioner.metrics import score_captions
+
+    started = []
+
+    def interrupted(self, hypothesis, references):
+        started.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(meteor_module.Meteor, "_stat", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        score_captions({"1": ["a cat on a mat"]}, {"1": "a cat"}, meteor=True)
+    (meteor,) = started
+    assert meteor.meteor_p.poll() is not None and not meteor.lock.locked()  # stopped, and __del__ cannot block
