@@ -133,12 +133,25 @@ def _torchvision_preprocess(weights_enum) -> Preprocess:
     return Preprocess(size=transform.crop_size[0], mean=tuple(transform.mean), std=tuple(transform.std))
 
 
+def _torchvision_net(name: str, build, weights_enum, pretrained: bool) -> nn.Module:
+    """A torchvision network, its weights downloaded (once, into torch's cache) when pretrained.
+
+    Raises:
+        ModelLoadError: the weights are neither cached nor downloadable (no network, say).
+    """
+    try:
+        return build(weights=weights_enum.DEFAULT if pretrained else None, progress=False)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a cut download fails to unpickle
+        raise ModelLoadError(f"encoder {name}: torchvision could not download or read its ImageNet weights "
+                             f"({e}); connect once to cache them, or use efficientnet_lite0 (offline)") from e
+
+
 def resnet50(*, pretrained: bool = True) -> Encoder:
     """torchvision ResNet-50 trunk (2048 channels); pretrained weights are downloaded once by torchvision."""
     from torchvision.models import ResNet50_Weights
     from torchvision.models import resnet50 as build
 
-    net = build(weights=ResNet50_Weights.DEFAULT if pretrained else None)
+    net = _torchvision_net("resnet50", build, ResNet50_Weights, pretrained)
     trunk = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
     return Encoder("resnet50", trunk, 2048, _torchvision_preprocess(ResNet50_Weights))
 
@@ -148,7 +161,7 @@ def efficientnet_b0(*, pretrained: bool = True) -> Encoder:
     from torchvision.models import EfficientNet_B0_Weights
     from torchvision.models import efficientnet_b0 as build
 
-    net = build(weights=EfficientNet_B0_Weights.DEFAULT if pretrained else None)
+    net = _torchvision_net("efficientnet_b0", build, EfficientNet_B0_Weights, pretrained)
     return Encoder("efficientnet_b0", net.features, 1280, _torchvision_preprocess(EfficientNet_B0_Weights))
 
 

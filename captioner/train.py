@@ -31,7 +31,7 @@ from captioner.errors import DataError, OptionError, OutputError, printable
 from captioner.evaluation import evaluate_grids, grid_batches
 from captioner.features import cached_features
 from captioner.images import model_pixels
-from captioner.model import CaptionModel, ModelConfig, check_new_model_folder
+from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, expected_tensors
 from captioner.options import DecoderConfig
 from captioner.outputs import check_writable_folder
 from captioner.scst import reward_tokens, self_critical_loss
@@ -94,6 +94,21 @@ def prepare_output(out: Path, *, resume: bool) -> Path:
         raise OutputError(f"{printable(out)}: holds an earlier run; resume it (--resume) or choose another folder")
     check_new_model_folder(out / "best", replace=True)
     return out
+
+
+def _check_memory(config: ModelConfig) -> None:
+    """Refuse a model too large to train here before allocating it (instead of dying of OOM later).
+
+    Raises:
+        OptionError: weights, gradients and AdamW's two moments alone would take over half the RAM.
+    """
+    params = sum(math.prod(shape) for shape, _ in expected_tensors(config).values())
+    needed = params * 4 * 4  # float32 weights, gradients and two optimizer moments; activations come on top
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > total // 2:
+        raise OptionError(f"a decoder of {params / 1e6:.0f} M parameters needs about {needed / 2**30:.1f} GB to "
+                          f"train before activations, and this machine has {total / 2**30:.1f} GB; choose smaller "
+                          "embed_dim, hidden_dim or attention_dim")
 
 
 def _start_from(model: CaptionModel, init: CaptionModel, folder: str) -> None:
@@ -178,6 +193,7 @@ class Trainer:
             decoding=DecodingOptions(beam_size=cfg.dev_beam_size),
             encoder_weights_stored=cfg.finetune_encoder,
         )
+        _check_memory(config)
         model = CaptionModel(config, self.vocab)
         if self.init_model is not None:
             _start_from(model, self.init_model, cfg.init_from)

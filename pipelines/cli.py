@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from captioner.errors import CaptionerError, OptionError, one_line, printable
+from captioner.errors import CaptionerError, OptionError, OutputError, one_line, printable
 from captioner.pipelines.flags import add_dataclass_flags, bounded_int, dataclass_from_args, exposed_fields, flag_name
 
 # Exit codes: 0 all good, 1 some input failed, 2 bad arguments (argparse's own convention).
@@ -69,9 +69,17 @@ def _device(name: str | None) -> str | None:
     return name
 
 
-def _print(text: str, *, file=None) -> None:
-    """Print one line whatever the stream's encoding (an ASCII terminal gets ``\\u`` escapes, not an error)."""
-    stream = file or sys.stdout
+def _print(text: str, *, err: bool = False) -> None:
+    """Print one line whatever the stream's encoding (an ASCII terminal gets ``\\u`` escapes, not an error).
+
+    Raises:
+        OutputError: standard output is closed (``>&-``): the results would be lost in silence.
+    """
+    stream = sys.stderr if err else sys.stdout
+    if stream is None:
+        if err:
+            return  # closed by the caller on purpose: nowhere to report to
+        raise OutputError("standard output is closed; the results have nowhere to go")
     encoding = getattr(stream, "encoding", None) or "utf-8"
     print(printable(text).encode(encoding, "backslashreplace").decode(encoding), file=stream, flush=True)
 
@@ -84,7 +92,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     failed = False
     for result in caption_paths(model, [Path(p) for p in args.images], options=options, batch_size=args.batch_size):
         if result.captions is None:
-            _print(f"skipped {one_line(result.error)}", file=sys.stderr)
+            _print(f"skipped {one_line(result.error)}", err=True)
             failed = True
         elif args.json:
             _print(json.dumps(result_record(result), ensure_ascii=False))
@@ -114,7 +122,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                                  num_workers=args.workers, progress=not args.quiet, retry_errors=args.retry_errors)
     if args.html:
         write_contact_sheet(args.output, args.html, fmt)
-    _print(summary.describe(), file=sys.stderr)
+    _print(summary.describe(), err=True)
     return EXIT_SOME_FAILED if summary.failed or summary.earlier_failed else EXIT_OK
 
 
@@ -130,14 +138,19 @@ def _check_report_path(html: Path, output: Path) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioner.api import evaluate
     from captioner.data import read_manifest
+    from captioner.errors import DataError
 
-    read_manifest(args.manifest, require_captions=True)  # a bad manifest fails before the model loads
+    entries = read_manifest(args.manifest, require_captions=True)  # a bad manifest fails before the model loads
+    missing = next((e.image for e in entries if not e.image.is_file()), None)
+    if missing is not None:
+        raise DataError(f"{printable(missing)}: no such image file (listed in {printable(args.manifest)}); "
+                        "scores without it would not compare")
     model, options = _load(args)
     scores = evaluate(model, args.manifest, options=options, meteor=not args.no_meteor, batch_size=args.batch_size)
     for name, value in scores.items():
-        print(f"{name:8s} {value:.4f}")
+        _print(f"{name:8s} {value:.4f}")
     if args.json:
-        print(json.dumps(scores))
+        _print(json.dumps(scores))
     return EXIT_OK
 
 
@@ -154,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise OptionError(f"{' and '.join(missing)} required without --config")
         cfg = TrainConfig(**given)
     best = train(cfg, resume=args.resume)
-    print(json.dumps(best))
+    _print(json.dumps(best))
     return EXIT_OK
 
 
@@ -202,7 +215,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     failed = run_jobs(jobs, model=model, writer=writer, options=options, settings=settings,
                       progress=source.is_dir() and not args.quiet)
     if source.is_dir():
-        _print(f"{len(jobs) - failed} subtitled, {failed} failed", file=sys.stderr)
+        _print(f"{len(jobs) - failed} subtitled, {failed} failed", err=True)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
@@ -318,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> None:
-    print(f"captioner: error: {one_line(message)}", file=sys.stderr, flush=True)
+    if sys.stderr is not None:  # closed on purpose (2>&-): nowhere to report to
+        print(f"captioner: error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def _os_error_message(error: OSError) -> str:

@@ -509,3 +509,16 @@ def test_an_unreadable_video_is_one_line_without_opencv_chatter(tmp_path):
     proc = run_process(["video", tmp_path / "notes.mp4", "-o", tmp_path / "notes.srt"])
     err = proc.stderr.decode()
     assert proc.returncode == 1 and err.count("\n") == 1 and err.startswith(f"skipped {tmp_path / 'notes.mp4'}")
+
+
+def test_caption_with_stdout_closed_says_so_instead_of_losing_the_results():
+    argv = [sys.executable, "-m", "captioner.pipelines.cli", "caption", str(SHARED_SAMPLES / "chelsea.png")]
+    proc = subprocess.run(argv, cwd=ROOT, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1), timeout=300)
+    assert proc.returncode == 1 and b"standard output is closed" in proc.stderr
+
+
+def test_evaluate_names_a_missing_image_before_the_model_loads(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": str(tmp_path / "gone.jpg"), "captions": ["a cat"]}) + "\n")
+    code, _, err = run(["evaluate", "--manifest", manifest, "--no-meteor"], capsys)
+    assert code == 1 and "gone.jpg: no such image file" in error_line(err)

@@ -308,3 +308,12 @@ def test_init_from_continues_a_trained_decoder_with_its_vocabulary(tiny_config, 
         assert torch.equal(trainer.model.decoder.state_dict()[name], tensor)
     with pytest.raises(OptionError, match="init_from=.*decoder shape differs"):
         Trainer(dataclasses.replace(cfg, hidden_dim=16, out_dir=str(tmp_path / "other")))
+
+
+def test_a_decoder_too_large_for_this_machine_is_refused_before_allocating(tiny_config):
+    huge = dataclasses.replace(tiny_config, embed_dim=8192, hidden_dim=8192, attention_dim=8192)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if total > 64 * 2**30:
+        pytest.skip("this machine could train it")
+    with pytest.raises(OptionError, match="M parameters needs about .* GB to train"):
+        Trainer(huge)
