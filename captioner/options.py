@@ -37,6 +37,26 @@ class Bounds:
         return f"{'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
 
 
+def check_device(name: str, label: str, *, available: bool = True) -> None:
+    """``name`` is a torch device captioner runs on (cpu or cuda); with ``available``, one this machine has.
+
+    torch is imported here, not at module level: options must stay cheap to import.
+
+    Raises:
+        OptionError: ``LABEL='NAME': reason``.
+    """
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OptionError(f"{label}={name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError(f"{label}={name!r}: captioner runs on cpu or cuda")
+    if available and device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"{label}={name!r}: CUDA is not available here; use cpu")
+
+
 REQUIRED: Any = MISSING  # the default of an option that has none: it must be given
 
 

@@ -32,7 +32,7 @@ from captioner.evaluation import evaluate_grids, grid_batches
 from captioner.features import cached_features
 from captioner.images import model_pixels
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, expected_tensors
-from captioner.options import DecoderConfig
+from captioner.options import DecoderConfig, check_device
 from captioner.outputs import check_writable_folder
 from captioner.scst import reward_tokens, self_critical_loss
 from captioner.train_config import TrainConfig
@@ -70,10 +70,8 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"device={name!r}: CUDA is not available here; use auto or cpu")
-    return device
+    check_device(name, "device")
+    return torch.device(name)
 
 
 RUN_FILES = ("last.pt", "metrics.jsonl", "best")  # what an earlier run leaves in out_dir

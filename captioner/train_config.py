@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioner.errors import OptionError, printable
-from captioner.options import MAX_DIM, REQUIRED, Bounds, check_fields, option
+from captioner.options import MAX_DIM, REQUIRED, Bounds, check_device, check_fields, option
 
 MODEL_FIELDS = ("encoder", "finetune_encoder", "embed_dim", "hidden_dim", "attention", "attention_dim")
 """Fields that shape the model: a checkpoint saved with other values cannot be resumed."""
@@ -104,16 +104,8 @@ def _check_encoder(name: str) -> None:
 
 
 def _check_device(name: str) -> None:
-    import torch
-
-    if name == "auto":
-        return
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise OptionError(f"device={name!r} is not a torch device (e.g. auto, cpu, cuda, cuda:1)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise OptionError(f"device={name!r}: training runs on auto, cpu or cuda")
+    if name != "auto":  # whether this machine has it is checked when training starts
+        check_device(name, "device", available=False)
 
 
 def _read_json_object(path: Path) -> dict:

@@ -54,18 +54,10 @@ def _load(args: argparse.Namespace):
 
 def _device(name: str | None) -> str | None:
     """``--device``, checked before the model loads: a torch device this machine has."""
-    if name is None:
-        return None
-    import torch
+    if name is not None:
+        from captioner.options import check_device
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise OptionError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise OptionError(f"--device {name!r}: captioner runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"--device {name!r}: CUDA is not available here; use cpu")
+        check_device(name, "--device")
     return name
 
 
