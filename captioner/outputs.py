@@ -19,6 +19,19 @@ def _target(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """``a`` and ``b`` name one file: the same inode when both exist, else the same absolute path.
+
+    An output must never be written over an input (or over another output of the same run).
+    """
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
 def check_writable_file(path: str | os.PathLike) -> Path:
     """Fail now, before a model loads, if ``path`` could not be written later.
 

@@ -122,8 +122,9 @@ def _check_report_path(html: Path, output: Path) -> None:
     """The report is written whole over ``html``: never over the records, a photo or anything not a page."""
     if html.suffix.lower() not in (".html", ".htm"):
         raise OptionError(f"--html {printable(html)}: the report's name must end in .html")
-    if os.path.abspath(html) == os.path.abspath(output) or (html.exists() and output.exists()
-                                                            and os.path.samefile(html, output)):
+    from captioner.outputs import same_file
+
+    if same_file(html, output):
         raise OptionError(f"--html {printable(html)} is the records file -o; give the report its own name")
 
 

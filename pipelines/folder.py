@@ -15,6 +15,7 @@ from captioner.api import PathResult, caption_paths
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, OptionError, one_line, printable
 from captioner.model import CaptionModel
+from captioner.outputs import same_file
 from captioner.pipelines.record_formats import format_for, result_record
 from captioner.pipelines.records import RecordFile
 from captioner.pipelines.sources import walk_images
@@ -105,7 +106,7 @@ class _Run:
     def pending(self, root: Path) -> Iterator[Path]:
         """Images the output does not hold yet (with ``retry_errors``: or holds only an error for)."""
         for path in walk_images(root, self.unlisted):
-            if path.name == self.records.path.name and _same_file(path, self.records.path):
+            if path.name == self.records.path.name and same_file(path, self.records.path):
                 continue  # the output itself, written inside the folder under an image's extension
             if self.records.holds(path, retry_errors=self.retry_errors):
                 self.already += 1
@@ -160,10 +161,3 @@ def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
     iterator = iter(paths)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False

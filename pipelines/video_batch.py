@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from tqdm import tqdm
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, OptionError, VideoReadError, one_line, printable
 from captioner.model import CaptionModel
-from captioner.outputs import check_writable_file, check_writable_folder
+from captioner.outputs import check_writable_file, check_writable_folder, same_file
 from captioner.pipelines.burn import burn_subtitles, check_burn_target
 from captioner.pipelines.sources import walk_videos
 from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
@@ -56,10 +55,10 @@ def prepare_jobs(
     if not source.is_dir():
         job = jobs[0]
         for target, what in ((job.output, "the subtitle file"), (job.burn, "--burn")):
-            if target is not None and _same_file(target, job.video):
+            if target is not None and same_file(target, job.video):
                 raise OptionError(f"{printable(target)}: {what} would overwrite the input video")
         if job.burn is not None:
-            if _same_file(job.burn, job.output):
+            if same_file(job.burn, job.output):
                 raise OptionError(f"{printable(job.burn)}: --burn and the subtitle file are the same file")
             check_burn_target(job.burn)
         check_writable_file(job.output)
@@ -95,15 +94,6 @@ def plan_jobs(
         name = video.name if stems[(video.parent, video.stem.casefold())] > 1 else video.stem
         jobs.append(VideoJob(video, folder / f"{name}.{extension}"))
     return jobs
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def run_jobs(
