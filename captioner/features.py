@@ -24,6 +24,7 @@ from tqdm import tqdm
 from captioner.encoders import Encoder
 from captioner.errors import DataError, ImageReadError, printable
 from captioner.images import model_pixels
+from captioner.options import DEFAULT_WORKERS
 
 
 class ImageFiles(Dataset):
@@ -61,7 +62,7 @@ def extract_features(
     paths: list[Path],
     *,
     batch_size: int = 32,
-    num_workers: int = 2,
+    num_workers: int = DEFAULT_WORKERS,
     flip: bool = False,
     progress: bool = True,
 ) -> torch.Tensor:

@@ -26,11 +26,13 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, *, min_side: int | None = None) -> Image.Image:
     """Open ``path`` as an upright RGB image.
 
     EXIF orientation is applied; grayscale, palette, RGBA/LA (composited on white), CMYK and
-    16-bit images are converted to 8-bit RGB.
+    16-bit images are converted to 8-bit RGB. With ``min_side``, a JPEG is decoded at the
+    smallest of 1/1, 1/2, 1/4 or 1/8 scale whose sides are both at least that long (the
+    DCT does the scaling): a 12-megapixel photo then costs about a tenth of a full decode.
 
     Raises:
         ImageReadError: the file is missing, empty, truncated, not an image, or too large.
@@ -49,6 +51,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                     raise ImageReadError(
                         f"{printable(path)}: {image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}"
                     )
+                if min_side is not None and image.format == "JPEG":
+                    image.draft(image.mode, (min_side, min_side))  # scale only; modes are converted below
                 image.load()
                 return upright_rgb(image)
     except ImageReadError:
@@ -59,6 +63,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ImageReadError(f"{printable(path)}: {reason}") from e
 
+
+# Large pictures are first reduced by whole factors to no less than this many times the
+# model's input side, then resampled (bicubic) to it: as good as resampling all of it, and cheaper.
+REDUCING_GAP = 3
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -80,8 +88,8 @@ def model_pixels(image: ImageInput, size: int) -> np.ndarray:
     elif isinstance(image, Image.Image):
         rgb = upright_rgb(image)
     else:
-        rgb = load_image(image)
-    resized = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        rgb = load_image(image, min_side=REDUCING_GAP * size)
+    resized = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
     return np.array(resized, dtype=np.uint8)  # a writable copy, cheap to send between DataLoader workers
 
 

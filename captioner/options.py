@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Mapping
 
 from captioner.errors import OptionError
 
 METHODS = ("beam", "greedy", "sample")
+
+
+# Image-reading worker processes. On two cores, workers take the cores the encoder's two
+# threads need: the folder pipeline ran at 58 img/s with none against 41 with two
+# (benchmarks/bench_pipeline.py, Flickr8k photos), so only larger machines get them.
+DEFAULT_WORKERS = 0 if (os.cpu_count() or 1) <= 2 else 2
 
 
 @dataclass(frozen=True)

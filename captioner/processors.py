@@ -58,18 +58,16 @@ class NoRepeatNGram:
         self.n = n
 
     def __call__(self, log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One tensor program for all rows: every n-gram so far whose first n-1 tokens are the
+        hypothesis's last n-1 bans its last token."""
         t = tokens.shape[1]
-        if t < self.n - 1:
-            return log_probs
-        log_probs = log_probs.clone()
-        for row, seq in enumerate(tokens.tolist()):
-            prefix = tuple(seq[t - self.n + 1 :]) if self.n > 1 else ()
-            banned = [
-                seq[i + self.n - 1] for i in range(t - self.n + 1) if tuple(seq[i : i + self.n - 1]) == prefix
-            ]
-            if banned:
-                log_probs[row, banned] = -math.inf
-        return log_probs
+        if t < self.n:
+            return log_probs  # no complete n-gram yet
+        ngrams = tokens.unfold(1, self.n, 1)  # (N, t-n+1, n)
+        prefix = tokens[:, t - self.n + 1 :]  # (N, n-1)
+        repeats = (ngrams[:, :, :-1] == prefix[:, None, :]).all(dim=2)  # (N, t-n+1)
+        hits = torch.zeros_like(log_probs).scatter_add_(1, ngrams[:, :, -1], repeats.to(log_probs.dtype))
+        return log_probs.masked_fill(hits > 0, -math.inf)
 
 
 class ConceptBoost:

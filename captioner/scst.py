@@ -26,7 +26,7 @@ def sample_with_logprobs(
     Returns token ids (B*K, T) (``<end>`` repeated after the end) and the log-probability
     of each emitted token (B*K, T), zero after ``<end>``.
     """
-    state = tuple(s.repeat_interleave(samples, dim=0) for s in decoder.start(grid))
+    state = decoder.start(grid, samples)
     n = grid.shape[0] * samples
     banned = torch.zeros(len(vocab), dtype=torch.bool, device=grid.device)
     banned[[vocab.pad, vocab.start, vocab.unk]] = True

@@ -28,7 +28,10 @@ from captioner.processors import LogitProcessor
 class StepDecoder(Protocol):
     """What search needs from a decoder; tests drive search with a scripted one."""
 
-    def start(self, grid: torch.Tensor) -> DecoderState: ...
+    def start(self, grid: torch.Tensor, width: int = 1) -> DecoderState:
+        """State of ``width`` hypotheses per image: tensors of B * width rows (an image's rows
+        consecutive) are per hypothesis; tensors of B rows are per image (see :mod:`captioner.decoder`)."""
+        ...
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]: ...
 
@@ -108,7 +111,8 @@ class SearchStrategy:
         raise NotImplementedError
 
     def searching_rows(self) -> torch.Tensor:
-        """Rows that still need the decoder (the others' log-probs no longer matter)."""
+        """Rows that still need the decoder (the others' log-probs no longer matter): all the
+        rows of every image still searching, in order, so that per-image state stays aligned."""
         raise NotImplementedError
 
     @property
@@ -170,7 +174,8 @@ class _Independent(SearchStrategy):
         return bool(self.tokens.shape[1]) and bool((self.tokens[:, -1] == self.end_id).all())
 
     def searching_rows(self) -> torch.Tensor:
-        return torch.nonzero(self.tokens[:, -1] != self.end_id).flatten()
+        alive = (self.tokens[:, -1] != self.end_id).view(self.batch_size, self.width).any(dim=1)
+        return _image_rows(torch.nonzero(alive).flatten(), self.width)
 
 
 @dataclass
@@ -253,7 +258,7 @@ class BeamSearch(SearchStrategy):
 
     def searching_rows(self) -> torch.Tensor:
         images = [b for b, hyps in enumerate(self.finished) if len(hyps) < self.width]
-        return (torch.tensor(images, dtype=torch.long)[:, None] * self.width + torch.arange(self.width)).flatten()
+        return _image_rows(torch.tensor(images, dtype=torch.long), self.width)
 
     def finalize(self) -> list[list[Hypothesis]]:
         for b, hyps in enumerate(self.finished):
@@ -270,12 +275,25 @@ def _picked(log_probs: torch.Tensor, chosen: torch.Tensor, alive: torch.Tensor) 
     return torch.where(alive[:, None], picked, torch.zeros_like(picked))
 
 
-def _expand(state: DecoderState, width: int) -> DecoderState:
-    return tuple(s.repeat_interleave(width, dim=0) for s in state)
+def _image_rows(images: torch.Tensor, width: int) -> torch.Tensor:
+    """The rows of ``images`` (each image's ``width`` rows, consecutive)."""
+    return (images[:, None] * width + torch.arange(width)).flatten()
 
 
-def _reorder(state: DecoderState, rows: torch.Tensor) -> DecoderState:
-    return tuple(s.index_select(0, rows.to(s.device)) for s in state)
+def _reorder(state: DecoderState, rows: torch.Tensor, images: torch.Tensor, searched: int) -> DecoderState:
+    """Per-hypothesis tensors (``searched`` rows) take their ``rows``; per-image ones keep ``images``.
+
+    Search reorders hypotheses only within an image, so per-image tensors change only when
+    images finish (and are not copied at all while none does).
+    """
+    reordered = []
+    for s in state:
+        if s.shape[0] == searched:
+            s = s.index_select(0, rows.to(s.device))
+        elif s.shape[0] != len(images):
+            s = s.index_select(0, images.to(s.device))
+        reordered.append(s)
+    return tuple(reordered)
 
 
 def _all_rows(step_log_probs: torch.Tensor, active: torch.Tensor, n: int, end_id: int) -> torch.Tensor:
@@ -340,7 +358,8 @@ def search(
     """
     n = strategy.batch_size * strategy.width
     active = torch.arange(n)  # rows the decoder state holds, in order
-    state = _expand(decoder.start(grid), strategy.width)
+    width = strategy.width
+    state = decoder.start(grid, width)
     last = torch.full((n,), start_id, dtype=torch.long)
     for _ in range(max_length):
         step_log_probs, state = decoder.step(last[active].to(grid.device), state)
@@ -357,7 +376,8 @@ def search(
         next_active = strategy.searching_rows()
         position = torch.full((n,), -1, dtype=torch.long)
         position[active] = torch.arange(len(active))
-        state = _reorder(state, position[rows[next_active]])  # sources of live images were active
+        sources = position[rows[next_active]]  # sources of live images' rows were active, in the same image
+        state = _reorder(state, sources, sources[::width] // width, len(active))
         active = next_active
         last = strategy.tokens[:, -1]
     return strategy.never_empty(strategy.finalize())

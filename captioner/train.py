@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from captioner.allocator import keep_freed_memory
 from captioner.checkpoint import check_fits, read_checkpoint, resume_error
 from captioner.cider import CiderD
 from captioner.data import ManifestEntry, read_manifest
@@ -109,6 +110,34 @@ def _check_memory(config: ModelConfig) -> None:
                           "embed_dim, hidden_dim or attention_dim")
 
 
+def _load_teacher(cfg: TrainConfig, init: CaptionModel | None) -> CaptionModel | None:
+    """The distillation teacher, checked to read the same cached grids and write the same words.
+
+    Raises:
+        OptionError: the teacher's encoder or vocabulary differs from the run's, or the encoder is fine-tuned.
+    """
+    if cfg.teacher is None:
+        return None
+    teacher = CaptionModel.load(cfg.teacher)
+    label = f"teacher={cfg.teacher!r}"
+    if cfg.finetune_encoder or teacher.config.encoder_weights_stored:
+        raise OptionError(f"{label}: distillation reads the cached grids of a frozen encoder; "
+                          "neither the run nor the teacher may fine-tune its encoder")
+    if teacher.config.encoder != cfg.encoder:
+        raise OptionError(f"{label}: its encoder is {teacher.config.encoder}, this run's is {cfg.encoder}")
+    if init is not None and init.vocab.itos != teacher.vocab.itos:
+        raise OptionError(f"{label}: its vocabulary differs from init_from={cfg.init_from!r}'s")
+    return teacher.requires_grad_(False)
+
+
+def _distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real (non-pad) target positions of KL(teacher || student) between next-word distributions."""
+    student = logits.float().log_softmax(dim=-1)
+    teacher = teacher_logits.float().log_softmax(dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum(dim=-1)  # (B, T)
+    return kl[mask].mean()
+
+
 def _start_from(model: CaptionModel, init: CaptionModel, folder: str) -> None:
     """Copy ``init``'s decoder (and fine-tuned encoder) into ``model``, which must be shaped alike.
 
@@ -139,6 +168,7 @@ class Trainer:
             ImageReadError: a training or dev image cannot be read.
         """
         self.cfg = cfg
+        keep_freed_memory()
         self.device = _pick_device(cfg.device)
         self.out = prepare_output(Path(cfg.out_dir), resume=resume)
         random.seed(cfg.seed)
@@ -146,8 +176,10 @@ class Trainer:
         self.train_entries = read_manifest(cfg.train_manifest, require_captions=True)
         self.dev_entries = read_manifest(cfg.dev_manifest, require_captions=True)
         self.init_model = CaptionModel.load(cfg.init_from) if cfg.init_from else None
-        if self.init_model is not None:
-            self.vocab = self.init_model.vocab  # its decoder's output ids are this vocabulary's
+        self.teacher = _load_teacher(cfg, self.init_model)
+        if self.init_model is not None or self.teacher is not None:
+            # the starting decoder's and the teacher's output ids are this vocabulary's
+            self.vocab = (self.init_model or self.teacher).vocab
         else:
             self.vocab = Vocabulary.build((c for e in self.train_entries for c in e.captions),
                                           min_count=cfg.min_word_count)
@@ -155,6 +187,8 @@ class Trainer:
             raise DataError(f"{printable(cfg.train_manifest)}: no word occurs min_word_count={cfg.min_word_count} "
                             "times; lower min_word_count")
         self.model = self._build_model().to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
         self.pairs = _caption_pairs(self.train_entries, self.vocab, cfg.max_caption_words)
         self.train_grids, self.dev_grids = self._load_grids()
         if cfg.dev_limit:
@@ -260,6 +294,12 @@ class Trainer:
             grid = self._grids_for([i for i, _ in batch], self.train_entries, train=True)
             logits = self.model.decoder(grid, tokens[:, :-1])  # (B, T-1, V)
             loss = self.loss_fn(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher.decoder(grid, tokens[:, :-1])
+                weight = self.cfg.distill_weight
+                kl = _distillation_loss(logits, teacher_logits, tokens[:, 1:] != self.vocab.pad)
+                loss = (1 - weight) * loss + weight * kl
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)

@@ -28,8 +28,9 @@ class TrainConfig:
     dev_manifest: str = option(REQUIRED, str, "JSONL manifest used to pick the best epoch", aliases=("--dev",))
     out_dir: str = option("runs/train", str, "folder for checkpoints, metrics log, plot and the best model",
                           aliases=("--out",))
-    encoder: str = option("efficientnet_lite0", str, "image encoder: efficientnet_lite0 (offline), resnet50, "
-                          "efficientnet_b0 (torchvision, weights downloaded once) or any name in encoders.ENCODERS")
+    encoder: str = option("efficientnet_lite0", str, "image encoder: efficientnet_lite0 (offline), efficientnet_lite1 "
+                          "and efficientnet_lite2 (offline, with the encoders extra), resnet50, efficientnet_b0 "
+                          "(torchvision, weights downloaded once) or any name in encoders.ENCODERS")
     finetune_encoder: bool = option(False, bool, "train the CNN too (slow without a GPU)")
     cache_dir: str = option("cache", str, "where frozen-encoder features are stored")
     flip_augment: bool = option(True, bool, "also train on horizontally flipped images' features")
@@ -54,6 +55,11 @@ class TrainConfig:
     patience: int = option(3, int, "stop after this many epochs without a better dev CIDEr-D", Bounds(1, 100_000))
     init_from: str | None = option(None, str, "start from this model folder's decoder and vocabulary (fine-tuning, "
                                    "distillation into a trained decoder); the model fields below must match it")
+    teacher: str | None = option(None, str, "model folder (one decoder or an ensemble) whose next-word distribution "
+                                 "the decoder also learns under teacher forcing (word-level distillation); the "
+                                 "vocabulary is the teacher's")
+    distill_weight: float = option(0.5, float, "share of the loss that is the KL divergence to the teacher's "
+                                   "distribution; the rest is cross-entropy on the reference words", Bounds(0, 1))
     average_last: int = option(0, int, "also average the decoder weights of the last N cross-entropy epochs and keep "
                                "the average if it scores higher on dev (0: off)", Bounds(0, 100))
     scst_epochs: int = option(0, int, "self-critical CIDEr-D epochs after cross-entropy (0: none)", Bounds(0, 100_000))

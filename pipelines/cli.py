@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from captioner.errors import CaptionerError, OptionError, OutputError, one_line, printable
+from captioner.options import DEFAULT_WORKERS
 from captioner.pipelines.flags import add_dataclass_flags, bounded_int, dataclass_from_args, exposed_fields, flag_name
 
 # Exit codes: 0 all good, 1 some input failed, 2 bad arguments (argparse's own convention).
@@ -233,7 +234,9 @@ def _batch_parser(sub) -> None:
     p.add_argument("--retry-errors", action="store_true",
                    help="caption again the files the output holds errors for; each path keeps one record")
     p.add_argument("--batch-size", type=bounded_int(1, 1024), default=32)
-    p.add_argument("--workers", type=bounded_int(0, 64), default=2, help="DataLoader processes decoding images")
+    p.add_argument("--workers", type=bounded_int(0, 64), default=DEFAULT_WORKERS,
+                   help=f"processes decoding images (default {DEFAULT_WORKERS}: none on 2 cores, where they slow "
+                        "the encoder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (pays off for large folders)")
     _add_model_flags(p)

@@ -15,6 +15,7 @@ from captioner.api import PathResult, caption_paths
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, OptionError, one_line, printable
 from captioner.model import CaptionModel
+from captioner.options import DEFAULT_WORKERS
 from captioner.outputs import same_file
 from captioner.pipelines.record_formats import format_for, result_record
 from captioner.pipelines.records import RecordFile
@@ -52,7 +53,7 @@ def caption_folder(
     options: DecodingOptions | None = None,
     record_format: str | None = None,
     batch_size: int = 32,
-    num_workers: int = 2,
+    num_workers: int = DEFAULT_WORKERS,
     progress: bool = True,
     retry_errors: bool = False,
 ) -> FolderSummary:

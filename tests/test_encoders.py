@@ -12,9 +12,12 @@ TABBY, TIGER_CAT, PERSIAN, SIAMESE, EGYPTIAN = 281, 282, 283, 284, 285
 COFFEE_MUG, ESPRESSO, CUP = 504, 967, 968
 
 
-@pytest.fixture(scope="module")
-def lite0():
-    return build_encoder("efficientnet_lite0").eval()
+LITES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+
+
+@pytest.fixture(scope="module", params=sorted(LITES))
+def lite(request):
+    return build_encoder(request.param).eval()
 
 
 def top5(encoder, name):
@@ -25,20 +28,21 @@ def top5(encoder, name):
     return set(logits.topk(5).indices[0].tolist())
 
 
-def test_lite0_ranks_a_cat_class_top5_for_chelsea(lite0):
-    assert top5(lite0, "chelsea.png") & {TABBY, TIGER_CAT, PERSIAN, SIAMESE, EGYPTIAN}
+def test_lite_ranks_a_cat_class_top5_for_chelsea(lite):
+    assert top5(lite, "chelsea.png") & {TABBY, TIGER_CAT, PERSIAN, SIAMESE, EGYPTIAN}
 
 
-def test_lite0_ranks_espresso_or_cup_top5_for_coffee(lite0):
-    assert top5(lite0, "coffee.png") & {ESPRESSO, CUP, COFFEE_MUG}
+def test_lite_ranks_espresso_or_cup_top5_for_coffee(lite):
+    assert top5(lite, "coffee.png") & {ESPRESSO, CUP, COFFEE_MUG}
 
 
-def test_lite0_grid_shape_and_preprocessing_constants(lite0):
-    grid = lite0(torch.zeros(2, 3, 224, 224))
-    assert grid.shape == (2, 1280, 7, 7)
-    assert lite0.preprocess.size == 224
+def test_lite_grid_shape_and_preprocessing_constants(lite):
+    size = LITES[lite.name]
+    grid = lite(torch.zeros(2, 3, size, size))
+    assert grid.shape == (2, 1280, (size + 31) // 32, (size + 31) // 32)  # 7x7, 8x8, 9x9
+    assert lite.preprocess.size == size
     # (x - 127) / 128 on the 0..255 scale
-    assert lite0.preprocess.normalize(torch.full((1, 2, 2, 3), 255, dtype=torch.uint8)).max() == pytest.approx(1.0)
+    assert lite.preprocess.normalize(torch.full((1, 2, 2, 3), 255, dtype=torch.uint8)).max() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("name, channels", [("resnet50", 2048), ("efficientnet_b0", 1280)])

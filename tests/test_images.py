@@ -11,7 +11,7 @@ from PIL import Image
 
 import captioner.images
 from captioner.errors import CaptionerError, ImageReadError
-from captioner.images import is_image_path, load_image, to_rgb
+from captioner.images import is_image_path, load_image, model_pixels, to_rgb
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"  # /work/shared/samples
 ORIENTATION = 0x0112
@@ -128,6 +128,19 @@ def test_cmyk_jpeg(tmp_path, cat):
     image = load_image(path)
     assert image.mode == "RGB" and image.size == (451, 300)
     assert mean_abs_diff(image, cat) < 5  # an inverted-CMYK mix-up would be off by ~100
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_picture(tmp_path, cat, mode):
+    """DCT scaling for model input: 1/4 of each side here, and pixels as from the full decode."""
+    path = tmp_path / "large.jpg"
+    cat.resize((4000, 3000)).convert(mode).save(path, quality=90)
+    reduced = load_image(path, min_side=3 * 224)
+    assert reduced.mode == "RGB" and reduced.size == (1000, 750)  # the largest reduction keeping both sides >= 672
+    assert load_image(path).size == (4000, 3000)  # without min_side, the whole picture
+    with Image.open(path) as full:
+        full_pixels = to_rgb(full).resize((224, 224), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    assert mean_abs_diff(model_pixels(path, 224), full_pixels) < 2  # measured 0.13-0.17 (0-255 scale)
 
 
 def test_16_bit_grayscale_maps_to_8_bit(tmp_path):

@@ -101,6 +101,20 @@ def test_ensemble_step_averages_member_probabilities(small_model):
             assert not torch.allclose(first, second)
 
 
+def test_ensemble_teacher_forcing_gives_the_mean_distribution_of_its_steps(small_model):
+    """What word-level distillation learns from: the same distribution the search would see."""
+    both = ensemble([small_model, _sibling(small_model, seed=1)])
+    grid = torch.randn(2, 1280, 7, 7)
+    vocab = small_model.vocab
+    inputs = torch.tensor([[vocab.start, vocab.stoi["cat"], vocab.stoi["on"]]] * 2)
+    with torch.no_grad():
+        forced = both.decoder(grid, inputs).log_softmax(dim=-1)  # (B, T, V)
+        state = both.decoder.start(grid)
+        for t in range(inputs.shape[1]):
+            stepped, state = both.decoder.step(inputs[:, t], state)
+            assert forced[:, t] == pytest.approx(stepped, abs=1e-5)
+
+
 @pytest.mark.parametrize("attention", [True, False])
 def test_ensemble_save_load_round_trip(attention, tmp_path):
     vocab = Vocabulary(["a", "cat", "dog", "on", "the", "grass"])

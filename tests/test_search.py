@@ -28,10 +28,10 @@ class ScriptedDecoder:
         self.tables = tables
         self.default = default or {END: 1.0}  # for prefixes a table does not list
 
-    def start(self, grid):
-        # state: (image index (N, 1), emitted prefix padded with -1 (N, 32))
-        n = grid.shape[0]
-        return (grid[:, :1].long(), torch.full((n, 32), -1, dtype=torch.long))
+    def start(self, grid, width=1):
+        # state, per hypothesis: (image index (N, 1), emitted prefix padded with -1 (N, 32))
+        n = grid.shape[0] * width
+        return (grid[:, :1].long().repeat_interleave(width, dim=0), torch.full((n, 32), -1, dtype=torch.long))
 
     def step(self, tokens, state):
         which, prefix = state
@@ -117,6 +117,20 @@ def test_no_repeat_ngram_blocks_repeats():
     assert plain[0].tokens == (A, A, A, A)
     (blocked,) = run(Greedy(1, 1, END), [NoRepeatNGram(1)], tables=(loop,), max_length=4)
     assert blocked[0].tokens.count(A) == 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_bans_exactly_the_tokens_that_would_repeat_an_ngram(n):
+    """Against the rule spelled out one row at a time, on sequences with many repeats."""
+    tokens = torch.randint(0, 4, (64, 9), generator=torch.Generator().manual_seed(n))
+    banned = torch.isneginf(NoRepeatNGram(n)(torch.zeros(64, 6), tokens))
+    for row, seq in enumerate(tokens.tolist()):
+        prefix = seq[len(seq) - n + 1 :] if n > 1 else []
+        expected = {seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i : i + n - 1] == prefix}
+        assert set(torch.nonzero(banned[row]).flatten().tolist()) == expected
+    assert banned.any(dim=1).float().mean() > 0.25  # the check above was not vacuous
+    short = tokens[:, : n - 1]
+    assert not torch.isneginf(NoRepeatNGram(n)(torch.zeros(64, 6), short)).any()  # no complete n-gram yet
 
 
 def test_always_returns_a_hypothesis_when_nothing_ends():

@@ -310,6 +310,45 @@ def test_init_from_continues_a_trained_decoder_with_its_vocabulary(tiny_config, 
         Trainer(dataclasses.replace(cfg, hidden_dim=16, out_dir=str(tmp_path / "other")))
 
 
+@pytest.mark.slow
+def test_word_level_distillation_moves_the_student_towards_the_teacher(tiny_config, tmp_path):
+    teacher_run = dataclasses.replace(tiny_config, epochs=3)
+    train(teacher_run)
+    teacher_dir = str(Path(teacher_run.out_dir) / "best")
+    teacher = CaptionModel.load(teacher_dir)
+
+    def distance_to_teacher(cfg: TrainConfig) -> float:
+        trainer = Trainer(cfg)
+        trainer.fit()
+        student = trainer.model.eval()
+        grid = trainer.train_grids[0]
+        tokens = torch.tensor([trainer.pairs[i][1][:4] for i in range(len(trainer.pairs))
+                               if len(trainer.pairs[i][1]) >= 4])
+        images = [trainer.pairs[i][0] for i in range(len(trainer.pairs)) if len(trainer.pairs[i][1]) >= 4]
+        with torch.no_grad():
+            s = student.decoder(grid[images], tokens).log_softmax(-1)
+            t = teacher.decoder(grid[images], tokens).log_softmax(-1)
+        return float((t.exp() * (t - s)).sum(-1).mean())
+
+    common = dict(epochs=2, seed=1, teacher=teacher_dir)
+    plain = distance_to_teacher(dataclasses.replace(tiny_config, out_dir=str(tmp_path / "plain"),
+                                                    **common, distill_weight=0.0))
+    distilled = distance_to_teacher(dataclasses.replace(tiny_config, out_dir=str(tmp_path / "kd"),
+                                                        **common, distill_weight=1.0))
+    assert distilled < 0.7 * plain  # measured 0.021 against 0.040
+
+
+def test_a_teacher_with_another_encoder_or_vocabulary_is_refused(tiny_config, small_model, tmp_path):
+    small_model.save(tmp_path / "teacher")
+    with pytest.raises(OptionError, match="teacher=.*its encoder is efficientnet_lite0, this run's is resnet50"):
+        Trainer(dataclasses.replace(tiny_config, teacher=str(tmp_path / "teacher"), encoder="resnet50"))
+    stranger = dataclasses.replace(tiny_config, epochs=1, out_dir=str(tmp_path / "first"))
+    train(stranger)  # its vocabulary is the tiny captions', not the small model's six words
+    with pytest.raises(OptionError, match="teacher=.*vocabulary differs from init_from"):
+        Trainer(dataclasses.replace(tiny_config, teacher=str(tmp_path / "teacher"),
+                                    init_from=str(tmp_path / "first" / "best"), out_dir=str(tmp_path / "second")))
+
+
 def test_a_decoder_too_large_for_this_machine_is_refused_before_allocating(tiny_config):
     huge = dataclasses.replace(tiny_config, embed_dim=8192, hidden_dim=8192, attention_dim=8192)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

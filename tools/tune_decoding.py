@@ -25,6 +25,7 @@ from captioner.evaluation import evaluate_grids, grid_batches  # noqa: E402
 from captioner.features import cached_features  # noqa: E402
 from captioner.model import CONFIG_FILE, CaptionModel  # noqa: E402
 from captioner.outputs import write_atomically  # noqa: E402
+from captioner.quantize import int8_decoder  # noqa: E402
 
 
 def main() -> None:
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--no-repeat", type=int, nargs="+", default=[0])
     parser.add_argument("--boosts", type=float, nargs="+", default=[0.0], help="concept_boost values")
     parser.add_argument("--cache-dir", default="cache")
+    parser.add_argument("--int8", action="store_true", help="score with the decoder's weights quantized to int8")
     parser.add_argument("--save", action="store_true", help="write the best options into the model's config.json")
     args = parser.parse_args()
     try:
@@ -46,6 +48,8 @@ def main() -> None:
 
 def tune(args: argparse.Namespace) -> None:
     model = CaptionModel.load(args.model)
+    if args.int8:
+        model.decoder = int8_decoder(model.decoder)
     entries = read_manifest(args.manifest, require_captions=True)
     grids = cached_features(model.encoder, [e.image for e in entries], args.cache_dir)
     references = [e.captions for e in entries]
