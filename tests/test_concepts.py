@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from captioner.concepts import concept_evidence, concept_matrix, head_noun
@@ -20,12 +21,40 @@ def test_head_nouns_of_imagenet_style_labels():
 def test_evidence_sums_classes_sharing_a_word_and_respects_the_threshold():
     classes = ("tabby", "tiger cat", "Egyptian cat", "coffee mug", "mountain bike")
     matrix = concept_matrix(classes, VOCAB)
-    assert matrix.sum() == 4  # "tabby" is not a caption word here
+    assert matrix.sum() == 5  # tabby -> cat by the grounding map, as the two cats by their head noun
     probs = torch.tensor([[0.1, 0.2, 0.5, 0.15, 0.05]])
     evidence = concept_evidence(probs, matrix, threshold=0.5)
-    assert evidence[0, VOCAB.stoi["cat"]] == torch.tensor(0.7)
+    assert float(evidence[0, VOCAB.stoi["cat"]]) == pytest.approx(0.8)  # tabby, tiger cat, Egyptian cat
     assert evidence[0, VOCAB.stoi["mug"]] == 0  # 0.15 is under the threshold
     assert evidence[0, VOCAB.stoi["bike"]] == 0
+
+
+def test_grounding_names_classes_in_plain_caption_words():
+    vocab = Vocabulary(["a", "cup", "coffee", "scooter", "motorcycle", "rocket", "dog", "bar", "player", "cat"])
+    classes = ("espresso", "moped", "space shuttle", "tabby", "space bar", "CD player", "tiger cat")
+    matrix = concept_matrix(classes, vocab)
+    words = [{vocab.itos[j] for j in torch.nonzero(row).flatten().tolist()} for row in matrix]
+    assert words == [{"coffee", "cup"}, {"scooter", "motorcycle"}, {"rocket"}, {"cat"}, set(), set(), {"cat"}]
+    assert concept_matrix(("some new label cat",), vocab).sum() == 1  # a label the map lacks: its head noun
+
+
+def test_the_shipped_grounding_is_the_tools_output_for_every_imagenet_label():
+    """grounding.json is generated (tools/ground_classes.py); hand edits belong in the tool's tables."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from captioner.concepts import GROUNDING_FILE
+    from captioner.encoders import imagenet_classes
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "ground_classes.py"
+    spec = importlib.util.spec_from_file_location("ground_classes", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = json.loads(GROUNDING_FILE.read_text(encoding="utf-8"))
+    classes = imagenet_classes()
+    assert [e["label"] for e in shipped] == list(classes)
+    assert [e["words"] for e in shipped] == module.grounding(classes)
 
 
 def test_boost_applies_until_the_word_is_used():

@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from captioner import concepts  # noqa: E402
 from captioner.data import read_manifest  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.evaluation import evaluate_grids, grid_batches  # noqa: E402
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--boosts", type=float, nargs="+", default=[0.0], help="concept_boost values")
     parser.add_argument("--cache-dir", default="cache")
     parser.add_argument("--int8", action="store_true", help="score with the decoder's weights quantized to int8")
+    parser.add_argument("--head-nouns-only", action="store_true",
+                        help="concept boost from class labels' head nouns alone, without the grounding map")
     parser.add_argument("--save", action="store_true", help="write the best options into the model's config.json")
     args = parser.parse_args()
     try:
@@ -50,6 +53,8 @@ def tune(args: argparse.Namespace) -> None:
     model = CaptionModel.load(args.model)
     if args.int8:
         model.decoder = int8_decoder(model.decoder)
+    if args.head_nouns_only:
+        concepts.grounded_words = dict  # every label falls back to its head noun, as before the map
     entries = read_manifest(args.manifest, require_captions=True)
     grids = cached_features(model.encoder, [e.image for e in entries], args.cache_dir)
     references = [e.captions for e in entries]
