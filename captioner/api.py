@@ -25,6 +25,7 @@ from captioner.features import ImageFiles, collate_images
 from captioner.images import model_pixels
 from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
 from captioner.options import DEFAULT_WORKERS
+from captioner.tags import Tag
 
 
 def load_model(path: str | os.PathLike | None = None, *, device: str | None = None) -> CaptionModel:
@@ -43,6 +44,7 @@ class PathResult:
     path: Path
     captions: list[Caption] | None  # None when the file could not be read
     error: str | None = None  # "PATH: reason" when skipped
+    tags: tuple[Tag, ...] = ()  # the encoder's likeliest ImageNet labels (see captioner.tags)
 
 
 def caption_paths(
@@ -68,8 +70,9 @@ def caption_paths(
     for indices, pixels, errors in loader:
         results = {i: PathResult(paths[i], None, message) for i, message in errors}
         if pixels is not None:
-            for i, captions in zip(indices, model.caption_pixels(pixels, options), strict=True):
-                results[i] = PathResult(paths[i], captions)
+            grid = model.encode(pixels)
+            for i, captions, tags in zip(indices, model.caption_grid(grid, options), model.tags(grid), strict=True):
+                results[i] = PathResult(paths[i], captions, tags=tuple(tags))
         yield from (results[i] for i in sorted(results))
 
 

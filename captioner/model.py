@@ -30,6 +30,7 @@ from captioner.decoding import Caption, DecodingOptions, decode_grid
 from captioner.encoders import ENCODERS, build_encoder
 from captioner.errors import CaptionerError, ModelLoadError, OptionError, OutputError, printable
 from captioner.options import REQUIRED, Bounds, DecoderConfig, check_fields, option
+from captioner.tags import Tag, top_tags
 from captioner.vocab import SPECIALS, Vocabulary
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -169,6 +170,14 @@ class CaptionModel(nn.Module):
         if self._concepts is None:
             self._concepts = concept_matrix(self.encoder.class_names, self.vocab)
         return concept_evidence(probs, self._concepts, threshold)
+
+    @torch.inference_mode()
+    def tags(self, grid: torch.Tensor) -> list[list[Tag]]:
+        """Encoder grids (B, C, h, w) -> the classifier's likeliest labels per image (none without a head)."""
+        probs = self.encoder.classify(grid.to(self.device))
+        if probs is None:
+            return [[] for _ in range(grid.shape[0])]
+        return top_tags(probs, self.encoder.class_names)
 
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions | None = None) -> list[list[Caption]]:
         """(B, S, S, 3) uint8 pixels from :func:`captioner.images.model_pixels` -> captions."""

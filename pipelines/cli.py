@@ -89,6 +89,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
             failed = True
         elif args.json:
             _print(json.dumps(result_record(result), ensure_ascii=False))
+        elif args.tags:
+            tags = ", ".join(f"{tag.label} {tag.p:.2f}" for tag in result.tags)
+            _print(f"{one_line(result.path)}\t{result.captions[0].text}\t{tags}")
         else:
             _print(f"{one_line(result.path)}\t{result.captions[0].text}")
     return EXIT_SOME_FAILED if failed else EXIT_OK
@@ -216,7 +219,10 @@ def cmd_video(args: argparse.Namespace) -> int:
 def _caption_parser(sub) -> None:
     p = sub.add_parser("caption", help="caption image files; prints PATH<TAB>caption", epilog=SCORE_HELP)
     p.add_argument("images", nargs="+")
-    p.add_argument("--json", action="store_true", help="one JSON object per line: path, caption, score, min_prob")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line: path, caption, score, min_prob, tags")
+    p.add_argument("--tags", action="store_true",
+                   help="also print the encoder's ImageNet labels with their probabilities (PATH<TAB>caption<TAB>tags)")
     p.add_argument("--batch-size", type=bounded_int(1, 1024), default=16)
     _add_model_flags(p)
     p.set_defaults(run=cmd_caption)

@@ -28,10 +28,14 @@ RECORD_FIELDS = (
     "min_prob",  # the model's probability of its least likely token
     "error",  # "PATH: reason" when the file could not be read
     "path_hex",  # the path's raw bytes in hex, only when they are not UTF-8 (so resume is exact)
+    "tags",  # the encoder's likeliest ImageNet labels: [{"label", "p"}] (in CSV one cell, "label:p; label:p")
 )
 NUMERIC_FIELDS = frozenset({"score", "min_prob"})
+# The columns written by versions before tags; such files are read as they are and upgraded.
+UNTAGGED_CSV_FIELDS = RECORD_FIELDS[:6]
 # The columns written by versions before path_hex; such files are read without CSV escapes and upgraded.
 LEGACY_CSV_FIELDS = RECORD_FIELDS[:5]
+TAG_SEPARATOR = "; "  # between tags in a CSV cell; no ImageNet label holds it, or a ":"
 # A text cell starting with one of these is a formula to a spreadsheet; "'" is escaped too so any text round-trips.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
@@ -43,7 +47,8 @@ def result_record(result: PathResult) -> dict:
         record["error"] = printable(result.error)
     else:
         best = result.captions[0]
-        record.update(caption=best.text, score=round(best.score, 6), min_prob=round(best.min_prob, 6))
+        record.update(caption=best.text, score=round(best.score, 6), min_prob=round(best.min_prob, 6),
+                      tags=[{"label": tag.label, "p": tag.p} for tag in result.tags])
     raw = os.fsencode(result.path)
     if printable(result.path).encode("utf-8") != raw:
         record["path_hex"] = raw.hex()
@@ -78,11 +83,24 @@ def _checked(record: object) -> dict:
     for name in NUMERIC_FIELDS & record.keys():
         if isinstance(record[name], bool) or not isinstance(record[name], (int, float)):
             raise BadRecord(f'"{name}" is not a number')
+    if not all(isinstance(tag, dict) and isinstance(tag.get("label"), str) and _is_number(tag.get("p"))
+               for tag in _list(record.get("tags", []))):
+        raise BadRecord('"tags" must be a list of {"label": text, "p": number}')
     try:
         raw_path(record)
     except (TypeError, ValueError) as e:
         raise BadRecord('"path_hex" is not hex') from e
     return record
+
+
+def _list(value: object) -> list:
+    if not isinstance(value, list):
+        raise BadRecord('"tags" must be a list of {"label": text, "p": number}')
+    return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Chunk(NamedTuple):
@@ -185,6 +203,11 @@ class CsvRecords(RecordFormat):
     @property
     def outdated(self) -> bool:
         """True when the file read was written by an older version (rewrite it before appending)."""
+        return self._columns in (LEGACY_CSV_FIELDS, UNTAGGED_CSV_FIELDS)
+
+    @property
+    def _unescaped(self) -> bool:
+        """Written before text cells were escaped (no quotes around "\r", no "'" before formulas)."""
         return self._columns == LEGACY_CSV_FIELDS
 
     def chunks(self, file: BinaryIO) -> Iterator[Chunk]:
@@ -217,12 +240,12 @@ class CsvRecords(RecordFormat):
 
     def _header(self, text: str) -> tuple[str, ...]:
         columns = tuple(next(csv.reader([text]), []))
-        if columns not in (RECORD_FIELDS, LEGACY_CSV_FIELDS):
+        if columns not in (RECORD_FIELDS, UNTAGGED_CSV_FIELDS, LEGACY_CSV_FIELDS):
             raise BadHeader(f"not a captioner CSV file: its first line is not {','.join(RECORD_FIELDS)}")
         return columns
 
     def _cells(self, text: str) -> list[str]:
-        if not self.outdated:
+        if not self._unescaped:
             rows = list(csv.reader(io.StringIO(text, newline="")))
             return rows[0] if len(rows) == 1 else []
         # Older versions wrote a "\r" in a name unquoted: hide it from the reader, which ends rows there.
@@ -235,8 +258,11 @@ class CsvRecords(RecordFormat):
             if name in NUMERIC_FIELDS:
                 if cell:
                     record[name] = _number(name, cell)
+            elif name == "tags":
+                if cell:  # an empty cell: no tag, or a record from before tags
+                    record[name] = _tags(cell)
             elif cell or (name == "caption" and not cells.get("error")):
-                record[name] = cell[1:] if cell.startswith("'") and not self.outdated else cell
+                record[name] = cell[1:] if cell.startswith("'") and not self._unescaped else cell
         return record
 
     def header(self) -> str:
@@ -249,6 +275,8 @@ class CsvRecords(RecordFormat):
     def _cell(name: str, value: object) -> object:
         if value is None:
             return ""
+        if name == "tags":
+            return TAG_SEPARATOR.join(f"{tag['label']}:{tag['p']}" for tag in value)  # type: ignore[union-attr]
         if name in NUMERIC_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
             return value
         text = str(value)
@@ -268,6 +296,17 @@ def _utf8(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadRecord("not UTF-8 text") from e
+
+
+def _tags(cell: str) -> list[dict]:
+    """A CSV tags cell ("label:p; label:p") -> [{"label", "p"}]."""
+    tags = []
+    for part in filter(None, cell.split(TAG_SEPARATOR)):
+        label, _, p = part.rpartition(":")
+        if not label:
+            raise BadRecord(f'"tags" cell part {part!r} is not label:probability')
+        tags.append({"label": label, "p": _number("tags", p)})
+    return tags
 
 
 def _number(name: str, cell: str) -> float:

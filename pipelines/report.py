@@ -69,10 +69,23 @@ def _figure(record: dict) -> str:
                 f'<div class="meta">{name}</div></figcaption></figure>')
     uri = _thumbnail_data_uri(record)
     image = f'<img src="{uri}" alt="{name}">' if uri else ""
+    tags = _tags(record.get("tags"))
     return (
         f"<figure>{image}<figcaption>{_shown(record.get('caption', ''))}"
-        f'<div class="meta">{name}<br>score {_score(record.get("score"))} (mean log-prob)</div></figcaption></figure>'
+        f'<div class="meta">{name}<br>score {_score(record.get("score"))} (mean log-prob)'
+        f'{"<br>tags: " + tags if tags else ""}</div></figcaption></figure>'
     )
+
+
+def _tags(tags: object) -> str:
+    """The record's tags as escaped text ("espresso 0.83, cup 0.04"); empty when it has none."""
+    if not isinstance(tags, list):
+        return ""
+    return ", ".join(f"{_shown(t.get('label', '?'))} {_probability(t.get('p'))}" for t in tags if isinstance(t, dict))
+
+
+def _probability(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
 
 
 def _shown(value: object) -> str:

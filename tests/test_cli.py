@@ -24,6 +24,17 @@ def test_caption_json_has_path_caption_and_score(capsys):
         assert r["caption"] and r["score"] < 0 and 0 < r["min_prob"] <= 1
 
 
+def test_tags_name_what_the_encoder_sees_in_json_and_with_the_tags_flag(capsys):
+    photos = [str(SAMPLES / "coffee.png"), str(SAMPLES / "chelsea.png")]
+    assert main(["caption", "--json", *photos]) == 0
+    coffee, cat = ([t["label"] for t in json.loads(line)["tags"]] for line in capsys.readouterr().out.splitlines())
+    assert {"espresso", "cup"} & set(coffee)  # whatever the caption says (a Flickr8k decoder knows no cups)
+    assert {"tabby", "tiger cat", "Egyptian cat"} & set(cat)
+    assert main(["caption", "--tags", *photos]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [len(cells) for cells in lines] == [3, 3] and lines[0][2].startswith("espresso 0.")
+
+
 def test_a_bad_file_is_skipped_the_rest_printed_and_exit_is_1(tmp_path, capsys):
     data = (SAMPLES / "chelsea.png").read_bytes()
     bad = tmp_path / "broken.png"

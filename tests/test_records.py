@@ -23,6 +23,7 @@ from captioner.pipelines.record_formats import (
     result_record,
 )
 from captioner.pipelines.records import RecordFile
+from captioner.tags import Tag
 
 NON_UTF8 = os.fsdecode(b"/photos/b_\xe9.png")  # a name whose bytes are not UTF-8 (a lone surrogate in Python)
 # Names a CSV must carry intact: newlines, quotes, commas, formula starts, a leading quote, odd Unicode.
@@ -77,9 +78,49 @@ def test_csv_has_one_header_across_resumes(tmp_path):
 # 1. One schema; names that are not UTF-8 stay valid UTF-8 in the file and resume exactly.
 
 
+@pytest.mark.parametrize("name", ["out.jsonl", "out.csv"])
+def test_tags_round_trip_in_both_formats(tmp_path, name):
+    path = tmp_path / name
+    tagged = result_record(PathResult("/p/a.jpg", [Caption("a cup", ("a", "cup"), -0.5, 0.2)],
+                                      tags=(Tag("espresso", 0.83), Tag("potter's wheel", 0.1))))
+    untagged = result_record(PathResult("/p/b.jpg", [Caption("a dog", ("a", "dog"), -0.5, 0.2)]))
+    with RecordFile(path) as records:
+        records.write(tagged)
+        records.write(untagged)
+        records.write({"path": "/p/c.jpg", "error": "/p/c.jpg: empty file"})
+    fmt = format_for(path)
+    with path.open("rb") as file:
+        read = [r for r in (fmt.parse(chunk) for chunk in fmt.chunks(file)) if r is not None]
+    assert [r.get("tags") for r in read] == [tagged["tags"], [] if name.endswith(".jsonl") else None, None]
+    if name.endswith(".csv"):
+        assert '"espresso:0.83; potter\'s wheel:0.1"' in path.read_text()
+
+
+def test_a_csv_from_before_tags_is_resumed_and_upgraded(tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text('"path","caption","score","min_prob","error","path_hex"\n"/p/a.jpg","a dog",-0.5,0.2,"",""\n')
+    with RecordFile(path) as records:
+        assert records.holds("/p/a.jpg")
+        records.write(result_record(PathResult("/p/b.jpg", [Caption("a cup", ("a", "cup"), -0.5, 0.2)],
+                                               tags=(Tag("cup", 0.4),))))
+    rows = list(csv.DictReader(path.open(newline="")))
+    assert tuple(rows[0]) == RECORD_FIELDS
+    assert [(r["path"], r["tags"]) for r in rows] == [("/p/a.jpg", ""), ("/p/b.jpg", "cup:0.4")]
+
+
+@pytest.mark.parametrize("tags", ['"espresso"', '[{"label": 3, "p": 0.5}]', '[{"label": "cup", "p": "high"}]'])
+def test_malformed_tags_are_not_a_record(tmp_path, tags):
+    path = tmp_path / "out.jsonl"
+    path.write_text(f'{{"path": "/p/a.jpg", "caption": "a cup", "tags": {tags}}}\n')
+    with pytest.raises(OutputError, match="not a captioner record"):
+        RecordFile(path)
+
+
 def test_result_record_is_the_schema_for_captions_and_errors():
-    good = result_record(PathResult("/p/a.jpg", [Caption("a cat", ("a", "cat"), -0.1234567, 0.0123456)]))
-    assert good == {"path": "/p/a.jpg", "caption": "a cat", "score": -0.123457, "min_prob": 0.012346}
+    good = result_record(PathResult("/p/a.jpg", [Caption("a cat", ("a", "cat"), -0.1234567, 0.0123456)],
+                                    tags=(Tag("tabby", 0.61), Tag("Egyptian cat", 0.2))))
+    assert good == {"path": "/p/a.jpg", "caption": "a cat", "score": -0.123457, "min_prob": 0.012346,
+                    "tags": [{"label": "tabby", "p": 0.61}, {"label": "Egyptian cat", "p": 0.2}]}
     bad = result_record(PathResult(NON_UTF8, None, f"{NON_UTF8}: empty file"))
     assert bad == {"path": "/photos/b_\\xe9.png", "error": "/photos/b_\\xe9.png: empty file",
                    "path_hex": b"/photos/b_\xe9.png".hex()}
@@ -236,7 +277,7 @@ def test_an_older_csv_with_a_bare_cr_in_a_name_reads_as_one_record_and_is_upgrad
     with RecordFile(path) as records:
         assert records.latest() == [caption_record("/p/a\rb.jpg"), {"path": "/p/c.jpg", "error": "/p/c.jpg: bad"},
                                     caption_record("/p/d.jpg")]
-    assert path.read_text().startswith('"path","caption","score","min_prob","error","path_hex"\n')
+    assert path.read_text().startswith('"path","caption","score","min_prob","error","path_hex","tags"\n')
 
 
 # 7. A complete line that is not a record: one message naming the file and line.

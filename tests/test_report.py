@@ -27,11 +27,12 @@ def test_the_page_is_self_contained_with_thumbnails_captions_and_scores(tmp_path
         records.write({"path": photo(tmp_path, "cat.png"), "caption": "a cat on a bed", "score": -0.9123,
                        "min_prob": 0.1})
         records.write({"path": photo(tmp_path, "cup.jpg", "coffee.png"), "caption": "a cup", "score": -1.5,
-                       "min_prob": 0.2})
+                       "min_prob": 0.2, "tags": [{"label": "espresso", "p": 0.8312}, {"label": "<cup>", "p": 0.1}]})
     assert write_contact_sheet(out, page, JsonlRecords()) == 2
     html = page.read_text()
     assert html.count("<figure>") == 2 and html.count('src="data:image/jpeg;base64,') == 2
     assert "a cat on a bed" in html and "score -0.912 (mean log-prob)" in html and "2 captioned, 0 failed" in html
+    assert "tags: espresso 0.83, &lt;cup&gt; 0.10" in html and html.count("tags:") == 1  # escaped; none for the cat
     assert "<title>Captions: out.jsonl</title>" in html
     assert "http://" not in html and "https://" not in html
 

@@ -1,0 +1,31 @@
+"""Tags: the encoder's own ImageNet labels for a picture, the words asset libraries search on.
+
+The classifier head already runs for the concept boost, so tags cost one small matrix
+product. They say what the encoder sees in ImageNet's terms ("espresso", "tabby") even
+where the caption, bound to its training vocabulary, cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TAG_THRESHOLD = 0.1  # a label is a tag when the classifier gives it at least this probability
+MAX_TAGS = 5
+
+
+@dataclass(frozen=True)
+class Tag:
+    """One ImageNet label with the classifier's probability for it."""
+
+    label: str
+    p: float
+
+
+def top_tags(probs: torch.Tensor, class_names: tuple[str, ...], *, threshold: float = TAG_THRESHOLD,
+             limit: int = MAX_TAGS) -> list[list[Tag]]:
+    """(B, classes) probabilities -> per image, up to ``limit`` labels at or above ``threshold``, likeliest first."""
+    values, indices = probs.float().topk(min(limit, probs.shape[1]), dim=1)
+    return [[Tag(class_names[i], round(p, 4)) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)
+             if p >= threshold] for row_p, row_i in zip(values, indices, strict=True)]
