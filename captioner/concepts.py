@@ -4,8 +4,8 @@ A caption corpus as small as Flickr8k has few cats, cups or rockets, so its deco
 language prior drowns them ("a small dog is playing"). The encoder's classifier, trained
 on 1.2 M ImageNet photos, knows better. Each class is grounded in the plain words a
 caption writer would use for it (``grounding.json``, written and reviewed with
-``tools/ground_classes.py``: espresso -> coffee, cup; moped -> scooter, motorcycle; the
-118 dog breeds -> dog; otherwise the label's head noun: "Egyptian cat" -> cat), and a model
+``tools/ground_classes.py``: espresso -> coffee, cup; moped -> scooter, motorcycle; tabby
+-> cat; otherwise the label's head noun: "Egyptian cat" -> cat), and a model
 keeps the words its vocabulary has. A caption word's *evidence* for an image is the summed
 probability of the classes grounded in it. During search, a word with evidence at or
 above a threshold gets ``boost * evidence`` added to its log-probability until the

@@ -81,10 +81,9 @@ def _checked(record: object) -> dict:
     if "caption" not in record and "error" not in record:
         raise BadRecord('neither "caption" nor "error"')
     for name in NUMERIC_FIELDS & record.keys():
-        if isinstance(record[name], bool) or not isinstance(record[name], (int, float)):
+        if not is_number(record[name]):
             raise BadRecord(f'"{name}" is not a number')
-    if not all(isinstance(tag, dict) and isinstance(tag.get("label"), str) and _is_number(tag.get("p"))
-               for tag in _list(record.get("tags", []))):
+    if not _are_tags(record.get("tags", [])):
         raise BadRecord('"tags" must be a list of {"label": text, "p": number}')
     try:
         raw_path(record)
@@ -93,13 +92,13 @@ def _checked(record: object) -> dict:
     return record
 
 
-def _list(value: object) -> list:
-    if not isinstance(value, list):
-        raise BadRecord('"tags" must be a list of {"label": text, "p": number}')
-    return value
+def _are_tags(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(tag, dict) and isinstance(tag.get("label"), str) and is_number(tag.get("p")) for tag in value)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A JSON number (true and false are not numbers here, though Python's bool is an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
