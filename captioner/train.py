@@ -15,8 +15,10 @@ import math
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -189,12 +191,13 @@ class Trainer:
         self.model = self._build_model().to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device).eval()
+        # fine-tuning decodes every batch's images; PIL releases the GIL, so threads decode in parallel
+        self._readers = ThreadPoolExecutor(max_workers=max(1, cfg.num_workers))
         self.pairs = _caption_pairs(self.train_entries, self.vocab, cfg.max_caption_words)
         self.train_grids, self.dev_grids = self._load_grids()
         if cfg.dev_limit:
             self.dev_entries = self.dev_entries[: cfg.dev_limit]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._parameter_groups(), weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.pairs) / cfg.batch_size)
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, total, cfg))
@@ -206,6 +209,17 @@ class Trainer:
         self.scst_done = 0
         self._cider: CiderD | None = None  # self-critical reward, built when that phase first runs
         self.history: list[dict] = []
+
+    def _parameter_groups(self) -> list[dict]:
+        """The decoder at ``lr``; a fine-tuned CNN at ``encoder_lr``, since pretrained features need smaller steps."""
+        groups = [{"params": list(self.model.decoder.parameters()), "lr": self.cfg.lr}]
+        if self.cfg.finetune_encoder:
+            groups.append({"params": list(self.model.encoder.parameters()), "lr": self._encoder_lr(self.cfg.lr)})
+        return groups
+
+    def _encoder_lr(self, decoder_lr: float) -> float:
+        """The CNN's learning rate when the decoder's is ``decoder_lr`` (same ratio in every phase)."""
+        return decoder_lr * (self.cfg.encoder_lr or self.cfg.lr) / self.cfg.lr
 
     def _build_model(self) -> CaptionModel:
         cfg = self.cfg
@@ -254,16 +268,22 @@ class Trainer:
             return source[image_ids].to(self.device).float()
         encoder = self.model.encoder
         size = encoder.preprocess.size
-        pixels = torch.stack([torch.from_numpy(model_pixels(entries[i].image, size)) for i in image_ids])
+        paths = [entries[i].image for i in image_ids]
+        pixels = torch.from_numpy(np.stack(list(self._readers.map(lambda p: model_pixels(p, size), paths))))
         if not train:
             return encoder.encode(pixels)
+        if self.cfg.flip_augment:  # the fine-tuning counterpart of the cached flipped view
+            flipped = torch.rand(len(paths)) < 0.5
+            pixels[flipped] = pixels[flipped].flip(dims=[2])
         images = encoder.preprocess.normalize(pixels.to(self.device))
-        return self.model.encoder(images)
+        return self.model.encoder(images.contiguous(memory_format=torch.channels_last))
 
     def train_epoch(self) -> float:
         self.model.train()
-        if not self.cfg.finetune_encoder:
-            self.model.encoder.eval()
+        for module in self.model.encoder.modules():
+            # batch norm keeps its ImageNet statistics: a batch of 64 images estimates them worse
+            if not self.cfg.finetune_encoder or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         total_loss, count = 0.0, 0
         bar = tqdm(self._length_bucketed_batches(), desc=f"epoch {self.epoch + 1}", unit="batch")
         for batch_ids in bar:
@@ -387,9 +407,13 @@ class Trainer:
         """Continue from the best cross-entropy weights with a fresh, small-step optimizer."""
         best = CaptionModel.load(self.out / "best", device=str(self.device))
         self.model.decoder.load_state_dict(best.decoder.state_dict())
+        if self.cfg.finetune_encoder:
+            self.model.encoder.load_state_dict(best.encoder.state_dict())
         self.optimizer.state.clear()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.scst_lr
+        decoder_group, *encoder_group = self.optimizer.param_groups
+        decoder_group["lr"] = self.cfg.scst_lr
+        for group in encoder_group:
+            group["lr"] = self._encoder_lr(self.cfg.scst_lr)
         baseline = self.evaluate_dev()  # the starting point: an SCST epoch must beat it to become best
         self.best_cider = max(self.best_cider, baseline["CIDEr-D"])
 

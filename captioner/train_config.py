@@ -31,7 +31,11 @@ class TrainConfig:
     encoder: str = option("efficientnet_lite0", str, "image encoder: efficientnet_lite0 (offline), efficientnet_lite1 "
                           "and efficientnet_lite2 (offline, with the encoders extra), resnet50, efficientnet_b0 "
                           "(torchvision, weights downloaded once) or any name in encoders.ENCODERS")
-    finetune_encoder: bool = option(False, bool, "train the CNN too (slow without a GPU)")
+    finetune_encoder: bool = option(False, bool, "train the CNN too (slow without a GPU); its batch-norm "
+                                    "statistics stay the ImageNet ones")
+    encoder_lr: float | None = option(None, float, "peak learning rate of the CNN when fine-tuning (default: lr); "
+                                      "well below lr keeps its ImageNet labels (tags) meaningful",
+                                      Bounds(0, 10, open_low=True))
     cache_dir: str = option("cache", str, "where frozen-encoder features are stored")
     flip_augment: bool = option(True, bool, "also train on horizontally flipped images' features")
     min_word_count: int = option(5, int, "keep words seen at least this often in training captions",

@@ -80,16 +80,24 @@ def test_self_critical_phase_follows_cross_entropy_and_raises_reward(tiny_config
 
 
 @pytest.mark.slow
-def test_encoder_fine_tuning_updates_and_saves_the_cnn(tiny_config):
-    cfg = dataclasses.replace(tiny_config, finetune_encoder=True, epochs=1, lr=1e-3)
+def test_encoder_fine_tuning_updates_and_saves_the_cnn_but_keeps_its_batch_norm_statistics(tiny_config):
+    cfg = dataclasses.replace(tiny_config, finetune_encoder=True, epochs=1, lr=1e-3, encoder_lr=1e-4,
+                              scst_epochs=1, scst_batch_images=4, scst_lr=1e-4)
     trainer = Trainer(cfg)
-    before = trainer.model.encoder.features.net._conv_head.weight.detach().clone()
+    decoder_group, encoder_group = trainer.optimizer.param_groups
+    assert encoder_group["initial_lr"] == pytest.approx(decoder_group["initial_lr"] / 10)
+    net = trainer.model.encoder.features.net
+    before = net._conv_head.weight.detach().clone()
+    running_mean = net._bn1.running_mean.clone()
     trainer.fit()
-    after = trainer.model.encoder.features.net._conv_head.weight.detach()
+    assert [r["phase"] for r in trainer.history] == ["xe", "scst"]
+    assert encoder_group["lr"] == pytest.approx(1e-5)  # the self-critical phase keeps the CNN at a tenth
+    after = net._conv_head.weight.detach()
     assert not torch.equal(before, after)
+    assert torch.equal(net._bn1.running_mean, running_mean)  # ImageNet statistics, not a 4-image batch's
     saved = CaptionModel.load(f"{cfg.out_dir}/best")
     assert saved.config.encoder_weights_stored
-    assert torch.allclose(saved.encoder.features.net._conv_head.weight, after)
+    assert not torch.equal(saved.encoder.features.net._conv_head.weight, before)  # the tuned CNN, not ImageNet's
 
 
 # --- settings checked before any work ------------------------------------------------------------
