@@ -28,6 +28,7 @@ class Caption:
     score: float  # the model's mean log-probability per emitted token (including <end>)
     min_prob: float  # the model's probability of the least likely token
     finished: bool = True  # False when the length limit cut the caption
+    confidence: float | None = None  # estimated probability the caption is acceptable (a calibrated model's)
 
 
 def make_strategy(options: DecodingOptions, batch_size: int, end_id: int) -> SearchStrategy:

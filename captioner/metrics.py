@@ -69,18 +69,7 @@ def score_captions(
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    if set(references) != set(candidates):
-        raise CaptionerError("references and candidates must cover the same image ids")
-    if not candidates:
-        raise CaptionerError("no captions to score")
-    empty = [key for key, captions in references.items() if not any(str(c).strip() for c in captions)]
-    if empty:  # pycocoevalcap would fail on an assert, far from the cause
-        raise CaptionerError(f"image {empty[0]} has no reference captions to score against")
-    gts = tokenize_for_scoring(references)
-    wordless = [key for key, refs in gts.items() if not any(ref.strip() for ref in refs)]
-    if wordless:  # e.g. only "..." as a reference: BLEU would fail deep inside the scorer
-        raise CaptionerError(f"image {wordless[0]}'s reference captions have no words once punctuation is removed")
-    res = tokenize_for_scoring({key: [caption] for key, caption in candidates.items()})
+    gts, res = _tokenized(references, candidates)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}
     if meteor:
@@ -94,6 +83,37 @@ def score_captions(
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
     return scores
+
+
+def per_image_cider(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]) -> dict[str, float]:
+    """Each image's CIDEr-D (document frequencies from all of ``references``), tokenized as for scoring.
+
+    Raises:
+        CaptionerError: as :func:`score_captions`.
+    """
+    from pycocoevalcap.cider.cider import Cider
+
+    gts, res = _tokenized(references, candidates)
+    _, scores = Cider().compute_score(gts, res)
+    return {key: float(score) for key, score in zip(gts, scores, strict=True)}
+
+
+def _tokenized(references: Mapping[str, Sequence[str]],
+               candidates: Mapping[str, str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """PTB-tokenized references and candidates, after the checks pycocoevalcap would fail on far from the cause."""
+    if set(references) != set(candidates):
+        raise CaptionerError("references and candidates must cover the same image ids")
+    if not candidates:
+        raise CaptionerError("no captions to score")
+    empty = [key for key, captions in references.items() if not any(str(c).strip() for c in captions)]
+    if empty:  # pycocoevalcap would fail on an assert, far from the cause
+        raise CaptionerError(f"image {empty[0]} has no reference captions to score against")
+    gts = tokenize_for_scoring(references)
+    wordless = [key for key, refs in gts.items() if not any(ref.strip() for ref in refs)]
+    if wordless:  # e.g. only "..." as a reference: BLEU would fail deep inside the scorer
+        raise CaptionerError(f"image {wordless[0]}'s reference captions have no words once punctuation is removed")
+    res = tokenize_for_scoring({key: [caption] for key, caption in candidates.items()})
+    return gts, res
 
 
 def _stop(meteor) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from captioner.concepts import concept_evidence, concept_matrix
+from captioner.confidence import CALIBRATION_FILE, Calibrator, image_signals, signal_rows
 from captioner.decoder import build_decoder
 from captioner.decoding import Caption, DecodingOptions, decode_grid
 from captioner.encoders import ENCODERS, build_encoder
@@ -35,7 +36,7 @@ from captioner.vocab import SPECIALS, Vocabulary
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "model.safetensors"
-MODEL_FILES = {CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, "MODEL_CARD.md"}  # what a model folder may hold
+MODEL_FILES = {CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, CALIBRATION_FILE, "MODEL_CARD.md"}  # what a model folder may hold
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 MAX_ENSEMBLE = 16  # decoders in one model; each is a full LSTM decoder held in memory
 
@@ -123,6 +124,7 @@ class CaptionModel(nn.Module):
         self.encoder = build_encoder(config.encoder, pretrained=pretrained_encoder)
         self.decoder = build_decoder(config.decoder, config.ensemble_size)
         self._concepts: torch.Tensor | None = None  # class -> word matrix, built on first use
+        self.calibrator: Calibrator | None = None  # turns signals into confidence (captioner.confidence)
 
     @property
     def device(self) -> torch.device:
@@ -159,17 +161,28 @@ class CaptionModel(nn.Module):
         """Encoder grids (B, C, h, w) -> n-best captions per image."""
         options = options or self.config.decoding
         grid = grid.to(self.device)
-        evidence = self.concept_evidence(grid, options.concept_threshold) if options.concept_boost > 0 else None
-        return decode_grid(self.decoder, grid, self.vocab, options, evidence)
-
-    def concept_evidence(self, grid: torch.Tensor, threshold: float) -> torch.Tensor | None:
-        """(B, V) evidence from the encoder's own classifier (None when it has no head)."""
         probs = self.encoder.classify(grid)
+        evidence = self.concept_evidence(probs, options.concept_threshold) if options.concept_boost > 0 else None
+        captions = decode_grid(self.decoder, grid, self.vocab, options, evidence)
+        if self.calibrator is None:
+            return captions
+        rows = signal_rows(captions, image_signals(grid, probs, self.calibrator.features), probs,
+                           self.concepts(), self.vocab.word_ids)
+        confidences = [self.calibrator.confidence(row).tolist() for row in rows]
+        return [[dataclasses.replace(c, confidence=round(p, 4)) for c, p in zip(n_best, ps, strict=True)]
+                for n_best, ps in zip(captions, confidences, strict=True)]
+
+    def concept_evidence(self, probs: torch.Tensor | None, threshold: float) -> torch.Tensor | None:
+        """(B, V) evidence from (B, classes) probabilities of the encoder's own classifier (None without one)."""
         if probs is None:
             return None
+        return concept_evidence(probs, self.concepts(), threshold)
+
+    def concepts(self) -> torch.Tensor:
+        """(classes, V) 0/1 matrix of the caption words that name each class (built on first use)."""
         if self._concepts is None:
             self._concepts = concept_matrix(self.encoder.class_names, self.vocab)
-        return concept_evidence(probs, self._concepts, threshold)
+        return self._concepts
 
     @torch.inference_mode()
     def tags(self, grid: torch.Tensor) -> list[list[Tag]]:
@@ -214,6 +227,8 @@ class CaptionModel(nn.Module):
         save_file(tensors, directory / WEIGHTS_FILE)
         (directory / CONFIG_FILE).write_text(self.config.to_json(), encoding="utf-8")
         self.vocab.save(directory / VOCAB_FILE)
+        if self.calibrator is not None:
+            self.calibrator.save(directory / CALIBRATION_FILE)
 
     @classmethod
     def load(cls, directory: str | os.PathLike = DEFAULT_MODEL_DIR, *, device: str | None = None) -> "CaptionModel":
@@ -239,6 +254,8 @@ class CaptionModel(nn.Module):
                 model.encoder.load_state_dict(_strip(tensors, "encoder."), strict=True)
         except RuntimeError as e:  # the header check makes this unreachable short of a safetensors bug
             raise ModelLoadError(f"{printable(directory)}: cannot load model: weights do not fit the config") from e
+        if (directory / CALIBRATION_FILE).exists():
+            model.calibrator = Calibrator.load(directory / CALIBRATION_FILE, model.encoder.out_channels)
         model.encoder.to(memory_format=torch.channels_last)
         return model.to(device or "cpu").eval()
 

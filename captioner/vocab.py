@@ -95,6 +95,10 @@ class Vocabulary:
         """Caption -> ``[<start>, words..., <end>]`` ids."""
         return [self.start] + [self.stoi.get(w, self.unk) for w in tokenize(text)] + [self.end]
 
+    def word_ids(self, words: Iterable[str]) -> list[int]:
+        """Ids of the words that are in the vocabulary (unknown words left out)."""
+        return [self.stoi[w] for w in words if w in self.stoi]
+
     def words(self, ids: Iterable[int]) -> list[str]:
         """Ids -> the caption's words: stops at ``<end>`` and drops the other special tokens.
 

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from captioner.errors import CaptionerError, OptionError, OutputError, one_line, printable
 from captioner.options import DEFAULT_WORKERS
-from captioner.pipelines.flags import add_dataclass_flags, bounded_int, dataclass_from_args, exposed_fields, flag_name
+from captioner.pipelines.flags import (
+    add_dataclass_flags,
+    bounded_int,
+    dataclass_from_args,
+    exposed_fields,
+    flag_name,
+    probability,
+)
 
 # Exit codes: 0 all good, 1 some input failed, 2 bad arguments (argparse's own convention).
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -79,21 +86,27 @@ def _print(text: str, *, err: bool = False) -> None:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from captioner.api import caption_paths
+    from captioner.confidence import check_min_confidence
     from captioner.pipelines.record_formats import result_record
 
     model, options = _load(args)
+    check_min_confidence(args.min_confidence, model)
     failed = False
     for result in caption_paths(model, [Path(p) for p in args.images], options=options, batch_size=args.batch_size):
         if result.captions is None:
             _print(f"skipped {one_line(result.error)}", err=True)
             failed = True
-        elif args.json:
-            _print(json.dumps(result_record(result), ensure_ascii=False))
-        elif args.tags:
-            tags = ", ".join(f"{tag.label} {tag.p:.2f}" for tag in result.tags)
-            _print(f"{one_line(result.path)}\t{result.captions[0].text}\t{tags}")
-        else:
-            _print(f"{one_line(result.path)}\t{result.captions[0].text}")
+            continue
+        record = result_record(result, min_confidence=args.min_confidence)
+        if args.json:
+            _print(json.dumps(record, ensure_ascii=False))
+            continue
+        columns = [one_line(result.path), record["caption"]]
+        if args.tags:
+            columns.append(", ".join(f"{tag.label} {tag.p:.2f}" for tag in result.tags))
+        if record.get("unsure"):
+            columns.append(f"unsure (confidence {record['confidence']:.2f})")
+        _print("\t".join(columns))
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
@@ -115,7 +128,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if args.compile:
             model.compile_encoder()
         summary = caption_folder(args.folder, records, model=model, options=options, batch_size=args.batch_size,
-                                 num_workers=args.workers, progress=not args.quiet, retry_errors=args.retry_errors)
+                                 num_workers=args.workers, progress=not args.quiet, retry_errors=args.retry_errors,
+                                 min_confidence=args.min_confidence)
     if args.html:
         write_contact_sheet(args.output, args.html, fmt)
     _print(summary.describe(), err=True)
@@ -199,6 +213,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
+    from captioner.confidence import check_min_confidence
     from captioner.pipelines.subtitles import writer_for
     from captioner.pipelines.video_batch import prepare_jobs, run_jobs
     from captioner.pipelines.video_options import VideoOptions
@@ -209,6 +224,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     jobs = prepare_jobs(source, writer.extension, output=args.output and Path(args.output),
                         out_dir=args.out_dir and Path(args.out_dir), burn=args.burn and Path(args.burn))
     model, options = _load(args)
+    check_min_confidence(settings.min_confidence, model)  # once, not as a failure of every video
     failed = run_jobs(jobs, model=model, writer=writer, options=options, settings=settings,
                       progress=source.is_dir() and not args.quiet)
     if source.is_dir():
@@ -220,9 +236,10 @@ def _caption_parser(sub) -> None:
     p = sub.add_parser("caption", help="caption image files; prints PATH<TAB>caption", epilog=SCORE_HELP)
     p.add_argument("images", nargs="+")
     p.add_argument("--json", action="store_true",
-                   help="one JSON object per line: path, caption, score, min_prob, tags")
+                   help="one JSON object per line: path, caption, score, min_prob, tags, confidence, unsure")
     p.add_argument("--tags", action="store_true",
                    help="also print the encoder's ImageNet labels with their probabilities (PATH<TAB>caption<TAB>tags)")
+    _add_min_confidence_flag(p, "adds a column 'unsure (confidence C)'; JSON records get \"unsure\": true")
     p.add_argument("--batch-size", type=bounded_int(1, 1024), default=16)
     _add_model_flags(p)
     p.set_defaults(run=cmd_caption)
@@ -245,8 +262,15 @@ def _batch_parser(sub) -> None:
                         "the encoder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (pays off for large folders)")
+    _add_min_confidence_flag(p, "records keep the caption with \"unsure\": true; the contact sheet greys it")
     _add_model_flags(p)
     p.set_defaults(run=cmd_batch)
+
+
+def _add_min_confidence_flag(p, effect: str) -> None:
+    p.add_argument("--min-confidence", type=probability, metavar="X",
+                   help="mark captions whose confidence (estimated probability that the caption is acceptable, "
+                        f"from a calibrated model such as the default) is below X as unsure: {effect}")
 
 
 def _evaluate_parser(sub) -> None:

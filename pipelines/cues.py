@@ -40,6 +40,7 @@ class CaptionedFrame:
     score: float  # its mean log-probability per token
     shot: int = 0  # index of the shot the frame belongs to (0 for everything without scene detection)
     shot_span: Span | None = None  # (start, end) of that shot; None when the frame was sampled uniformly
+    confidence: float | None = None  # estimated probability the caption is acceptable (a calibrated model's)
 
 
 @dataclass(frozen=True)

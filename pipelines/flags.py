@@ -85,3 +85,14 @@ def bounded_int(low: int, high: int):
         return value
 
     return parse
+
+
+def probability(text: str) -> float:
+    """An argparse type for a number in [0, 1] (a confidence threshold); anything else is a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
+    return value

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from captioner.api import PathResult, caption_paths
+from captioner.confidence import check_min_confidence
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, OptionError, one_line, printable
 from captioner.model import CaptionModel
@@ -56,6 +57,7 @@ def caption_folder(
     num_workers: int = DEFAULT_WORKERS,
     progress: bool = True,
     retry_errors: bool = False,
+    min_confidence: float | None = None,
 ) -> FolderSummary:
     """Caption all images under ``root`` into ``records``, skipping those it already holds.
 
@@ -66,22 +68,26 @@ def caption_folder(
             model), or a path to open here in ``record_format`` (default: from its extension).
         retry_errors: caption again the files whose record is an error. Whenever the output
             holds superseded records, it is rewritten at the end with one per path (the latest).
+        min_confidence: mark captions less confident than this ``"unsure": true`` (a calibrated model's).
 
     Each record is flushed when written, so an interrupted run is resumed by running the same
     call again. Unreadable files get an error record and a ``skipped PATH: reason`` line on
     stderr; the run goes on.
 
     Raises:
-        OptionError: ``root`` is not a folder.
+        OptionError: ``root`` is not a folder, or ``min_confidence`` is given for a model without calibration.
         OutputError: the output cannot be opened, read back or written.
     """
     if not isinstance(records, RecordFile):
         with RecordFile(records, format_for(records, record_format)) as opened:
             return caption_folder(root, opened, model=model, options=options, batch_size=batch_size,
-                                  num_workers=num_workers, progress=progress, retry_errors=retry_errors)
+                                  num_workers=num_workers, progress=progress, retry_errors=retry_errors,
+                                  min_confidence=min_confidence)
     if not os.path.isdir(root):
         raise OptionError(f"{printable(root)}: not a folder")
-    run = _Run(records, retry_errors, tqdm(desc="captioning", unit="img", disable=not progress, file=sys.stderr))
+    check_min_confidence(min_confidence, model)
+    bar = tqdm(desc="captioning", unit="img", disable=not progress, file=sys.stderr)
+    run = _Run(records, retry_errors, min_confidence, bar)
     try:
         for chunk in _chunks(run.pending(Path(os.path.realpath(root))), CHUNK_PATHS):
             for result in _caption_chunk(model, chunk, options, batch_size, num_workers):
@@ -98,6 +104,7 @@ class _Run:
 
     records: RecordFile
     retry_errors: bool
+    min_confidence: float | None
     bar: tqdm
     captioned: int = 0
     failed: int = 0
@@ -121,7 +128,7 @@ class _Run:
         tqdm.write(f"skipped {one_line(folder)}: cannot list this folder: {error.strerror or error}", file=sys.stderr)
 
     def add(self, result: PathResult) -> None:
-        record = result_record(result)
+        record = result_record(result, min_confidence=self.min_confidence)
         self.records.write(record)
         if result.captions is None:
             self.failed += 1

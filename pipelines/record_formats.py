@@ -29,8 +29,12 @@ RECORD_FIELDS = (
     "error",  # "PATH: reason" when the file could not be read
     "path_hex",  # the path's raw bytes in hex, only when they are not UTF-8 (so resume is exact)
     "tags",  # the encoder's likeliest ImageNet labels: [{"label", "p"}] (in CSV one cell, "label:p; label:p")
+    "confidence",  # estimated probability the caption is acceptable (models with a calibration.json)
+    "unsure",  # true when confidence was below the run's --min-confidence (absent otherwise)
 )
-NUMERIC_FIELDS = frozenset({"score", "min_prob"})
+NUMERIC_FIELDS = frozenset({"score", "min_prob", "confidence"})
+# The columns written by versions before confidence; such files are read as they are and upgraded.
+UNCALIBRATED_CSV_FIELDS = RECORD_FIELDS[:7]
 # The columns written by versions before tags; such files are read as they are and upgraded.
 UNTAGGED_CSV_FIELDS = RECORD_FIELDS[:6]
 # The columns written by versions before path_hex; such files are read without CSV escapes and upgraded.
@@ -40,8 +44,11 @@ TAG_SEPARATOR = "; "  # between tags in a CSV cell; no ImageNet label holds it, 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
-def result_record(result: PathResult) -> dict:
-    """The record of one captioned file: its best caption with confidence, or its error."""
+def result_record(result: PathResult, *, min_confidence: float | None = None) -> dict:
+    """The record of one captioned file: its best caption with confidence, or its error.
+
+    With ``min_confidence``, a caption whose confidence is lower is kept and marked ``"unsure": true``.
+    """
     record: dict = {"path": printable(result.path)}
     if result.captions is None:
         record["error"] = printable(result.error)
@@ -49,6 +56,10 @@ def result_record(result: PathResult) -> dict:
         best = result.captions[0]
         record.update(caption=best.text, score=round(best.score, 6), min_prob=round(best.min_prob, 6),
                       tags=[{"label": tag.label, "p": tag.p} for tag in result.tags])
+        if best.confidence is not None:
+            record["confidence"] = best.confidence
+            if min_confidence is not None and best.confidence < min_confidence:
+                record["unsure"] = True
     raw = os.fsencode(result.path)
     if printable(result.path).encode("utf-8") != raw:
         record["path_hex"] = raw.hex()
@@ -85,6 +96,8 @@ def _checked(record: object) -> dict:
             raise BadRecord(f'"{name}" is not a number')
     if not _are_tags(record.get("tags", [])):
         raise BadRecord('"tags" must be a list of {"label": text, "p": number}')
+    if not isinstance(record.get("unsure", False), bool):
+        raise BadRecord('"unsure" must be true or false')
     try:
         raw_path(record)
     except (TypeError, ValueError) as e:
@@ -202,7 +215,7 @@ class CsvRecords(RecordFormat):
     @property
     def outdated(self) -> bool:
         """True when the file read was written by an older version (rewrite it before appending)."""
-        return self._columns in (LEGACY_CSV_FIELDS, UNTAGGED_CSV_FIELDS)
+        return self._columns in (LEGACY_CSV_FIELDS, UNTAGGED_CSV_FIELDS, UNCALIBRATED_CSV_FIELDS)
 
     @property
     def _unescaped(self) -> bool:
@@ -239,7 +252,7 @@ class CsvRecords(RecordFormat):
 
     def _header(self, text: str) -> tuple[str, ...]:
         columns = tuple(next(csv.reader([text]), []))
-        if columns not in (RECORD_FIELDS, UNTAGGED_CSV_FIELDS, LEGACY_CSV_FIELDS):
+        if columns not in (RECORD_FIELDS, UNCALIBRATED_CSV_FIELDS, UNTAGGED_CSV_FIELDS, LEGACY_CSV_FIELDS):
             raise BadHeader(f"not a captioner CSV file: its first line is not {','.join(RECORD_FIELDS)}")
         return columns
 
@@ -260,6 +273,11 @@ class CsvRecords(RecordFormat):
             elif name == "tags":
                 if cell:  # an empty cell: no tag, or a record from before tags
                     record[name] = _tags(cell)
+            elif name == "unsure":
+                if cell not in ("", "true"):
+                    raise BadRecord('"unsure" cell must be empty or true')
+                if cell:
+                    record[name] = True
             elif cell or (name == "caption" and not cells.get("error")):
                 record[name] = cell[1:] if cell.startswith("'") and not self._unescaped else cell
         return record
@@ -276,6 +294,8 @@ class CsvRecords(RecordFormat):
             return ""
         if name == "tags":
             return TAG_SEPARATOR.join(f"{tag['label']}:{tag['p']}" for tag in value)  # type: ignore[union-attr]
+        if name == "unsure":
+            return "true" if value is True else ""
         if name in NUMERIC_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
             return value
         text = str(value)

@@ -1,4 +1,6 @@
-"""A self-contained HTML contact sheet of a batch run: thumbnails, captions, scores, errors.
+"""A self-contained HTML contact sheet of a batch run: thumbnails, captions, confidence, scores, errors.
+
+Captions marked unsure (``--min-confidence``) are greyed.
 
 The caller passes the output's format (the one it was written in), so the page never guesses
 it from a file extension. A record that is odd in any way (no thumbnail, a name with control
@@ -30,6 +32,8 @@ img {{ max-width: {side}px; max-height: {side}px; display: block; margin: auto; 
 figcaption {{ font-size: 13px; margin-top: 4px; overflow-wrap: anywhere; }}
 .meta {{ color: #777; font-size: 11px; }}
 .error {{ color: #b00; }}
+.unsure {{ opacity: 0.45; }}
+.unsure figcaption::before {{ content: "unsure: "; font-weight: bold; }}
 </style></head><body>
 <h1>{title}</h1><p>{summary}</p><div class="grid">
 {figures}
@@ -70,9 +74,12 @@ def _figure(record: dict) -> str:
     uri = _thumbnail_data_uri(record)
     image = f'<img src="{uri}" alt="{name}">' if uri else ""
     tags = _tags(record.get("tags"))
+    confidence = record.get("confidence")
+    shown_confidence = f"confidence {_probability(confidence)}<br>" if confidence is not None else ""
+    unsure = ' class="unsure"' if record.get("unsure") is True else ""
     return (
-        f"<figure>{image}<figcaption>{_shown(record.get('caption', ''))}"
-        f'<div class="meta">{name}<br>score {_score(record.get("score"))} (mean log-prob)'
+        f"<figure{unsure}>{image}<figcaption>{_shown(record.get('caption', ''))}"
+        f'<div class="meta">{name}<br>{shown_confidence}score {_score(record.get("score"))} (mean log-prob)'
         f'{"<br>tags: " + tags if tags else ""}</div></figcaption></figure>'
     )
 

@@ -20,7 +20,7 @@ import math
 import os
 from bisect import bisect_left
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 
+from captioner.confidence import check_min_confidence
 from captioner.decoding import DecodingOptions
 from captioner.errors import printable
 from captioner.images import model_pixels
@@ -284,9 +285,13 @@ def subtitle_source(
 ) -> VideoSubtitles:
     """:func:`subtitle_video` for an already opened source (any :class:`VideoSource`)."""
     settings = settings or VideoOptions()
+    check_min_confidence(settings.min_confidence, model)
     sampler = SAMPLERS[settings.mode].from_options(settings, source, model.encoder.preprocess.size)
     with closing(in_background(sample_frames(source, sampler))) as picks:  # stopped before the source closes
         captioned = list(caption_picks(model, picks, options, settings.batch_size))
+    if settings.min_confidence is not None:  # an unsure frame leaves a gap: its stretch gets no cue
+        captioned = [replace(f, text="") if f.confidence < settings.min_confidence else f
+                     for f in captioned]
     end = source.end_time
     segments = shape_cues(merge_samples(frame_samples(captioned, end)), min_score=settings.min_score,
                           min_duration=settings.min_duration, max_duration=settings.max_duration, video_end=end)
@@ -315,7 +320,8 @@ def caption_picks(
     while batch := list(itertools.islice(picks, batch_size)):
         pixels = torch.from_numpy(np.stack([p.pixels for p in batch]))  # (B, S, S, 3) uint8
         for pick, n_best in zip(batch, model.caption_pixels(pixels, options), strict=True):
-            yield CaptionedFrame(pick.time, n_best[0].text, n_best[0].score, pick.shot, pick.shot_span)
+            best = n_best[0]
+            yield CaptionedFrame(pick.time, best.text, best.score, pick.shot, pick.shot_span, best.confidence)
 
 
 def decode_warnings(source: VideoSource) -> list[str]:

@@ -36,6 +36,10 @@ class VideoOptions:
     # drop cues whose score (mean log-probability per token, <= 0) is lower; None keeps every cue
     min_score: float | None = option(None, float, "drop cues whose score (mean log-probability per token) is "
                                      "lower, e.g. -2.5", Bounds(-100, 0))
+    # drop cues whose caption's confidence (a calibrated model's) is lower; None keeps every cue
+    min_confidence: float | None = option(None, float, "drop cues whose caption is less confident than this "
+                                          "(estimated probability that it is acceptable; a calibrated model's, "
+                                          "such as the default), e.g. 0.3", Bounds(0, 1))
     # seconds a cue lasts at least, if the next cue leaves room
     min_duration: float = option(1.0, float, "seconds a cue lasts at least, when the next one leaves room",
                                  Bounds(0, 60))

@@ -103,6 +103,6 @@ def test_cat_is_a_concept_of_the_cat_photo(default_model):
     model, threshold = default_model, default_model.config.decoding.concept_threshold
     pixels = torch.from_numpy(np.stack([model_pixels(SAMPLES / "chelsea.png", model.encoder.preprocess.size)]))
     with torch.inference_mode():
-        evidence = model.concept_evidence(model.encode(pixels), threshold)
+        evidence = model.concept_evidence(model.encoder.classify(model.encode(pixels)), threshold)
     assert evidence[0, model.vocab.stoi["cat"]] >= threshold
     assert evidence[0, model.vocab.stoi["dog"]] == 0

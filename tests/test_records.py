@@ -108,6 +108,26 @@ def test_a_csv_from_before_tags_is_resumed_and_upgraded(tmp_path):
     assert [(r["path"], r["tags"]) for r in rows] == [("/p/a.jpg", ""), ("/p/b.jpg", "cup:0.4")]
 
 
+@pytest.mark.parametrize("name", ["out.jsonl", "out.csv"])
+def test_confidence_and_unsure_round_trip_and_a_csv_from_before_them_is_upgraded(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".csv"):  # as written by the version with tags but no confidence
+        path.write_text('"path","caption","score","min_prob","error","path_hex","tags"\n'
+                        '"/p/a.jpg","a dog",-0.5,0.2,"","","dog:0.5"\n')
+    sure = PathResult("/p/b.jpg", [Caption("a cup", ("a", "cup"), -0.5, 0.2, confidence=0.8)])
+    doubtful = PathResult("/p/c.jpg", [Caption("a dog", ("a", "dog"), -0.5, 0.2, confidence=0.1)])
+    with RecordFile(path) as records:
+        records.write(result_record(sure, min_confidence=0.3))
+        records.write(result_record(doubtful, min_confidence=0.3))
+    with RecordFile(path) as records:
+        latest = {r["path"]: r for r in records.latest()}
+    assert (latest["/p/b.jpg"]["confidence"], latest["/p/b.jpg"].get("unsure")) == (0.8, None)
+    assert (latest["/p/c.jpg"]["confidence"], latest["/p/c.jpg"]["unsure"]) == (0.1, True)
+    if name.endswith(".csv"):
+        assert tuple(next(csv.reader(path.open(newline="")))) == RECORD_FIELDS
+        assert "confidence" not in latest["/p/a.jpg"] and latest["/p/a.jpg"]["tags"] == [{"label": "dog", "p": 0.5}]
+
+
 @pytest.mark.parametrize("tags", ['"espresso"', '[{"label": 3, "p": 0.5}]', '[{"label": "cup", "p": "high"}]'])
 def test_malformed_tags_are_not_a_record(tmp_path, tags):
     path = tmp_path / "out.jsonl"
@@ -277,7 +297,7 @@ def test_an_older_csv_with_a_bare_cr_in_a_name_reads_as_one_record_and_is_upgrad
     with RecordFile(path) as records:
         assert records.latest() == [caption_record("/p/a\rb.jpg"), {"path": "/p/c.jpg", "error": "/p/c.jpg: bad"},
                                     caption_record("/p/d.jpg")]
-    assert path.read_text().startswith('"path","caption","score","min_prob","error","path_hex","tags"\n')
+    assert path.read_text().startswith(",".join(f'"{name}"' for name in RECORD_FIELDS) + "\n")
 
 
 # 7. A complete line that is not a record: one message naming the file and line.

@@ -1,0 +1,216 @@
+"""Fit the confidence calibrator on held-in images and report how it does on held-out ones.
+
+    .venv/bin/python tools/fit_calibrator.py --model captioner/default_model \
+        --manifest data_manifests/flickr8k_dev.jsonl data_manifests/coco_mini.jsonl \
+        --train data_manifests/flickr8k_train.jsonl --report docs/calibration --save
+
+Every manifest's images are split by position: even positions fit the calibrator, odd
+ones check it. Per-image CIDEr-D takes its document frequencies from the image's own
+manifest, as ``captioner evaluate`` would. The report (AUROC, expected calibration error,
+the selective-captioning curve, each beside the raw mean log-probability as baseline) is
+printed as tables and written with a reliability diagram into ``--report``; ``--save``
+writes calibration.json into the model folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from captioner.confidence import (  # noqa: E402
+    ACCEPTABLE_CIDER,
+    CALIBRATION_FILE,
+    SIGNALS,
+    Calibrator,
+    FeatureStats,
+    image_signals,
+    signal_rows,
+)
+from captioner.data import read_manifest  # noqa: E402
+from captioner.errors import CaptionerError  # noqa: E402
+from captioner.evaluation import index_batches  # noqa: E402
+from captioner.features import cached_features  # noqa: E402
+from captioner.metrics import per_image_cider  # noqa: E402
+from captioner.model import CaptionModel  # noqa: E402
+
+SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+BINS = 10
+
+
+@dataclass
+class Scored:
+    """One manifest's images: signals of their best captions and per-image CIDEr-D."""
+
+    name: str
+    signals: torch.Tensor  # (N, len(SIGNALS))
+    cider: torch.Tensor  # (N,)
+    captions: list[str]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "captioner" / "default_model"))
+    parser.add_argument("--manifest", nargs="+", required=True, help="manifests with references (split in two)")
+    parser.add_argument("--train", required=True, help="the model's training manifest (feature statistics)")
+    parser.add_argument("--cache-dir", default="cache")
+    parser.add_argument("--report", help="folder for report.json and the reliability diagram")
+    parser.add_argument("--save", action="store_true", help=f"write {CALIBRATION_FILE} into the model folder")
+    args = parser.parse_args()
+    try:
+        run(args)
+    except CaptionerError as e:
+        sys.exit(f"fit_calibrator: error: {e}")
+
+
+def run(args: argparse.Namespace) -> None:
+    model = CaptionModel.load(args.model)
+    model.calibrator = None  # raw signals, whatever the folder holds
+    stats = feature_stats(model, args.train, args.cache_dir)
+    sets = [score_manifest(model, m, stats, args.cache_dir) for m in args.manifest]
+    fit = [s.signals[0::2] for s in sets], [s.cider[0::2] for s in sets]
+    calibrator = Calibrator.fit(torch.cat(fit[0]), (torch.cat(fit[1]) >= ACCEPTABLE_CIDER).double(), stats)
+    print("weights (standardized signals):", dict(zip(SIGNALS, (round(w, 3) for w in calibrator.weights),
+                                                      strict=True)), "bias", round(calibrator.bias, 3))
+    held_out = [Scored(s.name, s.signals[1::2], s.cider[1::2], s.captions[1::2]) for s in sets]
+    mixed = Scored("mixed", torch.cat([s.signals for s in held_out]), torch.cat([s.cider for s in held_out]), [])
+    report = {"acceptable": calibrator.acceptable, "fit_images": sum(len(c) for c in fit[1]),
+              "check": {s.name: check(calibrator, s) for s in [*held_out, mixed]}}
+    print_report(report)
+    if args.report:
+        write_report(report, Path(args.report))
+    if args.save:
+        calibrator.save(Path(args.model) / CALIBRATION_FILE)
+        print(f"saved {Path(args.model) / CALIBRATION_FILE}")
+
+
+def feature_stats(model: CaptionModel, manifest: str, cache_dir: str) -> FeatureStats:
+    paths = [e.image for e in read_manifest(manifest)]
+    grids = cached_features(model.encoder, paths, cache_dir)
+    pooled = torch.cat([grids[ids].float().mean(dim=(2, 3)) for ids in index_batches(len(paths), 500)])
+    return FeatureStats.of(pooled)
+
+
+def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, cache_dir: str) -> Scored:
+    entries = read_manifest(manifest, require_captions=True)
+    grids = cached_features(model.encoder, [e.image for e in entries], cache_dir)
+    rows, captions = [], []
+    for ids in index_batches(len(entries)):
+        grid = grids[ids].float()
+        probs = model.encoder.classify(grid)
+        best = [n_best[:1] for n_best in model.caption_grid(grid)]
+        rows.extend(signal_rows(best, image_signals(grid, probs, stats), probs, model.concepts(), model.vocab.word_ids))
+        captions.extend(n_best[0].text for n_best in best)
+    cider = per_image_cider({str(i): e.captions for i, e in enumerate(entries)},
+                            {str(i): c for i, c in enumerate(captions)})
+    return Scored(Path(manifest).stem, torch.cat(rows), torch.tensor([cider[str(i)] for i in range(len(entries))]),
+                  captions)
+
+
+def check(calibrator: Calibrator, scored: Scored) -> dict:
+    confidence = calibrator.confidence(scored.signals)
+    baseline = scored.signals[:, SIGNALS.index("mean_logprob")]
+    acceptable = scored.cider >= ACCEPTABLE_CIDER
+    return {
+        "images": len(scored.cider),
+        "acceptable_share": round(float(acceptable.double().mean()), 4),
+        "auroc": round(auroc(confidence, acceptable), 4),
+        "auroc_mean_logprob": round(auroc(baseline, acceptable), 4),
+        "ece": round(expected_calibration_error(confidence, acceptable), 4),
+        "reliability": reliability(confidence, acceptable),
+        "selective": selective_curve(confidence, scored.cider),
+        "selective_mean_logprob": selective_curve(baseline, scored.cider),
+    }
+
+
+def auroc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    pos, neg = score[positive].double(), score[~positive].double()
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).double().mean()
+    ties = (pos[:, None] == neg[None, :]).double().mean()
+    return float(greater + ties / 2)
+
+
+def reliability(confidence: torch.Tensor, acceptable: torch.Tensor) -> list[dict]:
+    """Per equal-width confidence bin: count, mean confidence, share acceptable."""
+    bins = (confidence * BINS).long().clamp(max=BINS - 1)
+    rows = []
+    for b in range(BINS):
+        inside = bins == b
+        if inside.any():
+            rows.append({"bin": [b / BINS, (b + 1) / BINS], "count": int(inside.sum()),
+                         "confidence": round(float(confidence[inside].mean()), 4),
+                         "acceptable": round(float(acceptable[inside].double().mean()), 4)})
+    return rows
+
+
+def expected_calibration_error(confidence: torch.Tensor, acceptable: torch.Tensor) -> float:
+    rows = reliability(confidence, acceptable)
+    return sum(r["count"] * abs(r["confidence"] - r["acceptable"]) for r in rows) / len(confidence)
+
+
+def selective_curve(score: torch.Tensor, cider: torch.Tensor) -> list[dict]:
+    """Mean per-image CIDEr-D of the captions kept when keeping the highest-scored share."""
+    order = score.argsort(descending=True)
+    rows = []
+    for share in SHARES:
+        kept = cider[order[: max(1, round(share * len(order)))]]
+        rows.append({"kept": share, "mean_cider": round(float(kept.mean()), 4)})
+    return rows
+
+
+def print_report(report: dict) -> None:
+    print(f"\nacceptable = {report['acceptable']}; fitted on {report['fit_images']} images\n")
+    print("| check set | images | acceptable | AUROC | AUROC (mean log-prob) | ECE | CIDEr-D kept 50% / all "
+          "| same by mean log-prob |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in report["check"].items():
+        half, everything = r["selective"][4]["mean_cider"], r["selective"][-1]["mean_cider"]
+        base = r["selective_mean_logprob"][4]["mean_cider"]
+        print(f"| {name} | {r['images']} | {r['acceptable_share']:.2f} | {r['auroc']:.3f} | "
+              f"{r['auroc_mean_logprob']:.3f} | {r['ece']:.3f} | {half:.3f} / {everything:.3f} "
+              f"({half / everything:.2f}x) | {base:.3f} ({base / everything:.2f}x) |")
+
+
+def write_report(report: dict, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    left.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    for name, r in report["check"].items():
+        rows = r["reliability"]
+        left.plot([x["confidence"] for x in rows], [x["acceptable"] for x in rows], marker="o",
+                  label=f"{name} (ECE {r['ece']:.3f})")
+        right.plot([x["kept"] for x in r["selective"]], [x["mean_cider"] for x in r["selective"]], marker="o",
+                   label=f"{name}: confidence")
+        right.plot([x["kept"] for x in r["selective_mean_logprob"]],
+                   [x["mean_cider"] for x in r["selective_mean_logprob"]], linestyle=":",
+                   label=f"{name}: mean log-prob")
+    left.set(xlabel="confidence (bin mean)", ylabel=f"share acceptable ({report['acceptable']})",
+             title="Reliability, held-out images", xlim=(0, 1), ylim=(0, 1))
+    right.set(xlabel="share of captions kept (most confident first)", ylabel="mean per-image CIDEr-D",
+              title="Selective captioning")
+    left.legend(fontsize=8)
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "reliability.png", dpi=100)
+    plt.close(figure)
+    print(f"wrote {folder / 'report.json'} and {folder / 'reliability.png'}")
+
+
+if __name__ == "__main__":
+    main()
