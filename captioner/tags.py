@@ -8,6 +8,7 @@ where the caption, bound to its training vocabulary, cannot.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -29,3 +30,16 @@ def top_tags(probs: torch.Tensor, class_names: tuple[str, ...], *, threshold: fl
     values, indices = probs.float().topk(min(limit, probs.shape[1]), dim=1)
     return [[Tag(class_names[i], round(p, 4)) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)
              if p >= threshold] for row_p, row_i in zip(values, indices, strict=True)]
+
+
+def tag_description(tags: Sequence[Tag]) -> str | None:
+    """A plain description from the likeliest tag ("a photo of an espresso"); None without tags.
+
+    The honest fallback for a caption the model is unsure of: it says only what the
+    classifier sees, in its own (ImageNet) words.
+    """
+    if not tags:
+        return None
+    label = tags[0].label
+    article = "an" if label[:1].lower() in "aeiou" else "a"
+    return f"a photo of {article} {label}"

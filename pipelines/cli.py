@@ -91,13 +91,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     model, options = _load(args)
     check_min_confidence(args.min_confidence, model)
+    _check_fallback(args)
     failed = False
     for result in caption_paths(model, [Path(p) for p in args.images], options=options, batch_size=args.batch_size):
         if result.captions is None:
             _print(f"skipped {one_line(result.error)}", err=True)
             failed = True
             continue
-        record = result_record(result, min_confidence=args.min_confidence)
+        record = result_record(result, min_confidence=args.min_confidence, fallback=args.fallback)
         if args.json:
             _print(json.dumps(record, ensure_ascii=False))
             continue
@@ -105,7 +106,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         if args.tags:
             columns.append(", ".join(f"{tag.label} {tag.p:.2f}" for tag in result.tags))
         if record.get("unsure"):
-            columns.append(f"unsure (confidence {record['confidence']:.2f})")
+            instead = f"; the model said: {record['model_caption']}" if "model_caption" in record else ""
+            columns.append(f"unsure (confidence {record['confidence']:.2f}{instead})")
         _print("\t".join(columns))
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
@@ -122,6 +124,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.html:
         _check_report_path(Path(args.html), Path(args.output))
         check_writable_file(args.html)
+    _check_fallback(args)
     fmt = format_for(Path(args.output), args.format)
     with RecordFile(args.output, fmt) as records:  # opened, locked and read before the model loads
         model, options = _load(args)
@@ -129,7 +132,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             model.compile_encoder()
         summary = caption_folder(args.folder, records, model=model, options=options, batch_size=args.batch_size,
                                  num_workers=args.workers, progress=not args.quiet, retry_errors=args.retry_errors,
-                                 min_confidence=args.min_confidence)
+                                 min_confidence=args.min_confidence, fallback=args.fallback)
     if args.html:
         write_contact_sheet(args.output, args.html, fmt)
     _print(summary.describe(), err=True)
@@ -268,9 +271,20 @@ def _batch_parser(sub) -> None:
 
 
 def _add_min_confidence_flag(p, effect: str) -> None:
+    from captioner.pipelines.record_formats import FALLBACKS
+
     p.add_argument("--min-confidence", type=probability, metavar="X",
                    help="mark captions whose confidence (estimated probability that the caption is acceptable, "
                         f"from a calibrated model such as the default) is below X as unsure: {effect}")
+    p.add_argument("--fallback", choices=FALLBACKS,
+                   help="with --min-confidence: an unsure caption gives way to a plain description from the "
+                        "encoder's likeliest ImageNet label ('a photo of an espresso'); the model's own caption "
+                        "is kept as model_caption")
+
+
+def _check_fallback(args: argparse.Namespace) -> None:
+    if args.fallback and args.min_confidence is None:
+        raise OptionError("--fallback replaces unsure captions: give --min-confidence too")
 
 
 def _evaluate_parser(sub) -> None:

@@ -58,6 +58,7 @@ def caption_folder(
     progress: bool = True,
     retry_errors: bool = False,
     min_confidence: float | None = None,
+    fallback: str | None = None,
 ) -> FolderSummary:
     """Caption all images under ``root`` into ``records``, skipping those it already holds.
 
@@ -69,6 +70,8 @@ def caption_folder(
         retry_errors: caption again the files whose record is an error. Whenever the output
             holds superseded records, it is rewritten at the end with one per path (the latest).
         min_confidence: mark captions less confident than this ``"unsure": true`` (a calibrated model's).
+        fallback: "tags" puts a description from the tags in place of an unsure caption
+            (see :func:`captioner.pipelines.record_formats.result_record`).
 
     Each record is flushed when written, so an interrupted run is resumed by running the same
     call again. Unreadable files get an error record and a ``skipped PATH: reason`` line on
@@ -82,12 +85,12 @@ def caption_folder(
         with RecordFile(records, format_for(records, record_format)) as opened:
             return caption_folder(root, opened, model=model, options=options, batch_size=batch_size,
                                   num_workers=num_workers, progress=progress, retry_errors=retry_errors,
-                                  min_confidence=min_confidence)
+                                  min_confidence=min_confidence, fallback=fallback)
     if not os.path.isdir(root):
         raise OptionError(f"{printable(root)}: not a folder")
     check_min_confidence(min_confidence, model)
     bar = tqdm(desc="captioning", unit="img", disable=not progress, file=sys.stderr)
-    run = _Run(records, retry_errors, min_confidence, bar)
+    run = _Run(records, retry_errors, min_confidence, fallback, bar)
     try:
         for chunk in _chunks(run.pending(Path(os.path.realpath(root))), CHUNK_PATHS):
             for result in _caption_chunk(model, chunk, options, batch_size, num_workers):
@@ -105,6 +108,7 @@ class _Run:
     records: RecordFile
     retry_errors: bool
     min_confidence: float | None
+    fallback: str | None
     bar: tqdm
     captioned: int = 0
     failed: int = 0
@@ -128,7 +132,7 @@ class _Run:
         tqdm.write(f"skipped {one_line(folder)}: cannot list this folder: {error.strerror or error}", file=sys.stderr)
 
     def add(self, result: PathResult) -> None:
-        record = result_record(result, min_confidence=self.min_confidence)
+        record = result_record(result, min_confidence=self.min_confidence, fallback=self.fallback)
         self.records.write(record)
         if result.captions is None:
             self.failed += 1

@@ -31,10 +31,12 @@ RECORD_FIELDS = (
     "tags",  # the encoder's likeliest ImageNet labels: [{"label", "p"}] (in CSV one cell, "label:p; label:p")
     "confidence",  # estimated probability the caption is acceptable (models with a calibration.json)
     "unsure",  # true when confidence was below the run's --min-confidence (absent otherwise)
+    "model_caption",  # the model's own caption when --fallback replaced it in "caption" (absent otherwise)
 )
 NUMERIC_FIELDS = frozenset({"score", "min_prob", "confidence"})
 # The columns written by versions before confidence; such files are read as they are and upgraded.
 UNCALIBRATED_CSV_FIELDS = RECORD_FIELDS[:7]
+FALLBACKS = ("tags",)  # what may stand in for an unsure caption (--fallback)
 # The columns written by versions before tags; such files are read as they are and upgraded.
 UNTAGGED_CSV_FIELDS = RECORD_FIELDS[:6]
 # The columns written by versions before path_hex; such files are read without CSV escapes and upgraded.
@@ -44,10 +46,12 @@ TAG_SEPARATOR = "; "  # between tags in a CSV cell; no ImageNet label holds it, 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
-def result_record(result: PathResult, *, min_confidence: float | None = None) -> dict:
+def result_record(result: PathResult, *, min_confidence: float | None = None, fallback: str | None = None) -> dict:
     """The record of one captioned file: its best caption with confidence, or its error.
 
-    With ``min_confidence``, a caption whose confidence is lower is kept and marked ``"unsure": true``.
+    With ``min_confidence``, a caption whose confidence is lower is kept and marked ``"unsure": true``;
+    with ``fallback="tags"`` as well, an unsure caption gives way to a description from the tags
+    ("a photo of an espresso") and moves to ``"model_caption"``.
     """
     record: dict = {"path": printable(result.path)}
     if result.captions is None:
@@ -60,6 +64,11 @@ def result_record(result: PathResult, *, min_confidence: float | None = None) ->
             record["confidence"] = best.confidence
             if min_confidence is not None and best.confidence < min_confidence:
                 record["unsure"] = True
+                from captioner.tags import tag_description  # here: the CLI reads this module before torch loads
+
+                description = tag_description(result.tags) if fallback == "tags" else None
+                if description:
+                    record.update(caption=description, model_caption=best.text)
     raw = os.fsencode(result.path)
     if printable(result.path).encode("utf-8") != raw:
         record["path_hex"] = raw.hex()
@@ -87,8 +96,8 @@ def _checked(record: object) -> dict:
         raise BadRecord(f"a JSON {type(record).__name__}, not an object")
     if not isinstance(record.get("path"), str) or not record["path"]:
         raise BadRecord('no "path"')
-    if not isinstance(record.get("caption", ""), str) or not isinstance(record.get("error", ""), str):
-        raise BadRecord('"caption" and "error" must be text')
+    if not all(isinstance(record.get(name, ""), str) for name in ("caption", "error", "model_caption")):
+        raise BadRecord('"caption", "model_caption" and "error" must be text')
     if "caption" not in record and "error" not in record:
         raise BadRecord('neither "caption" nor "error"')
     for name in NUMERIC_FIELDS & record.keys():

@@ -80,8 +80,14 @@ def _figure(record: dict) -> str:
     return (
         f"<figure{unsure}>{image}<figcaption>{_shown(record.get('caption', ''))}"
         f'<div class="meta">{name}<br>{shown_confidence}score {_score(record.get("score"))} (mean log-prob)'
-        f'{"<br>tags: " + tags if tags else ""}</div></figcaption></figure>'
+        f'{"<br>tags: " + tags if tags else ""}{_model_caption(record)}</div></figcaption></figure>'
     )
+
+
+def _model_caption(record: dict) -> str:
+    """The model's own caption, when a fallback description stands in its place."""
+    text = record.get("model_caption")
+    return f"<br>the model said: {_shown(text)}" if isinstance(text, str) and text else ""
 
 
 def _tags(tags: object) -> str:

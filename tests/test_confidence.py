@@ -16,6 +16,7 @@ from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
 from captioner.pipelines.cli import main
 from captioner.pipelines.record_formats import format_for
 from captioner.pipelines.report import render_contact_sheet
+from captioner.tags import Tag, tag_description
 
 PHOTOS = [SHARED_SAMPLES / name for name in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")]
 
@@ -134,3 +135,34 @@ def test_video_min_confidence_drops_unsure_cues(tmp_path):
     assert len(list(srt.parse((tmp_path / "all.srt").read_text()))) >= 1
     assert main(["video", str(clip), "-o", str(tmp_path / "none.srt"), "--min-confidence", "1"]) == 0
     assert list(srt.parse((tmp_path / "none.srt").read_text())) == []
+
+
+def test_tag_description_is_a_plain_phrase_from_the_likeliest_tag():
+    assert tag_description([Tag("espresso", 0.9), Tag("cup", 0.05)]) == "a photo of an espresso"
+    assert tag_description([Tag("tabby", 0.5)]) == "a photo of a tabby"
+    assert tag_description([]) is None
+
+
+def test_fallback_tags_puts_a_description_in_place_of_an_unsure_caption(capsys):
+    coffee = str(SHARED_SAMPLES / "coffee.png")
+    assert main(["caption", coffee, "--min-confidence", "1", "--fallback", "tags", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["caption"] == "a photo of an espresso" and record["unsure"] is True
+    assert record["model_caption"] == "a small brown dog is running through the water"
+    assert main(["caption", coffee, "--min-confidence", "0", "--fallback", "tags", "--json"]) == 0
+    assert "model_caption" not in json.loads(capsys.readouterr().out)  # sure enough: the model's caption stays
+    assert main(["caption", coffee, "--fallback", "tags"]) == 2
+    assert "give --min-confidence too" in capsys.readouterr().err
+
+
+def test_fallback_records_round_trip_in_csv_and_show_on_the_contact_sheet(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(SHARED_SAMPLES / "coffee.png", folder)
+    out = tmp_path / "out.csv"
+    assert main(["batch", str(folder), "-o", str(out), "--quiet", "--min-confidence", "1", "--fallback", "tags",
+                 "--html", str(tmp_path / "sheet.html")]) == 0
+    (record,) = format_for(out).read(out)
+    assert (record["caption"], record["model_caption"]) == ("a photo of an espresso",
+                                                            "a small brown dog is running through the water")
+    assert "the model said: a small brown dog" in (tmp_path / "sheet.html").read_text()

@@ -38,9 +38,11 @@ from captioner.data import read_manifest  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.evaluation import index_batches  # noqa: E402
 from captioner.features import cached_features  # noqa: E402
-from captioner.metrics import per_image_cider  # noqa: E402
+from captioner.metrics import per_image_cider, score_captions  # noqa: E402
 from captioner.model import CaptionModel  # noqa: E402
+from captioner.tags import tag_description  # noqa: E402
 
+FALLBACK_THRESHOLDS = (0.0, 0.1, 0.2, 0.3)  # 0: no fallback
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 BINS = 10
 
@@ -53,6 +55,13 @@ class Scored:
     signals: torch.Tensor  # (N, len(SIGNALS))
     cider: torch.Tensor  # (N,)
     captions: list[str]
+    references: list[list[str]]
+    descriptions: list[str | None]  # the --fallback tags text of each image (None: no tag)
+
+    def half(self, start: int) -> "Scored":
+        """Every other image from ``start`` (0: the fitting half, 1: the checking half)."""
+        return Scored(self.name, self.signals[start::2], self.cider[start::2], self.captions[start::2],
+                      self.references[start::2], self.descriptions[start::2])
 
 
 def main() -> None:
@@ -75,14 +84,16 @@ def run(args: argparse.Namespace) -> None:
     model.calibrator = None  # raw signals, whatever the folder holds
     stats = feature_stats(model, args.train, args.cache_dir)
     sets = [score_manifest(model, m, stats, args.cache_dir) for m in args.manifest]
-    fit = [s.signals[0::2] for s in sets], [s.cider[0::2] for s in sets]
+    fit = [s.half(0).signals for s in sets], [s.half(0).cider for s in sets]
     calibrator = Calibrator.fit(torch.cat(fit[0]), (torch.cat(fit[1]) >= ACCEPTABLE_CIDER).double(), stats)
     print("weights (standardized signals):", dict(zip(SIGNALS, (round(w, 3) for w in calibrator.weights),
                                                       strict=True)), "bias", round(calibrator.bias, 3))
-    held_out = [Scored(s.name, s.signals[1::2], s.cider[1::2], s.captions[1::2]) for s in sets]
-    mixed = Scored("mixed", torch.cat([s.signals for s in held_out]), torch.cat([s.cider for s in held_out]), [])
+    held_out = [s.half(1) for s in sets]
+    mixed = Scored("mixed", torch.cat([s.signals for s in held_out]), torch.cat([s.cider for s in held_out]),
+                   [], [], [])
     report = {"acceptable": calibrator.acceptable, "fit_images": sum(len(c) for c in fit[1]),
-              "check": {s.name: check(calibrator, s) for s in [*held_out, mixed]}}
+              "check": {s.name: check(calibrator, s) for s in [*held_out, mixed]},
+              "fallback": {s.name: fallback_scores(calibrator, s) for s in held_out}}
     print_report(report)
     if args.report:
         write_report(report, Path(args.report))
@@ -101,17 +112,32 @@ def feature_stats(model: CaptionModel, manifest: str, cache_dir: str) -> Feature
 def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, cache_dir: str) -> Scored:
     entries = read_manifest(manifest, require_captions=True)
     grids = cached_features(model.encoder, [e.image for e in entries], cache_dir)
-    rows, captions = [], []
+    rows, captions, descriptions = [], [], []
     for ids in index_batches(len(entries)):
         grid = grids[ids].float()
         probs = model.encoder.classify(grid)
         best = [n_best[:1] for n_best in model.caption_grid(grid)]
         rows.extend(signal_rows(best, image_signals(grid, probs, stats), probs, model.concepts(), model.vocab.word_ids))
         captions.extend(n_best[0].text for n_best in best)
+        descriptions.extend(tag_description(tags) for tags in model.tags(grid))
     cider = per_image_cider({str(i): e.captions for i, e in enumerate(entries)},
                             {str(i): c for i, c in enumerate(captions)})
     return Scored(Path(manifest).stem, torch.cat(rows), torch.tensor([cider[str(i)] for i in range(len(entries))]),
-                  captions)
+                  captions, [e.captions for e in entries], descriptions)
+
+
+def fallback_scores(calibrator: Calibrator, scored: Scored) -> list[dict]:
+    """Corpus BLEU-4 and CIDEr-D when captions below each threshold give way to their tag description."""
+    confidence = calibrator.confidence(scored.signals).tolist()
+    references = {str(i): refs for i, refs in enumerate(scored.references)}
+    rows = []
+    for threshold in FALLBACK_THRESHOLDS:
+        replaced = [c < threshold and d is not None for c, d in zip(confidence, scored.descriptions, strict=True)]
+        texts = [d if r else c for c, d, r in zip(scored.captions, scored.descriptions, replaced, strict=True)]
+        scores = score_captions(references, {str(i): t for i, t in enumerate(texts)}, meteor=False)
+        rows.append({"min_confidence": threshold, "replaced": round(sum(replaced) / len(replaced), 4),
+                     "BLEU-4": round(scores["BLEU-4"], 4), "CIDEr-D": round(scores["CIDEr-D"], 4)})
+    return rows
 
 
 def check(calibrator: Calibrator, scored: Scored) -> dict:
@@ -179,6 +205,12 @@ def print_report(report: dict) -> None:
         print(f"| {name} | {r['images']} | {r['acceptable_share']:.2f} | {r['auroc']:.3f} | "
               f"{r['auroc_mean_logprob']:.3f} | {r['ece']:.3f} | {half:.3f} / {everything:.3f} "
               f"({half / everything:.2f}x) | {base:.3f} ({base / everything:.2f}x) |")
+    print("\n| check set | --min-confidence with --fallback tags | captions replaced | BLEU-4 | CIDEr-D |")
+    print("|---|---|---|---|---|")
+    for name, rows in report["fallback"].items():
+        for r in rows:
+            print(f"| {name} | {r['min_confidence'] or 'none'} | {r['replaced']:.0%} | {r['BLEU-4']:.4f} | "
+                  f"{r['CIDEr-D']:.4f} |")
 
 
 def write_report(report: dict, folder: Path) -> None:
