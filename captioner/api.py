@@ -70,10 +70,21 @@ def caption_paths(
     for indices, pixels, errors in loader:
         results = {i: PathResult(paths[i], None, message) for i, message in errors}
         if pixels is not None:
-            grid = model.encode(pixels)
-            for i, captions, tags in zip(indices, model.caption_grid(grid, options), model.tags(grid), strict=True):
-                results[i] = PathResult(paths[i], captions, tags=tuple(tags))
+            captioned = caption_pixel_batch(model, [paths[i] for i in indices], pixels, options)
+            results.update(zip(indices, captioned, strict=True))
         yield from (results[i] for i in sorted(results))
+
+
+def caption_pixel_batch(
+    model: CaptionModel, paths: list, pixels: torch.Tensor, options: DecodingOptions | None = None
+) -> list[PathResult]:
+    """Results for files already turned into (B, S, S, 3) uint8 pixels: one encoder pass, one batched search.
+
+    The shared core of :func:`caption_paths` and the Ray pipeline's actors.
+    """
+    grid = model.encode(pixels)
+    return [PathResult(path, captions, tags=tuple(tags))
+            for path, captions, tags in zip(paths, model.caption_grid(grid, options), model.tags(grid), strict=True)]
 
 
 def caption_images(

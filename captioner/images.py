@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -44,12 +45,27 @@ def load_image(path: str | os.PathLike, *, min_side: int | None = None) -> Image
             raise ImageReadError(f"{printable(path)}: not a regular file")
         if info.st_size == 0:
             raise ImageReadError(f"{printable(path)}: empty file")
+    except OSError as e:
+        raise ImageReadError(f"{printable(path)}: {e.strerror or e}") from e
+    return decode_image(path, path, min_side=min_side)
+
+
+def decode_image(file: str | os.PathLike | BinaryIO, name: str | os.PathLike, *,
+                 min_side: int | None = None) -> Image.Image:
+    """Decode ``file`` (a path or an open binary file) as :func:`load_image` does; errors name ``name``.
+
+    The one decode for files on disk and bytes read elsewhere (Ray tasks, HTTP uploads).
+
+    Raises:
+        ImageReadError: not an image, truncated, or too large.
+    """
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(file) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise ImageReadError(
-                        f"{printable(path)}: {image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}"
+                        f"{printable(name)}: {image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}"
                     )
                 if min_side is not None and image.format == "JPEG":
                     image.draft(image.mode, (min_side, min_side))  # scale only; modes are converted below
@@ -58,10 +74,10 @@ def load_image(path: str | os.PathLike, *, min_side: int | None = None) -> Image
     except ImageReadError:
         raise
     except UnidentifiedImageError as e:
-        raise ImageReadError(f"{printable(path)}: not an image in a format Pillow reads") from e
+        raise ImageReadError(f"{printable(name)}: not an image in a format Pillow reads") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise ImageReadError(f"{printable(path)}: {reason}") from e
+        raise ImageReadError(f"{printable(name)}: {reason}") from e
 
 
 # Large pictures are first reduced by whole factors to no less than this many times the
@@ -89,6 +105,21 @@ def model_pixels(image: ImageInput, size: int) -> np.ndarray:
         rgb = upright_rgb(image)
     else:
         rgb = load_image(image, min_side=REDUCING_GAP * size)
+    return _squashed(rgb, size)
+
+
+def bytes_pixels(data: bytes, name: str, size: int) -> np.ndarray:
+    """An image file's bytes -> the pixels :func:`model_pixels` gives for that file; errors name ``name``.
+
+    Raises:
+        ImageReadError: empty, not an image, truncated, or too large.
+    """
+    if not data:
+        raise ImageReadError(f"{printable(name)}: empty file")
+    return _squashed(decode_image(io.BytesIO(data), name, min_side=REDUCING_GAP * size), size)
+
+
+def _squashed(rgb: Image.Image, size: int) -> np.ndarray:
     resized = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
     return np.array(resized, dtype=np.uint8)  # a writable copy, cheap to send between DataLoader workers
 

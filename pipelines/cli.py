@@ -119,8 +119,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from captioner.pipelines.records import RecordFile
     from captioner.pipelines.report import write_contact_sheet
 
+    if args.ray is not None:
+        return _batch_with_ray(args)
     if not Path(args.folder).is_dir():
         raise OptionError(f"{printable(args.folder)}: not a folder")
+    if args.format == "parquet":
+        raise OptionError("--format parquet writes Ray shards: use it with --ray")
     if args.html:
         _check_report_path(Path(args.html), Path(args.output))
         check_writable_file(args.html)
@@ -137,6 +141,20 @@ def cmd_batch(args: argparse.Namespace) -> int:
         write_contact_sheet(args.output, args.html, fmt)
     _print(summary.describe(), err=True)
     return EXIT_SOME_FAILED if summary.failed or summary.earlier_failed else EXIT_OK
+
+
+def _batch_with_ray(args: argparse.Namespace) -> int:
+    from captioner.confidence import check_min_confidence
+    from captioner.pipelines.ray_batch import run_from_args
+
+    _check_fallback(args)
+    if args.format == "csv":
+        raise OptionError("--ray writes JSONL or Parquet shards, not CSV")
+    model, options = _load(args)  # checks the model and the flags before Ray starts
+    check_min_confidence(args.min_confidence, model)
+    summary = run_from_args(args, args.model, options)
+    _print(summary.describe(), err=True)
+    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
 
 
 def _check_report_path(html: Path, output: Path) -> None:
@@ -249,13 +267,15 @@ def _caption_parser(sub) -> None:
 
 
 def _batch_parser(sub) -> None:
+    from captioner.pipelines.ray_batch import add_ray_flags
     from captioner.pipelines.record_formats import RECORD_FORMATS
 
     p = sub.add_parser("batch", help="caption every image under a folder into JSONL/CSV (resumable)",
                        epilog=SCORE_HELP)
     p.add_argument("folder")
     p.add_argument("-o", "--output", required=True, help="OUT.jsonl or OUT.csv; re-running resumes it")
-    p.add_argument("--format", choices=sorted(RECORD_FORMATS), help="default: from the output's extension")
+    p.add_argument("--format", choices=sorted({*RECORD_FORMATS, "parquet"}),
+                   help="default: from the output's extension (parquet: with --ray)")
     p.add_argument("--html", help="also write a self-contained contact sheet REPORT.html")
     p.add_argument("--retry-errors", action="store_true",
                    help="caption again the files the output holds errors for; each path keeps one record")
@@ -267,6 +287,7 @@ def _batch_parser(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (pays off for large folders)")
     _add_min_confidence_flag(p, "records keep the caption with \"unsure\": true; the contact sheet greys it")
     _add_model_flags(p)
+    add_ray_flags(p)
     p.set_defaults(run=cmd_batch)
 
 

@@ -90,7 +90,7 @@ class BadHeader(BadRecord):
     """The first line of an existing CSV output is not our header: it is some other file."""
 
 
-def _checked(record: object) -> dict:
+def checked_record(record: object) -> dict:
     """``record`` if it has the types of a captioner record, else :class:`BadRecord` saying what is wrong."""
     if not isinstance(record, dict):
         raise BadRecord(f"a JSON {type(record).__name__}, not an object")
@@ -202,7 +202,7 @@ class JsonlRecords(RecordFormat):
             record = json.loads(text.rstrip("\r\n"))
         except (ValueError, RecursionError) as e:
             raise BadRecord(f"bad JSON: {e}") from e
-        return _checked(record)
+        return checked_record(record)
 
     def format(self, record: dict) -> str:
         return json.dumps(record, ensure_ascii=False) + "\n"
@@ -257,7 +257,7 @@ class CsvRecords(RecordFormat):
         cells = self._cells(text)
         if len(cells) != len(self._columns):
             raise BadRecord(f"{len(cells)} cells, expected {len(self._columns)}")
-        return _checked(self._record(dict(zip(self._columns, cells, strict=True))))
+        return checked_record(self._record(dict(zip(self._columns, cells, strict=True))))
 
     def _header(self, text: str) -> tuple[str, ...]:
         columns = tuple(next(csv.reader([text]), []))

@@ -1,0 +1,406 @@
+"""Batch captioning on Ray Data: the folder pipeline's records, from one machine or a cluster.
+
+The dataset is the list of image paths still to do; Ray tasks read their bytes (through
+pyarrow's filesystems: a local folder, ``s3://``, ``gs://``, ``file://``), and an actor
+pool captions them: each actor loads the model once and runs the same pixel path, encoder
+pass and batched search as the local pipeline (:func:`captioner.api.caption_pixel_batch`),
+so a photo gets the same record either way. Bad files become error records.
+
+The driver writes the records it receives as shards in OUT (JSONL, or Parquet), each
+written whole under a hidden name and renamed into place (an object store's put is whole
+by itself). A killed driver loses at most the shard it was filling; running the same
+command again lists what the shards hold and captions only the rest, so nothing is
+captioned into two shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from captioner.errors import CaptionerError, ImageReadError, OptionError, OutputError, printable
+from captioner.images import is_image_path
+
+SHARD_FORMATS = ("jsonl", "parquet")
+MERGED_NAME = "captions.jsonl"
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where Ray runs and how the actor pool is shaped."""
+
+    address: str | None = None  # None: start a local runtime; "auto" or "ray://host:10001": join a cluster
+    actors: int = 1  # actors captioning in parallel, each with its own copy of the model
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    batch_size: int = 32  # images per encoder + search batch inside an actor
+    shard_size: int = 1000  # records per output shard
+
+
+@dataclass
+class RaySummary:
+    captioned: int = 0
+    failed: int = 0
+    already_done: int = 0
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        rate = (self.captioned + self.failed) / self.seconds if self.seconds > 0 else 0.0
+        return (f"{self.captioned} captioned, {self.failed} failed, {self.already_done} already done, "
+                f"{rate:.1f} images/s")
+
+
+def filesystem(uri: str):
+    """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow reads.
+
+    Raises:
+        OptionError: pyarrow cannot reach it (unknown scheme, no credentials, no such bucket).
+    """
+    from pyarrow import fs
+
+    if "://" not in uri:
+        return fs.LocalFileSystem(), os.path.realpath(uri)
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as e:
+        raise OptionError(f"{printable(uri)}: cannot open this location: {e}") from e
+
+
+def list_images(source: str) -> list[str]:
+    """Image files under ``source``, sorted; local folders are walked as the local pipeline walks them.
+
+    Raises:
+        OptionError: ``source`` is not a folder, or cannot be listed.
+    """
+    from pyarrow import fs as pafs
+
+    if "://" not in source:
+        from captioner.pipelines.sources import walk_images
+
+        if not os.path.isdir(source):
+            raise OptionError(f"{printable(source)}: not a folder")
+        return [str(p) for p in walk_images(os.path.realpath(source))]
+    filesystem_, root = filesystem(source)
+    try:
+        infos = filesystem_.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as e:
+        raise OptionError(f"{printable(source)}: cannot list: {e}") from e
+    scheme = source.split("://", 1)[0]
+    return sorted(f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File and is_image_path(i.path))
+
+
+class ShardWriter:
+    """Writes records into OUT as whole shard files; reads back which paths OUT already holds."""
+
+    def __init__(self, out: str, fmt: str, shard_size: int):
+        if fmt not in SHARD_FORMATS:
+            raise OptionError(f"format: {fmt!r} is not one of {', '.join(SHARD_FORMATS)} for --ray")
+        self.fs, self.root = filesystem(out)
+        self.out, self.fmt, self.shard_size = out, fmt, shard_size
+        self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        self.pending: list[dict] = []
+        self.written = 0
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+        except OSError as e:
+            raise OutputError(f"{printable(out)}: cannot create the output folder: {e}") from e
+
+    def remove_staging(self) -> None:
+        """Delete shards a killed run left half-written (their records are captioned again)."""
+        from pyarrow import fs as pafs
+
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root)):
+            name = os.path.basename(info.path)
+            if name.startswith(".part-") and name.endswith(".tmp"):
+                self.fs.delete_file(info.path)
+
+    def shard_names(self) -> list[str]:
+        from pyarrow import fs as pafs
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root))
+        except OSError as e:
+            raise OutputError(f"{printable(self.out)}: cannot list the output folder: {e}") from e
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                      and os.path.basename(i.path).startswith("part-") and i.path.endswith("." + self.fmt))
+
+    def records(self) -> Iterator[dict]:
+        """Every record of every shard, oldest shard first.
+
+        Raises:
+            OutputError: a shard cannot be read or holds something that is not a record.
+        """
+        from captioner.pipelines.record_formats import BadRecord
+
+        for name in self.shard_names():
+            try:
+                yield from (_read_parquet(self.fs, name) if self.fmt == "parquet" else _read_jsonl(self.fs, name))
+            except (OSError, BadRecord, ValueError) as e:
+                raise OutputError(f"{printable(name)}: not a readable shard of captioner records: {e}") from e
+
+    def add(self, record: dict) -> None:
+        self.pending.append(record)
+        if len(self.pending) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending records as one shard: under a hidden name first, then renamed."""
+        if not self.pending:
+            return
+        name = f"{self.root}/part-{self.run}-{self.written:06d}.{self.fmt}"
+        data = _parquet_bytes(self.pending) if self.fmt == "parquet" else _jsonl_bytes(self.pending)
+        staging = f"{self.root}/.{os.path.basename(name)}.tmp"
+        try:
+            with self.fs.open_output_stream(staging) as stream:
+                stream.write(data)
+            self.fs.move(staging, name)
+        except OSError as e:
+            raise OutputError(f"{printable(name)}: cannot write shard: {e}") from e
+        self.written += 1
+        self.pending = []
+
+    def merge(self) -> Path:
+        """One ``captions.jsonl`` beside the shards (local outputs): the latest record of each path."""
+        latest: dict[str, dict] = {}
+        for record in self.records():
+            latest[record["path"]] = record
+        target = Path(self.root) / MERGED_NAME
+        from captioner.outputs import write_atomically
+
+        write_atomically(target, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
+                                                          for r in latest.values()))
+        return target
+
+
+def _jsonl_bytes(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def _parquet_bytes(records: list[dict]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"path": r["path"], "record": json.dumps(r, ensure_ascii=False)} for r in records]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+def _read_jsonl(fs, name: str) -> Iterator[dict]:
+    from captioner.pipelines.record_formats import checked_record
+
+    with fs.open_input_stream(name) as stream:
+        for line in stream.read().decode("utf-8").splitlines():
+            if line.strip():
+                yield checked_record(json.loads(line))
+
+
+def _read_parquet(fs, name: str) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    from captioner.pipelines.record_formats import checked_record
+
+    with fs.open_input_file(name) as file:
+        for text in pq.read_table(file).column("record").to_pylist():
+            yield checked_record(json.loads(text))
+
+
+def read_bytes(batch: dict[str, np.ndarray]) -> dict[str, list]:
+    """A Ray task: each path's bytes, or the reason they cannot be read (the job goes on)."""
+    paths = [str(p) for p in batch["path"]]
+    data, errors = [], []
+    for path in paths:
+        try:
+            if "://" in path:
+                fs, inside = filesystem(path)
+                with fs.open_input_stream(inside) as stream:
+                    data.append(stream.read())
+            else:
+                data.append(_read_local(path))
+            errors.append("")
+        except (OSError, CaptionerError) as e:
+            data.append(b"")
+            errors.append(f"{printable(path)}: {getattr(e, 'strerror', None) or e}")
+    return {"path": paths, "data": data, "error": errors}
+
+
+def _read_local(path: str) -> bytes:
+    """A local file's bytes, refusing what the local pipeline refuses before decoding."""
+    import stat
+
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageReadError(f"{printable(path)}: not a regular file")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Captioner:
+    """A Ray actor: loads the model once, then captions batches of image bytes into JSON records."""
+
+    def __init__(self, model_dir: str | None, options, min_confidence: float | None, fallback: str | None,
+                 threads: int):
+        import torch
+
+        from captioner.api import load_model
+
+        torch.set_num_threads(max(1, threads))
+        self.model = load_model(model_dir, device="cuda" if torch.cuda.is_available() else None)
+        self.options, self.min_confidence, self.fallback = options, min_confidence, fallback
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        import torch
+
+        from captioner.api import PathResult, caption_pixel_batch
+        from captioner.images import bytes_pixels
+        from captioner.pipelines.record_formats import result_record
+
+        size = self.model.encoder.preprocess.size
+        results: dict[int, PathResult] = {}
+        good, pixels = [], []
+        for i, (path, data, error) in enumerate(zip(batch["path"], batch["data"], batch["error"], strict=True)):
+            path = str(path)
+            try:
+                if error:
+                    raise ImageReadError(str(error))
+                pixels.append(bytes_pixels(bytes(data), path, size))
+                good.append(i)
+            except ImageReadError as e:
+                results[i] = PathResult(path, None, str(e))
+        if good:
+            captioned = caption_pixel_batch(self.model, [str(batch["path"][i]) for i in good],
+                                            torch.from_numpy(np.stack(pixels)), self.options)
+            results.update(zip(good, captioned, strict=True))
+        records = [result_record(results[i], min_confidence=self.min_confidence, fallback=self.fallback)
+                   for i in range(len(results))]
+        return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
+
+
+def start_ray(address: str | None, cpus: float | None = None) -> None:
+    """``ray.init()`` for a local runtime (``address`` None) or to join a cluster.
+
+    Raises:
+        OptionError: Ray is not installed, or the cluster cannot be reached.
+    """
+    try:
+        import ray
+    except ImportError as e:
+        raise OptionError("--ray needs Ray Data: pip install 'captioner[ray]'") from e
+    if ray.is_initialized():
+        return
+    try:
+        if address is None:
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise OptionError(f"--ray {address or ''}: cannot start or join Ray: {e}".replace("  ", " ")) from e
+
+
+def caption_with_ray(
+    source: str,
+    out: str,
+    *,
+    model_dir: str | None = None,
+    options=None,
+    settings: RaySettings = RaySettings(),
+    fmt: str = "jsonl",
+    min_confidence: float | None = None,
+    fallback: str | None = None,
+    merge: bool = False,
+) -> RaySummary:
+    """Caption every image under ``source`` into shards in ``out`` with Ray Data; resumable.
+
+    Args:
+        source: a local folder or a URI pyarrow reads (``s3://bucket/prefix``, ``gs://...``, ``file://...``).
+        out: a local folder or a URI for the shards (``part-*.jsonl`` or ``part-*.parquet``).
+        merge: also write ``out/captions.jsonl`` with one record per path (local outputs).
+
+    Raises:
+        OptionError: bad source, format or Ray address.
+        OutputError: the output cannot be read back or written.
+    """
+    import ray
+
+    started = time.time()
+    writer = ShardWriter(out, fmt, settings.shard_size)
+    writer.remove_staging()
+    done = {r["path"] for r in writer.records()}
+    paths = list_images(source)
+    todo = [p for p in paths if printable(p) not in done]
+    summary = RaySummary(already_done=len(paths) - len(todo))
+    if todo:
+        start_ray(settings.address)
+        threads = max(1, int(settings.cpus_per_actor))
+        dataset = (
+            ray.data.from_items([{"path": p} for p in todo], override_num_blocks=_blocks(len(todo), settings))
+            .map_batches(read_bytes, batch_size=settings.batch_size, num_cpus=0)  # I/O: leaves the CPUs to actors
+            .map_batches(Captioner, batch_size=settings.batch_size, concurrency=settings.actors,
+                         num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor or None,
+                         fn_constructor_kwargs={"model_dir": model_dir, "options": options,
+                                                "min_confidence": min_confidence, "fallback": fallback,
+                                                "threads": threads})
+        )
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for text in batch["record"]:
+                record = json.loads(str(text))
+                writer.add(record)
+                if "error" in record:
+                    summary.failed += 1
+                    print(f"skipped {record['error']}", file=sys.stderr)
+                else:
+                    summary.captioned += 1
+        writer.flush()
+    if merge:
+        writer.merge()
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _blocks(count: int, settings: RaySettings) -> int:
+    """Enough blocks for every actor to stay busy, each a few batches long."""
+    return max(1, min(count // settings.batch_size + 1, settings.actors * 8))
+
+
+def iter_records(out: str, fmt: str = "jsonl") -> Iterable[dict]:
+    """Every record in ``out``'s shards (for callers and tests)."""
+    return ShardWriter(out, fmt, 1).records()
+
+
+def add_ray_flags(parser) -> None:
+    """``batch``'s flags for the Ray path."""
+    group = parser.add_argument_group("Ray Data (pip install 'captioner[ray]')")
+    group.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="caption with Ray Data: alone, on a local runtime; 'auto' or ray://HOST:10001 joins a "
+                            "cluster. FOLDER may then be a URI (s3://bucket/prefix, gs://..., file://...) and -o a "
+                            "folder (or URI) of record shards")
+    group.add_argument("--actors", type=int, default=1, help="captioning actors, each loading the model once")
+    group.add_argument("--cpus-per-actor", type=float, help="CPUs each actor reserves (default: all CPUs of this "
+                       "machine shared among the actors)")
+    group.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves (e.g. 1)")
+    group.add_argument("--shard-size", type=int, default=1000, help="records per output shard")
+    group.add_argument("--merge", action="store_true", help=f"also write OUT/{MERGED_NAME}, one record per path")
+
+
+def run_from_args(args, model_dir: str | None, options) -> RaySummary:
+    """The ``batch --ray`` command's work, flags already parsed; the model was checked by the caller."""
+    if args.html or args.retry_errors or args.compile:
+        raise OptionError("--html, --retry-errors and --compile are not available with --ray")
+    if min(args.actors, args.shard_size) < 1 or args.gpus_per_actor < 0:
+        raise OptionError("--actors and --shard-size must be at least 1, --gpus-per-actor not negative")
+    cpus = args.cpus_per_actor or max(1.0, (os.cpu_count() or 1) // args.actors)
+    settings = RaySettings(address=None if args.ray == "local" else args.ray, actors=args.actors,
+                           cpus_per_actor=cpus, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
+                           shard_size=args.shard_size)
+    return caption_with_ray(args.folder, args.output, model_dir=model_dir, options=options, settings=settings,
+                            fmt=args.format or "jsonl", min_confidence=args.min_confidence, fallback=args.fallback,
+                            merge=args.merge)

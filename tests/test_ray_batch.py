@@ -1,0 +1,103 @@
+"""``batch --ray`` on a real local Ray runtime: same records as the local pipeline, bad files, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+from test_folder import make_bad_images, make_good_images, read_jsonl
+
+ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'captioner[ray]')")
+
+from captioner.pipelines.cli import main  # noqa: E402
+from captioner.pipelines.ray_batch import iter_records  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ray") / "photos"
+    make_good_images(folder, 40)
+    return folder
+
+
+def by_path(records):
+    return {r["path"]: r for r in records}
+
+
+def test_ray_gives_the_local_pipelines_records_for_40_real_photos(photos, tmp_path):
+    assert main(["batch", str(photos), "-o", str(tmp_path / "local.jsonl"), "--quiet"]) == 0
+    assert main(["batch", str(photos), "-o", str(tmp_path / "shards"), "--ray", "--shard-size", "16"]) == 0
+    local, shards = by_path(read_jsonl(tmp_path / "local.jsonl")), by_path(iter_records(str(tmp_path / "shards")))
+    assert len(shards) == len(local) == 40 and shards.keys() == local.keys()
+    for path, record in local.items():
+        assert shards[path]["caption"] == record["caption"], path
+        assert shards[path]["tags"] == record["tags"]
+        assert shards[path]["score"] == pytest.approx(record["score"], abs=1e-4)
+        assert shards[path]["confidence"] == pytest.approx(record["confidence"], abs=1e-3)
+    assert len(list((tmp_path / "shards").glob("part-*.jsonl"))) == 3  # 16 + 16 + 8
+
+
+def test_bad_files_become_error_records_and_the_job_goes_on(tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    make_good_images(folder, 3)
+    expected = make_bad_images(folder / "bad")
+    out = tmp_path / "out"
+    assert main(["batch", str(folder), "-o", str(out), "--ray", "--merge"]) == 1
+    records = by_path(read_jsonl(out / "captions.jsonl"))
+    errors = {os.path.basename(path): r["error"] for path, r in records.items() if "error" in r}
+    assert errors.keys() == expected.keys()
+    assert all(reason in errors[name] and name in errors[name] for name, reason in expected.items())
+    assert sum("caption" in r for r in records.values()) == 3
+    assert "3 captioned, 5 failed, 0 already done" in capsys.readouterr().err
+
+
+def test_parquet_shards_from_a_file_uri_and_a_rerun_captions_nothing_again(photos, tmp_path, capsys):
+    source, out = f"file://{photos}", f"file://{tmp_path / 'pq'}"
+    assert main(["batch", source, "-o", out, "--ray", "--format", "parquet", "--shard-size", "32"]) == 0
+    records = list(iter_records(str(tmp_path / "pq"), "parquet"))
+    assert len(records) == 40 and all(r["path"].startswith("file:///") and r["caption"] for r in records)
+    capsys.readouterr()
+    assert main(["batch", source, "-o", out, "--ray", "--format", "parquet"]) == 0
+    assert "0 captioned, 0 failed, 40 already done" in capsys.readouterr().err
+    assert len(list(iter_records(str(tmp_path / "pq"), "parquet"))) == 40
+
+
+def test_a_killed_driver_resumes_without_duplicates(photos, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "captioner.pipelines.cli", "batch", str(photos), "-o", str(out),
+               "--ray", "auto", "--shard-size", "4", "--batch-size", "4"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("part-*.jsonl"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(list(iter_records(str(out))))
+    assert 8 <= partial < 40
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    paths = [r["path"] for r in iter_records(str(out))]
+    assert len(paths) == len(set(paths)) == 40
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # a cut-off shard's staging file is gone
+
+
+def test_ray_flags_are_checked_before_ray_starts(photos, tmp_path, capsys):
+    assert main(["batch", str(photos), "-o", str(tmp_path / "o"), "--ray", "--format", "csv"]) == 2
+    assert "not CSV" in capsys.readouterr().err
+    assert main(["batch", str(photos), "-o", str(tmp_path / "o.jsonl"), "--format", "parquet"]) == 2
+    assert "use it with --ray" in capsys.readouterr().err
+    assert main(["batch", "s3-nonsense://bucket/x", "-o", str(tmp_path / "o"), "--ray"]) == 2
+    assert "cannot open this location" in capsys.readouterr().err
