@@ -5,6 +5,13 @@ With a frozen encoder (the default) every image goes through the CNN once
 ``finetune_encoder`` the CNN runs on every batch instead, which needs a GPU to be practical.
 Each epoch writes an atomic checkpoint, a metrics line and a plot, so a run can be
 resumed with ``resume=True`` after any interruption.
+
+Under torchrun (``RANK``/``WORLD_SIZE`` set) the cross-entropy phase runs data-parallel:
+the decoder is wrapped in DistributedDataParallel, every process builds the same shuffled,
+length-bucketed global batches (one seed) and takes its slice of each, and the loss is
+normalized by the global token count, so N processes with a global batch of B take the
+same steps as one process with batch B. Each machine's first process fills the feature
+cache while the others wait; rank 0 alone evaluates, logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from captioner.allocator import keep_freed_memory
@@ -29,6 +37,7 @@ from captioner.checkpoint import check_fits, read_checkpoint, resume_error
 from captioner.cider import CiderD
 from captioner.data import ManifestEntry, read_manifest
 from captioner.decoding import DecodingOptions
+from captioner.distributed import join, leave
 from captioner.encoders import build_encoder
 from captioner.errors import DataError, OptionError, OutputError, printable
 from captioner.evaluation import evaluate_grids, grid_batches
@@ -68,6 +77,18 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _check_distributable(cfg: TrainConfig) -> None:
+    """Under torchrun only the cross-entropy phase on cached grids runs data-parallel.
+
+    Raises:
+        OptionError: the run also fine-tunes the CNN or has a self-critical phase.
+    """
+    if cfg.finetune_encoder or cfg.scst_epochs:
+        raise OptionError("under torchrun, training runs its cross-entropy phase on cached features: set "
+                          "finetune_encoder false and scst_epochs 0, then run the self-critical phase in one "
+                          "process (init_from the distributed run's best)")
 
 
 def _pick_device(name: str) -> torch.device:
@@ -133,11 +154,11 @@ def _load_teacher(cfg: TrainConfig, init: CaptionModel | None) -> CaptionModel |
 
 
 def _distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real (non-pad) target positions of KL(teacher || student) between next-word distributions."""
+    """Sum over real (non-pad) target positions of KL(teacher || student) between next-word distributions."""
     student = logits.float().log_softmax(dim=-1)
     teacher = teacher_logits.float().log_softmax(dim=-1)
     kl = (teacher.exp() * (teacher - student)).sum(dim=-1)  # (B, T)
-    return kl[mask].mean()
+    return kl[mask].sum()
 
 
 def _start_from(model: CaptionModel, init: CaptionModel, folder: str) -> None:
@@ -172,6 +193,11 @@ class Trainer:
         self.cfg = cfg
         keep_freed_memory()
         self.device = _pick_device(cfg.device)
+        self.group = join(self.device.type)
+        if self.group.distributed:
+            _check_distributable(cfg)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.group.local_rank)
         self.out = prepare_output(Path(cfg.out_dir), resume=resume)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -202,7 +228,11 @@ class Trainer:
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, total, cfg))
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
-        self.loss_fn = nn.CrossEntropyLoss(ignore_index=self.vocab.pad, label_smoothing=cfg.label_smoothing)
+        # summed, then divided by the global token count: one process and N give the same loss
+        self.loss_fn = nn.CrossEntropyLoss(ignore_index=self.vocab.pad, label_smoothing=cfg.label_smoothing,
+                                           reduction="sum")
+        self.train_decoder = DistributedDataParallel(self.model.decoder) if self.group.distributed \
+            else self.model.decoder
         self.epoch = 0
         self.best_cider = -1.0
         self.stale_epochs = 0
@@ -253,10 +283,14 @@ class Trainer:
         encoder = self.model.encoder.eval()
         paths = [e.image for e in self.train_entries]
         cache, workers = self.cfg.cache_dir, self.cfg.num_workers
+        if self.group.local_rank != 0:
+            self.group.barrier()  # this machine's first process fills the cache; the others then read it
         views = [cached_features(encoder, paths, cache, num_workers=workers)]
         if self.cfg.flip_augment:
             views.append(cached_features(encoder, paths, cache, flip=True, num_workers=workers))
         dev = cached_features(encoder, [e.image for e in self.dev_entries], cache, num_workers=workers)
+        if self.group.local_rank == 0:
+            self.group.barrier()
         if self.cfg.dev_limit:
             dev = dev[: self.cfg.dev_limit]
         return views, dev
@@ -285,12 +319,15 @@ class Trainer:
             if not self.cfg.finetune_encoder or isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
         total_loss, count = 0.0, 0
-        bar = tqdm(self._length_bucketed_batches(), desc=f"epoch {self.epoch + 1}", unit="batch")
+        batches = self._length_bucketed_batches()
+        if self.group.distributed:  # this process's slice of every global batch (all build the same list)
+            batches = [ids[self.group.rank :: self.group.world] for ids in batches if len(ids) >= self.group.world]
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", disable=not self.group.leader)
         for batch_ids in bar:
             batch = [self.pairs[i] for i in batch_ids]
-            loss = self._train_step(batch)
-            total_loss += loss * len(batch)
-            count += len(batch)
+            loss, size = self._train_step(batch)
+            total_loss += loss * size
+            count += size
             bar.set_postfix(loss=f"{total_loss / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         return total_loss / count
 
@@ -307,19 +344,23 @@ class Trainer:
         random.shuffle(batches)
         return batches
 
-    def _train_step(self, batch: list[tuple[int, list[int]]]) -> float:
+    def _train_step(self, batch: list[tuple[int, list[int]]]) -> tuple[float, int]:
+        """One optimizer step; (the global batch's mean token loss, its caption count)."""
         length = max(len(ids) for _, ids in batch)
         tokens = _pad([ids for _, ids in batch], length, self.vocab.pad).to(self.device)  # (B, T)
+        targets = tokens[:, 1:] != self.vocab.pad
+        # the global batch's target tokens per process: DDP averages gradients over processes
+        per_process = float(self.group.sum(targets.sum()).item()) / self.group.world
         with torch.autocast(self.device.type, enabled=self.scaler.is_enabled()):
             grid = self._grids_for([i for i, _ in batch], self.train_entries, train=True)
-            logits = self.model.decoder(grid, tokens[:, :-1])  # (B, T-1, V)
+            logits = self.train_decoder(grid, tokens[:, :-1])  # (B, T-1, V)
             loss = self.loss_fn(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher.decoder(grid, tokens[:, :-1])
                 weight = self.cfg.distill_weight
-                kl = _distillation_loss(logits, teacher_logits, tokens[:, 1:] != self.vocab.pad)
-                loss = (1 - weight) * loss + weight * kl
+                loss = (1 - weight) * loss + weight * _distillation_loss(logits, teacher_logits, targets)
+            loss = loss / per_process
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -327,7 +368,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return float(loss.detach())
+        mean = float(self.group.sum(loss).item()) / self.group.world
+        return mean, int(self.group.sum(torch.tensor(len(batch))).item())
 
     def evaluate_dev(self, options: DecodingOptions | None = None, *, meteor: bool = False) -> dict[str, float]:
         """Dev-set scores of beam-searched captions (no METEOR by default: it is slow to start)."""
@@ -339,8 +381,9 @@ class Trainer:
     def fit(self) -> dict:
         while self.epoch - self.scst_done < self.cfg.epochs and self.stale_epochs < self.cfg.patience:
             self._run_epoch("xe", self.train_epoch, "train_loss")
-        if self.cfg.average_last > 1 and not any(r["phase"] == "average" for r in self.history):
-            self._average_snapshots()
+        if self.cfg.average_last > 1 and not any(r["phase"] == "average" for r in self.history) \
+                and self.group.leader:
+            self._average_snapshots()  # the last step: the other processes have nothing left to do
         if self.cfg.scst_epochs and self.scst_done == 0:
             self._start_scst()
         while self.scst_done < self.cfg.scst_epochs:
@@ -352,16 +395,20 @@ class Trainer:
         """Run one epoch; ``measured`` names what ``run`` returns (loss, or mean sample reward)."""
         started = time.time()
         value = run()
-        scores = self.evaluate_dev()
+        scores = self.group.share(self.evaluate_dev() if self.group.leader else None)  # rank 0's, everywhere
         self.epoch += 1
         record = {"epoch": self.epoch, "phase": phase, measured: value,
                   "seconds": round(time.time() - started, 1), **scores}
         self.history.append(record)
-        if scores["CIDEr-D"] > self.best_cider:
+        better = scores["CIDEr-D"] > self.best_cider
+        if better:
             self.best_cider, self.stale_epochs = scores["CIDEr-D"], 0
-            self.model.save(self.out / "best", replace=True)
         else:
             self.stale_epochs += 1
+        if not self.group.leader:
+            return
+        if better:
+            self.model.save(self.out / "best", replace=True)
         if phase == "xe" and self.cfg.average_last > 1:
             self._snapshot()
         self._log(record)
@@ -515,6 +562,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         CheckpointError: ``resume`` found a ``last.pt`` that cannot be continued.
     """
     trainer = Trainer(cfg, resume=resume)
-    if resume and (trainer.out / "last.pt").exists():
-        trainer.load_checkpoint()
-    return trainer.fit()
+    try:
+        if resume and (trainer.out / "last.pt").exists():
+            trainer.load_checkpoint()
+        return trainer.fit()
+    finally:
+        leave(trainer.group)
