@@ -51,10 +51,11 @@ def load_image(path: str | os.PathLike, *, min_side: int | None = None) -> Image
 
 
 def decode_image(file: str | os.PathLike | BinaryIO, name: str | os.PathLike, *,
-                 min_side: int | None = None) -> Image.Image:
+                 min_side: int | None = None, formats: tuple[str, ...] | None = None) -> Image.Image:
     """Decode ``file`` (a path or an open binary file) as :func:`load_image` does; errors name ``name``.
 
     The one decode for files on disk and bytes read elsewhere (Ray tasks, HTTP uploads).
+    ``formats`` limits the Pillow formats tried (by content, whatever the name says).
 
     Raises:
         ImageReadError: not an image, truncated, or too large.
@@ -62,7 +63,7 @@ def decode_image(file: str | os.PathLike | BinaryIO, name: str | os.PathLike, *,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as image:
+            with Image.open(file, formats=formats) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise ImageReadError(
                         f"{printable(name)}: {image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}"
@@ -108,15 +109,15 @@ def model_pixels(image: ImageInput, size: int) -> np.ndarray:
     return _squashed(rgb, size)
 
 
-def bytes_pixels(data: bytes, name: str, size: int) -> np.ndarray:
+def bytes_pixels(data: bytes, name: str, size: int, *, formats: tuple[str, ...] | None = None) -> np.ndarray:
     """An image file's bytes -> the pixels :func:`model_pixels` gives for that file; errors name ``name``.
 
     Raises:
-        ImageReadError: empty, not an image, truncated, or too large.
+        ImageReadError: empty, not an image (of ``formats``), truncated, or too large.
     """
     if not data:
         raise ImageReadError(f"{printable(name)}: empty file")
-    return _squashed(decode_image(io.BytesIO(data), name, min_side=REDUCING_GAP * size), size)
+    return _squashed(decode_image(io.BytesIO(data), name, min_side=REDUCING_GAP * size, formats=formats), size)
 
 
 def _squashed(rgb: Image.Image, size: int) -> np.ndarray:

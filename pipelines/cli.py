@@ -328,6 +328,43 @@ def _train_parser(sub) -> None:
     p.set_defaults(run=cmd_train)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from captioner.pipelines.server import ServerSettings, create_app
+    except ImportError as e:
+        raise OptionError(f"serve needs the serve extra: pip install 'captioner[serve]' ({e.name} is missing)") from e
+    from captioner.api import load_model
+
+    settings = ServerSettings(max_image_bytes=args.max_upload_mb * 2**20, max_video_bytes=args.max_video_mb * 2**20,
+                              timeout=args.timeout, max_batch_size=args.max_batch_size,
+                              max_wait=args.max_wait_ms / 1000, cors_origins=tuple(args.cors_origin))
+    model = load_model(args.model, device=_device(args.device))
+    app = create_app(model, model_name=args.model or "default", settings=settings)
+    _print(f"serving {args.model or 'the default model'} on http://{args.host}:{args.port}/", err=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an HTTP API (POST /v1/captions, /v1/subtitles) and a web page at /")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=bounded_int(1, 65535), default=8000)
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--device", help="torch device, e.g. cuda (default: CPU)")
+    p.add_argument("--max-batch-size", type=bounded_int(1, 1024), default=32,
+                   help="images from concurrent requests captioned in one batch")
+    p.add_argument("--max-wait-ms", type=bounded_int(0, 1000), default=5,
+                   help="how long a batch waits for more images after its first")
+    p.add_argument("--timeout", type=bounded_int(1, 86400), default=120, help="seconds per request before a 504")
+    p.add_argument("--max-upload-mb", type=bounded_int(1, 4096), default=32, help="bytes of images per request")
+    p.add_argument("--max-video-mb", type=bounded_int(1, 65536), default=256, help="bytes of one video upload")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="let pages from this origin call the API (repeatable; default: none)")
+    p.set_defaults(run=cmd_serve)
+
+
 def _ensemble_parser(sub) -> None:
     p = sub.add_parser("ensemble", help="combine models trained alike (e.g. different --seed) into one model")
     p.add_argument("models", nargs="+", help="model folders (each with config.json, vocab.json, model.safetensors)")
@@ -386,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="captioner", description="Caption images and videos.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_caption_parser, _batch_parser, _evaluate_parser, _train_parser, _ensemble_parser, _manifest_parser,
-                _video_parser):
+                _video_parser, _serve_parser):
         add(sub)
     return parser
 

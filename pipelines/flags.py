@@ -96,3 +96,36 @@ def probability(text: str) -> float:
     if not 0 <= value <= 1:  # NaN fails this too
         raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
     return value
+
+
+def options_from_text(defaults: T, given: dict[str, str], *, exclude: tuple[str, ...] = ()) -> T:
+    """``defaults`` with text values (an HTTP query or form) applied, each converted by its field's type.
+
+    The HTTP counterpart of :func:`dataclass_from_args`: the same fields, the same checks.
+
+    Raises:
+        OptionError: an unknown name, a value that is not of the field's type, or one out of range.
+    """
+    from captioner.errors import OptionError
+
+    cls = type(defaults)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in exposed_fields(cls, exclude)}
+    values: dict[str, Any] = {}
+    for name, text in given.items():
+        if name not in fields:
+            raise OptionError(f"unknown option {name!r}; options are {', '.join(sorted(fields))}")
+        kind = fields[name].metadata.get("type") or _value_type(hints[name])
+        try:
+            values[name] = _parse_text(kind, text)
+        except ValueError:
+            raise OptionError(f"{name}={text!r} is not a {kind.__name__}") from None
+    return dataclasses.replace(defaults, **values)
+
+
+def _parse_text(kind: type, text: str) -> Any:
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+    return kind(text)

@@ -15,10 +15,10 @@ from captioner.errors import OptionError
 from captioner.train import Trainer
 
 
-def run_torchrun(config: dict, path, processes: int) -> subprocess.CompletedProcess:
+def run_torchrun(config: dict, path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     path.write_text(json.dumps(config))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "captioner.pipelines.cli", "train", "--config", str(path)]
+               "-m", "captioner.pipelines.cli", "train", "--config", str(path), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -41,6 +41,16 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_config, tmp_pat
     assert together == pytest.approx(alone, rel=1e-4)
     assert alone[-1] < alone[0]  # it learned: the match is not two untrained copies agreeing
     assert (tmp_path / "two" / "best" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_distributed_run_resumes_from_its_checkpoint(tiny_config, tmp_path):  # noqa: F811
+    config = {k: v for k, v in dataclasses.asdict(tiny_config).items() if v is not None}
+    config.update(epochs=1, batch_size=4, patience=10, out_dir=str(tmp_path / "run"))
+    assert run_torchrun(config, tmp_path / "a.json", 2).returncode == 0
+    resumed = run_torchrun({**config, "epochs": 2}, tmp_path / "b.json", 2, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
 def test_without_torchrun_the_group_is_this_process_alone(monkeypatch):

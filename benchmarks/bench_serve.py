@@ -1,0 +1,122 @@
+"""``captioner serve`` on loopback: throughput and latency for 1, 4 and 16 concurrent clients.
+
+    .venv/bin/python benchmarks/bench_serve.py --requests 96 --repeat 3
+
+Starts the server as users do (a uvicorn process), then for each client count sends
+``--requests`` one-photo requests spread over the clients, each client waiting for its
+answer before sending the next. Prints images/s (median and min-max over the repeats),
+p50 and p95 latency, and the folder pipeline's images/s on the same photos in the same
+run for comparison. Photos are Flickr8k dev images when present, else the bundled examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_pipeline import make_folder  # noqa: E402
+from conftest import free_port  # noqa: E402
+
+from captioner.api import load_model  # noqa: E402
+from captioner.options import DEFAULT_WORKERS  # noqa: E402
+from captioner.pipelines.folder import caption_folder  # noqa: E402
+
+CLIENTS = (1, 4, 16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=96, help="requests per client count and repeat")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--max-wait-ms", type=int, default=5, help="the server's --max-wait-ms")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        photos = [p.read_bytes() for p in make_folder(args.requests, folder)]
+        folder_rate = pipeline_rate(folder, Path(tmp), args.requests)
+        url, server = start_server(photos[0], args.max_wait_ms)
+        try:
+            rows = {n: [] for n in CLIENTS}
+            for _ in range(args.repeat):
+                for clients in CLIENTS:
+                    rows[clients].append(load(url, photos, clients))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    one = statistics.median(r[0] for r in rows[1])
+    print(f"{args.requests} one-photo requests per run, {args.repeat} runs, server --max-wait-ms {args.max_wait_ms}; "
+          "folder pipeline on the same photos: "
+          f"{folder_rate:.1f} images/s\n")
+    print("| clients | images/s, median (min-max) | vs 1 client | vs folder pipeline | p50 latency | p95 latency |")
+    print("|---|---|---|---|---|---|")
+    for clients, runs in rows.items():
+        rates = [r[0] for r in runs]
+        p50 = statistics.median(r[1] for r in runs)
+        p95 = statistics.median(r[2] for r in runs)
+        print(f"| {clients} | {statistics.median(rates):.1f} ({min(rates):.1f}-{max(rates):.1f}) | "
+              f"{statistics.median(rates) / one:.2f}x | {statistics.median(rates) / folder_rate:.2f}x | "
+              f"{p50 * 1000:.0f} ms | {p95 * 1000:.0f} ms |")
+
+
+def pipeline_rate(folder: Path, tmp: Path, count: int) -> float:
+    model = load_model()
+    caption_folder(folder, tmp / "warm.jsonl", model=model, num_workers=DEFAULT_WORKERS, progress=False)
+    start = time.perf_counter()
+    caption_folder(folder, tmp / "timed.jsonl", model=model, num_workers=DEFAULT_WORKERS, progress=False)
+    return count / (time.perf_counter() - start)
+
+
+def start_server(photo: bytes, max_wait_ms: int) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "captioner.pipelines.cli", "serve", "--port", str(port),
+                               "--max-wait-ms", str(max_wait_ms)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    with httpx.Client() as client:  # warm-up: the first batch pays one-off costs
+        client.post(url + "/v1/captions", files=[("images", ("warm.jpg", photo, "image/jpeg"))]).raise_for_status()
+    return url, server
+
+
+def load(url: str, photos: list[bytes], clients: int) -> tuple[float, float, float]:
+    """(images/s, p50 latency, p95 latency) of one run with ``clients`` concurrent clients."""
+    latencies: list[float] = []
+
+    def client(index: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            for i in range(index, len(photos), clients):
+                start = time.perf_counter()
+                response = http.post(url + "/v1/captions", files=[("images", (f"{i}.jpg", photos[i], "image/jpeg"))])
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return len(photos) / wall, latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)]
+
+
+if __name__ == "__main__":
+    main()

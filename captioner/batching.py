@@ -1,0 +1,101 @@
+"""Dynamic batching: requests that arrive together are captioned as one encoder + search batch.
+
+A server answering one photo per request would run the encoder and the beam search on
+batches of one. Here each request's pixels go into a queue; one worker thread takes the
+first waiting item, then gathers more for at most ``max_wait`` seconds or until
+``max_batch_size`` items, and captions them together (TorchServe's ``batchSize`` and
+``maxBatchDelay``, Triton's dynamic batcher). Items asking for different decoding options
+are never mixed: a batch holds one set of options.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from captioner.api import PathResult, caption_pixel_batch
+from captioner.decoding import DecodingOptions
+from captioner.model import CaptionModel
+
+
+@dataclass
+class _Item:
+    name: str
+    pixels: np.ndarray  # (S, S, 3) uint8
+    options: DecodingOptions | None
+    future: Future = field(default_factory=Future)
+
+
+class DynamicBatcher:
+    """Captions submitted images in shared batches on one worker thread; ``close`` stops it."""
+
+    def __init__(self, model: CaptionModel, *, max_batch_size: int = 32, max_wait: float = 0.005):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait
+        self.batch_sizes: list[int] = []  # every batch run, for tests and benchmarks
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._held: list[_Item] = []  # taken from the queue, waiting for a batch with their options
+        self._thread = threading.Thread(target=self._run, name="captioner-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, name: str, pixels: np.ndarray, options: DecodingOptions | None = None) -> Future:
+        """Queue one image's pixels; the future gives its :class:`PathResult` (or the batch's exception)."""
+        item = _Item(name, pixels, options)
+        self._queue.put(item)
+        return item.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        closing = False
+        while not closing or self._held:
+            first = self._held.pop(0) if self._held else self._queue.get()
+            if first is None:
+                closing = True
+                continue
+            batch = [first]
+            closing = self._gather(batch, time.monotonic() + self.max_wait, closing) or closing
+            self._caption(batch)
+
+    def _gather(self, batch: list[_Item], deadline: float, closing: bool) -> bool:
+        """Add waiting items with the first one's options until full or past the deadline; True once closed."""
+        options = batch[0].options
+        for item in list(self._held):
+            if len(batch) < self.max_batch_size and item.options == options:
+                self._held.remove(item)
+                batch.append(item)
+        while not closing and len(batch) < self.max_batch_size:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            (batch if item.options == options else self._held).append(item)
+        return False
+
+    def _caption(self, batch: list[_Item]) -> None:
+        if not batch:
+            return
+        self.batch_sizes.append(len(batch))
+        try:
+            pixels = torch.from_numpy(np.stack([item.pixels for item in batch]))
+            results = caption_pixel_batch(self.model, [item.name for item in batch], pixels, batch[0].options)
+        except Exception as e:  # noqa: BLE001 (handed to every waiting caller, who reports it)
+            for item in batch:
+                item.future.set_exception(e)
+            return
+        for item, result in zip(batch, results, strict=True):
+            item.future.set_result(result)
+
+
+__all__ = ["DynamicBatcher", "PathResult"]

@@ -1,0 +1,284 @@
+"""``captioner serve``: an HTTP API and a web page, a thin shell over the library.
+
+``create_app`` builds the ASGI app around one loaded model. Photos from concurrent
+requests meet in a :class:`captioner.batching.DynamicBatcher`, so the encoder and the
+search run on shared batches. Every bad input is a JSON ``{"error": "NAME: reason"}`` with
+a 4xx status: uploads are limited in bytes (before they are parsed) and in pixels (the
+pipeline's limit), images are accepted by their content, not their name, and a request
+that runs past its timeout gets a 504. Uploads and videos go to a private temporary
+folder removed at shutdown; no path a client sends is ever opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import tempfile
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
+
+from captioner.batching import DynamicBatcher
+from captioner.confidence import check_min_confidence
+from captioner.errors import CaptionerError, ImageReadError, OptionError, VideoReadError, printable
+from captioner.images import MAX_PIXELS, bytes_pixels
+from captioner.model import CaptionModel
+from captioner.options import DecodingOptions
+from captioner.pipelines.flags import options_from_text
+from captioner.pipelines.record_formats import FALLBACKS, result_record
+from captioner.pipelines.subtitles import WRITERS
+from captioner.pipelines.video_options import VideoOptions
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what an upload may be, judged by its bytes
+SUBTITLE_FORMATS = ("vtt", "srt", "json")
+MEDIA_TYPES = {"vtt": "text/vtt", "srt": "application/x-subrip"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Limits and batching of one server."""
+
+    max_image_bytes: int = 32 * 2**20  # one /v1/captions request, all its images together
+    max_images: int = 16  # images in one request
+    max_video_bytes: int = 256 * 2**20  # one /v1/subtitles upload
+    timeout: float = 120.0  # seconds a request may take before it gets a 504
+    max_batch_size: int = 32  # images the dynamic batcher puts in one encoder + search batch
+    max_wait: float = 0.005  # seconds the batcher waits for more images after the first
+    cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser (none: same origin only)
+
+
+class HTTPError(Exception):
+    """A bad request, answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def create_app(model: CaptionModel, *, model_name: str = "default", settings: ServerSettings = ServerSettings()):
+    """The ASGI app serving ``model``: the API under /v1, /healthz, and the web page at /."""
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["folder"] = Path(tempfile.mkdtemp(prefix="captioner-serve-"))
+        state["batcher"] = DynamicBatcher(model, max_batch_size=settings.max_batch_size, max_wait=settings.max_wait)
+        try:
+            yield
+        finally:
+            state["batcher"].close()
+            shutil.rmtree(state["folder"], ignore_errors=True)
+
+    # Uploads stay in memory (the body limits bound them) instead of spooling to the system's temporary
+    # folder; only a video is written, into the server's private folder, for OpenCV to read.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_image_bytes,
+                                         settings.max_video_bytes)
+    app = FastAPI(title="captioner", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.captioner = state  # the batcher and the private folder, for tests and benchmarks
+    app.add_middleware(_BodyLimit, limits={"/v1/captions": settings.max_image_bytes,
+                                           "/v1/subtitles": settings.max_video_bytes})
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"])
+    _add_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    async def model_info() -> dict:
+        return {"model": model_name, "encoder": model.config.encoder, "vocabulary": len(model.vocab),
+                "calibrated": model.calibrator is not None,
+                "decoding": dataclasses.asdict(model.config.decoding), "video": dataclasses.asdict(VideoOptions()),
+                "limits": {"max_image_bytes": settings.max_image_bytes, "max_images": settings.max_images,
+                           "max_video_bytes": settings.max_video_bytes, "max_pixels": MAX_PIXELS,
+                           "timeout_seconds": settings.timeout, "image_formats": list(IMAGE_FORMATS)}}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return resources.files("captioner.pipelines").joinpath("web/index.html").read_text(encoding="utf-8")
+
+    @app.post("/v1/captions")
+    async def captions(request: Request) -> dict:
+        form = await request.form(max_files=settings.max_images + 1)
+        uploads = [u for u in form.getlist("images") if isinstance(u, UploadFile)]
+        if not uploads:
+            raise HTTPError(400, 'no images: send them as multipart/form-data files named "images"')
+        if len(uploads) > settings.max_images:
+            raise HTTPError(413, f"{len(uploads)} images in one request; at most {settings.max_images}")
+        fields = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
+        options, min_confidence, fallback = _caption_options(model, fields)
+        size = model.encoder.preprocess.size
+        names = [printable(u.filename or f"image {i + 1}") for i, u in enumerate(uploads)]
+        pixels = [await run_in_threadpool(_image_pixels, await u.read(), name, size)
+                  for u, name in zip(uploads, names, strict=True)]
+        futures = [asyncio.wrap_future(state["batcher"].submit(name, p, options))
+                   for name, p in zip(names, pixels, strict=True)]
+        results = await _within(asyncio.gather(*futures), settings.timeout)
+        return {"captions": [_record(r, min_confidence, fallback, options.n_best) for r in results]}
+
+    @app.post("/v1/subtitles")
+    async def subtitles(request: Request) -> Response:
+        form = await request.form(max_files=2)
+        upload = form.get("video")
+        if not isinstance(upload, UploadFile):
+            raise HTTPError(400, 'no video: send it as a multipart/form-data file named "video"')
+        fields = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
+        fmt = fields.pop("format", "vtt")
+        if fmt not in SUBTITLE_FORMATS:
+            raise HTTPError(422, f"format={fmt!r} must be one of {', '.join(SUBTITLE_FORMATS)}")
+        video_options, decoding = _video_options(model, fields)
+        path = state["folder"] / f"upload-{id(upload):x}"  # our name: the client's never touches the disk
+        try:
+            with path.open("wb") as f:
+                shutil.copyfileobj(upload.file, f)
+            job = run_in_threadpool(_subtitle, model, path, decoding, video_options, printable(upload.filename))
+            result = await _within(job, settings.timeout)
+        finally:
+            path.unlink(missing_ok=True)
+        return _subtitle_response(result, fmt)
+
+    return app
+
+
+def _caption_options(model: CaptionModel, fields: dict[str, str]):
+    """(decoding options, min_confidence, fallback) from query and form fields, checked like the CLI's flags."""
+    min_confidence = _number(fields.pop("min_confidence", None), "min_confidence")
+    fallback = fields.pop("fallback", None)
+    if fallback is not None and fallback not in FALLBACKS:
+        raise HTTPError(422, f"fallback={fallback!r} must be one of {', '.join(FALLBACKS)}")
+    if fallback and min_confidence is None:
+        raise HTTPError(422, "fallback replaces unsure captions: give min_confidence too")
+    try:
+        check_min_confidence(min_confidence, model)
+        return options_from_text(model.config.decoding, fields), min_confidence, fallback
+    except OptionError as e:
+        raise HTTPError(422, str(e)) from e
+
+
+def _video_options(model: CaptionModel, fields: dict[str, str]) -> tuple[VideoOptions, DecodingOptions]:
+    video_names = {f.name for f in dataclasses.fields(VideoOptions)}
+    try:
+        video = options_from_text(VideoOptions(), {k: v for k, v in fields.items() if k in video_names})
+        decoding = options_from_text(model.config.decoding, {k: v for k, v in fields.items() if k not in video_names},
+                                     exclude=("n_best",))
+        check_min_confidence(video.min_confidence, model)
+    except OptionError as e:
+        raise HTTPError(422, str(e)) from e
+    return video, decoding
+
+
+def _number(text: str | None, name: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise HTTPError(422, f"{name}={text!r} is not a number") from None
+
+
+def _image_pixels(data: bytes, name: str, size: int):
+    """Decoded, checked pixels of one upload; 415 for what is not an accepted image, 413 for too many pixels."""
+    try:
+        return bytes_pixels(data, name, size, formats=IMAGE_FORMATS)
+    except ImageReadError as e:
+        message = str(e)
+        status = 415 if "not an image" in message else 413 if "exceeds" in message else 400
+        raise HTTPError(status, message) from e
+
+
+def _record(result, min_confidence: float | None, fallback: str | None, n_best: int) -> dict:
+    record = result_record(result, min_confidence=min_confidence, fallback=fallback)
+    if n_best > 1:
+        record["n_best"] = [{"caption": c.text, "score": round(c.score, 6), "confidence": c.confidence}
+                            for c in result.captions]
+    return record
+
+
+def _subtitle(model, path: Path, decoding: DecodingOptions, settings: VideoOptions, name: str):
+    from captioner.pipelines.video import subtitle_video
+
+    try:
+        return subtitle_video(path, model=model, options=decoding, settings=settings)
+    except VideoReadError as e:
+        raise HTTPError(415, f"{name}: {str(e).split(': ', 1)[-1]}") from e
+
+
+def _subtitle_response(result, fmt: str) -> Response:
+    if fmt == "json":
+        cues = [{"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text, "score": round(s.score, 6)}
+                for s in result.segments]
+        return JSONResponse({"cues": cues, "duration": round(result.duration, 3),
+                             "frames_captioned": result.frames_captioned, "warnings": list(result.warnings)})
+    import io
+
+    text = io.StringIO()
+    WRITERS[fmt]().write(result.segments, text)
+    return PlainTextResponse(text.getvalue(), media_type=MEDIA_TYPES[fmt])
+
+
+async def _within(work, seconds: float):
+    try:
+        return await asyncio.wait_for(work, seconds)
+    except asyncio.TimeoutError:
+        raise HTTPError(504, f"the request took longer than {seconds:g} s") from None
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPError)
+    async def http_error(request: Request, error: HTTPError) -> JSONResponse:
+        return JSONResponse({"error": error.message}, status_code=error.status)
+
+    @app.exception_handler(CaptionerError)
+    async def captioner_error(request: Request, error: CaptionerError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"internal error ({type(error).__name__})"}, status_code=500)
+
+
+class _BodyLimit:
+    """Refuses a request body over its path's limit: at once from Content-Length, else while it streams in."""
+
+    def __init__(self, app, limits: dict[str, int]):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send):
+        limit = self.limits.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > limit:
+            return await _too_large(send, limit)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPError(413, f"the upload is larger than the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _too_large(send, limit: int) -> None:
+    response = JSONResponse({"error": f"the upload is larger than the limit of {limit} bytes"}, status_code=413)
+    await response({"type": "http"}, None, send)

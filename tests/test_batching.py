@@ -1,0 +1,61 @@
+"""The dynamic batcher on the real model: concurrent requests share batches, options never mix."""
+
+import dataclasses
+import threading
+
+import numpy as np
+from conftest import SHARED_SAMPLES
+
+from captioner.api import caption_images
+from captioner.batching import DynamicBatcher
+from captioner.images import model_pixels
+
+PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"]
+
+
+def pixels(name):
+    return model_pixels(SHARED_SAMPLES / name, 224)
+
+
+def test_requests_arriving_together_share_one_batch_and_get_their_own_captions(default_model):
+    batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=0.5)
+    try:
+        futures = [batcher.submit(name, pixels(name)) for name in PHOTOS * 2]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.batch_sizes == [8]
+    expected = [c.text for c in caption_images(default_model, [SHARED_SAMPLES / n for n in PHOTOS])]
+    assert [r.captions[0].text for r in results] == expected * 2
+    assert [r.path for r in results] == PHOTOS * 2 and all(r.tags for r in results[:2])
+
+
+def test_a_full_batch_goes_at_once_and_different_options_are_never_mixed(default_model):
+    greedy = dataclasses.replace(default_model.config.decoding, method="greedy", beam_size=1)
+    batcher = DynamicBatcher(default_model, max_batch_size=3, max_wait=0.5)
+    try:
+        futures = [batcher.submit(n, pixels(n), None if i % 2 else greedy) for i, n in enumerate(PHOTOS * 2)]
+        [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert sorted(batcher.batch_sizes) == [1, 1, 3, 3]  # 4 greedy and 4 beam items, in batches of at most 3
+
+
+def test_threads_submitting_at_once_are_batched_and_close_finishes_what_is_queued(default_model):
+    batcher = DynamicBatcher(default_model, max_batch_size=16, max_wait=0.2)
+    results = {}
+
+    def client(i):
+        name = PHOTOS[i % 4]
+        results[i] = batcher.submit(name, pixels(name)).result(timeout=60).captions[0].text
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    late = batcher.submit("chelsea.png", pixels("chelsea.png"))
+    batcher.close()
+    assert late.result(timeout=1).captions[0].text == "a cat is playing with a toy"
+    assert len(results) == 12 and max(batcher.batch_sizes) > 1
+    assert np.mean(batcher.batch_sizes[:-1]) > 2

@@ -1,0 +1,138 @@
+"""The HTTP API: in-process through the ASGI test client, and as a real uvicorn process on loopback."""
+
+import json
+import os
+
+import pytest
+from conftest import SAMPLES, SHARED_SAMPLES
+from test_video_source import write_video
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'captioner[serve]')")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from captioner.pipelines.server import ServerSettings, create_app  # noqa: E402
+
+CAT = SAMPLES / "chelsea.png"
+
+
+@pytest.fixture(scope="module")
+def client(request):
+    from captioner.api import load_model
+
+    app = create_app(load_model(), settings=ServerSettings(max_image_bytes=4 * 2**20, max_video_bytes=8 * 2**20))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def photo(path, name=None):
+    return ("images", (name or path.name, path.read_bytes(), "application/octet-stream"))
+
+
+def test_health_and_model_description(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    info = client.get("/v1/model").json()
+    assert info["calibrated"] and info["decoding"]["beam_size"] == 3 and info["limits"]["max_images"] == 16
+
+
+def test_captions_are_the_cli_records_and_decoding_options_apply(client, capsys):
+    from captioner.pipelines.cli import main
+
+    response = client.post("/v1/captions", files=[photo(CAT), photo(SHARED_SAMPLES / "coffee.png")])
+    assert response.status_code == 200
+    records = response.json()["captions"]
+    assert main(["caption", "--json", str(CAT)]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert records[0] == {**cli, "path": "chelsea.png"}
+    assert records[1]["tags"][0]["label"] == "espresso"
+    greedy = client.post("/v1/captions?method=greedy&n_best=1", files=[photo(CAT)]).json()["captions"][0]
+    assert "cat" in greedy["caption"]
+    three = client.post("/v1/captions", data={"n_best": "3"}, files=[photo(CAT)]).json()["captions"][0]
+    assert len(three["n_best"]) == 3 and three["n_best"][0]["caption"] == three["caption"]
+    unsure = client.post("/v1/captions?min_confidence=1&fallback=tags",
+                         files=[photo(SHARED_SAMPLES / "coffee.png")]).json()["captions"][0]
+    assert unsure["caption"] == "a photo of an espresso" and unsure["unsure"] is True
+
+
+@pytest.mark.parametrize("query, message", [
+    ("beam_size=0", "beam_size=0 must be a whole number"),
+    ("beam_size=three", "beam_size='three' is not a int"),
+    ("shoe_size=9", "unknown option 'shoe_size'"),
+    ("fallback=tags", "give min_confidence too"),
+    ("min_confidence=2", "must be a number in [0, 1]"),
+])
+def test_bad_options_are_422_with_the_reason(client, query, message):
+    response = client.post(f"/v1/captions?{query}", files=[photo(CAT)])
+    assert response.status_code == 422 and message in response.json()["error"]
+
+
+def test_bad_uploads_are_4xx_json_naming_the_file_never_500(client, tmp_path):
+    (tmp_path / "notes.jpg").write_text("this is not a picture\n")
+    data = (SHARED_SAMPLES / "rocket.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "empty.png").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+    (tmp_path / "page.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    cases = {"notes.jpg": (415, "not an image"), "cut.jpg": (400, "truncated"), "empty.png": (400, "empty file"),
+             "bomb.png": (413, "exceeds"), "page.svg": (415, "not an image")}
+    for name, (status, reason) in cases.items():
+        response = client.post("/v1/captions", files=[photo(tmp_path / name, "../../etc/" + name)])
+        assert (response.status_code, reason in response.json()["error"]) == (status, True), name
+        assert "Traceback" not in response.text
+    assert client.post("/v1/captions").status_code == 400  # no files at all
+    huge = ("images", ("big.jpg", b"\xff" * (5 * 2**20), "image/jpeg"))
+    response = client.post("/v1/captions", files=[huge])
+    assert response.status_code == 413 and "larger than the limit" in response.json()["error"]
+    assert client.post("/v1/captions", files=[photo(CAT)] * 17).status_code == 413
+
+
+def test_subtitles_for_an_uploaded_video_in_each_format(client, tmp_path):
+    clip = write_video(tmp_path / "clip.mp4", [("chelsea.png", 3), ("rocket.jpg", 3)])
+    upload = {"video": ("clip.mp4", clip.read_bytes(), "video/mp4")}
+    vtt = client.post("/v1/subtitles", files=upload)
+    assert vtt.status_code == 200 and vtt.text.startswith("WEBVTT") and "-->" in vtt.text
+    assert vtt.headers["content-type"].startswith("text/vtt")
+    srt = client.post("/v1/subtitles?format=srt&every=1", files=upload)
+    assert srt.text.startswith("1\n00:00:00,000 --> ")
+    cues = client.post("/v1/subtitles", data={"format": "json"}, files=upload).json()["cues"]
+    assert cues and "cat" in cues[0]["text"]
+    bad = client.post("/v1/subtitles", files={"video": ("clip.mp4", b"not a video at all", "video/mp4")})
+    assert bad.status_code == 415 and bad.json()["error"].startswith("clip.mp4: ")
+    assert client.post("/v1/subtitles?format=doc", files=upload).status_code == 422
+    assert client.post("/v1/subtitles?every=0", files=upload).status_code == 422
+    assert os.listdir(client.app.state.captioner["folder"]) == []  # every upload gone from the private folder
+
+
+def test_the_private_folder_is_removed_at_shutdown():
+    from captioner.api import load_model
+
+    app = create_app(load_model())
+    with TestClient(app) as test_client:
+        assert test_client.get("/healthz").status_code == 200
+        private = app.state.captioner["folder"]
+        assert private.is_dir()
+    assert not private.exists()
+
+
+def test_the_page_is_self_contained(client):
+    page = client.get("/").text
+    assert "<script>" in page and "v1/captions" in page and "v1/subtitles" in page
+    assert "http://" not in page and "https://" not in page  # no CDN: works offline
+
+
+@pytest.mark.slow
+def test_a_real_server_captions_concurrent_requests_in_shared_batches(live_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def post(_):
+        return httpx.post(live_server + "/v1/captions", files=[photo(CAT)], timeout=60).json()["captions"][0]
+
+    with ThreadPoolExecutor(8) as pool:
+        records = list(pool.map(post, range(16)))
+    assert {r["caption"] for r in records} == {"a cat is playing with a toy"}
+    cors = httpx.options(live_server + "/v1/captions", headers={"Origin": "http://evil.example",
+                                                               "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in cors.headers  # CORS is off unless asked
