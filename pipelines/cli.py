@@ -44,6 +44,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     add_dataclass_flags(group, DecodingOptions, exclude=HIDDEN_DECODING_FIELDS, show_defaults=False)
     parser.add_argument("--model", help="model folder (default: the model shipped with the package)")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="run the encoder and the decoder step in PyTorch or in ONNX Runtime (the onnx extra); "
+                             "the search is the same")
+    parser.add_argument("--onnx", metavar="DIR", help="with --backend onnxruntime: an export from captioner export "
+                        "(default: export --model now, into a temporary folder, in about 2 s)")
 
 
 def _load(args: argparse.Namespace):
@@ -56,8 +61,33 @@ def _load(args: argparse.Namespace):
     from captioner.options import DecodingOptions
 
     dataclass_from_args(args, DecodingOptions(), exclude=HIDDEN_DECODING_FIELDS)
-    model = load_model(args.model, device=_device(args.device))
+    if getattr(args, "backend", "torch") == "onnxruntime":
+        model = _load_onnx(args)
+    else:
+        model = load_model(args.model, device=_device(args.device))
     return model, dataclass_from_args(args, model.config.decoding, exclude=HIDDEN_DECODING_FIELDS)
+
+
+def _load_onnx(args: argparse.Namespace):
+    """The model's ONNX export in ONNX Runtime: ``--onnx DIR``, or exported now into a temporary folder."""
+    try:
+        from captioner.onnx_runtime import load_onnx_model
+    except ImportError as e:
+        raise OptionError(f"--backend onnxruntime needs the onnx extra: pip install 'captioner[onnx]' "
+                          f"({e.name})") from e
+    if args.onnx:
+        return load_onnx_model(args.onnx)
+    import atexit
+    import tempfile
+
+    from captioner.api import load_model
+    from captioner.model import DEFAULT_MODEL_DIR
+    from captioner.onnx_export import export_onnx
+
+    folder = tempfile.TemporaryDirectory(prefix="captioner-onnx-")
+    atexit.register(folder.cleanup)
+    export_onnx(load_model(args.model), folder.name, calibration_from=args.model or DEFAULT_MODEL_DIR)
+    return load_onnx_model(folder.name)
 
 
 def _device(name: str | None) -> str | None:
@@ -365,6 +395,33 @@ def _serve_parser(sub) -> None:
     p.set_defaults(run=cmd_serve)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from captioner.api import load_model
+    from captioner.model import DEFAULT_MODEL_DIR
+
+    try:
+        from captioner.onnx_export import OPSET, export_onnx
+    except ImportError as e:
+        raise OptionError(f"export needs the onnx extra: pip install 'captioner[onnx]' ({e.name})") from e
+    out = export_onnx(load_model(args.model), args.out, calibration_from=args.model or DEFAULT_MODEL_DIR)
+    if args.int8:
+        from captioner.onnx_export import quantize_int8
+
+        quantize_int8(out)
+    _print(f"wrote ONNX graphs (opset {OPSET}{', int8 weights' if args.int8 else ''}) and runtime.json to {out}")
+    return EXIT_OK
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export the model as ONNX graphs (encoder, classifier, decoder start and step)")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("-o", "--out", required=True, help="new or empty folder for the graphs and runtime.json")
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--int8", action="store_true", help="store the decoder step's weights as int8 (ONNX Runtime "
+                   "dynamic quantization)")
+    p.set_defaults(run=cmd_export)
+
+
 def _ensemble_parser(sub) -> None:
     p = sub.add_parser("ensemble", help="combine models trained alike (e.g. different --seed) into one model")
     p.add_argument("models", nargs="+", help="model folders (each with config.json, vocab.json, model.safetensors)")
@@ -423,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="captioner", description="Caption images and videos.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_caption_parser, _batch_parser, _evaluate_parser, _train_parser, _ensemble_parser, _manifest_parser,
-                _video_parser, _serve_parser):
+                _video_parser, _serve_parser, _export_parser):
         add(sub)
     return parser
 

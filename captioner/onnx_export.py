@@ -1,0 +1,159 @@
+"""Export a caption model as ONNX graphs that a runtime without PyTorch can search with.
+
+Four graphs, each with a dynamic batch dimension, plus ``runtime.json``:
+
+- ``encoder.onnx``: ``pixels`` (B, S, S, 3) uint8, squashed as :func:`captioner.images.model_pixels`
+  makes them -> ``grid`` (B, C, h, w); normalization is inside the graph.
+- ``classifier.onnx``: ``grid`` -> ``probs`` (B, classes), the encoder's ImageNet head (tags, concept boost).
+- ``decoder_start.onnx``: ``grid`` -> ``h``, ``c`` (B, H) and the attention's ``values`` (B, L, H)
+  and ``keys`` (B, L, A); repeat h and c for each hypothesis of an image (rows consecutive).
+- ``decoder_step.onnx``: ``tokens`` (N,), ``h``, ``c`` (N, H), ``values``, ``keys`` (B, L, .) ->
+  ``log_probs`` (N, V), ``h_out``, ``c_out``; N is B times the beam width.
+
+``runtime.json`` holds the vocabulary, decoding defaults, preprocessing constants, class
+names and the opset: with it, beam search as in :mod:`captioner.search` can be rebuilt in
+any language. A model's ``calibration.json`` is copied beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from captioner.confidence import CALIBRATION_FILE
+from captioner.errors import ModelLoadError, OutputError, printable
+from captioner.model import CaptionModel
+
+OPSET = 17
+GRAPHS = ("encoder", "classifier", "decoder_start", "decoder_step")
+RUNTIME_FILE = "runtime.json"
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.encoder.preprocess.normalize(pixels))
+
+
+class _Classifier(nn.Module):
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.encoder.classify(grid)
+
+
+class _Start(nn.Module):
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, grid: torch.Tensor):
+        return self.decoder.start(grid, 1)
+
+
+class _Step(nn.Module):
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, tokens, h, c, values, keys):
+        log_probs, state = self.decoder.step(tokens, (h, c, values, keys))
+        return log_probs, state[0], state[1]
+
+
+def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str | Path | None = None) -> Path:
+    """Write the four graphs and runtime.json into ``out`` (a new or empty folder); returns it.
+
+    Raises:
+        ModelLoadError: the model cannot be exported (an ensemble, or a decoder without attention).
+        OutputError: ``out`` cannot be written.
+    """
+    if model.config.ensemble_size != 1 or not model.config.decoder.attention:
+        raise ModelLoadError("ONNX export covers one attention decoder; this model is an ensemble or has none")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if any(out.iterdir()):
+            raise OutputError(f"{printable(out)}: folder is not empty; give a new or empty folder for the export")
+    except OSError as e:
+        raise OutputError(f"{printable(out)}: cannot write the export: {e.strerror or e}") from e
+    model = model.to("cpu").eval()
+    size = model.encoder.preprocess.size
+    with torch.no_grad():
+        pixels = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+        grid = model.encoder(model.encoder.preprocess.normalize(pixels)).clone()
+        state = model.decoder.start(grid, 3)
+        tokens = torch.full((6,), model.vocab.start, dtype=torch.long)
+        _export(_Encoder(model), (pixels,), out / "encoder.onnx", ["pixels"], ["grid"], {"pixels": {0: "B"}})
+        _export(_Classifier(model), (grid,), out / "classifier.onnx", ["grid"], ["probs"], {"grid": {0: "B"}})
+        _export(_Start(model), (grid,), out / "decoder_start.onnx", ["grid"], ["h", "c", "values", "keys"],
+                {"grid": {0: "B"}})
+        _export(_Step(model), (tokens, *state), out / "decoder_step.onnx", ["tokens", "h", "c", "values", "keys"],
+                ["log_probs", "h_out", "c_out"],
+                {"tokens": {0: "N"}, "h": {0: "N"}, "c": {0: "N"}, "values": {0: "B"}, "keys": {0: "B"}})
+    _check(out)
+    (out / RUNTIME_FILE).write_text(json.dumps(_runtime(model), indent=1), encoding="utf-8")
+    if calibration_from is not None and (Path(calibration_from) / CALIBRATION_FILE).exists():
+        shutil.copy(Path(calibration_from) / CALIBRATION_FILE, out / CALIBRATION_FILE)
+    return out
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
+        torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+
+
+def _check(out: Path) -> None:
+    import onnx
+
+    for name in GRAPHS:
+        onnx.checker.check_model(onnx.load(str(out / f"{name}.onnx")), full_check=True)
+
+
+def _runtime(model: CaptionModel) -> dict:
+    preprocess = model.encoder.preprocess
+    return {
+        "opset": OPSET,
+        "encoder": model.config.encoder,
+        "preprocess": {"size": preprocess.size, "mean": list(preprocess.mean), "std": list(preprocess.std),
+                       "resize": "squash to size x size, bicubic; the encoder graph normalizes"},
+        "grid_channels": model.encoder.out_channels,
+        "decoder": dataclasses.asdict(model.config.decoder),
+        "decoding": dataclasses.asdict(model.config.decoding),
+        "vocabulary": list(model.vocab.itos),
+        "special_tokens": {"pad": model.vocab.pad, "start": model.vocab.start, "end": model.vocab.end,
+                           "unknown": model.vocab.unk},
+        "class_names": list(model.encoder.class_names or ()),
+    }
+
+
+def quantize_int8(out: str | Path) -> None:
+    """Replace the decoder graphs' and the classifier's float weights with int8 (ONNX Runtime dynamic quantization).
+
+    Their matrix products carry the decoder's cost; the encoder's convolutions would need
+    static quantization with calibration images, and stay float.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = Path(out)
+    for name in ("decoder_start", "decoder_step", "classifier"):
+        path = out / f"{name}.onnx"
+        staging = out / f".{name}.int8.onnx"
+        quantize_dynamic(str(path), str(staging), weight_type=QuantType.QInt8)
+        staging.replace(path)
+    runtime = json.loads((out / RUNTIME_FILE).read_text(encoding="utf-8"))
+    runtime["int8"] = ["decoder_start", "decoder_step", "classifier"]
+    (out / RUNTIME_FILE).write_text(json.dumps(runtime, indent=1), encoding="utf-8")

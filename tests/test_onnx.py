@@ -1,0 +1,81 @@
+"""ONNX export of the shipped model and the ONNX Runtime backend: same captions as PyTorch on real photos."""
+
+import json
+import shutil
+
+import pytest
+from conftest import SAMPLES, SHARED_SAMPLES
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'captioner[onnx]')")
+
+from captioner.api import caption_paths  # noqa: E402
+from captioner.errors import ModelLoadError, OutputError  # noqa: E402
+from captioner.onnx_export import GRAPHS, OPSET, RUNTIME_FILE, export_onnx, quantize_int8  # noqa: E402
+from captioner.onnx_runtime import load_onnx_model  # noqa: E402
+from captioner.pipelines.cli import main  # noqa: E402
+
+PHOTOS = [SAMPLES / "chelsea.png", SAMPLES / "coffee.png", SHARED_SAMPLES / "astronaut.png",
+          SHARED_SAMPLES / "rocket.jpg"]
+
+
+@pytest.fixture(scope="module")
+def exported(default_model, tmp_path_factory):
+    from captioner.model import DEFAULT_MODEL_DIR
+
+    return export_onnx(default_model, tmp_path_factory.mktemp("onnx") / "export", calibration_from=DEFAULT_MODEL_DIR)
+
+
+def test_the_export_holds_checked_graphs_and_what_a_runtime_needs(exported, default_model):
+    assert all((exported / f"{name}.onnx").is_file() for name in GRAPHS)  # onnx.checker passed on each
+    runtime = json.loads((exported / RUNTIME_FILE).read_text())
+    assert runtime["opset"] == OPSET and runtime["vocabulary"] == default_model.vocab.itos
+    assert runtime["decoding"]["beam_size"] == default_model.config.decoding.beam_size
+    assert runtime["preprocess"]["size"] == 224 and len(runtime["class_names"]) == 1000
+
+
+def test_onnx_runtime_captions_equal_pytorch_captions(exported, default_model):
+    onnx_model = load_onnx_model(exported)
+    torch_results = list(caption_paths(default_model, PHOTOS))
+    onnx_results = list(caption_paths(onnx_model, PHOTOS))
+    for ours, theirs in zip(onnx_results, torch_results, strict=True):
+        assert ours.captions[0].text == theirs.captions[0].text
+        assert ours.captions[0].score == pytest.approx(theirs.captions[0].score, abs=1e-4)
+        assert ours.captions[0].confidence == pytest.approx(theirs.captions[0].confidence, abs=1e-3)
+        assert [t.label for t in ours.tags] == [t.label for t in theirs.tags]
+
+
+def test_int8_weights_still_name_the_cat(exported, tmp_path):
+    shutil.copytree(exported, tmp_path / "int8")
+    quantize_int8(tmp_path / "int8")
+    step = "decoder_step.onnx"
+    assert (tmp_path / "int8" / step).stat().st_size < (exported / step).stat().st_size / 3
+    (result,) = caption_paths(load_onnx_model(tmp_path / "int8"), [SAMPLES / "chelsea.png"])
+    assert result.captions[0].text == "a cat is playing with a toy"
+
+
+def test_a_missing_or_malformed_graph_is_a_clear_error(exported, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    (broken / "decoder_step.onnx").write_bytes(b"not a protobuf at all")
+    with pytest.raises(ModelLoadError, match="decoder_step.onnx: cannot load ONNX graph"):
+        load_onnx_model(broken)
+    (broken / "decoder_step.onnx").unlink()
+    with pytest.raises(ModelLoadError, match="decoder_step.onnx: cannot load ONNX graph: no such file"):
+        load_onnx_model(broken)
+    (broken / RUNTIME_FILE).write_text("{")
+    with pytest.raises(ModelLoadError, match="runtime.json: cannot read"):
+        load_onnx_model(broken)
+    with pytest.raises(OutputError, match="not empty"):
+        export_onnx(load_onnx_model(exported), exported)
+
+
+def test_the_cli_exports_and_captions_with_onnx_runtime(tmp_path, capsys):
+    assert main(["caption", "--backend", "onnxruntime", str(SAMPLES / "chelsea.png")]) == 0
+    assert capsys.readouterr().out.strip().endswith("\ta cat is playing with a toy")
+    assert main(["export", "-o", str(tmp_path / "x")]) == 0
+    assert main(["caption", "--backend", "onnxruntime", "--onnx", str(tmp_path / "x"), "--json",
+                 str(SAMPLES / "chelsea.png")]) == 0
+    assert '"caption": "a cat is playing with a toy"' in capsys.readouterr().out
+    assert main(["caption", "--backend", "onnxruntime", "--onnx", str(tmp_path / "nowhere"),
+                 str(SAMPLES / "chelsea.png")]) == 1
+    assert "runtime.json: cannot read" in capsys.readouterr().err
