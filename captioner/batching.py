@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -39,19 +40,28 @@ class DynamicBatcher:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
-        self.batch_sizes: list[int] = []  # every batch run, for tests and benchmarks
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # the latest batches' sizes, for tests and benchmarks
+        self._closed = False
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []  # taken from the queue, waiting for a batch with their options
         self._thread = threading.Thread(target=self._run, name="captioner-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, name: str, pixels: np.ndarray, options: DecodingOptions | None = None) -> Future:
-        """Queue one image's pixels; the future gives its :class:`PathResult` (or the batch's exception)."""
+        """Queue one image's pixels; the future gives its :class:`PathResult` (or the batch's exception).
+
+        Raises:
+            RuntimeError: the batcher is closed.
+        """
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
         item = _Item(name, pixels, options)
         self._queue.put(item)
         return item.future
 
     def close(self) -> None:
+        """Caption what is queued, then stop the worker."""
+        self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=30)
 
@@ -84,18 +94,20 @@ class DynamicBatcher:
         return False
 
     def _caption(self, batch: list[_Item]) -> None:
+        # a caller that gave up (a timeout, a closed connection) cancelled its future: skip its image
+        batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
         if not batch:
             return
         self.batch_sizes.append(len(batch))
         try:
             pixels = torch.from_numpy(np.stack([item.pixels for item in batch]))
             results = caption_pixel_batch(self.model, [item.name for item in batch], pixels, batch[0].options)
-        except Exception as e:  # noqa: BLE001 (handed to every waiting caller, who reports it)
+            for item, result in zip(batch, results, strict=True):
+                item.future.set_result(result)
+        except Exception as e:  # noqa: BLE001 (handed to every waiting caller, who reports it; the worker goes on)
             for item in batch:
-                item.future.set_exception(e)
-            return
-        for item, result in zip(batch, results, strict=True):
-            item.future.set_result(result)
+                if not item.future.done():
+                    item.future.set_exception(e)
 
 
 __all__ = ["DynamicBatcher", "PathResult"]

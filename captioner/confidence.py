@@ -196,7 +196,7 @@ class Calibrator:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
             calibrator = _from_dict(raw)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError,
-                ValueError) as e:
+                ValueError, OverflowError) as e:
             raise ModelLoadError(f"{printable(path)}: bad calibration: {_reason(e)}") from e
         if len(calibrator.features.mean) != channels:
             raise ModelLoadError(f"{printable(path)}: bad calibration: feature statistics have "

@@ -69,7 +69,10 @@ def join(device_type: str) -> ProcessGroup:
     if world <= 1:
         return ProcessGroup()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        # gloo for the small CPU tensors (token counts, shared scores), nccl for the gradients on GPUs
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
     return ProcessGroup(rank, local_rank, world)
 
 

@@ -89,6 +89,19 @@ def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str |
     except OSError as e:
         raise OutputError(f"{printable(out)}: cannot write the export: {e.strerror or e}") from e
     model = model.to("cpu").eval()
+    try:
+        _export_graphs(model, out)
+        (out / RUNTIME_FILE).write_text(json.dumps(_runtime(model), indent=1), encoding="utf-8")
+    except BaseException:
+        for file in out.iterdir():  # no half export left behind to refuse the next try
+            file.unlink()
+        raise
+    if calibration_from is not None and (Path(calibration_from) / CALIBRATION_FILE).exists():
+        shutil.copy(Path(calibration_from) / CALIBRATION_FILE, out / CALIBRATION_FILE)
+    return out
+
+
+def _export_graphs(model: CaptionModel, out: Path) -> None:
     size = model.encoder.preprocess.size
     with torch.no_grad():
         pixels = torch.zeros((2, size, size, 3), dtype=torch.uint8)
@@ -96,17 +109,14 @@ def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str |
         state = model.decoder.start(grid, 3)
         tokens = torch.full((6,), model.vocab.start, dtype=torch.long)
         _export(_Encoder(model), (pixels,), out / "encoder.onnx", ["pixels"], ["grid"], {"pixels": {0: "B"}})
-        _export(_Classifier(model), (grid,), out / "classifier.onnx", ["grid"], ["probs"], {"grid": {0: "B"}})
+        if model.encoder.class_names is not None:  # encoders without an ImageNet head have no tags to give
+            _export(_Classifier(model), (grid,), out / "classifier.onnx", ["grid"], ["probs"], {"grid": {0: "B"}})
         _export(_Start(model), (grid,), out / "decoder_start.onnx", ["grid"], ["h", "c", "values", "keys"],
                 {"grid": {0: "B"}})
         _export(_Step(model), (tokens, *state), out / "decoder_step.onnx", ["tokens", "h", "c", "values", "keys"],
                 ["log_probs", "h_out", "c_out"],
                 {"tokens": {0: "N"}, "h": {0: "N"}, "c": {0: "N"}, "values": {0: "B"}, "keys": {0: "B"}})
     _check(out)
-    (out / RUNTIME_FILE).write_text(json.dumps(_runtime(model), indent=1), encoding="utf-8")
-    if calibration_from is not None and (Path(calibration_from) / CALIBRATION_FILE).exists():
-        shutil.copy(Path(calibration_from) / CALIBRATION_FILE, out / CALIBRATION_FILE)
-    return out
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
@@ -120,7 +130,8 @@ def _check(out: Path) -> None:
     import onnx
 
     for name in GRAPHS:
-        onnx.checker.check_model(onnx.load(str(out / f"{name}.onnx")), full_check=True)
+        if (out / f"{name}.onnx").exists():  # the classifier only where the encoder has a head
+            onnx.checker.check_model(onnx.load(str(out / f"{name}.onnx")), full_check=True)
 
 
 def _runtime(model: CaptionModel) -> dict:
@@ -151,6 +162,8 @@ def quantize_int8(out: str | Path) -> None:
     out = Path(out)
     for name in ("decoder_start", "decoder_step", "classifier"):
         path = out / f"{name}.onnx"
+        if not path.exists():
+            continue
         staging = out / f".{name}.int8.onnx"
         quantize_dynamic(str(path), str(staging), weight_type=QuantType.QInt8)
         staging.replace(path)

@@ -59,14 +59,14 @@ class OnnxEncoder(nn.Module):
         self.out_channels = runtime["grid_channels"]
         self.class_names = tuple(runtime["class_names"]) or None
         self._encoder = _session(folder / "encoder.onnx")
-        self._classifier = _session(folder / "classifier.onnx")
+        self._classifier = _session(folder / "classifier.onnx") if self.class_names else None
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, S, S, 3) uint8 pixels -> (B, C, h, w) grid."""
         return torch.from_numpy(self._encoder.run(None, {"pixels": np.ascontiguousarray(pixels.numpy())})[0])
 
     def classify(self, grid: torch.Tensor) -> torch.Tensor | None:
-        if self.class_names is None:
+        if self._classifier is None:
             return None
         return torch.from_numpy(self._classifier.run(None, {"grid": grid.float().numpy()})[0])
 
@@ -110,7 +110,10 @@ def load_onnx_model(folder: str | Path) -> CaptionModel:
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{printable(folder / RUNTIME_FILE)}: bad runtime description: {e}") from e
     model = CaptionModel(config, vocab, pretrained_encoder=False)
-    model.encoder = OnnxEncoder(folder, runtime)
+    try:
+        model.encoder = OnnxEncoder(folder, runtime)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{printable(folder / RUNTIME_FILE)}: bad runtime description: {e!r}") from e
     model.decoder = OnnxDecoder(folder)
     if (folder / CALIBRATION_FILE).exists():
         model.calibrator = Calibrator.load(folder / CALIBRATION_FILE, model.encoder.out_channels)

@@ -79,12 +79,16 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _check_distributable(cfg: TrainConfig) -> None:
+def _check_distributable(cfg: TrainConfig, world: int) -> None:
     """Under torchrun only the cross-entropy phase on cached grids runs data-parallel.
 
     Raises:
-        OptionError: the run also fine-tunes the CNN or has a self-critical phase.
+        OptionError: the run also fine-tunes the CNN or has a self-critical phase, or its
+            global batch is smaller than the number of processes.
     """
+    if cfg.batch_size < world:
+        raise OptionError(f"batch_size={cfg.batch_size} is the global batch: give at least one caption to each of "
+                          f"the {world} processes")
     if cfg.finetune_encoder or cfg.scst_epochs:
         raise OptionError("under torchrun, training runs its cross-entropy phase on cached features: set "
                           "finetune_encoder false and scst_epochs 0, then run the self-critical phase in one "
@@ -195,7 +199,7 @@ class Trainer:
         self.device = _pick_device(cfg.device)
         self.group = join(self.device.type)
         if self.group.distributed:
-            _check_distributable(cfg)
+            _check_distributable(cfg, self.group.world)
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.group.local_rank)
         self.out = prepare_output(Path(cfg.out_dir), resume=resume)

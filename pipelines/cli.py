@@ -160,6 +160,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         check_writable_file(args.html)
     _check_fallback(args)
     fmt = format_for(Path(args.output), args.format)
+    if args.compile and args.backend != "torch":
+        raise OptionError("--compile compiles the PyTorch encoder; it does not apply to --backend onnxruntime")
     with RecordFile(args.output, fmt) as records:  # opened, locked and read before the model loads
         model, options = _load(args)
         if args.compile:

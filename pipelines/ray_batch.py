@@ -362,18 +362,20 @@ def caption_with_ray(
                                                 "min_confidence": min_confidence, "fallback": fallback,
                                                 "threads": threads})
         )
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            if summary.first_record is None:
-                summary.first_record, summary.first_records = time.time() - started, len(batch["record"])
-            for text in batch["record"]:
-                record = json.loads(str(text))
-                writer.add(record)
-                if "error" in record:
-                    summary.failed += 1
-                    print(f"skipped {record['error']}", file=sys.stderr)
-                else:
-                    summary.captioned += 1
-        writer.flush()
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                if summary.first_record is None:
+                    summary.first_record, summary.first_records = time.time() - started, len(batch["record"])
+                for text in batch["record"]:
+                    record = json.loads(str(text))
+                    writer.add(record)
+                    if "error" in record:
+                        summary.failed += 1
+                        print(f"skipped {record['error']}", file=sys.stderr)
+                    else:
+                        summary.captioned += 1
+        finally:
+            writer.flush()  # what came back is kept, even when Ray fails or Ctrl-C stops the job
     if merge:
         writer.merge()
     summary.seconds = time.time() - started
@@ -407,8 +409,10 @@ def add_ray_flags(parser) -> None:
 
 def run_from_args(args, model_dir: str | None, options) -> RaySummary:
     """The ``batch --ray`` command's work, flags already parsed; the model was checked by the caller."""
-    if args.html or args.retry_errors or args.compile:
-        raise OptionError("--html, --retry-errors and --compile are not available with --ray")
+    if args.html or args.retry_errors or args.compile or args.backend != "torch":
+        raise OptionError("--html, --retry-errors, --compile and --backend are not available with --ray")
+    if args.merge and "://" in args.output:
+        raise OptionError("--merge writes a local captions.jsonl: give a local -o, or merge the shards yourself")
     if min(args.actors, args.shard_size) < 1 or args.gpus_per_actor < 0:
         raise OptionError("--actors and --shard-size must be at least 1, --gpus-per-actor not negative")
     cpus = args.cpus_per_actor or max(1.0, (os.cpu_count() or 1) // args.actors)

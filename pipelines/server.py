@@ -26,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
 from captioner.batching import DynamicBatcher
@@ -140,9 +141,8 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         video_options, decoding = _video_options(model, fields)
         path = state["folder"] / f"upload-{id(upload):x}"  # our name: the client's never touches the disk
         try:
-            with path.open("wb") as f:
-                shutil.copyfileobj(upload.file, f)
-            job = run_in_threadpool(_subtitle, model, path, decoding, video_options, printable(upload.filename))
+            job = run_in_threadpool(_subtitle, model, upload.file, path, decoding, video_options,
+                                    printable(upload.filename))
             result = await _within(job, settings.timeout)
         finally:
             path.unlink(missing_ok=True)
@@ -193,7 +193,8 @@ def _image_pixels(data: bytes, name: str, size: int):
         return bytes_pixels(data, name, size, formats=IMAGE_FORMATS)
     except ImageReadError as e:
         message = str(e)
-        status = 415 if "not an image" in message else 413 if "exceeds" in message else 400
+        reason = message.removeprefix(f"{name}: ")  # judged on the reason alone, never on the client's file name
+        status = 415 if reason.startswith("not an image") else 413 if "exceeds" in reason else 400
         raise HTTPError(status, message) from e
 
 
@@ -205,9 +206,12 @@ def _record(result, min_confidence: float | None, fallback: str | None, n_best: 
     return record
 
 
-def _subtitle(model, path: Path, decoding: DecodingOptions, settings: VideoOptions, name: str):
+def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: VideoOptions, name: str):
+    """Write the upload to ``path`` (for OpenCV) and subtitle it; runs in a worker thread, off the event loop."""
     from captioner.pipelines.video import subtitle_video
 
+    with path.open("wb") as f:
+        shutil.copyfileobj(upload, f)
     try:
         return subtitle_video(path, model=model, options=decoding, settings=settings)
     except VideoReadError as e:
@@ -238,6 +242,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, error: HTTPError) -> JSONResponse:
         return JSONResponse({"error": error.message}, status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(CaptionerError)
     async def captioner_error(request: Request, error: CaptionerError) -> JSONResponse:

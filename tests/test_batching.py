@@ -4,6 +4,7 @@ import dataclasses
 import threading
 
 import numpy as np
+import pytest
 from conftest import SHARED_SAMPLES
 
 from captioner.api import caption_images
@@ -24,7 +25,7 @@ def test_requests_arriving_together_share_one_batch_and_get_their_own_captions(d
         results = [f.result(timeout=60) for f in futures]
     finally:
         batcher.close()
-    assert batcher.batch_sizes == [8]
+    assert list(batcher.batch_sizes) == [8]
     expected = [c.text for c in caption_images(default_model, [SHARED_SAMPLES / n for n in PHOTOS])]
     assert [r.captions[0].text for r in results] == expected * 2
     assert [r.path for r in results] == PHOTOS * 2 and all(r.tags for r in results[:2])
@@ -58,4 +59,20 @@ def test_threads_submitting_at_once_are_batched_and_close_finishes_what_is_queue
     batcher.close()
     assert late.result(timeout=1).captions[0].text == "a cat is playing with a toy"
     assert len(results) == 12 and max(batcher.batch_sizes) > 1
-    assert np.mean(batcher.batch_sizes[:-1]) > 2
+    assert np.mean(list(batcher.batch_sizes)[:-1]) > 2
+
+
+def test_a_caller_that_gave_up_does_not_stop_the_worker_and_a_closed_batcher_refuses(default_model):
+    batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=0.3)
+    try:
+        abandoned = batcher.submit("chelsea.png", pixels("chelsea.png"))
+        assert abandoned.cancel()  # as asyncio does for a request that timed out
+        kept = batcher.submit("coffee.png", pixels("coffee.png"))
+        assert kept.result(timeout=60).captions[0].text == "a small brown dog is running through the water"
+        again = batcher.submit("chelsea.png", pixels("chelsea.png"))
+        assert again.result(timeout=60).captions[0].text == "a cat is playing with a toy"
+    finally:
+        batcher.close()
+    assert list(batcher.batch_sizes) == [1, 1]
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit("chelsea.png", pixels("chelsea.png"))

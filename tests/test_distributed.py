@@ -65,3 +65,5 @@ def test_phases_that_cannot_run_data_parallel_are_refused_at_start(tiny_config, 
     monkeypatch.setattr("captioner.train.join", lambda device: ProcessGroup(rank=1, local_rank=1, world=2))
     with pytest.raises(OptionError, match="under torchrun.*scst_epochs 0"):
         Trainer(dataclasses.replace(tiny_config, scst_epochs=1))
+    with pytest.raises(OptionError, match="batch_size=1 is the global batch"):
+        Trainer(dataclasses.replace(tiny_config, batch_size=1))

@@ -99,5 +99,7 @@ def test_ray_flags_are_checked_before_ray_starts(photos, tmp_path, capsys):
     assert "not CSV" in capsys.readouterr().err
     assert main(["batch", str(photos), "-o", str(tmp_path / "o.jsonl"), "--format", "parquet"]) == 2
     assert "use it with --ray" in capsys.readouterr().err
+    assert main(["batch", str(photos), "-o", "file:///tmp/x", "--ray", "--merge"]) == 2
+    assert "give a local -o" in capsys.readouterr().err
     assert main(["batch", "s3-nonsense://bucket/x", "-o", str(tmp_path / "o"), "--ray"]) == 2
     assert "cannot open this location" in capsys.readouterr().err

@@ -81,6 +81,10 @@ def test_bad_uploads_are_4xx_json_naming_the_file_never_500(client, tmp_path):
         assert (response.status_code, reason in response.json()["error"]) == (status, True), name
         assert "Traceback" not in response.text
     assert client.post("/v1/captions").status_code == 400  # no files at all
+    named = client.post("/v1/captions", files=[photo(tmp_path / "cut.jpg", "exceeds.jpg")])
+    assert named.status_code == 400  # the status comes from the reason, never from the client's file name
+    missing = client.get("/no/such/page")
+    assert missing.status_code == 404 and "error" in missing.json()
     huge = ("images", ("big.jpg", b"\xff" * (5 * 2**20), "image/jpeg"))
     response = client.post("/v1/captions", files=[huge])
     assert response.status_code == 413 and "larger than the limit" in response.json()["error"]
