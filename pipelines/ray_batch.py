@@ -84,8 +84,11 @@ def filesystem(uri: str):
         raise OptionError(f"{printable(uri)}: cannot open this location: {e}") from e
 
 
-def list_images(source: str) -> list[str]:
-    """Image files under ``source``, sorted; local folders are walked as the local pipeline walks them.
+def list_images(source: str) -> list[tuple[str, str]]:
+    """(record path, path inside the source's filesystem) of the image files under ``source``, sorted.
+
+    Local folders are walked as the local pipeline walks them (both paths the same); a URI's
+    files are named ``scheme://path`` in records, without the URI's query options.
 
     Raises:
         OptionError: ``source`` is not a folder, or cannot be listed.
@@ -97,14 +100,15 @@ def list_images(source: str) -> list[str]:
 
         if not os.path.isdir(source):
             raise OptionError(f"{printable(source)}: not a folder")
-        return [str(p) for p in walk_images(os.path.realpath(source))]
+        return [(str(p), str(p)) for p in walk_images(os.path.realpath(source))]
     filesystem_, root = filesystem(source)
     try:
         infos = filesystem_.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as e:
         raise OptionError(f"{printable(source)}: cannot list: {e}") from e
     scheme = source.split("://", 1)[0]
-    return sorted(f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File and is_image_path(i.path))
+    return sorted((f"{scheme}://{i.path}", i.path) for i in infos
+                  if i.type == pafs.FileType.File and is_image_path(i.path))
 
 
 class ShardWriter:
@@ -223,18 +227,22 @@ def _read_parquet(fs, name: str) -> Iterator[dict]:
             yield checked_record(json.loads(text))
 
 
-def read_bytes(batch: dict[str, np.ndarray]) -> dict[str, list]:
-    """A Ray task: each path's bytes, or the reason they cannot be read (the job goes on)."""
-    paths = [str(p) for p in batch["path"]]
+def read_bytes(batch: dict[str, np.ndarray], source: str) -> dict[str, list]:
+    """A Ray task: each file's bytes, or the reason they cannot be read (the job goes on).
+
+    ``source`` is the SOURCE as given: a URI's filesystem (with its query options, such as
+    an endpoint) is made once per batch from it.
+    """
+    paths, insides = [str(p) for p in batch["path"]], [str(p) for p in batch["inside"]]
+    fs = filesystem(source)[0] if "://" in source else None
     data, errors = [], []
-    for path in paths:
+    for path, inside in zip(paths, insides, strict=True):
         try:
-            if "://" in path:
-                fs, inside = filesystem(path)
+            if fs is not None:
                 with fs.open_input_stream(inside) as stream:
                     data.append(stream.read())
             else:
-                data.append(_read_local(path))
+                data.append(_read_local(inside))
             errors.append("")
         except (OSError, CaptionerError) as e:
             data.append(b"")
@@ -348,14 +356,16 @@ def caption_with_ray(
     writer.remove_staging()
     done = {r["path"] for r in writer.records()}
     paths = list_images(source)
-    todo = [p for p in paths if printable(p) not in done]
+    todo = [(p, inside) for p, inside in paths if printable(p) not in done]
     summary = RaySummary(already_done=len(paths) - len(todo))
     if todo:
         start_ray(settings.address)
         threads = max(1, int(settings.cpus_per_actor))
         dataset = (
-            ray.data.from_items([{"path": p} for p in todo], override_num_blocks=_blocks(len(todo), settings))
-            .map_batches(read_bytes, batch_size=settings.batch_size, num_cpus=0)  # I/O: leaves the CPUs to actors
+            ray.data.from_items([{"path": p, "inside": inside} for p, inside in todo],
+                                override_num_blocks=_blocks(len(todo), settings))
+            .map_batches(read_bytes, fn_kwargs={"source": source}, batch_size=settings.batch_size,
+                         num_cpus=0)  # I/O: leaves the CPUs to the actors
             .map_batches(Captioner, batch_size=settings.batch_size, concurrency=settings.actors,
                          num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor or None,
                          fn_constructor_kwargs={"model_dir": model_dir, "options": options,
