@@ -29,11 +29,24 @@ class CiderD:
 
     def __init__(self, references: Sequence[Sequence[Sequence[Token]]]):
         """``references[i]`` is the list of tokenized reference captions of image ``i``."""
-        self.document_frequency: Counter = Counter()
+        frequency: Counter = Counter()
         for refs in references:
-            self.document_frequency.update({g for ref in refs for g in ngram_counts(ref)})
-        self.log_images = math.log(float(len(references)))
-        self._refs = [[self._vector(ngram_counts(r)) for r in refs] for refs in references]
+            frequency.update({g for ref in refs for g in ngram_counts(ref)})
+        self._start(frequency, len(references), references)
+
+    @classmethod
+    def from_frequencies(cls, document_frequency: Counter, images: int,
+                         references: Sequence[Sequence[Sequence[Token]]]) -> "CiderD":
+        """A scorer whose document frequencies were counted before (over ``images`` images), e.g. stored."""
+        scorer = cls.__new__(cls)
+        scorer._start(document_frequency, images, references)
+        return scorer
+
+    def _start(self, frequency: Counter, images: int, references: Sequence[Sequence[Sequence[Token]]]) -> None:
+        self.document_frequency = frequency
+        self.log_images = math.log(float(images))
+        self._references = references
+        self._refs: dict[int, list[NGramVector]] = {}  # reference vectors, made when an image is first scored
 
     def _vector(self, counts: Counter) -> NGramVector:
         vec: list[dict[tuple, float]] = [defaultdict(float) for _ in range(MAX_N)]
@@ -63,5 +76,7 @@ class CiderD:
     def score(self, candidate: Sequence[Token], image: int) -> float:
         """CIDEr-D of one tokenized candidate for image index ``image`` (unscaled, like 0.55)."""
         hyp = self._vector(ngram_counts(candidate))
-        refs = self._refs[image]
+        refs = self._refs.get(image)
+        if refs is None:
+            refs = self._refs[image] = [self._vector(ngram_counts(r)) for r in self._references[image]]
         return 10.0 * sum(self._similarity(hyp, ref) for ref in refs) / len(refs)

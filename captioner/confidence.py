@@ -7,13 +7,14 @@ length, the encoder's ImageNet class distribution (entropy, top probability), ho
 that distribution the caption names and leaves unnamed (through the grounding map: "cat"
 names tabby; "espresso" at 0.9 under "a dog runs through the water" is unnamed), and how far the image's
 pooled feature lies from the training images' (a diagonal Mahalanobis distance to a few
-KB of statistics). "Acceptable" means per-image CIDEr-D of at least
+KB of statistics), and how well the caption agrees with the human captions of the most
+similar training photos (:mod:`captioner.consensus`). "Acceptable" means per-image CIDEr-D of at least
 :data:`ACCEPTABLE_CIDER` against the image's references; ``tools/fit_calibrator.py`` fits
 it on Flickr8k dev and part of coco_mini and writes it, as JSON, into the model folder.
 
-The signs of five weights are fixed by what they mean (a likelier caption, one that names
-what the classifier sees, and an image nearer the training data are never less
-trustworthy), so confidence is monotone in those inputs whatever the fit finds; the fit
+The signs of six weights are fixed by what they mean (a likelier caption, one that names
+what the classifier sees or agrees with similar photos' captions, and an image nearer the
+training data are never less trustworthy), so confidence is monotone in those inputs whatever the fit finds; the fit
 drops a signal whose weight would break that.
 """
 
@@ -35,9 +36,9 @@ ACCEPTABLE_CIDER = 0.5  # a caption is acceptable when its per-image CIDEr-D rea
 
 # Signal names in the order of their columns; the sign each weight must keep (0: free).
 SIGNALS = ("mean_logprob", "min_logprob", "words", "class_entropy", "top_class_p", "feature_distance",
-           "named_class_p", "unnamed_class_p")
+           "named_class_p", "unnamed_class_p", "consensus")
 SIGNS = {"mean_logprob": 1, "min_logprob": 1, "words": 0, "class_entropy": 0, "top_class_p": 0,
-         "feature_distance": -1, "named_class_p": 1, "unnamed_class_p": -1}
+         "feature_distance": -1, "named_class_p": 1, "unnamed_class_p": -1, "consensus": 1}
 NAMED_CLASSES = 5  # the likeliest classes whose naming by the caption is checked
 MIN_PROB = 1e-12  # floor before taking the log of a caption's least likely token
 
@@ -122,20 +123,23 @@ def class_naming(word_ids: list[int], probs: torch.Tensor | None, concepts: torc
 
 
 def signal_rows(captions: Sequence[Sequence[Caption]], images: torch.Tensor, probs: torch.Tensor | None,
-                concepts: torch.Tensor, word_ids: Callable[[Sequence[str]], list[int]]) -> list[torch.Tensor]:
+                concepts: torch.Tensor, word_ids: Callable[[Sequence[str]], list[int]],
+                consensus: Sequence[Sequence[float]]) -> list[torch.Tensor]:
     """Per image, (n-best, len(SIGNALS)) signals of its captions.
 
     Args:
         images: (B, 3) from :func:`image_signals`.
         probs: (B, classes) class probabilities, or None.
         concepts: the grounding matrix; ``word_ids`` maps a caption's tokens to vocabulary ids.
+        consensus: each caption's agreement with its neighbours' references (:mod:`captioner.consensus`).
     """
     rows = []
     for i, n_best in enumerate(captions):
         image = images[i].tolist()
         p = None if probs is None else probs[i]
-        rows.append(torch.tensor([caption_signals(c) + image + class_naming(word_ids(c.tokens), p, concepts)
-                                  for c in n_best], dtype=torch.float64).reshape(len(n_best), len(SIGNALS)))
+        rows.append(torch.tensor([caption_signals(c) + image + class_naming(word_ids(c.tokens), p, concepts) + [agree]
+                                  for c, agree in zip(n_best, consensus[i], strict=True)],
+                                 dtype=torch.float64).reshape(len(n_best), len(SIGNALS)))
     return rows
 
 

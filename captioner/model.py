@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from captioner.concepts import concept_evidence, concept_matrix
 from captioner.confidence import CALIBRATION_FILE, Calibrator, image_signals, signal_rows
+from captioner.consensus import CONSENSUS_FILE, CONSENSUS_WEIGHTS, Consensus
 from captioner.decoder import build_decoder
 from captioner.decoding import Caption, DecodingOptions, decode_grid
 from captioner.encoders import ENCODERS, build_encoder
@@ -36,7 +37,8 @@ from captioner.vocab import SPECIALS, Vocabulary
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "model.safetensors"
-MODEL_FILES = {CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, CALIBRATION_FILE, "MODEL_CARD.md"}  # what a model folder may hold
+MODEL_FILES = {CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, CALIBRATION_FILE, CONSENSUS_FILE, CONSENSUS_WEIGHTS,
+               "MODEL_CARD.md"}  # what a model folder may hold
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 MAX_ENSEMBLE = 16  # decoders in one model; each is a full LSTM decoder held in memory
 
@@ -125,6 +127,7 @@ class CaptionModel(nn.Module):
         self.decoder = build_decoder(config.decoder, config.ensemble_size)
         self._concepts: torch.Tensor | None = None  # class -> word matrix, built on first use
         self.calibrator: Calibrator | None = None  # turns signals into confidence (captioner.confidence)
+        self.consensus: Consensus | None = None  # the training photos' captions, for the calibrator's consensus
 
     @property
     def device(self) -> torch.device:
@@ -164,10 +167,11 @@ class CaptionModel(nn.Module):
         probs = self.encoder.classify(grid)
         evidence = self.concept_evidence(probs, options.concept_threshold) if options.concept_boost > 0 else None
         captions = decode_grid(self.decoder, grid, self.vocab, options, evidence)
-        if self.calibrator is None:
+        if self.calibrator is None or self.consensus is None:
             return captions
+        agreement = self.consensus.scores(grid.float().mean(dim=(2, 3)), [[c.text for c in n] for n in captions])
         rows = signal_rows(captions, image_signals(grid, probs, self.calibrator.features), probs,
-                           self.concepts(), self.vocab.word_ids)
+                           self.concepts(), self.vocab.word_ids, agreement)
         confidences = [self.calibrator.confidence(row).tolist() for row in rows]
         return [[dataclasses.replace(c, confidence=round(p, 4)) for c, p in zip(n_best, ps, strict=True)]
                 for n_best, ps in zip(captions, confidences, strict=True)]
@@ -229,6 +233,7 @@ class CaptionModel(nn.Module):
         self.vocab.save(directory / VOCAB_FILE)
         if self.calibrator is not None:
             self.calibrator.save(directory / CALIBRATION_FILE)
+            self.consensus.save(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike = DEFAULT_MODEL_DIR, *, device: str | None = None) -> "CaptionModel":
@@ -254,8 +259,9 @@ class CaptionModel(nn.Module):
                 model.encoder.load_state_dict(_strip(tensors, "encoder."), strict=True)
         except RuntimeError as e:  # the header check makes this unreachable short of a safetensors bug
             raise ModelLoadError(f"{printable(directory)}: cannot load model: weights do not fit the config") from e
-        if (directory / CALIBRATION_FILE).exists():
+        if (directory / CALIBRATION_FILE).exists():  # the calibrator reads the consensus of the training captions
             model.calibrator = Calibrator.load(directory / CALIBRATION_FILE, model.encoder.out_channels)
+            model.consensus = Consensus.load(directory, model.encoder.out_channels)
         model.encoder.to(memory_format=torch.channels_last)
         return model.to(device or "cpu").eval()
 

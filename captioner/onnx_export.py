@@ -12,7 +12,7 @@ Four graphs, each with a dynamic batch dimension, plus ``runtime.json``:
 
 ``runtime.json`` holds the vocabulary, decoding defaults, preprocessing constants, class
 names and the opset: with it, beam search as in :mod:`captioner.search` can be rebuilt in
-any language. A model's ``calibration.json`` is copied beside them.
+any language. A model's ``calibration.json`` and the consensus files it reads are copied beside them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from captioner.confidence import CALIBRATION_FILE
+from captioner.consensus import CONSENSUS_FILE, CONSENSUS_WEIGHTS
 from captioner.errors import ModelLoadError, OutputError, printable
 from captioner.model import CaptionModel
 
@@ -97,7 +98,8 @@ def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str |
             file.unlink()
         raise
     if calibration_from is not None and (Path(calibration_from) / CALIBRATION_FILE).exists():
-        shutil.copy(Path(calibration_from) / CALIBRATION_FILE, out / CALIBRATION_FILE)
+        for name in (CALIBRATION_FILE, CONSENSUS_FILE, CONSENSUS_WEIGHTS):  # the calibrator and what it reads
+            shutil.copy(Path(calibration_from) / name, out / name)
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from captioner.confidence import CALIBRATION_FILE, Calibrator
+from captioner.consensus import Consensus
 from captioner.decoder import DecoderState
 from captioner.encoders import Preprocess
 from captioner.errors import ModelLoadError, printable
@@ -117,6 +118,7 @@ def load_onnx_model(folder: str | Path) -> CaptionModel:
     model.decoder = OnnxDecoder(folder)
     if (folder / CALIBRATION_FILE).exists():
         model.calibrator = Calibrator.load(folder / CALIBRATION_FILE, model.encoder.out_channels)
+        model.consensus = Consensus.load(folder, model.encoder.out_channels)
     return model.eval()
 
 

@@ -34,6 +34,7 @@ from captioner.confidence import (  # noqa: E402
     image_signals,
     signal_rows,
 )
+from captioner.consensus import Consensus  # noqa: E402
 from captioner.data import read_manifest  # noqa: E402
 from captioner.errors import CaptionerError  # noqa: E402
 from captioner.evaluation import index_batches  # noqa: E402
@@ -82,8 +83,8 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     model = CaptionModel.load(args.model)
     model.calibrator = None  # raw signals, whatever the folder holds
-    stats = feature_stats(model, args.train, args.cache_dir)
-    sets = [score_manifest(model, m, stats, args.cache_dir) for m in args.manifest]
+    stats, consensus = training_statistics(model, args.train, args.cache_dir)
+    sets = [score_manifest(model, m, stats, consensus, args.cache_dir) for m in args.manifest]
     fit = [s.half(0).signals for s in sets], [s.half(0).cider for s in sets]
     calibrator = Calibrator.fit(torch.cat(fit[0]), (torch.cat(fit[1]) >= ACCEPTABLE_CIDER).double(), stats)
     print("weights (standardized signals):", dict(zip(SIGNALS, (round(w, 3) for w in calibrator.weights),
@@ -99,17 +100,20 @@ def run(args: argparse.Namespace) -> None:
         write_report(report, Path(args.report))
     if args.save:
         calibrator.save(Path(args.model) / CALIBRATION_FILE)
-        print(f"saved {Path(args.model) / CALIBRATION_FILE}")
+        consensus.save(args.model)
+        print(f"saved {Path(args.model) / CALIBRATION_FILE} and the consensus files beside it")
 
 
-def feature_stats(model: CaptionModel, manifest: str, cache_dir: str) -> FeatureStats:
-    paths = [e.image for e in read_manifest(manifest)]
-    grids = cached_features(model.encoder, paths, cache_dir)
-    pooled = torch.cat([grids[ids].float().mean(dim=(2, 3)) for ids in index_batches(len(paths), 500)])
-    return FeatureStats.of(pooled)
+def training_statistics(model: CaptionModel, manifest: str, cache_dir: str) -> tuple[FeatureStats, Consensus]:
+    """The training images' feature statistics and consensus data (pooled features, references)."""
+    entries = read_manifest(manifest, require_captions=True)
+    grids = cached_features(model.encoder, [e.image for e in entries], cache_dir)
+    pooled = torch.cat([grids[ids].float().mean(dim=(2, 3)) for ids in index_batches(len(entries), 500)])
+    return FeatureStats.of(pooled), Consensus.build(pooled, [e.captions for e in entries])
 
 
-def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, cache_dir: str) -> Scored:
+def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, consensus: Consensus,
+                   cache_dir: str) -> Scored:
     entries = read_manifest(manifest, require_captions=True)
     grids = cached_features(model.encoder, [e.image for e in entries], cache_dir)
     rows, captions, descriptions = [], [], []
@@ -117,7 +121,9 @@ def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, cach
         grid = grids[ids].float()
         probs = model.encoder.classify(grid)
         best = [n_best[:1] for n_best in model.caption_grid(grid)]
-        rows.extend(signal_rows(best, image_signals(grid, probs, stats), probs, model.concepts(), model.vocab.word_ids))
+        agreement = consensus.scores(grid.mean(dim=(2, 3)), [[c.text for c in n] for n in best])
+        rows.extend(signal_rows(best, image_signals(grid, probs, stats), probs, model.concepts(), model.vocab.word_ids,
+                                agreement))
         captions.extend(n_best[0].text for n_best in best)
         descriptions.extend(tag_description(tags) for tags in model.tags(grid))
     cider = per_image_cider({str(i): e.captions for i, e in enumerate(entries)},

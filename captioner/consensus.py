@@ -1,0 +1,117 @@
+"""Consensus: how well a caption agrees with what people wrote about the most similar training photos.
+
+A caption that shares the words of human captions of visually similar images is likely
+right; a fluent caption of a photo unlike any training photo (a cup of coffee described as
+a dog in water) agrees with nobody. The score is the caption's CIDEr-D against the
+references of its :data:`NEIGHBOURS` nearest training images (cosine similarity of
+PCA-reduced pooled encoder features), with document frequencies of the whole training
+set. It is one of the calibrator's signals (:mod:`captioner.confidence`).
+
+Stored in the model folder as ``consensus.safetensors`` (feature mean, PCA components,
+the training images' codes) and ``consensus.json`` (their reference captions and the
+n-gram document frequencies, without the n-grams seen in one image only: CIDEr-D gives
+those no weight). A few MB; the n-gram vectors are built on first use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from captioner.cider import CiderD, ngram_counts
+from captioner.errors import ModelLoadError, printable
+from captioner.scst import reward_tokens
+from captioner.vocab import tokenize
+
+CONSENSUS_WEIGHTS, CONSENSUS_FILE = "consensus.safetensors", "consensus.json"
+NEIGHBOURS = 10
+DIMENSIONS = 128  # PCA components kept of the pooled features
+
+
+class Consensus:
+    """Nearest training images by pooled feature, and CIDEr-D against their references."""
+
+    def __init__(self, mean: torch.Tensor, components: torch.Tensor, codes: torch.Tensor,
+                 references: list[list[str]], frequencies: dict[str, int], images: int, neighbours: int = NEIGHBOURS):
+        self.mean, self.components = mean.float(), components.float()  # (C,), (C, k)
+        self.codes = torch.nn.functional.normalize(codes.float(), dim=1)  # (N, k)
+        self.references = references  # per training image, its captions as space-joined words
+        self.frequencies, self.images, self.neighbours = frequencies, images, neighbours
+        self._cider: CiderD | None = None
+
+    @classmethod
+    def build(cls, pooled: torch.Tensor, captions: Sequence[Sequence[str]], *,
+              dims: int = DIMENSIONS, neighbours: int = NEIGHBOURS) -> "Consensus":
+        """From the training images' (N, C) pooled features and their reference captions."""
+        pooled = pooled.float()
+        mean = pooled.mean(dim=0)
+        _, _, rows = torch.linalg.svd(pooled - mean, full_matrices=False)  # exact, so a refit gives the same file
+        components = rows[: min(dims, rows.shape[0])].T.contiguous()  # (C, k)
+        references = [[" ".join(tokenize(c)) for c in caps] for caps in captions]
+        frequency: Counter = Counter()
+        for refs in references:
+            frequency.update({g for r in refs for g in ngram_counts(reward_tokens(r.split()))})
+        kept = {" ".join(g): n for g, n in frequency.items() if n > 1}
+        return cls(mean, components, (pooled - mean) @ components, references, kept, len(references), neighbours)
+
+    def scores(self, pooled: torch.Tensor, captions: Sequence[Sequence[str]]) -> list[list[float]]:
+        """(B, C) pooled features and each image's captions -> each caption's consensus CIDEr-D."""
+        query = torch.nn.functional.normalize((pooled.float().cpu() - self.mean) @ self.components, dim=1)
+        neighbours = (query @ self.codes.T).topk(min(self.neighbours, len(self.codes)), dim=1).indices.tolist()
+        cider = self._scorer()
+        return [[sum(cider.score(reward_tokens(tokenize(text)), j) for j in near) / len(near) for text in texts]
+                for near, texts in zip(neighbours, captions, strict=True)]
+
+    def _scorer(self) -> CiderD:
+        if self._cider is None:
+            frequency = Counter({tuple(g.split(" ")): n for g, n in self.frequencies.items()})
+            tokens = [[reward_tokens(r.split()) for r in refs] for refs in self.references]
+            self._cider = CiderD.from_frequencies(frequency, self.images, tokens)
+        return self._cider
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        save_file({"mean": self.mean.contiguous(), "components": self.components.contiguous(),
+                   "codes": self.codes.half().contiguous()}, folder / CONSENSUS_WEIGHTS)
+        text = json.dumps({"images": self.images, "neighbours": self.neighbours, "references": self.references,
+                           "frequencies": self.frequencies})
+        (folder / CONSENSUS_FILE).write_text(text, encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path, channels: int) -> "Consensus":
+        """Read the two files :meth:`save` wrote.
+
+        Raises:
+            ModelLoadError: ``FILE: bad consensus data: reason``.
+        """
+        folder = Path(folder)
+        try:
+            tensors = load_file(folder / CONSENSUS_WEIGHTS)
+            mean, components, codes = tensors["mean"], tensors["components"], tensors["codes"]
+        except (OSError, SafetensorError, KeyError) as e:
+            raise ModelLoadError(f"{printable(folder / CONSENSUS_WEIGHTS)}: bad consensus data: {e}") from e
+        if mean.shape != (channels,) or components.shape[0] != channels or codes.shape[1] != components.shape[1] \
+                or not all(torch.isfinite(t).all() for t in (mean, components, codes)):
+            raise ModelLoadError(f"{printable(folder / CONSENSUS_WEIGHTS)}: bad consensus data: shapes "
+                                 f"{tuple(mean.shape)}, {tuple(components.shape)}, {tuple(codes.shape)} do not fit "
+                                 f"{channels} channels, or a value is not finite")
+        try:
+            raw = json.loads((folder / CONSENSUS_FILE).read_text(encoding="utf-8"))
+            references, frequencies, images = raw["references"], raw["frequencies"], int(raw["images"])
+            neighbours = int(raw.get("neighbours", NEIGHBOURS))
+            if neighbours < 1:
+                raise ValueError(f"neighbours={neighbours} must be at least 1")
+            if len(references) != codes.shape[0] or not all(isinstance(r, list) and r for r in references):
+                raise ValueError(f"{len(references)} reference lists for {codes.shape[0]} images")
+            if not all(isinstance(n, int) and n > 1 for n in frequencies.values()) or images < codes.shape[0]:
+                raise ValueError("document frequencies must be whole numbers above 1")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+                AttributeError) as e:
+            raise ModelLoadError(f"{printable(folder / CONSENSUS_FILE)}: bad consensus data: {e}") from e
+        return cls(mean, components, codes, references, frequencies, images, neighbours)

@@ -1,0 +1,57 @@
+"""Consensus: a caption's agreement with the human captions of the most similar training photos."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_SAMPLES
+
+from captioner.consensus import CONSENSUS_FILE, CONSENSUS_WEIGHTS, Consensus
+from captioner.errors import ModelLoadError
+from captioner.images import model_pixels
+from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
+
+CAPTIONS = {
+    "chelsea.png": ["a cat sits on the floor", "a tabby cat looks at the camera", "a cat with stripes"],
+    "coffee.png": ["a cup of coffee on a saucer", "a coffee cup on a table", "a white cup of coffee"],
+    "astronaut.png": ["a woman in an orange space suit", "an astronaut smiles for a photo", "a woman poses"],
+    "rocket.jpg": ["a rocket on a launch pad", "a white rocket stands on the pad", "a rocket ready to launch"],
+}
+
+
+@pytest.fixture(scope="module")
+def pooled(default_model):
+    pixels = torch.from_numpy(np.stack([model_pixels(SHARED_SAMPLES / name, 224) for name in CAPTIONS]))
+    return default_model.encode(pixels).float().mean(dim=(2, 3))
+
+
+def test_a_caption_that_agrees_with_similar_photos_scores_higher(pooled, tmp_path):
+    consensus = Consensus.build(pooled, list(CAPTIONS.values()), dims=3, neighbours=1)  # each photo's nearest: itself
+    cat = consensus.scores(pooled[:1], [["a cat sits on the floor", "a rocket on a launch pad"]])[0]
+    assert cat[0] > cat[1] >= 0
+    consensus.save(tmp_path)
+    again = Consensus.load(tmp_path, pooled.shape[1])
+    assert again.scores(pooled[:1], [["a cat sits on the floor"]])[0][0] == pytest.approx(cat[0], rel=1e-3)
+
+
+def test_the_shipped_model_reads_its_training_photos_consensus(default_model):
+    consensus = default_model.consensus
+    assert len(consensus.references) == 6000 and consensus.components.shape == (1280, 128)
+    assert all(n > 1 for n in list(consensus.frequencies.values())[:1000])  # n-grams of one image are left out
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda folder: (folder / CONSENSUS_FILE).write_text("{"), "bad consensus data"),
+    (lambda folder: (folder / CONSENSUS_FILE).write_text(json.dumps({"images": 1, "references": [],
+                                                                     "frequencies": {}})), "0 reference lists"),
+    (lambda folder: (folder / CONSENSUS_WEIGHTS).unlink(), "bad consensus data"),
+    (lambda folder: (folder / CONSENSUS_WEIGHTS).write_bytes(b"\x00" * 40), "bad consensus data"),
+])
+def test_damaged_consensus_files_are_refused_naming_them(tmp_path, damage, reason):
+    folder = tmp_path / "m"
+    shutil.copytree(DEFAULT_MODEL_DIR, folder)
+    damage(folder)
+    with pytest.raises(ModelLoadError, match=f"consensus\\.(json|safetensors): .*{reason}"):
+        CaptionModel.load(folder)
