@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from captioner.decoding import Caption
-from captioner.errors import ModelLoadError, OptionError, printable
+from captioner.errors import ModelLoadError, OptionError, printable, reason
 
 CALIBRATION_FILE = "calibration.json"
 ACCEPTABLE_CIDER = 0.5  # a caption is acceptable when its per-image CIDEr-D reaches this
@@ -253,6 +253,4 @@ def _numbers(raw: dict, name: str, length: int | None) -> tuple[float, ...]:
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, KeyError):
-        return f"missing field {error.args[0]!r}"
-    return getattr(error, "strerror", None) or str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"missing field {error.args[0]!r}" if isinstance(error, KeyError) else reason(error)

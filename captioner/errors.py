@@ -28,6 +28,12 @@ def one_line(value: object) -> str:
     return printable(value).translate(_CONTROLS)
 
 
+def reason(error: BaseException) -> str:
+    """A one-line reason: the OS's words for an OSError, else the first line of the message (else its type)."""
+    lines = str(error).splitlines()
+    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)
+
+
 class CaptionerError(Exception):
     """Base class of every error captioner raises on purpose."""
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.encoders import Encoder
-from captioner.errors import DataError, ImageReadError, printable
+from captioner.errors import DataError, ImageReadError, printable, reason
 from captioner.images import model_pixels
 from captioner.options import DEFAULT_WORKERS
 
@@ -116,7 +116,7 @@ def cached_features(
     try:
         _write_cache(file, features)
     except (OSError, SafetensorError) as e:
-        print(f"note: {printable(file)}: cannot store features ({_reason(e)}); going on without the cache",
+        print(f"note: {printable(file)}: cannot store features ({reason(e)}); going on without the cache",
               file=sys.stderr)
     return features
 
@@ -134,7 +134,7 @@ def read_cache(file: Path, count: int, channels: int) -> torch.Tensor:
     try:
         tensors = load_file(file)
     except (OSError, SafetensorError) as e:
-        raise CacheMiss(_reason(e)) from e
+        raise CacheMiss(reason(e)) from e
     if set(tensors) != {"features"}:
         raise CacheMiss(f"holds {sorted(tensors)}, not features")
     features = tensors["features"]
@@ -158,8 +158,3 @@ def _write_cache(file: Path, features: torch.Tensor) -> None:
         os.replace(name, file)
     finally:
         Path(name).unlink(missing_ok=True)
-
-
-def _reason(error: BaseException) -> str:
-    lines = str(error).splitlines()
-    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)

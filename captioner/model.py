@@ -30,7 +30,7 @@ from captioner.consensus import CONSENSUS_FILE, CONSENSUS_WEIGHTS, Consensus
 from captioner.decoder import build_decoder
 from captioner.decoding import Caption, DecodingOptions, decode_grid
 from captioner.encoders import ENCODERS, build_encoder
-from captioner.errors import CaptionerError, ModelLoadError, OptionError, OutputError, printable
+from captioner.errors import CaptionerError, ModelLoadError, OptionError, OutputError, printable, reason
 from captioner.options import REQUIRED, Bounds, DecoderConfig, check_fields, option
 from captioner.tags import Tag, top_tags
 from captioner.vocab import SPECIALS, Vocabulary
@@ -220,7 +220,7 @@ class CaptionModel(nn.Module):
             self._write_files(staging)
             _move_into_place(staging, target)
         except (OSError, SafetensorError) as e:
-            raise OutputError(f"{printable(target)}: cannot write model: {_reason(e)}") from e
+            raise OutputError(f"{printable(target)}: cannot write model: {reason(e)}") from e
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -313,12 +313,6 @@ def member(model: CaptionModel, index: int) -> CaptionModel:
     return single.to(model.device).eval()
 
 
-def _reason(error: BaseException) -> str:
-    """A one-line reason: the OS's words for an OSError, else the first line of the message."""
-    lines = str(error).splitlines()
-    return getattr(error, "strerror", None) or (lines[0] if lines else type(error).__name__)
-
-
 def check_new_model_folder(directory: str | os.PathLike, *, replace: bool = False) -> Path:
     """Fail now, before models are loaded or trained, if a model could not be saved to ``directory``.
 
@@ -340,7 +334,7 @@ def check_new_model_folder(directory: str | os.PathLike, *, replace: bool = Fals
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".captioner-check-"):
             pass
     except OSError as e:
-        raise OutputError(f"{printable(path)}: cannot write a model here: {_reason(e)}") from e
+        raise OutputError(f"{printable(path)}: cannot write a model here: {reason(e)}") from e
     return path
 
 
@@ -367,7 +361,7 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError:
         raise _load_error(path, "not UTF-8 text") from None
     except OSError as e:
-        raise _load_error(path, _reason(e)) from e
+        raise _load_error(path, reason(e)) from e
 
 
 def _read_config(path: Path) -> ModelConfig:
@@ -435,7 +429,7 @@ def _read_weights(path: Path, expected: dict[str, tuple[tuple[int, ...], bool]])
             _check_header(path, {name: f.get_slice(name) for name in f.keys()}, expected)
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (OSError, SafetensorError) as e:
-        raise _load_error(path, f"not a safetensors file ({_reason(e)})") from e
+        raise _load_error(path, f"not a safetensors file ({reason(e)})") from e
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise _load_error(path, f"tensor {name} holds NaN or infinite values")

@@ -19,7 +19,7 @@ from captioner.confidence import CALIBRATION_FILE, Calibrator
 from captioner.consensus import Consensus
 from captioner.decoder import DecoderState
 from captioner.encoders import Preprocess
-from captioner.errors import ModelLoadError, printable
+from captioner.errors import ModelLoadError, printable, reason
 from captioner.model import CaptionModel, ModelConfig
 from captioner.onnx_export import GRAPHS, RUNTIME_FILE
 from captioner.options import DecoderConfig, DecodingOptions
@@ -45,8 +45,7 @@ def _session(path: Path):
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 (ONNX Runtime raises its own exception types for bad files)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ModelLoadError(f"{printable(path)}: cannot load ONNX graph: {reason}") from e
+        raise ModelLoadError(f"{printable(path)}: cannot load ONNX graph: {reason(e)[:300]}") from e
 
 
 class OnnxEncoder(nn.Module):
