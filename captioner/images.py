@@ -38,16 +38,27 @@ def load_image(path: str | os.PathLike, *, min_side: int | None = None) -> Image
     Raises:
         ImageReadError: the file is missing, empty, truncated, not an image, or too large.
     """
+    path = check_image_file(path)
+    return decode_image(path, path, min_side=min_side)
+
+
+def check_image_file(path: str | os.PathLike) -> Path:
+    """``path`` if it is a non-empty regular file: what every reader checks before opening one.
+
+    Raises:
+        ImageReadError: ``PATH: reason`` for a missing, empty or special file (a FIFO or
+            device would block or never end).
+    """
     path = Path(path)
     try:
         info = path.stat()
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
-            raise ImageReadError(f"{printable(path)}: not a regular file")
-        if info.st_size == 0:
-            raise ImageReadError(f"{printable(path)}: empty file")
     except OSError as e:
         raise ImageReadError(f"{printable(path)}: {e.strerror or e}") from e
-    return decode_image(path, path, min_side=min_side)
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageReadError(f"{printable(path)}: not a regular file")
+    if info.st_size == 0:
+        raise ImageReadError(f"{printable(path)}: empty file")
+    return path
 
 
 def decode_image(file: str | os.PathLike | BinaryIO, name: str | os.PathLike, *,

@@ -27,8 +27,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from captioner.errors import CaptionerError, ImageReadError, OptionError, OutputError, printable
-from captioner.images import is_image_path
+from captioner.errors import ImageReadError, OptionError, OutputError, printable, reason
+from captioner.images import check_image_file, is_image_path
 
 SHARD_FORMATS = ("jsonl", "parquet")
 MERGED_NAME = "captions.jsonl"
@@ -241,24 +241,16 @@ def read_bytes(batch: dict[str, np.ndarray], source: str) -> dict[str, list]:
             if fs is not None:
                 with fs.open_input_stream(inside) as stream:
                     data.append(stream.read())
-            else:
-                data.append(_read_local(inside))
+            else:  # refused before opening, as the local pipeline refuses it
+                data.append(check_image_file(inside).read_bytes())
             errors.append("")
-        except (OSError, CaptionerError) as e:
+        except ImageReadError as e:  # its message names the file already
             data.append(b"")
-            errors.append(f"{printable(path)}: {getattr(e, 'strerror', None) or e}")
+            errors.append(str(e))
+        except OSError as e:
+            data.append(b"")
+            errors.append(f"{printable(path)}: {reason(e)}")
     return {"path": paths, "data": data, "error": errors}
-
-
-def _read_local(path: str) -> bytes:
-    """A local file's bytes, refusing what the local pipeline refuses before decoding."""
-    import stat
-
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise ImageReadError(f"{printable(path)}: not a regular file")
-    with open(path, "rb") as f:
-        return f.read()
 
 
 class Captioner:

@@ -53,14 +53,17 @@ def test_bad_files_become_error_records_and_the_job_goes_on(tmp_path, capsys):
     folder = tmp_path / "mixed"
     make_good_images(folder, 3)
     expected = make_bad_images(folder / "bad")
+    os.mkfifo(folder / "bad" / "pipe.jpg")  # would block a reader that opened it
+    expected["pipe.jpg"] = "not a regular file"
     out = tmp_path / "out"
     assert main(["batch", str(folder), "-o", str(out), "--ray", "--merge"]) == 1
     records = by_path(read_jsonl(out / "captions.jsonl"))
     errors = {os.path.basename(path): r["error"] for path, r in records.items() if "error" in r}
     assert errors.keys() == expected.keys()
     assert all(reason in errors[name] and name in errors[name] for name, reason in expected.items())
+    assert all(errors[name].count(name) == 1 for name in expected)  # "PATH: reason", the path said once
     assert sum("caption" in r for r in records.values()) == 3
-    assert "3 captioned, 5 failed, 0 already done" in capsys.readouterr().err
+    assert "3 captioned, 6 failed, 0 already done" in capsys.readouterr().err
 
 
 def test_parquet_shards_from_a_file_uri_and_a_rerun_captions_nothing_again(photos, tmp_path, capsys):
