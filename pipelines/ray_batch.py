@@ -28,7 +28,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from captioner.errors import ImageReadError, OptionError, OutputError, printable, reason
-from captioner.images import check_image_file, is_image_path
+from captioner.images import bytes_pixels, check_image_file, is_image_path
+from captioner.pipelines.record_formats import BadRecord, JsonlRecords, checked_record, result_record
 
 SHARD_FORMATS = ("jsonl", "parquet")
 MERGED_NAME = "captions.jsonl"
@@ -152,8 +153,6 @@ class ShardWriter:
         Raises:
             OutputError: a shard cannot be read or holds something that is not a record.
         """
-        from captioner.pipelines.record_formats import BadRecord
-
         for name in self.shard_names():
             try:
                 yield from (_read_parquet(self.fs, name) if self.fmt == "parquet" else _read_jsonl(self.fs, name))
@@ -189,13 +188,14 @@ class ShardWriter:
         target = Path(self.root) / MERGED_NAME
         from captioner.outputs import write_atomically
 
-        write_atomically(target, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
-                                                          for r in latest.values()))
+        lines = JsonlRecords()
+        write_atomically(target, lambda f: f.writelines(lines.format(r) for r in latest.values()))
         return target
 
 
 def _jsonl_bytes(records: list[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    lines = JsonlRecords()  # the local pipeline's JSONL line, so a shard reads like its output
+    return "".join(lines.format(r) for r in records).encode("utf-8")
 
 
 def _parquet_bytes(records: list[dict]) -> bytes:
@@ -209,8 +209,6 @@ def _parquet_bytes(records: list[dict]) -> bytes:
 
 
 def _read_jsonl(fs, name: str) -> Iterator[dict]:
-    from captioner.pipelines.record_formats import checked_record
-
     with fs.open_input_stream(name) as stream:
         for line in stream.read().decode("utf-8").splitlines():
             if line.strip():
@@ -219,8 +217,6 @@ def _read_jsonl(fs, name: str) -> Iterator[dict]:
 
 def _read_parquet(fs, name: str) -> Iterator[dict]:
     import pyarrow.parquet as pq
-
-    from captioner.pipelines.record_formats import checked_record
 
     with fs.open_input_file(name) as file:
         for text in pq.read_table(file).column("record").to_pylist():
@@ -270,8 +266,6 @@ class Captioner:
         import torch
 
         from captioner.api import PathResult, caption_pixel_batch
-        from captioner.images import bytes_pixels
-        from captioner.pipelines.record_formats import result_record
 
         size = self.model.encoder.preprocess.size
         results: dict[int, PathResult] = {}
