@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import shutil
 import tempfile
 from contextlib import asynccontextmanager
@@ -37,7 +38,7 @@ from captioner.model import CaptionModel
 from captioner.options import DecodingOptions
 from captioner.pipelines.flags import options_from_text
 from captioner.pipelines.record_formats import FALLBACKS, result_record
-from captioner.pipelines.subtitles import WRITERS
+from captioner.pipelines.subtitles import WRITERS, cue_record
 from captioner.pipelines.video_options import VideoOptions
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what an upload may be, judged by its bytes
@@ -220,12 +221,8 @@ def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: Vi
 
 def _subtitle_response(result, fmt: str) -> Response:
     if fmt == "json":
-        cues = [{"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text, "score": round(s.score, 6)}
-                for s in result.segments]
-        return JSONResponse({"cues": cues, "duration": round(result.duration, 3),
+        return JSONResponse({"cues": [cue_record(s) for s in result.segments], "duration": round(result.duration, 3),
                              "frames_captioned": result.frames_captioned, "warnings": list(result.warnings)})
-    import io
-
     text = io.StringIO()
     WRITERS[fmt]().write(result.segments, text)
     return PlainTextResponse(text.getvalue(), media_type=MEDIA_TYPES[fmt])

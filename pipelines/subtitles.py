@@ -68,8 +68,13 @@ class WriteJSONL:
 
     def write(self, segments: Iterable[Segment], file: TextIO) -> None:
         for s in segments:
-            record = {"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text, "score": round(s.score, 6)}
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            file.write(json.dumps(cue_record(s), ensure_ascii=False) + "\n")
+
+
+def cue_record(segment: Segment) -> dict:
+    """One cue as JSON: start and end in seconds (ms precision), text, score."""
+    return {"start": round(segment.start, 3), "end": round(segment.end, 3), "text": segment.text,
+            "score": round(segment.score, 6)}
 
 
 WRITERS = {"srt": WriteSRT, "vtt": WriteVTT, "jsonl": WriteJSONL}
