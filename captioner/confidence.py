@@ -83,14 +83,14 @@ def _rounded(values: torch.Tensor) -> tuple[float, ...]:
     return tuple(float(f"{v:.6g}") for v in values.tolist())
 
 
-def image_signals(grid: torch.Tensor, probs: torch.Tensor | None, stats: FeatureStats) -> torch.Tensor:
-    """(B, C, h, w) grid and (B, classes) class probabilities -> (B, 3): entropy, top probability, distance.
+def image_signals(pooled: torch.Tensor, probs: torch.Tensor | None, stats: FeatureStats) -> torch.Tensor:
+    """(B, C) pooled grid and (B, classes) class probabilities -> (B, 3): entropy, top probability, distance.
 
     An encoder without a classifier head gives the uninformative values (entropy of a uniform
     distribution over one class: 0, top probability 1), which a calibrator fitted on such a
     model would learn to ignore.
     """
-    distance = stats.distance(grid.float().mean(dim=(2, 3)))
+    distance = stats.distance(pooled)
     if probs is None:
         return torch.stack([torch.zeros_like(distance), torch.ones_like(distance), distance], dim=1)
     p = probs.double().cpu()

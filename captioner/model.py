@@ -25,7 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from captioner.concepts import concept_evidence, concept_matrix
-from captioner.confidence import CALIBRATION_FILE, Calibrator, image_signals, signal_rows
+from captioner.confidence import CALIBRATION_FILE, Calibrator, FeatureStats, image_signals, signal_rows
 from captioner.consensus import CONSENSUS_FILE, CONSENSUS_WEIGHTS, Consensus
 from captioner.decoder import build_decoder
 from captioner.decoding import Caption, DecodingOptions, decode_grid
@@ -169,12 +169,18 @@ class CaptionModel(nn.Module):
         captions = decode_grid(self.decoder, grid, self.vocab, options, evidence)
         if self.calibrator is None or self.consensus is None:
             return captions
-        agreement = self.consensus.scores(grid.float().mean(dim=(2, 3)), [[c.text for c in n] for n in captions])
-        rows = signal_rows(captions, image_signals(grid, probs, self.calibrator.features), probs,
-                           self.concepts(), self.vocab.word_ids, agreement)
+        rows = self.confidence_signals(grid, captions, probs, self.calibrator.features, self.consensus)
         confidences = [self.calibrator.confidence(row).tolist() for row in rows]
         return [[dataclasses.replace(c, confidence=round(p, 4)) for c, p in zip(n_best, ps, strict=True)]
                 for n_best, ps in zip(captions, confidences, strict=True)]
+
+    def confidence_signals(self, grid: torch.Tensor, captions: list[list[Caption]], probs: torch.Tensor | None,
+                           features: FeatureStats, consensus: Consensus) -> list[torch.Tensor]:
+        """Per image, (n-best, len(SIGNALS)) calibrator signals of its captions; for decoding and for fitting."""
+        pooled = grid.float().mean(dim=(2, 3))  # (B, C): both the distance and the neighbours read it
+        agreement = consensus.scores(pooled, [[c.text for c in n] for n in captions])
+        return signal_rows(captions, image_signals(pooled, probs, features), probs, self.concepts(),
+                           self.vocab.word_ids, agreement)
 
     def concept_evidence(self, probs: torch.Tensor | None, threshold: float) -> torch.Tensor | None:
         """(B, V) evidence from (B, classes) probabilities of the encoder's own classifier (None without one)."""

@@ -31,8 +31,6 @@ from captioner.confidence import (  # noqa: E402
     SIGNALS,
     Calibrator,
     FeatureStats,
-    image_signals,
-    signal_rows,
 )
 from captioner.consensus import Consensus  # noqa: E402
 from captioner.data import read_manifest  # noqa: E402
@@ -121,9 +119,7 @@ def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, cons
         grid = grids[ids].float()
         probs = model.encoder.classify(grid)
         best = [n_best[:1] for n_best in model.caption_grid(grid)]
-        agreement = consensus.scores(grid.mean(dim=(2, 3)), [[c.text for c in n] for n in best])
-        rows.extend(signal_rows(best, image_signals(grid, probs, stats), probs, model.concepts(), model.vocab.word_ids,
-                                agreement))
+        rows.extend(model.confidence_signals(grid, best, probs, stats, consensus))
         captions.extend(n_best[0].text for n_best in best)
         descriptions.extend(tag_description(tags) for tags in model.tags(grid))
     cider = per_image_cider({str(i): e.captions for i, e in enumerate(entries)},
