@@ -50,7 +50,7 @@ def add_dataclass_flags(
     """
     hints = typing.get_type_hints(cls)
     for field in exposed_fields(cls, exclude):
-        kind = field.metadata.get("type") or _value_type(hints[field.name])
+        kind = _field_kind(field, hints)
         default = field.default if field.default is not dataclasses.MISSING else None
         bounds = field.metadata.get("bounds")
         help_text = field.metadata["help"] + (f"; in {bounds}" if bounds is not None else "")
@@ -115,12 +115,17 @@ def options_from_text(defaults: T, given: dict[str, str], *, exclude: tuple[str,
     for name, text in given.items():
         if name not in fields:
             raise OptionError(f"unknown option {name!r}; options are {', '.join(sorted(fields))}")
-        kind = fields[name].metadata.get("type") or _value_type(hints[name])
+        kind = _field_kind(fields[name], hints)
         try:
             values[name] = _parse_text(kind, text)
         except ValueError:
             raise OptionError(f"{name}={text!r} is not a {kind.__name__}") from None
     return dataclasses.replace(defaults, **values)
+
+
+def _field_kind(field: dataclasses.Field, hints: dict[str, Any]) -> type:
+    """The type a flag or a text value of ``field`` is parsed as."""
+    return field.metadata.get("type") or _value_type(hints[field.name])
 
 
 def _parse_text(kind: type, text: str) -> Any:
