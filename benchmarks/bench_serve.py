@@ -44,13 +44,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96, help="requests per client count and repeat")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-wait-ms", type=int, default=5, help="the server's --max-wait-ms")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="the server's --max-batch-size")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
         photos = [p.read_bytes() for p in make_folder(args.requests, folder)]
         folder_rate = pipeline_rate(folder, Path(tmp), args.requests)
-        url, server = start_server(photos[0], args.max_wait_ms)
+        url, server = start_server(photos[0], args.max_wait_ms, args.max_batch_size)
         try:
             rows = {n: [] for n in CLIENTS}
             for _ in range(args.repeat):
@@ -60,7 +61,8 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
     one = statistics.median(r[0] for r in rows[1])
-    print(f"{args.requests} one-photo requests per run, {args.repeat} runs, server --max-wait-ms {args.max_wait_ms}; "
+    print(f"{args.requests} one-photo requests per run, {args.repeat} runs, server --max-wait-ms {args.max_wait_ms} "
+          f"--max-batch-size {args.max_batch_size}; "
           "folder pipeline on the same photos: "
           f"{folder_rate:.1f} images/s\n")
     print("| clients | images/s, median (min-max) | vs 1 client | vs folder pipeline | p50 latency | p95 latency |")
@@ -82,10 +84,10 @@ def pipeline_rate(folder: Path, tmp: Path, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def start_server(photo: bytes, max_wait_ms: int) -> tuple[str, subprocess.Popen]:
+def start_server(photo: bytes, max_wait_ms: int, max_batch_size: int) -> tuple[str, subprocess.Popen]:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "captioner.pipelines.cli", "serve", "--port", str(port),
-                               "--max-wait-ms", str(max_wait_ms)],
+                               "--max-wait-ms", str(max_wait_ms), "--max-batch-size", str(max_batch_size)],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

@@ -36,8 +36,12 @@ class _Item:
 class DynamicBatcher:
     """Captions submitted images in shared batches on one worker thread; ``close`` stops it."""
 
-    def __init__(self, model: CaptionModel, *, max_batch_size: int = 32, max_wait: float = 0.005):
+    def __init__(self, model: CaptionModel, *, max_batch_size: int = 32, max_wait: float = 0.005,
+                 torch_threads: int | None = None):
+        """``torch_threads``: the worker thread's torch thread count, given back after
+        :func:`captioner.torch_threads.keep_torch_off_this_thread` (None: leave it as it is)."""
         self.model = model
+        self.torch_threads = torch_threads
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # the latest batches' sizes, for tests and benchmarks
@@ -66,6 +70,8 @@ class DynamicBatcher:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        if self.torch_threads is not None:
+            torch.set_num_threads(self.torch_threads)
         closing = False
         while not closing or self._held:
             first = self._held.pop(0) if self._held else self._queue.get()

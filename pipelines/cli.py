@@ -368,10 +368,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise OptionError(f"serve needs the serve extra: pip install 'captioner[serve]' ({e.name} is missing)") from e
     from captioner.api import load_model
+    from captioner.torch_threads import keep_torch_off_this_thread
 
+    # the event loop's thread stays off torch, so the batcher thread runs the model at full speed
+    threads = keep_torch_off_this_thread()
     settings = ServerSettings(max_image_bytes=args.max_upload_mb * 2**20, max_video_bytes=args.max_video_mb * 2**20,
                               timeout=args.timeout, max_batch_size=args.max_batch_size,
-                              max_wait=args.max_wait_ms / 1000, cors_origins=tuple(args.cors_origin))
+                              max_wait=args.max_wait_ms / 1000, cors_origins=tuple(args.cors_origin),
+                              torch_threads=threads)
     model = load_model(args.model, device=_device(args.device))
     app = create_app(model, model_name=args.model or "default", settings=settings)
     _print(f"serving {args.model or 'the default model'} on http://{args.host}:{args.port}/", err=True)

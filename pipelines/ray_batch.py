@@ -257,8 +257,11 @@ class Captioner:
         import torch
 
         from captioner.api import load_model
+        from captioner.torch_threads import keep_torch_off_this_thread
 
-        torch.set_num_threads(max(1, threads))
+        # Ray Data calls __call__ on a thread of its own, not on this one: see captioner.torch_threads
+        keep_torch_off_this_thread()
+        self.threads = max(1, threads)
         self.model = load_model(model_dir, device="cuda" if torch.cuda.is_available() else None)
         self.options, self.min_confidence, self.fallback = options, min_confidence, fallback
 
@@ -266,6 +269,9 @@ class Captioner:
         import torch
 
         from captioner.api import PathResult, caption_pixel_batch
+
+        if torch.get_num_threads() != self.threads:  # the calling thread's own setting
+            torch.set_num_threads(self.threads)
 
         size = self.model.encoder.preprocess.size
         results: dict[int, PathResult] = {}

@@ -56,6 +56,7 @@ class ServerSettings:
     timeout: float = 120.0  # seconds a request may take before it gets a 504
     max_batch_size: int = 32  # images the dynamic batcher puts in one encoder + search batch
     max_wait: float = 0.005  # seconds the batcher waits for more images after the first
+    torch_threads: int | None = None  # the batcher thread's torch threads (see captioner.torch_threads)
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser (none: same origin only)
 
 
@@ -74,7 +75,8 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state["folder"] = Path(tempfile.mkdtemp(prefix="captioner-serve-"))
-        state["batcher"] = DynamicBatcher(model, max_batch_size=settings.max_batch_size, max_wait=settings.max_wait)
+        state["batcher"] = DynamicBatcher(model, max_batch_size=settings.max_batch_size, max_wait=settings.max_wait,
+                                          torch_threads=settings.torch_threads)
         try:
             yield
         finally:
