@@ -16,6 +16,7 @@ import dataclasses
 import io
 import shutil
 import tempfile
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -143,11 +144,13 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
             raise HTTPError(422, f"format={fmt!r} must be one of {', '.join(SUBTITLE_FORMATS)}")
         video_options, decoding = _video_options(model, fields)
         path = state["folder"] / f"upload-{id(upload):x}"  # our name: the client's never touches the disk
+        stop = threading.Event()
         try:
             job = run_in_threadpool(_subtitle, model, upload.file, path, decoding, video_options,
-                                    printable(upload.filename))
+                                    printable(upload.filename), _batched_frames(state["batcher"], stop))
             result = await _within(job, settings.timeout)
         finally:
+            stop.set()  # a job past its timeout stops at its next batch of frames
             path.unlink(missing_ok=True)
         return _subtitle_response(result, fmt)
 
@@ -209,16 +212,35 @@ def _record(result, min_confidence: float | None, fallback: str | None, n_best: 
     return record
 
 
-def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: VideoOptions, name: str):
+def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: VideoOptions, name: str, caption):
     """Write the upload to ``path`` (for OpenCV) and subtitle it; runs in a worker thread, off the event loop."""
-    from captioner.pipelines.video import subtitle_video
+    from captioner.pipelines.video import subtitle_source
+    from captioner.pipelines.video_source import OpenCVSource
 
     with path.open("wb") as f:
         shutil.copyfileobj(upload, f)
     try:
-        return subtitle_video(path, model=model, options=decoding, settings=settings)
+        with OpenCVSource(path) as source:
+            return subtitle_source(source, model=model, options=decoding, settings=settings, caption=caption)
     except VideoReadError as e:
         raise HTTPError(415, f"{name}: {str(e).split(': ', 1)[-1]}") from e
+
+
+class _Stopped(Exception):
+    """A video job whose request is over (its timeout passed): nobody waits for its cues."""
+
+
+def _batched_frames(batcher: DynamicBatcher, stop: threading.Event):
+    """A video's frames captioned by the server's batcher: on its thread (the one that runs torch,
+    see captioner.torch_threads), in batches shared with photo requests, and never after ``stop``."""
+
+    def caption(pixels, options):
+        if stop.is_set():
+            raise _Stopped
+        futures = [batcher.submit(f"frame {i}", frame.numpy(), options) for i, frame in enumerate(pixels)]
+        return [future.result().captions for future in futures]
+
+    return caption
 
 
 def _subtitle_response(result, fmt: str) -> Response:

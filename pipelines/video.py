@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from captioner.confidence import check_min_confidence
-from captioner.decoding import DecodingOptions
+from captioner.decoding import Caption, DecodingOptions
 from captioner.errors import printable
 from captioner.images import model_pixels
 from captioner.model import CaptionModel
@@ -276,19 +276,29 @@ def subtitle_video(
         return subtitle_source(source, model=model, options=options, settings=settings)
 
 
+# (B, S, S, 3) uint8 pixels and decoding options -> each frame's captions, best first
+PixelCaptioner = Callable[[torch.Tensor, DecodingOptions | None], list[list[Caption]]]
+
+
 def subtitle_source(
     source: VideoSource,
     *,
     model: CaptionModel,
     options: DecodingOptions | None = None,
     settings: VideoOptions | None = None,
+    caption: PixelCaptioner | None = None,
 ) -> VideoSubtitles:
-    """:func:`subtitle_video` for an already opened source (any :class:`VideoSource`)."""
+    """:func:`subtitle_video` for an already opened source (any :class:`VideoSource`).
+
+    ``caption`` captions each batch of frames (default: ``model.caption_pixels``). The server
+    passes its dynamic batcher here, so video frames share its thread and batches, and a
+    request past its timeout stops at its next batch (the function raises).
+    """
     settings = settings or VideoOptions()
     check_min_confidence(settings.min_confidence, model)
     sampler = SAMPLERS[settings.mode].from_options(settings, source, model.encoder.preprocess.size)
     with closing(in_background(sample_frames(source, sampler))) as picks:  # stopped before the source closes
-        captioned = list(caption_picks(model, picks, options, settings.batch_size))
+        captioned = list(caption_picks(caption or model.caption_pixels, picks, options, settings.batch_size))
     if settings.min_confidence is not None:  # an unsure frame leaves a gap: its stretch gets no cue
         captioned = [replace(f, text="") if f.confidence < settings.min_confidence else f
                      for f in captioned]
@@ -309,7 +319,7 @@ def sample_frames(source: VideoSource, sampler: Sampler) -> Iterator[Pick]:
 
 
 def caption_picks(
-    model: CaptionModel, picks: Iterable[Pick], options: DecodingOptions | None, batch_size: int
+    caption: PixelCaptioner, picks: Iterable[Pick], options: DecodingOptions | None, batch_size: int
 ) -> Iterator[CaptionedFrame]:
     """Each picked frame with its best caption, captioned ``batch_size`` frames at a time.
 
@@ -319,7 +329,7 @@ def caption_picks(
     picks = iter(picks)
     while batch := list(itertools.islice(picks, batch_size)):
         pixels = torch.from_numpy(np.stack([p.pixels for p in batch]))  # (B, S, S, 3) uint8
-        for pick, n_best in zip(batch, model.caption_pixels(pixels, options), strict=True):
+        for pick, n_best in zip(batch, caption(pixels, options), strict=True):
             best = n_best[0]
             yield CaptionedFrame(pick.time, best.text, best.score, pick.shot, pick.shot_span, best.confidence)
 

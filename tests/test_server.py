@@ -108,6 +108,26 @@ def test_subtitles_for_an_uploaded_video_in_each_format(client, tmp_path):
     assert os.listdir(client.app.state.captioner["folder"]) == []  # every upload gone from the private folder
 
 
+def test_a_video_past_its_timeout_gets_504_and_its_frames_stop_reaching_the_batcher(tmp_path):
+    import time
+
+    from captioner.api import load_model
+
+    clip = write_video(tmp_path / "long.mp4", [("chelsea.png", 30), ("rocket.jpg", 30)])  # 600 frames
+    app = create_app(load_model(), settings=ServerSettings(timeout=1.0))
+    with TestClient(app) as test_client:
+        batcher = app.state.captioner["batcher"]
+        response = test_client.post("/v1/subtitles?every=0.1", files={"video": ("long.mp4", clip.read_bytes())})
+        assert response.status_code == 504 and "longer than 1 s" in response.json()["error"]
+        assert batcher.batch_sizes  # the frames went through the server's batcher
+        time.sleep(1.0)  # a batch already submitted finishes
+        stopped = sum(batcher.batch_sizes)
+        time.sleep(2.0)
+        assert sum(batcher.batch_sizes) == stopped < 600  # nothing more after the request ended
+        assert test_client.post("/v1/captions", files=[photo(CAT)]).status_code == 200
+        assert os.listdir(app.state.captioner["folder"]) == []
+
+
 def test_the_private_folder_is_removed_at_shutdown():
     from captioner.api import load_model
 
