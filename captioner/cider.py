@@ -67,7 +67,10 @@ class CiderD:
         penalty = math.exp(-((lh - lr) ** 2) / (2 * SIGMA**2))
         total = 0.0
         for n in range(MAX_N):
-            dot = sum(min(w, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, w in vh[n].items())
+            ref_n, dot = vr[n], 0.0
+            for g, w in vh[n].items():
+                if (r := ref_n.get(g)) is not None:
+                    dot += min(w, r) * r
             if nh[n] and nr[n]:
                 dot /= nh[n] * nr[n]
             total += dot * penalty
@@ -75,8 +78,15 @@ class CiderD:
 
     def score(self, candidate: Sequence[Token], image: int) -> float:
         """CIDEr-D of one tokenized candidate for image index ``image`` (unscaled, like 0.55)."""
+        return self.mean_score(candidate, [image])
+
+    def mean_score(self, candidate: Sequence[Token], images: Sequence[int]) -> float:
+        """The mean of :meth:`score` over ``images``, with the candidate's vector built once."""
         hyp = self._vector(ngram_counts(candidate))
-        refs = self._refs.get(image)
-        if refs is None:
-            refs = self._refs[image] = [self._vector(ngram_counts(r)) for r in self._references[image]]
-        return 10.0 * sum(self._similarity(hyp, ref) for ref in refs) / len(refs)
+        total = 0.0
+        for image in images:
+            refs = self._refs.get(image)
+            if refs is None:
+                refs = self._refs[image] = [self._vector(ngram_counts(r)) for r in self._references[image]]
+            total += 10.0 * sum(self._similarity(hyp, ref) for ref in refs) / len(refs)
+        return total / len(images)

@@ -65,7 +65,7 @@ class Consensus:
         query = torch.nn.functional.normalize((pooled.float().cpu() - self.mean) @ self.components, dim=1)
         neighbours = (query @ self.codes.T).topk(min(self.neighbours, len(self.codes)), dim=1).indices.tolist()
         cider = self._scorer()
-        return [[sum(cider.score(reward_tokens(tokenize(text)), j) for j in near) / len(near) for text in texts]
+        return [[cider.mean_score(reward_tokens(tokenize(text)), near) for text in texts]
                 for near, texts in zip(neighbours, captions, strict=True)]
 
     def _scorer(self) -> CiderD:
