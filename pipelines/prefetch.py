@@ -19,11 +19,12 @@ class _Failure:
         self.error = error
 
 
-def in_background(items: Iterable[T], depth: int = 32) -> Iterator[T]:
+def in_background(items: Iterable[T], depth: int = 32, finished: threading.Event | None = None) -> Iterator[T]:
     """Yield ``items`` produced by a background thread, at most ``depth`` ahead.
 
     An exception in the producer is re-raised in the consumer. If the consumer stops early,
     the producer is told to stop and is waited for, so nothing touches a closed resource.
+    ``finished`` is set as soon as the producer is done, before the consumer has taken everything.
     """
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -42,6 +43,8 @@ def in_background(items: Iterable[T], depth: int = 32) -> Iterator[T]:
         except BaseException as e:  # handed to the consumer, which re-raises it
             buffer.put(_Failure(e))
         finally:
+            if finished is not None:
+                finished.set()
             buffer.put(_DONE)
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)

@@ -214,13 +214,12 @@ def _record(result, min_confidence: float | None, fallback: str | None, n_best: 
 
 def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: VideoOptions, name: str, caption):
     """Write the upload to ``path`` (for OpenCV) and subtitle it; runs in a worker thread, off the event loop."""
-    from captioner.pipelines.video import subtitle_source
-    from captioner.pipelines.video_source import OpenCVSource
+    from captioner.pipelines.video import open_video, subtitle_source
 
     with path.open("wb") as f:
         shutil.copyfileobj(upload, f)
     try:
-        with OpenCVSource(path) as source:
+        with open_video(path, settings) as source:
             return subtitle_source(source, model=model, options=decoding, settings=settings, caption=caption)
     except VideoReadError as e:
         raise HTTPError(415, f"{name}: {str(e).split(': ', 1)[-1]}") from e

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
 from bisect import bisect_left
 from contextlib import closing
 from dataclasses import dataclass, replace
@@ -272,8 +273,24 @@ def subtitle_video(
     Raises:
         VideoReadError: the file is missing, not a video, or has no decodable frame.
     """
-    with OpenCVSource(path) as source:
+    settings = settings or VideoOptions()
+    with open_video(path, settings) as source:
         return subtitle_source(source, model=model, options=options, settings=settings)
+
+
+def open_video(path: str | os.PathLike, settings: VideoOptions) -> OpenCVSource:
+    """``path`` as a source whose decoder leaves the model its share of the cores.
+
+    In uniform mode the model captions batches while the file decodes beside it, so FFmpeg
+    gets half the cores and the model the rest until decoding ends (see :func:`subtitle_source`).
+    Scene detection reads every frame in the decoding thread and is slower with fewer
+    decoding threads (4.2 against 4.6 s on a 60 s 720p clip, 2 cores), so it keeps FFmpeg's default.
+
+    Raises:
+        VideoReadError: as :class:`OpenCVSource`.
+    """
+    threads = max(1, torch.get_num_threads() // 2) if settings.mode == "uniform" else None
+    return OpenCVSource(path, threads=threads)
 
 
 # (B, S, S, 3) uint8 pixels and decoding options -> each frame's captions, best first
@@ -297,8 +314,14 @@ def subtitle_source(
     settings = settings or VideoOptions()
     check_min_confidence(settings.min_confidence, model)
     sampler = SAMPLERS[settings.mode].from_options(settings, source, model.encoder.preprocess.size)
-    with closing(in_background(sample_frames(source, sampler))) as picks:  # stopped before the source closes
-        captioned = list(caption_picks(caption or model.caption_pixels, picks, options, settings.batch_size))
+    decoded, threads = threading.Event(), torch.get_num_threads()
+    if caption is None:
+        caption = _sharing_cores(model.caption_pixels, decoded, getattr(source, "threads", None))
+    try:
+        with closing(in_background(sample_frames(source, sampler), finished=decoded)) as picks:  # stopped
+            captioned = list(caption_picks(caption, picks, options, settings.batch_size))  # before the source closes
+    finally:
+        torch.set_num_threads(threads)
     if settings.min_confidence is not None:  # an unsure frame leaves a gap: its stretch gets no cue
         captioned = [replace(f, text="") if f.confidence < settings.min_confidence else f
                      for f in captioned]
@@ -309,6 +332,23 @@ def subtitle_source(
     notes = [f"{name}: {note}" for note in sampler.notes] + retime_notes(source)
     return VideoSubtitles(source.path, segments, end, len(captioned), source.stopped_at, tuple(source.skipped),
                           tuple(decode_warnings(source)), tuple(notes))
+
+
+def _sharing_cores(caption: PixelCaptioner, decoded: threading.Event, decode_threads: int | None) -> PixelCaptioner:
+    """``caption`` on the cores the decoder leaves while the file still decodes, on all of them after.
+
+    Two thread pools on two cores mostly wait for each other: on ``benchmarks/bench_video.py``'s
+    120 s 720p clip, one FFmpeg thread beside one torch thread, then two torch threads once
+    the file was read, took 3.03 s (2.79-3.10) where both at full width took 3.45 s (3.44-3.75).
+    """
+    full = torch.get_num_threads()
+    beside = max(1, full - decode_threads) if decode_threads else full
+
+    def caption_batch(pixels: torch.Tensor, options: DecodingOptions | None) -> list[list[Caption]]:
+        torch.set_num_threads(full if decoded.is_set() else beside)
+        return caption(pixels, options)
+
+    return caption_batch
 
 
 def sample_frames(source: VideoSource, sampler: Sampler) -> Iterator[Pick]:

@@ -19,8 +19,7 @@ from captioner.outputs import check_writable_file, check_writable_folder, same_f
 from captioner.pipelines.burn import burn_subtitles, check_burn_target
 from captioner.pipelines.sources import walk_videos
 from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
-from captioner.pipelines.video import VideoOptions, subtitle_source
-from captioner.pipelines.video_source import OpenCVSource
+from captioner.pipelines.video import VideoOptions, open_video, subtitle_source
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ def run_job(
     settings: VideoOptions,
 ) -> bool:
     """Subtitle one video (and burn the copy); False when the cues cover it only in part."""
-    with OpenCVSource(job.video) as source:
+    with open_video(job.video, settings) as source:
         check_writable_file(job.output)  # a folder or a read-only place there: know it before captioning
         subtitles = subtitle_source(source, model=model, options=options, settings=settings)
     for note in subtitles.notes:

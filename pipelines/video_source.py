@@ -238,8 +238,10 @@ class OpenCVSource:
         VideoReadError: the file is missing, cannot be opened, or has no decodable frame.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        """``threads``: FFmpeg's decoding threads (None: OpenCV's default, one per core)."""
         self.path = Path(path)
+        self.threads = threads
         if not self.path.is_file():
             reason = "is a folder, not a video" if self.path.is_dir() else "no such file"
             raise VideoReadError(f"{printable(self.path)}: {reason}")
@@ -249,7 +251,8 @@ class OpenCVSource:
         except OSError as e:
             raise VideoReadError(f"{printable(self.path)}: cannot give this file name to OpenCV ({e})") from e
         try:
-            self._cap = cv2.VideoCapture(self._name.name, cv2.CAP_FFMPEG)
+            params = [cv2.CAP_PROP_N_THREADS, threads] if threads else []
+            self._cap = cv2.VideoCapture(self._name.name, cv2.CAP_FFMPEG, params)
         except cv2.error:
             self._cap = None
         if self._cap is None or not self._cap.isOpened():

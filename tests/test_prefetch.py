@@ -37,3 +37,11 @@ def test_stopping_early_stops_the_producer():
     consumer.close()
     assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
     assert len(produced) <= 3 + 2 + 2  # consumed + queue depth + the one being put
+
+
+def test_finished_is_set_when_the_producer_is_done_before_the_consumer_takes_everything():
+    finished = threading.Event()
+    consumer = in_background(range(10), depth=32, finished=finished)
+    assert next(consumer) == 0
+    assert finished.wait(timeout=10)  # nine items still wait in the buffer
+    assert list(consumer) == list(range(1, 10))

@@ -26,7 +26,7 @@ from captioner.pipelines.burn import burn_subtitles
 from captioner.pipelines.cli import main
 from captioner.pipelines.cues import Segment
 from captioner.pipelines.subtitles import WriteSRT, WriteVTT
-from captioner.pipelines.video import SAMPLERS, ShotFrames, subtitle_video
+from captioner.pipelines.video import SAMPLERS, ShotFrames, _sharing_cores, open_video, subtitle_video
 from captioner.pipelines.video_batch import VideoJob, plan_jobs, prepare_jobs, run_jobs
 from captioner.pipelines.video_options import VideoOptions
 from captioner.pipelines.video_source import MAX_FAILED_GRABS, OPEN_HINT
@@ -159,6 +159,28 @@ def test_a_captioning_error_stops_the_decoding_thread_before_the_file_closes(cli
         subtitle_video(clips["mp4"], model=default_model, settings=uniform(0.5, batch_size=2))
     assert calls == [2, 2]
     assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_uniform_sampling_decodes_on_half_the_cores_and_the_model_takes_the_rest_until_decoding_ends(
+        clips, default_model):
+    import torch
+
+    full = torch.get_num_threads()
+    with open_video(clips["mp4"], uniform(1.0)) as source:
+        assert source.threads == max(1, full // 2)
+    with open_video(clips["mp4"], VideoOptions(mode="scenes")) as source:
+        assert source.threads is None  # scene detection decodes fastest with FFmpeg's own default
+    seen, decoded = [], threading.Event()
+    caption = _sharing_cores(lambda pixels, options: seen.append(torch.get_num_threads()) or [], decoded, 1)
+    try:
+        caption(None, None)
+        decoded.set()
+        caption(None, None)
+    finally:
+        torch.set_num_threads(full)
+    assert seen == [max(1, full - 1), full]
+    subtitle_video(clips["mp4"], model=default_model, settings=uniform(0.5, batch_size=2))
+    assert torch.get_num_threads() == full  # given back after the video
 
 
 def test_scene_detection_failing_part_way_keeps_the_shots_found_and_samples_the_rest(clips, default_model,
