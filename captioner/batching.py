@@ -40,12 +40,15 @@ class DynamicBatcher:
                  torch_threads: int | None = None):
         """``torch_threads``: the worker thread's torch thread count, given back after
         :func:`captioner.torch_threads.keep_torch_off_this_thread` (None: leave it as it is)."""
+        if torch_threads is not None and torch_threads < 1:
+            raise ValueError(f"torch_threads={torch_threads} must be at least 1")
         self.model = model
         self.torch_threads = torch_threads
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # the latest batches' sizes, for tests and benchmarks
         self._closed = False
+        self._closing = threading.Lock()  # no item can be queued behind the worker's stop signal
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []  # taken from the queue, waiting for a batch with their options
         self._thread = threading.Thread(target=self._run, name="captioner-batcher", daemon=True)
@@ -57,16 +60,18 @@ class DynamicBatcher:
         Raises:
             RuntimeError: the batcher is closed.
         """
-        if self._closed:
-            raise RuntimeError("the batcher is closed")
         item = _Item(name, pixels, options)
-        self._queue.put(item)
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._queue.put(item)
         return item.future
 
     def close(self) -> None:
         """Caption what is queued, then stop the worker."""
-        self._closed = True
-        self._queue.put(None)
+        with self._closing:
+            self._closed = True
+            self._queue.put(None)
         self._thread.join(timeout=30)
 
     def _run(self) -> None:

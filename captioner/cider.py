@@ -67,10 +67,8 @@ class CiderD:
         penalty = math.exp(-((lh - lr) ** 2) / (2 * SIGMA**2))
         total = 0.0
         for n in range(MAX_N):
-            ref_n, dot = vr[n], 0.0
-            for g, w in vh[n].items():
-                if (r := ref_n.get(g)) is not None:
-                    dot += min(w, r) * r
+            ref_n = vr[n]  # sum() as before: Python 3.12's sum of floats is compensated, a loop of += is not
+            dot = sum(min(w, r) * r for g, w in vh[n].items() if (r := ref_n.get(g)) is not None)
             if nh[n] and nr[n]:
                 dot /= nh[n] * nr[n]
             total += dot * penalty
@@ -83,10 +81,10 @@ class CiderD:
     def mean_score(self, candidate: Sequence[Token], images: Sequence[int]) -> float:
         """The mean of :meth:`score` over ``images``, with the candidate's vector built once."""
         hyp = self._vector(ngram_counts(candidate))
-        total = 0.0
-        for image in images:
-            refs = self._refs.get(image)
-            if refs is None:
-                refs = self._refs[image] = [self._vector(ngram_counts(r)) for r in self._references[image]]
-            total += 10.0 * sum(self._similarity(hyp, ref) for ref in refs) / len(refs)
-        return total / len(images)
+        return sum(self._image_score(hyp, image) for image in images) / len(images)
+
+    def _image_score(self, hyp: NGramVector, image: int) -> float:
+        refs = self._refs.get(image)
+        if refs is None:
+            refs = self._refs[image] = [self._vector(ngram_counts(r)) for r in self._references[image]]
+        return 10.0 * sum(self._similarity(hyp, ref) for ref in refs) / len(refs)

@@ -17,6 +17,7 @@ import io
 import shutil
 import tempfile
 import threading
+from concurrent.futures import wait as futures_wait
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -147,7 +148,7 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         stop = threading.Event()
         try:
             job = run_in_threadpool(_subtitle, model, upload.file, path, decoding, video_options,
-                                    printable(upload.filename), _batched_frames(state["batcher"], stop))
+                                    printable(upload.filename), _BatchedFrames(state["batcher"], stop))
             result = await _within(job, settings.timeout)
         finally:
             stop.set()  # a job past its timeout stops at its next batch of frames
@@ -212,14 +213,19 @@ def _record(result, min_confidence: float | None, fallback: str | None, n_best: 
     return record
 
 
-def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: VideoOptions, name: str, caption):
+def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: VideoOptions, name: str,
+              caption: _BatchedFrames):
     """Write the upload to ``path`` (for OpenCV) and subtitle it; runs in a worker thread, off the event loop."""
-    from captioner.pipelines.video import open_video, subtitle_source
+    from captioner.pipelines.video import subtitle_source
+    from captioner.pipelines.video_source import OpenCVSource
 
+    if caption.stop.is_set():  # started after its request was over: write nothing
+        raise _Stopped
     with path.open("wb") as f:
         shutil.copyfileobj(upload, f)
     try:
-        with open_video(path, settings) as source:
+        # FFmpeg's own thread count: the model runs on the batcher's thread, not beside it here
+        with OpenCVSource(path) as source:
             return subtitle_source(source, model=model, options=decoding, settings=settings, caption=caption)
     except VideoReadError as e:
         raise HTTPError(415, f"{name}: {str(e).split(': ', 1)[-1]}") from e
@@ -229,17 +235,24 @@ class _Stopped(Exception):
     """A video job whose request is over (its timeout passed): nobody waits for its cues."""
 
 
-def _batched_frames(batcher: DynamicBatcher, stop: threading.Event):
+class _BatchedFrames:
     """A video's frames captioned by the server's batcher: on its thread (the one that runs torch,
-    see captioner.torch_threads), in batches shared with photo requests, and never after ``stop``."""
+    see captioner.torch_threads), in batches shared with photo requests, and never after ``stop``:
+    frames not captioned yet are then withdrawn, and the job raises."""
 
-    def caption(pixels, options):
-        if stop.is_set():
+    def __init__(self, batcher: DynamicBatcher, stop: threading.Event):
+        self.batcher, self.stop = batcher, stop
+
+    def __call__(self, pixels, options):
+        if self.stop.is_set():
             raise _Stopped
-        futures = [batcher.submit(f"frame {i}", frame.numpy(), options) for i, frame in enumerate(pixels)]
+        futures = [self.batcher.submit(f"frame {i}", frame.numpy(), options) for i, frame in enumerate(pixels)]
+        while futures_wait(futures, timeout=0.1).not_done:
+            if self.stop.is_set():
+                for future in futures:
+                    future.cancel()  # the batcher skips cancelled items
+                raise _Stopped
         return [future.result().captions for future in futures]
-
-    return caption
 
 
 def _subtitle_response(result, fmt: str) -> Response:

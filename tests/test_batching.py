@@ -76,3 +76,8 @@ def test_a_caller_that_gave_up_does_not_stop_the_worker_and_a_closed_batcher_ref
     assert list(batcher.batch_sizes) == [1, 1]
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit("chelsea.png", pixels("chelsea.png"))
+
+
+def test_a_thread_count_below_one_is_refused_before_a_worker_starts(default_model):
+    with pytest.raises(ValueError, match="torch_threads=0 must be at least 1"):
+        DynamicBatcher(default_model, torch_threads=0)

@@ -28,3 +28,10 @@ def test_per_image_scores_match_pycocoevalcap():
 def test_a_reference_scores_higher_than_a_wrong_caption():
     ours = CiderD(REFS)
     assert ours.score(REFS[2][0], 2) > ours.score(CANDIDATES[3], 2)
+
+
+def test_one_candidate_over_several_images_is_the_mean_of_its_scores_exactly():
+    ours = CiderD(REFS)
+    for candidate in CANDIDATES:
+        images = [3, 0, 2, 0]  # repeated and out of order, as nearest neighbours come
+        assert ours.mean_score(candidate, images) == sum(ours.score(candidate, j) for j in images) / len(images)

@@ -28,9 +28,9 @@ try:
 finally:
     batcher.close()
 probe = []
-threading.Thread(target=lambda: probe.append(torch.get_num_threads())).start()
-while not probe:
-    pass
+thread = threading.Thread(target=lambda: probe.append(torch.get_num_threads()))
+thread.start()
+thread.join()
 print(json.dumps({"before": before, "returned": threads, "main": main_threads, "new_thread": probe[0],
                   "served": served, "main_thread": [c.text for c in caption_images(model, photos)]}))
 """

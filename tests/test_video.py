@@ -183,6 +183,24 @@ def test_uniform_sampling_decodes_on_half_the_cores_and_the_model_takes_the_rest
     assert torch.get_num_threads() == full  # given back after the video
 
 
+def test_the_thread_count_is_given_back_when_captioning_fails(clips, default_model, monkeypatch):
+    import torch
+
+    full = torch.get_num_threads()
+
+    def changes_threads_then_fails(pixels, options=None):
+        torch.set_num_threads(full + 1)
+        raise RuntimeError("model gone")
+
+    monkeypatch.setattr(default_model, "caption_pixels", changes_threads_then_fails)
+    try:
+        with pytest.raises(RuntimeError, match="model gone"):
+            subtitle_video(clips["mp4"], model=default_model, settings=uniform(0.5, batch_size=2))
+        assert torch.get_num_threads() == full
+    finally:
+        torch.set_num_threads(full)
+
+
 def test_scene_detection_failing_part_way_keeps_the_shots_found_and_samples_the_rest(clips, default_model,
                                                                                       monkeypatch):
     from scenedetect import ContentDetector
