@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # Batch-norm settings of the TensorFlow checkpoints these weights were converted from.
 BN_EPS = 1e-3
@@ -119,6 +120,12 @@ class MBConvBlock(nn.Module):
         self._bn2 = _bn(out_channels)
         self.residual = stride == 1 and in_channels == out_channels
 
+    def fold_batch_norm(self) -> None:
+        if self.expand:
+            self._expand_conv, self._bn0 = fuse_conv_bn_eval(self._expand_conv, self._bn0), nn.Identity()
+        self._depthwise_conv, self._bn1 = fuse_conv_bn_eval(self._depthwise_conv, self._bn1), nn.Identity()
+        self._project_conv, self._bn2 = fuse_conv_bn_eval(self._project_conv, self._bn2), nn.Identity()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
         if self.expand:
@@ -165,3 +172,22 @@ class EfficientNetLite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_classes) ImageNet logits."""
         return self._fc(self.forward_features(x).mean(dim=(2, 3)))
+
+    def fold_batch_norm(self) -> None:
+        """Fold each batch norm into the convolution before it; for inference only.
+
+        In eval mode a batch norm is a fixed per-channel scale and shift, which the
+        convolution can apply itself (scaled weights, a bias), saving one pass over every
+        activation. Measured on 2 cores at batch 32: 105-110 against 82-83 images/s, feature
+        grids within 4e-5 of the unfolded ones. Afterwards the batch norms are gone, so the
+        module can be neither trained nor saved in the lukemelas layout.
+
+        Raises:
+            RuntimeError: the module is in training mode.
+        """
+        if self.training:
+            raise RuntimeError("batch norm is folded for inference only: call eval() first")
+        self._conv_stem, self._bn0 = fuse_conv_bn_eval(self._conv_stem, self._bn0), nn.Identity()
+        for block in self._blocks:
+            block.fold_batch_norm()
+        self._conv_head, self._bn1 = fuse_conv_bn_eval(self._conv_head, self._bn1), nn.Identity()

@@ -217,8 +217,11 @@ class CaptionModel(nn.Module):
             replace: also replace an existing model folder (training's ``best``); other files are never deleted.
         Raises:
             OutputError: ``directory`` exists and is not an empty folder (or, with ``replace``, a model
-                folder), or it cannot be written.
+                folder), or it cannot be written, or the model's stored encoder was folded for inference.
         """
+        if self.config.encoder_weights_stored and self.encoder.folded:
+            raise OutputError(f"{printable(directory)}: cannot write model: its encoder was folded for inference "
+                              "(captioner.load_model); load it with CaptionModel.load to save it")
         target = check_new_model_folder(directory, replace=replace)
         staging = target.parent / f".{target.name[:40]}.{secrets.token_hex(4)}.tmp"
         try:

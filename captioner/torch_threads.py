@@ -21,11 +21,9 @@ main thread. There were two causes, each with its fix:
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number for the arena limit
+from captioner.allocator import share_one_arena
 
 
 def keep_torch_off_this_thread() -> int:
@@ -40,14 +38,5 @@ def keep_torch_off_this_thread() -> int:
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    _share_one_malloc_arena()
+    share_one_arena()
     return threads
-
-
-def _share_one_malloc_arena() -> None:
-    try:
-        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    except (OSError, TypeError):  # no C library to load by that name (Windows)
-        return
-    if mallopt is not None:  # glibc; elsewhere the allocator is left alone
-        mallopt(_M_ARENA_MAX, 1)

@@ -67,3 +67,15 @@ def test_bundled_imagenet_labels_are_torchvisions():
     from captioner.encoders import imagenet_classes
 
     assert imagenet_classes() == tuple(EfficientNet_B0_Weights.DEFAULT.meta["categories"])
+
+
+def test_folding_batch_norm_keeps_the_grid_and_is_refused_in_training_mode(lite):
+    import copy
+
+    folded = copy.deepcopy(lite)
+    folded.fold_batch_norm()
+    assert folded.folded and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    pixels = torch.from_numpy(model_pixels(SAMPLES / "chelsea.png", lite.preprocess.size))[None]
+    assert torch.allclose(folded.encode(pixels), lite.encode(pixels), atol=1e-4)
+    with pytest.raises(RuntimeError, match="inference only"):
+        copy.deepcopy(lite).train().fold_batch_norm()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import SHARED_SAMPLES
 
+from captioner.api import load_model
 from captioner.data import write_manifest
 from captioner.errors import CheckpointError, DataError, OptionError, OutputError
 from captioner.model import CaptionModel
@@ -98,6 +99,8 @@ def test_encoder_fine_tuning_updates_and_saves_the_cnn_but_keeps_its_batch_norm_
     saved = CaptionModel.load(f"{cfg.out_dir}/best")
     assert saved.config.encoder_weights_stored
     assert not torch.equal(saved.encoder.features.net._conv_head.weight, before)  # the tuned CNN, not ImageNet's
+    with pytest.raises(OutputError, match="folded for inference"):  # load_model's copy has no batch norms to save
+        load_model(f"{cfg.out_dir}/best").save(f"{cfg.out_dir}/copy")
 
 
 # --- settings checked before any work ------------------------------------------------------------
