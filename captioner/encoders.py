@@ -84,9 +84,18 @@ class Encoder(nn.Module):
         fold = getattr(self.features, "fold_batch_norm", None)
         if fold is None or self.folded:
             return
-        fold()
-        self.to(memory_format=torch.channels_last)
+        with torch.inference_mode(False), torch.no_grad():  # plain weights, even when loaded in inference mode
+            fold()
+            self.to(memory_format=torch.channels_last)
         self.folded = True
+        self.eval()  # the Identity modules that replaced the batch norms start in training mode
+
+    def train(self, mode: bool = True) -> "Encoder":
+        """As nn.Module's; a folded encoder has no batch norm left to train, so it refuses."""
+        if mode and self.folded:
+            raise RuntimeError("this encoder's batch norm was folded for inference (captioner.load_model); "
+                               "load the model with CaptionModel.load to train it")
+        return super().train(mode)
 
     def classify(self, grid: torch.Tensor) -> torch.Tensor | None:
         """(B, C, h, w) grid -> (B, classes) class probabilities of the backbone's own head, if kept."""

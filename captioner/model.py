@@ -139,7 +139,7 @@ class CaptionModel(nn.Module):
         return self.encoder.encode(pixels)
 
     def compile_encoder(self) -> None:
-        """Compile the CNN with torch.compile: about 1.7x the images/s on CPU once compiled,
+        """Compile the CNN with torch.compile: about 1.4x the images/s on CPU once compiled,
         at a one-off cost of tens of seconds, so it pays off for folders, not single photos.
 
         A first batch is encoded here, so a machine where compiling cannot work (no C++

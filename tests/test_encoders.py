@@ -79,3 +79,16 @@ def test_folding_batch_norm_keeps_the_grid_and_is_refused_in_training_mode(lite)
     assert torch.allclose(folded.encode(pixels), lite.encode(pixels), atol=1e-4)
     with pytest.raises(RuntimeError, match="inference only"):
         copy.deepcopy(lite).train().fold_batch_norm()
+
+
+def test_a_folded_encoder_refuses_training_and_folding_in_inference_mode_leaves_plain_weights(lite):
+    import copy
+
+    folded = copy.deepcopy(lite)
+    with torch.inference_mode():  # as a caller loading the model inside inference mode would
+        folded.fold_batch_norm()
+    assert not any(p.is_inference() for p in folded.parameters())
+    assert not any(m.training for m in folded.modules())
+    folded.features(torch.zeros(1, 3, 64, 64))  # a plain forward, autograd on
+    with pytest.raises(RuntimeError, match="folded for inference"):
+        folded.train()
