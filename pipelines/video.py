@@ -20,7 +20,7 @@ import math
 import os
 import threading
 from bisect import bisect_left
-from contextlib import closing
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
@@ -314,14 +314,12 @@ def subtitle_source(
     settings = settings or VideoOptions()
     check_min_confidence(settings.min_confidence, model)
     sampler = SAMPLERS[settings.mode].from_options(settings, source, model.encoder.preprocess.size)
-    decoded, threads = threading.Event(), torch.get_num_threads()
-    if caption is None:
-        caption = _sharing_cores(model.caption_pixels, decoded, getattr(source, "threads", None))
-    try:
-        with closing(in_background(sample_frames(source, sampler), finished=decoded)) as picks:  # stopped
-            captioned = list(caption_picks(caption, picks, options, settings.batch_size))  # before the source closes
-    finally:
-        torch.set_num_threads(threads)
+    decoded = threading.Event()
+    cores = nullcontext(caption) if caption else _sharing_cores(model.caption_pixels, decoded,
+                                                                getattr(source, "threads", None))
+    # the decoding thread is stopped before the source closes
+    with cores as caption_batch, closing(in_background(sample_frames(source, sampler), finished=decoded)) as picks:
+        captioned = list(caption_picks(caption_batch, picks, options, settings.batch_size))
     if settings.min_confidence is not None:  # an unsure frame leaves a gap: its stretch gets no cue
         captioned = [replace(f, text="") if f.confidence < settings.min_confidence else f
                      for f in captioned]
@@ -334,8 +332,11 @@ def subtitle_source(
                           tuple(decode_warnings(source)), tuple(notes))
 
 
-def _sharing_cores(caption: PixelCaptioner, decoded: threading.Event, decode_threads: int | None) -> PixelCaptioner:
-    """``caption`` on the cores the decoder leaves while the file still decodes, on all of them after.
+@contextmanager
+def _sharing_cores(caption: PixelCaptioner, decoded: threading.Event,
+                   decode_threads: int | None) -> Iterator[PixelCaptioner]:
+    """``caption`` on the cores the decoder leaves while the file still decodes, on all of them
+    after; torch's thread count is given back on leaving, errors included.
 
     Two thread pools on two cores mostly wait for each other: on ``benchmarks/bench_video.py``'s
     120 s 720p clip, one FFmpeg thread beside one torch thread, then two torch threads once
@@ -348,7 +349,10 @@ def _sharing_cores(caption: PixelCaptioner, decoded: threading.Event, decode_thr
         torch.set_num_threads(full if decoded.is_set() else beside)
         return caption(pixels, options)
 
-    return caption_batch
+    try:
+        yield caption_batch
+    finally:
+        torch.set_num_threads(full)
 
 
 def sample_frames(source: VideoSource, sampler: Sampler) -> Iterator[Pick]:

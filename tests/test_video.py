@@ -171,11 +171,14 @@ def test_uniform_sampling_decodes_on_half_the_cores_and_the_model_takes_the_rest
     with open_video(clips["mp4"], VideoOptions(mode="scenes")) as source:
         assert source.threads is None  # scene detection decodes fastest with FFmpeg's own default
     seen, decoded = [], threading.Event()
-    caption = _sharing_cores(lambda pixels, options: seen.append(torch.get_num_threads()) or [], decoded, 1)
     try:
-        caption(None, None)
-        decoded.set()
-        caption(None, None)
+        with _sharing_cores(lambda pixels, options: seen.append(torch.get_num_threads()) or [], decoded,
+                            1) as caption:
+            caption(None, None)
+            decoded.set()
+            caption(None, None)
+            torch.set_num_threads(full + 1)  # whatever happens inside, the count is given back on leaving
+        assert torch.get_num_threads() == full
     finally:
         torch.set_num_threads(full)
     assert seen == [max(1, full - 1), full]
