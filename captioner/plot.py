@@ -19,7 +19,8 @@ def plot_history(history: list[dict], path: str | os.PathLike) -> None:
         if points:
             left.plot(*zip(*points, strict=True), marker="o", label=label)
     left.set(title="training", xlabel="epoch")
-    left.legend()
+    if left.lines:  # a run that has only scored its starting model has nothing to show here yet
+        left.legend()
     for name in ("BLEU-4", "CIDEr-D"):
         right.plot(epochs, [r[name] for r in history], marker="o", label=name)
     right.set(title="dev scores", xlabel="epoch")

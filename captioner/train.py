@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from captioner.allocator import keep_freed_memory
+from captioner.augment import crop_grids, drop_words
 from captioner.checkpoint import check_fits, read_checkpoint, resume_error
 from captioner.cider import CiderD
 from captioner.data import ManifestEntry, read_manifest
@@ -355,9 +356,11 @@ class Trainer:
         targets = tokens[:, 1:] != self.vocab.pad
         # the global batch's target tokens per process: DDP averages gradients over processes
         per_process = float(self.group.sum(targets.sum()).item()) / self.group.world
+        inputs = drop_words(tokens[:, :-1], self.cfg.word_dropout, unk=self.vocab.unk, pad=self.vocab.pad)
         with torch.autocast(self.device.type, enabled=self.scaler.is_enabled()):
             grid = self._grids_for([i for i, _ in batch], self.train_entries, train=True)
-            logits = self.train_decoder(grid, tokens[:, :-1])  # (B, T-1, V)
+            grid = crop_grids(grid, self.cfg.grid_crop)
+            logits = self.train_decoder(grid, inputs)  # (B, T-1, V)
             loss = self.loss_fn(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
             if self.teacher is not None:
                 with torch.no_grad():
@@ -455,11 +458,12 @@ class Trainer:
         self.save_checkpoint()
 
     def _start_scst(self) -> None:
-        """Continue from the best cross-entropy weights with a fresh, small-step optimizer."""
-        best = CaptionModel.load(self.out / "best", device=str(self.device))
-        self.model.decoder.load_state_dict(best.decoder.state_dict())
-        if self.cfg.finetune_encoder:
-            self.model.encoder.load_state_dict(best.encoder.state_dict())
+        """Continue from the best cross-entropy weights (or init_from's) with a fresh, small-step optimizer."""
+        if self.cfg.epochs:
+            best = CaptionModel.load(self.out / "best", device=str(self.device))
+            self.model.decoder.load_state_dict(best.decoder.state_dict())
+            if self.cfg.finetune_encoder:
+                self.model.encoder.load_state_dict(best.encoder.state_dict())
         self.optimizer.state.clear()
         decoder_group, *encoder_group = self.optimizer.param_groups
         decoder_group["lr"] = self.cfg.scst_lr
@@ -467,6 +471,12 @@ class Trainer:
             group["lr"] = self._encoder_lr(self.cfg.scst_lr)
         baseline = self.evaluate_dev()  # the starting point: an SCST epoch must beat it to become best
         self.best_cider = max(self.best_cider, baseline["CIDEr-D"])
+        if not self.cfg.epochs and self.group.leader:
+            # no cross-entropy epoch left a best: the starting model is it until an SCST epoch beats it
+            self.model.save(self.out / "best", replace=True)
+            record = {"epoch": 0, "phase": "start", **baseline}
+            self.history.append(record)
+            self._log(record)
 
     def _reward_scorer(self) -> CiderD:
         return CiderD([[reward_tokens(tokenize(c)) for c in e.captions] for e in self.train_entries])

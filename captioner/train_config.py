@@ -47,7 +47,12 @@ class TrainConfig:
     attention_dim: int = option(512, int, "size of the attention's hidden layer", Bounds(1, MAX_DIM))
     dropout: float = option(0.5, float, "dropout on embeddings and before the output layer",
                             Bounds(0, 1, open_high=True))
-    epochs: int = option(12, int, "cross-entropy epochs at most", Bounds(1, 100_000))
+    word_dropout: float = option(0.0, float, "share of the decoder's input words (after <start>) replaced by <unk> "
+                                 "under teacher forcing, so it leans on the image", Bounds(0, 1, open_high=True))
+    grid_crop: float = option(1.0, float, "smallest share of the cached grid's side that a random crop keeps "
+                              "(resized back) in cross-entropy training; 1: no crop", Bounds(0, 1, open_low=True))
+    epochs: int = option(12, int, "cross-entropy epochs at most (0: none, only the self-critical phase, "
+                         "starting from init_from)", Bounds(0, 100_000))
     batch_size: int = option(64, int, "captions per training batch", Bounds(1, 65_536))
     lr: float = option(1e-3, float, "AdamW peak learning rate", Bounds(0, 10, open_low=True))
     weight_decay: float = option(1e-4, float, "AdamW weight decay", Bounds(0, 10))
@@ -80,6 +85,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.epochs == 0 and (self.init_from is None or self.scst_epochs == 0):
+            raise OptionError("epochs=0 skips cross-entropy training: it needs init_from (the decoder to continue) "
+                              "and scst_epochs > 0 (the only phase left)")
         _check_encoder(self.encoder)
         _check_device(self.device)
 

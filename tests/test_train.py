@@ -69,6 +69,19 @@ def test_plain_lstm_option_trains_and_overfits_a_tiny_set(tiny_config):
 
 
 @pytest.mark.slow
+def test_word_dropout_and_grid_crops_are_applied_and_a_tiny_set_is_still_learned(tiny_config):
+    def losses(**settings) -> list[float]:
+        trainer = Trainer(dataclasses.replace(tiny_config, epochs=30, **settings))
+        return [trainer.train_epoch() for _ in range(30)]
+
+    plain = losses()
+    regularized = losses(word_dropout=0.25, grid_crop=0.7)
+    assert regularized[-1] < 0.6 * regularized[0]
+    assert regularized[-1] > plain[-1]  # harder to recite: the captions' own words are partly hidden
+    assert losses(word_dropout=0.9)[-1] > regularized[-1]
+
+
+@pytest.mark.slow
 def test_self_critical_phase_follows_cross_entropy_and_raises_reward(tiny_config):
     cfg = dataclasses.replace(tiny_config, epochs=12, patience=99, scst_epochs=15, scst_lr=1e-3, scst_batch_images=4)
     trainer = Trainer(cfg)
@@ -112,7 +125,8 @@ def test_encoder_fine_tuning_updates_and_saves_the_cnn_but_keeps_its_batch_norm_
         ("embed_dim", "32", r"embed_dim='32' must be a whole number in \[1, 8192\]"),
         ("hidden_dim", 200000, r"hidden_dim=200000 must be a whole number in \[1, 8192\]"),
         ("attention", "false", "attention='false' must be true or false"),
-        ("epochs", 0, r"epochs=0 must be a whole number in \[1, "),
+        ("epochs", -1, r"epochs=-1 must be a whole number in \[0, "),
+        ("epochs", 0, "epochs=0 skips cross-entropy training: it needs init_from"),
         ("batch_size", 4.0, "batch_size=4.0 must be a whole number"),
         ("dropout", float("nan"), r"dropout=nan must be a number in \[0, 1\)"),
         ("lr", 0, r"lr=0 must be a number in \(0, 10\]"),
@@ -319,6 +333,27 @@ def test_init_from_continues_a_trained_decoder_with_its_vocabulary(tiny_config, 
         assert torch.equal(trainer.model.decoder.state_dict()[name], tensor)
     with pytest.raises(OptionError, match="init_from=.*decoder shape differs"):
         Trainer(dataclasses.replace(cfg, hidden_dim=16, out_dir=str(tmp_path / "other")))
+
+
+@pytest.mark.slow
+def test_self_critical_training_alone_starts_from_init_from_and_keeps_it_unless_beaten(tiny_config, tmp_path):
+    first = dataclasses.replace(tiny_config, epochs=6)
+    train(first)
+    start = CaptionModel.load(Path(first.out_dir) / "best")
+    cfg = dataclasses.replace(tiny_config, out_dir=str(tmp_path / "scst"), epochs=0,
+                              init_from=str(Path(first.out_dir) / "best"), scst_epochs=3, scst_lr=1e-3,
+                              scst_batch_images=4)
+    trainer = Trainer(cfg)
+    best = trainer.fit()
+    assert [r["phase"] for r in trainer.history] == ["start", "scst", "scst", "scst"]
+    first_best = max(json.loads(line)["CIDEr-D"] for line in open(Path(first.out_dir) / "metrics.jsonl"))
+    assert trainer.history[0]["CIDEr-D"] == pytest.approx(first_best, abs=1e-6)  # the starting model, scored
+    assert best["CIDEr-D"] == max(r["CIDEr-D"] for r in trainer.history)
+    kept = CaptionModel.load(Path(cfg.out_dir) / "best").decoder.state_dict()
+    changed = any(not torch.equal(kept[k], v) for k, v in start.decoder.state_dict().items())
+    assert changed == (best["phase"] == "scst")  # the start stays the best unless an SCST epoch beat it
+    with pytest.raises(OptionError, match="epochs=0 .* needs init_from"):
+        dataclasses.replace(cfg, scst_epochs=0)
 
 
 @pytest.mark.slow
