@@ -100,3 +100,17 @@ def decode_grid(
     hyps = search(decoder, grid, strategy, processors, start_id=vocab.start, max_length=options.max_length)
     ranker = LengthRanker(options.length_penalty)
     return [[to_caption(h, vocab) for h in ranker.rank(per_image)[: options.n_best]] for per_image in hyps]
+
+
+def rerank(captions: list[list[Caption]], agreement: list[list[float]], weight: float,
+           n_best: int) -> tuple[list[list[Caption]], list[list[float]]]:
+    """Each image's captions ordered by mean log-prob + ``weight`` x agreement, the first ``n_best`` kept.
+
+    Consensus reranking (Devlin et al. 2015): among the fluent captions a beam finds, the one
+    closest to what people wrote about the most similar training photos is more often right
+    than the one the decoder alone likes best. ``agreement`` is each caption's consensus
+    CIDEr-D (:mod:`captioner.consensus`), returned in the new order beside the captions.
+    """
+    ranked = [sorted(zip(n, a, strict=True), key=lambda pair: -(pair[0].score + weight * pair[1]))[:n_best]
+              for n, a in zip(captions, agreement, strict=True)]
+    return [[c for c, _ in pairs] for pairs in ranked], [[a for _, a in pairs] for pairs in ranked]

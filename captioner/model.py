@@ -28,7 +28,7 @@ from captioner.concepts import concept_evidence, concept_matrix
 from captioner.confidence import CALIBRATION_FILE, Calibrator, FeatureStats, image_signals, signal_rows
 from captioner.consensus import CONSENSUS_FILE, CONSENSUS_WEIGHTS, Consensus
 from captioner.decoder import build_decoder
-from captioner.decoding import Caption, DecodingOptions, decode_grid
+from captioner.decoding import Caption, DecodingOptions, decode_grid, rerank
 from captioner.encoders import ENCODERS, build_encoder
 from captioner.errors import CaptionerError, ModelLoadError, OptionError, OutputError, printable, reason
 from captioner.options import REQUIRED, Bounds, DecoderConfig, check_fields, option
@@ -166,19 +166,32 @@ class CaptionModel(nn.Module):
         grid = grid.to(self.device)
         probs = self.encoder.classify(grid)
         evidence = self.concept_evidence(probs, options.concept_threshold) if options.concept_boost > 0 else None
-        captions = decode_grid(self.decoder, grid, self.vocab, options, evidence)
+        reranked = options.consensus_weight > 0 and self.consensus is not None
+        searched = options
+        if reranked and options.method == "beam":  # every hypothesis of the beam is a candidate
+            searched = dataclasses.replace(options, n_best=options.beam_size)
+        captions = decode_grid(self.decoder, grid, self.vocab, searched, evidence)
+        agreement = None
+        if reranked:
+            agreement = self.consensus.scores(grid.float().mean(dim=(2, 3)), [[c.text for c in n] for n in captions])
+            captions, agreement = rerank(captions, agreement, options.consensus_weight, options.n_best)
         if self.calibrator is None or self.consensus is None:
             return captions
-        rows = self.confidence_signals(grid, captions, probs, self.calibrator.features, self.consensus)
+        rows = self.confidence_signals(grid, captions, probs, self.calibrator.features, self.consensus, agreement)
         confidences = [self.calibrator.confidence(row).tolist() for row in rows]
         return [[dataclasses.replace(c, confidence=round(p, 4)) for c, p in zip(n_best, ps, strict=True)]
                 for n_best, ps in zip(captions, confidences, strict=True)]
 
     def confidence_signals(self, grid: torch.Tensor, captions: list[list[Caption]], probs: torch.Tensor | None,
-                           features: FeatureStats, consensus: Consensus) -> list[torch.Tensor]:
-        """Per image, (n-best, len(SIGNALS)) calibrator signals of its captions; for decoding and for fitting."""
+                           features: FeatureStats, consensus: Consensus,
+                           agreement: list[list[float]] | None = None) -> list[torch.Tensor]:
+        """Per image, (n-best, len(SIGNALS)) calibrator signals of its captions; for decoding and for fitting.
+
+        ``agreement``: the captions' consensus scores where reranking already computed them.
+        """
         pooled = grid.float().mean(dim=(2, 3))  # (B, C): both the distance and the neighbours read it
-        agreement = consensus.scores(pooled, [[c.text for c in n] for n in captions])
+        if agreement is None:
+            agreement = consensus.scores(pooled, [[c.text for c in n] for n in captions])
         return signal_rows(captions, image_signals(pooled, probs, features), probs, self.concepts(),
                            self.vocab.word_ids, agreement)
 

@@ -118,6 +118,11 @@ class DecodingOptions:
     # classifier evidence a word needs before it is boosted
     concept_threshold: float = option(0.5, float, "classifier evidence a word needs to be boosted",
                                        Bounds(0, 1, open_low=True))
+    # rerank candidates by mean log-prob + this weight x consensus CIDEr-D (0: off)
+    consensus_weight: float = option(0.0, float, "rerank the beam's captions by the model's mean log-prob plus this "
+                                     "weight times their CIDEr-D against the nearest training photos' captions "
+                                     "(0: off; a model without consensus data keeps the search's order)",
+                                     Bounds(0, 50))
 
     def __post_init__(self) -> None:
         check_fields(self, "decoding option")

@@ -83,7 +83,7 @@ def test_every_decoding_option_has_a_flag_that_reaches_the_options():
 
     changed = {"method": "sample", "beam_size": 7, "max_length": 9, "min_length": 2, "length_penalty": 0.5,
                "no_repeat_ngram": 3, "suppress_unk": False, "temperature": 0.7, "top_k": 5, "top_p": 0.8, "seed": 4,
-               "concept_boost": 1.5, "concept_threshold": 0.3}
+               "concept_boost": 1.5, "concept_threshold": 0.3, "consensus_weight": 2.5}
     names = {f.name for f in dataclasses.fields(DecodingOptions)} - set(HIDDEN_DECODING_FIELDS)
     assert set(changed) == names
     argv = ["caption", "x.jpg"]

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, SHARED_SAMPLES
 
 from captioner.api import caption_images
+from captioner.decoding import Caption, rerank
 from captioner.errors import OptionError
 from captioner.options import METHODS, DecodingOptions
 
@@ -45,6 +46,50 @@ def test_n_best_is_ordered_and_scored(default_model, grids):
         assert all(0 < c.min_prob <= 1 and c.score < 0 for c in n_best)
 
 
+def test_rerank_orders_by_score_plus_weighted_agreement_and_keeps_n_best():
+    def caption(text: str, score: float) -> Caption:
+        return Caption(text, tuple(text.split()), score, 0.5)
+
+    captions = [[caption("a dog", -1.0), caption("a cat", -1.2), caption("a cow", -2.0)], [caption("a car", -0.5)]]
+    agreement = [[0.1, 0.5, 2.0], [0.3]]
+    assert rerank(captions, agreement, 0.0, 3) == (captions, agreement)  # the search's order, by score
+    ranked, agree = rerank(captions, agreement, 1.0, 2)  # keys -0.9, -0.7, 0.0
+    assert [[c.text for c in n] for n in ranked] == [["a cow", "a cat"], ["a car"]]
+    assert agree == [[2.0, 0.5], [0.3]]
+
+
+def test_consensus_reranking_reorders_the_whole_beam_by_agreement_with_similar_training_photos(default_model,
+                                                                                                grids):
+    weight = 2.0
+    options = DecodingOptions(beam_size=5, n_best=5, length_penalty=1.0)
+    plain = default_model.caption_grid(grids, options)
+    reranked = default_model.caption_grid(grids, dataclasses.replace(options, consensus_weight=weight))
+    agreement = default_model.consensus.scores(grids.float().mean(dim=(2, 3)), [[c.text for c in n] for n in reranked])
+    for n_plain, n_new, agree in zip(plain, reranked, agreement, strict=True):
+        assert sorted(c.text for c in n_new) == sorted(c.text for c in n_plain)  # the same beam, reordered
+        keys = [c.score + weight * a for c, a in zip(n_new, agree, strict=True)]
+        assert keys == sorted(keys, reverse=True)
+    assert [n[0].text for n in plain] != [n[0].text for n in reranked]  # it changes some photo's best caption
+    one = default_model.caption_grid(grids, DecodingOptions(beam_size=5, consensus_weight=weight))
+    assert [n[0].text for n in one] == [n[0].text for n in reranked]  # n_best 1 still chooses from the whole beam
+
+
+def test_confidence_of_a_reranked_caption_is_the_calibrators_reading_of_its_own_signals(default_model, grids):
+    best = default_model.caption_grid(grids, DecodingOptions(beam_size=5, consensus_weight=1.0))
+    probs = default_model.encoder.classify(grids)
+    rows = default_model.confidence_signals(grids, best, probs, default_model.calibrator.features,
+                                            default_model.consensus)
+    expected = [round(float(default_model.calibrator.confidence(row)[0]), 4) for row in rows]
+    assert [n[0].confidence for n in best] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_model_without_consensus_data_keeps_the_searchs_order(small_model, grids):
+    assert small_model.consensus is None
+    options = DecodingOptions(beam_size=2, n_best=2, max_length=6)
+    plain = small_model.caption_grid(grids, options)
+    assert small_model.caption_grid(grids, dataclasses.replace(options, consensus_weight=5.0)) == plain
+
+
 def test_sampling_with_a_seed_is_reproducible(default_model):
     options = DecodingOptions(method="sample", seed=3, temperature=0.8, top_p=0.9)
     first = caption_images(default_model, PHOTOS[:2], options=options)
@@ -72,13 +117,13 @@ def teacher_forced_logprobs(model, grid, caption):
 
 
 def test_score_is_the_teacher_forced_log_probability_with_the_default_options(default_model, grids):
-    """Concept boost 4, beam 3, no-repeat 2 steer the search; the score stays the model's own.
+    """Concept boost 4, beam 5, no-repeat 2 and consensus reranking steer the search; the score stays the model's own.
 
     On the cat photo the boost swaps "small white dog" for "cat": the model's own score of
     the cat caption is -1.145 (least likely word 0.014), below the unboosted caption's -0.750.
     """
     options = default_model.config.decoding
-    assert options.concept_boost > 0 and options.beam_size == 3
+    assert options.concept_boost > 0 and options.beam_size == 5 and options.consensus_weight > 0
     captions = default_model.caption_grid(grids, options)
     for i, (caption,) in enumerate(captions):
         logprobs = teacher_forced_logprobs(default_model, grids[i : i + 1], caption)
@@ -108,6 +153,7 @@ BAD_OPTIONS = [
     ("seed", -1), ("seed", 2**64), ("seed", 1.0), ("seed", True), ("seed", "3"),
     ("concept_boost", -1.0), ("concept_boost", 50.5), ("concept_boost", math.nan),
     ("concept_threshold", 0.0), ("concept_threshold", 1.1),
+    ("consensus_weight", -0.5), ("consensus_weight", 51.0), ("consensus_weight", math.inf),
 ]
 
 

@@ -31,7 +31,7 @@ def photo(path, name=None):
 def test_health_and_model_description(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     info = client.get("/v1/model").json()
-    assert info["calibrated"] and info["decoding"]["beam_size"] == 3 and info["limits"]["max_images"] == 16
+    assert info["calibrated"] and info["decoding"]["beam_size"] == 5 and info["limits"]["max_images"] == 16
 
 
 def test_captions_are_the_cli_records_and_decoding_options_apply(client, capsys):

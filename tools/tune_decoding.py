@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--no-repeat", type=int, nargs="+", default=[0])
     parser.add_argument("--boosts", type=float, nargs="+", default=[0.0], help="concept_boost values")
+    parser.add_argument("--consensus-weights", type=float, nargs="+", default=[0.0],
+                        help="consensus_weight values (reranking the beam by agreement with the nearest training "
+                             "photos' captions; needs a model with consensus data)")
     parser.add_argument("--cache-dir", default="cache")
     parser.add_argument("--int8", action="store_true", help="score with the decoder's weights quantized to int8")
     parser.add_argument("--head-nouns-only", action="store_true",
@@ -51,6 +54,8 @@ def main() -> None:
 
 def tune(args: argparse.Namespace) -> None:
     model = CaptionModel.load(args.model)
+    if model.consensus is None and any(args.consensus_weights):
+        raise CaptionerError(f"{args.model}: no consensus data to rerank with; fit it with tools/fit_calibrator.py")
     if args.int8:
         model.decoder = int8_decoder(model.decoder)
     if args.head_nouns_only:
@@ -59,21 +64,24 @@ def tune(args: argparse.Namespace) -> None:
     grids = cached_features(model.encoder, [e.image for e in entries], args.cache_dir)
     references = [e.captions for e in entries]
     results = []
-    print("| beam | length penalty | no-repeat n-gram | concept boost | BLEU-1 | BLEU-4 | ROUGE-L | CIDEr-D | words |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for beam, alpha, ngram, boost in itertools.product(args.beams, args.alphas, args.no_repeat, args.boosts):
+    print("| beam | length penalty | no-repeat n-gram | concept boost | consensus weight | BLEU-1 | BLEU-4 | "
+          "ROUGE-L | CIDEr-D | words |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    grid = itertools.product(args.beams, args.alphas, args.no_repeat, args.boosts, args.consensus_weights)
+    for beam, alpha, ngram, boost, weight in grid:
         options = dataclasses.replace(model.config.decoding, method="beam" if beam > 1 else "greedy",
                                       beam_size=beam, length_penalty=alpha, no_repeat_ngram=ngram, n_best=1,
-                                      concept_boost=boost)
+                                      concept_boost=boost, consensus_weight=weight)
         batches = grid_batches(lambda ids: grids[ids].float(), len(entries))
         scores, texts = evaluate_grids(model, batches, references, options)
         words = sum(len(t.split()) for t in texts) / len(texts)
         results.append((scores["CIDEr-D"], scores["BLEU-4"], options))
-        print(f"| {beam} | {alpha} | {ngram} | {boost} | {scores['BLEU-1']:.4f} | {scores['BLEU-4']:.4f} | "
+        print(f"| {beam} | {alpha} | {ngram} | {boost} | {weight} | {scores['BLEU-1']:.4f} | {scores['BLEU-4']:.4f} | "
               f"{scores['ROUGE-L']:.4f} | {scores['CIDEr-D']:.4f} | {words:.1f} |", flush=True)
     cider, bleu4, best = max(results, key=lambda r: (r[0], r[1]))
     print(f"\nbest: beam {best.beam_size}, length penalty {best.length_penalty}, no-repeat {best.no_repeat_ngram}, "
-          f"concept boost {best.concept_boost}: CIDEr-D {cider:.4f}, BLEU-4 {bleu4:.4f}")
+          f"concept boost {best.concept_boost}, consensus weight {best.consensus_weight}: CIDEr-D {cider:.4f}, "
+          f"BLEU-4 {bleu4:.4f}")
     if args.save:
         config = dataclasses.replace(model.config, decoding=best)
         write_atomically(Path(args.model) / CONFIG_FILE, lambda f: f.write(config.to_json()))
