@@ -28,7 +28,7 @@ from captioner.concepts import concept_evidence, concept_matrix
 from captioner.confidence import CALIBRATION_FILE, Calibrator, FeatureStats, image_signals, signal_rows
 from captioner.consensus import CONSENSUS_FILE, CONSENSUS_WEIGHTS, Consensus
 from captioner.decoder import build_decoder
-from captioner.decoding import Caption, DecodingOptions, decode_grid, rerank
+from captioner.decoding import Caption, DecodingOptions, decode_grid, rerank, search_width
 from captioner.encoders import ENCODERS, build_encoder
 from captioner.errors import CaptionerError, ModelLoadError, OptionError, OutputError, printable, reason
 from captioner.options import REQUIRED, Bounds, DecoderConfig, check_fields, option
@@ -161,20 +161,23 @@ class CaptionModel(nn.Module):
 
     @torch.inference_mode()
     def caption_grid(self, grid: torch.Tensor, options: DecodingOptions | None = None) -> list[list[Caption]]:
-        """Encoder grids (B, C, h, w) -> n-best captions per image."""
+        """Encoder grids (B, C, h, w) -> n-best captions per image, reranked by consensus if the options say so."""
         options = options or self.config.decoding
         grid = grid.to(self.device)
         probs = self.encoder.classify(grid)
         evidence = self.concept_evidence(probs, options.concept_threshold) if options.concept_boost > 0 else None
         reranked = options.consensus_weight > 0 and self.consensus is not None
-        searched = options
-        if reranked and options.method == "beam":  # every hypothesis of the beam is a candidate
-            searched = dataclasses.replace(options, n_best=options.beam_size)
-        captions = decode_grid(self.decoder, grid, self.vocab, searched, evidence)
+        searched = dataclasses.replace(options, n_best=search_width(options)) if reranked else options
+        captions = decode_grid(self.decoder, grid, self.vocab, searched, evidence)  # reranking sees every hypothesis
         agreement = None
         if reranked:
             agreement = self.consensus.scores(grid.float().mean(dim=(2, 3)), [[c.text for c in n] for n in captions])
             captions, agreement = rerank(captions, agreement, options.consensus_weight, options.n_best)
+        return self._with_confidence(grid, captions, probs, agreement)
+
+    def _with_confidence(self, grid: torch.Tensor, captions: list[list[Caption]], probs: torch.Tensor | None,
+                         agreement: list[list[float]] | None) -> list[list[Caption]]:
+        """The captions with the calibrator's confidence filled in (as they are, for a model without one)."""
         if self.calibrator is None or self.consensus is None:
             return captions
         rows = self.confidence_signals(grid, captions, probs, self.calibrator.features, self.consensus, agreement)
