@@ -6,8 +6,12 @@ make a training caption harder to recite from memory:
 
 - word dropout (Bowman et al. 2016): some previous words the decoder is fed become
   ``<unk>``, so the next word has to come from the image more than from the phrase so far;
-- a random resized crop of the cached feature grid: a cheap stand-in for cropping the
-  photo, since the grids are computed once and the CNN never sees the crop.
+- a random resized crop of the feature grid: a cheap stand-in for cropping the photo,
+  since cached grids are computed once and the CNN never sees the crop (when the CNN is
+  fine-tuned, its output grid is cropped the same way).
+
+The teacher of word-level distillation still reads the real previous words: its
+next-word distribution is the target, and hiding words from it would blur that target.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ class Caption:
     ``score`` and ``min_prob`` are the decoder's own probabilities of the words it emitted,
     whatever token rules steered the search (a concept boost, no-repeat, min-length): a
     boosted word does not look more certain than the model thinks it is. The order of
-    n-best captions is the search's: the length-penalized sum of search log-probabilities
-    (boosts included, divided by length**length_penalty), which need not follow ``score``.
+    n-best captions starts from ``search_score``, the search's own ranking key, so the
+    rules' choices are not undone at the end; it need not follow ``score``. Consensus
+    reranking (:func:`rerank`) then adds agreement with similar training photos' captions.
     """
 
     text: str  # words joined by spaces
@@ -29,6 +30,7 @@ class Caption:
     min_prob: float  # the model's probability of the least likely token
     finished: bool = True  # False when the length limit cut the caption
     confidence: float | None = None  # estimated probability the caption is acceptable (a calibrated model's)
+    search_score: float = 0.0  # search log-probability sum (boosts included) / length**length_penalty
 
 
 def make_strategy(options: DecodingOptions, batch_size: int, end_id: int) -> SearchStrategy:
@@ -57,10 +59,11 @@ def make_processors(
     return processors
 
 
-def to_caption(hyp: Hypothesis, vocab: Vocabulary) -> Caption:
-    """A hypothesis as words, scored with the model's own log-probabilities."""
+def to_caption(hyp: Hypothesis, vocab: Vocabulary, ranker: LengthRanker) -> Caption:
+    """A hypothesis as words, scored with the model's own log-probabilities and ranked by the search's."""
     words = tuple(vocab.words(hyp.tokens))
-    return Caption(" ".join(words), words, hyp.mean_logprob, hyp.min_prob, hyp.finished)
+    return Caption(" ".join(words), words, hyp.mean_logprob, hyp.min_prob, hyp.finished,
+                   search_score=ranker.score(hyp))
 
 
 # Hypotheses searched at once at most. It bounds memory whatever the batch size and beam (a
@@ -99,18 +102,21 @@ def decode_grid(
     processors = make_processors(options, vocab, bias)
     hyps = search(decoder, grid, strategy, processors, start_id=vocab.start, max_length=options.max_length)
     ranker = LengthRanker(options.length_penalty)
-    return [[to_caption(h, vocab) for h in ranker.rank(per_image)[: options.n_best]] for per_image in hyps]
+    return [[to_caption(h, vocab, ranker) for h in ranker.rank(per_image)[: options.n_best]] for per_image in hyps]
 
 
 def rerank(captions: list[list[Caption]], agreement: list[list[float]], weight: float,
            n_best: int) -> tuple[list[list[Caption]], list[list[float]]]:
-    """Each image's captions ordered by mean log-prob + ``weight`` x agreement, the first ``n_best`` kept.
+    """Each image's captions ordered by search score + ``weight`` x agreement, the first ``n_best`` kept.
 
     Consensus reranking (Devlin et al. 2015): among the fluent captions a beam finds, the one
     closest to what people wrote about the most similar training photos is more often right
-    than the one the decoder alone likes best. ``agreement`` is each caption's consensus
-    CIDEr-D (:mod:`captioner.consensus`), returned in the new order beside the captions.
+    than the one the decoder alone likes best. It starts from the search's ranking key, so a
+    concept boost and the length penalty keep their say. ``agreement`` is each caption's
+    consensus CIDEr-D (:mod:`captioner.consensus`), returned in the new order beside the captions.
     """
-    ranked = [sorted(zip(n, a, strict=True), key=lambda pair: -(pair[0].score + weight * pair[1]))[:n_best]
-              for n, a in zip(captions, agreement, strict=True)]
+    ranked = []
+    for n, a in zip(captions, agreement, strict=True):
+        pairs = sorted(zip(n, a, strict=True), key=lambda pair: pair[0].search_score + weight * pair[1], reverse=True)
+        ranked.append(pairs[:n_best])
     return [[c for c, _ in pairs] for pairs in ranked], [[a for _, a in pairs] for pairs in ranked]

@@ -256,9 +256,10 @@ class CaptionModel(nn.Module):
         save_file(tensors, directory / WEIGHTS_FILE)
         (directory / CONFIG_FILE).write_text(self.config.to_json(), encoding="utf-8")
         self.vocab.save(directory / VOCAB_FILE)
+        if self.consensus is not None:
+            self.consensus.save(directory)
         if self.calibrator is not None:
             self.calibrator.save(directory / CALIBRATION_FILE)
-            self.consensus.save(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike = DEFAULT_MODEL_DIR, *, device: str | None = None) -> "CaptionModel":
@@ -284,11 +285,21 @@ class CaptionModel(nn.Module):
                 model.encoder.load_state_dict(_strip(tensors, "encoder."), strict=True)
         except RuntimeError as e:  # the header check makes this unreachable short of a safetensors bug
             raise ModelLoadError(f"{printable(directory)}: cannot load model: weights do not fit the config") from e
-        if (directory / CALIBRATION_FILE).exists():  # the calibrator reads the consensus of the training captions
-            model.calibrator = Calibrator.load(directory / CALIBRATION_FILE, model.encoder.out_channels)
-            model.consensus = Consensus.load(directory, model.encoder.out_channels)
+        model.consensus, model.calibrator = read_consensus_and_calibrator(directory, model.encoder.out_channels)
         model.encoder.to(memory_format=torch.channels_last)
         return model.to(device or "cpu").eval()
+
+
+def read_consensus_and_calibrator(directory: Path, channels: int) -> tuple[Consensus | None, Calibrator | None]:
+    """A model folder's consensus data (reranking and the calibrator read it) and calibrator, each if present.
+
+    Raises:
+        ModelLoadError: a file is damaged, or the calibrator's consensus files are missing (naming the file).
+    """
+    calibrated = (directory / CALIBRATION_FILE).exists()
+    consensus = Consensus.load(directory, channels) if calibrated or (directory / CONSENSUS_FILE).exists() else None
+    calibrator = Calibrator.load(directory / CALIBRATION_FILE, channels) if calibrated else None
+    return consensus, calibrator
 
 
 def ensemble(models: Sequence[CaptionModel]) -> CaptionModel:
@@ -317,6 +328,9 @@ def ensemble(models: Sequence[CaptionModel]) -> CaptionModel:
     combined = CaptionModel(config, first.vocab)
     for target, source in zip(combined.decoder.members, decoders, strict=True):
         target.load_state_dict(source.state_dict())
+    # the training photos' captions do not depend on the decoder: reranking keeps working; the
+    # calibrator was fitted to one decoder's captions, so the ensemble has none until refitted
+    combined.consensus = first.consensus
     combined.encoder.to(memory_format=torch.channels_last)
     return combined.to(first.device).eval()
 
@@ -334,6 +348,7 @@ def member(model: CaptionModel, index: int) -> CaptionModel:
     config = dataclasses.replace(model.config, ensemble_size=1)
     single = CaptionModel(config, model.vocab, pretrained_encoder=False)
     single.encoder = model.encoder
+    single.consensus = model.consensus
     single.decoder.load_state_dict(model.decoder.members[index].state_dict())
     return single.to(model.device).eval()
 

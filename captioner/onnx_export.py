@@ -97,9 +97,10 @@ def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str |
         for file in out.iterdir():  # no half export left behind to refuse the next try
             file.unlink()
         raise
-    if calibration_from is not None and (Path(calibration_from) / CALIBRATION_FILE).exists():
-        for name in (CALIBRATION_FILE, CONSENSUS_FILE, CONSENSUS_WEIGHTS):  # the calibrator and what it reads
-            shutil.copy(Path(calibration_from) / name, out / name)
+    if calibration_from is not None:
+        for name in (CONSENSUS_FILE, CONSENSUS_WEIGHTS, CALIBRATION_FILE):  # reranking's and the calibrator's data
+            if (Path(calibration_from) / name).exists():
+                shutil.copy(Path(calibration_from) / name, out / name)
     return out
 
 

@@ -15,12 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from captioner.confidence import CALIBRATION_FILE, Calibrator
-from captioner.consensus import Consensus
 from captioner.decoder import DecoderState
 from captioner.encoders import Preprocess
 from captioner.errors import ModelLoadError, printable, reason
-from captioner.model import CaptionModel, ModelConfig
+from captioner.model import CaptionModel, ModelConfig, read_consensus_and_calibrator
 from captioner.onnx_export import GRAPHS, RUNTIME_FILE
 from captioner.options import DecoderConfig, DecodingOptions
 from captioner.vocab import SPECIALS, Vocabulary
@@ -115,9 +113,7 @@ def load_onnx_model(folder: str | Path) -> CaptionModel:
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{printable(folder / RUNTIME_FILE)}: bad runtime description: {e!r}") from e
     model.decoder = OnnxDecoder(folder)
-    if (folder / CALIBRATION_FILE).exists():
-        model.calibrator = Calibrator.load(folder / CALIBRATION_FILE, model.encoder.out_channels)
-        model.consensus = Consensus.load(folder, model.encoder.out_channels)
+    model.consensus, model.calibrator = read_consensus_and_calibrator(folder, model.encoder.out_channels)
     return model.eval()
 
 

@@ -469,6 +469,8 @@ class Trainer:
         decoder_group["lr"] = self.cfg.scst_lr
         for group in encoder_group:
             group["lr"] = self._encoder_lr(self.cfg.scst_lr)
+        if any(r["phase"] == "start" for r in self.history):
+            return  # resumed before the first self-critical epoch ended: the start is scored, kept and logged
         baseline = self.evaluate_dev()  # the starting point: an SCST epoch must beat it to become best
         self.best_cider = max(self.best_cider, baseline["CIDEr-D"])
         if not self.cfg.epochs and self.group.leader:
@@ -477,6 +479,7 @@ class Trainer:
             record = {"epoch": 0, "phase": "start", **baseline}
             self.history.append(record)
             self._log(record)
+            self.save_checkpoint()
 
     def _reward_scorer(self) -> CiderD:
         return CiderD([[reward_tokens(tokenize(c)) for c in e.captions] for e in self.train_entries])

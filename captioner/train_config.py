@@ -49,8 +49,9 @@ class TrainConfig:
                             Bounds(0, 1, open_high=True))
     word_dropout: float = option(0.0, float, "share of the decoder's input words (after <start>) replaced by <unk> "
                                  "under teacher forcing, so it leans on the image", Bounds(0, 1, open_high=True))
-    grid_crop: float = option(1.0, float, "smallest share of the cached grid's side that a random crop keeps "
-                              "(resized back) in cross-entropy training; 1: no crop", Bounds(0, 1, open_low=True))
+    grid_crop: float = option(1.0, float, "smallest share of the encoder grid's side (cached, or the CNN's output "
+                              "when fine-tuning) that a random crop keeps, resized back, in cross-entropy training; "
+                              "1: no crop", Bounds(0, 1, open_low=True))
     epochs: int = option(12, int, "cross-entropy epochs at most (0: none, only the self-critical phase, "
                          "starting from init_from)", Bounds(0, 100_000))
     batch_size: int = option(64, int, "captions per training batch", Bounds(1, 65_536))

@@ -55,3 +55,19 @@ def test_damaged_consensus_files_are_refused_naming_them(tmp_path, damage, reaso
     damage(folder)
     with pytest.raises(ModelLoadError, match=f"consensus\\.(json|safetensors): .*{reason}"):
         CaptionModel.load(folder)
+
+
+def test_an_ensemble_and_its_members_keep_the_consensus_but_not_the_calibrator(tmp_path):
+    from captioner.confidence import CALIBRATION_FILE
+    from captioner.model import ensemble, member
+
+    single = CaptionModel.load(DEFAULT_MODEL_DIR)
+    pair = ensemble([single, single])
+    assert pair.consensus is single.consensus  # reranking still has the training photos' captions
+    assert pair.calibrator is None  # fitted to one decoder's captions: not carried over
+    assert member(pair, 1).consensus is single.consensus
+    pair.save(tmp_path / "pair")
+    assert (tmp_path / "pair" / CONSENSUS_FILE).exists() and not (tmp_path / "pair" / CALIBRATION_FILE).exists()
+    again = CaptionModel.load(tmp_path / "pair")
+    assert again.calibrator is None and len(again.consensus.references) == 6000
+    assert again.config.decoding.consensus_weight > 0

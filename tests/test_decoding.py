@@ -44,16 +44,19 @@ def test_n_best_is_ordered_and_scored(default_model, grids):
         scores = [c.score for c in n_best]  # length penalty 1.0 ranks by mean log-prob, which is the score
         assert scores == sorted(scores, reverse=True)
         assert all(0 < c.min_prob <= 1 and c.score < 0 for c in n_best)
+        # no token rule changed a chosen word's log-prob, so the search's key is the model's mean
+        assert [c.search_score for c in n_best] == pytest.approx(scores, abs=1e-5)
 
 
-def test_rerank_orders_by_score_plus_weighted_agreement_and_keeps_n_best():
-    def caption(text: str, score: float) -> Caption:
-        return Caption(text, tuple(text.split()), score, 0.5)
+def test_rerank_orders_by_search_score_plus_weighted_agreement_and_keeps_n_best():
+    def caption(text: str, search_score: float) -> Caption:
+        return Caption(text, tuple(text.split()), -1.0, 0.5, search_score=search_score)
 
-    captions = [[caption("a dog", -1.0), caption("a cat", -1.2), caption("a cow", -2.0)], [caption("a car", -0.5)]]
-    agreement = [[0.1, 0.5, 2.0], [0.3]]
-    assert rerank(captions, agreement, 0.0, 3) == (captions, agreement)  # the search's order, by score
-    ranked, agree = rerank(captions, agreement, 1.0, 2)  # keys -0.9, -0.7, 0.0
+    captions = [[caption("a cat", -1.2), caption("a dog", -1.0), caption("a cow", -2.0)], [caption("a car", -0.5)]]
+    agreement = [[0.5, 0.1, 2.0], [0.3]]
+    ranked, agree = rerank(captions, agreement, 0.0, 3)  # the search's own order
+    assert [c.text for c in ranked[0]] == ["a dog", "a cat", "a cow"] and agree[0] == [0.1, 0.5, 2.0]
+    ranked, agree = rerank(captions, agreement, 1.0, 2)  # keys -0.7, -0.9, 0.0
     assert [[c.text for c in n] for n in ranked] == [["a cow", "a cat"], ["a car"]]
     assert agree == [[2.0, 0.5], [0.3]]
 
@@ -67,10 +70,10 @@ def test_consensus_reranking_reorders_the_whole_beam_by_agreement_with_similar_t
     agreement = default_model.consensus.scores(grids.float().mean(dim=(2, 3)), [[c.text for c in n] for n in reranked])
     for n_plain, n_new, agree in zip(plain, reranked, agreement, strict=True):
         assert sorted(c.text for c in n_new) == sorted(c.text for c in n_plain)  # the same beam, reordered
-        keys = [c.score + weight * a for c, a in zip(n_new, agree, strict=True)]
+        keys = [c.search_score + weight * a for c, a in zip(n_new, agree, strict=True)]
         assert keys == sorted(keys, reverse=True)
     assert [n[0].text for n in plain] != [n[0].text for n in reranked]  # it changes some photo's best caption
-    one = default_model.caption_grid(grids, DecodingOptions(beam_size=5, consensus_weight=weight))
+    one = default_model.caption_grid(grids, dataclasses.replace(options, n_best=1, consensus_weight=weight))
     assert [n[0].text for n in one] == [n[0].text for n in reranked]  # n_best 1 still chooses from the whole beam
 
 

@@ -77,7 +77,8 @@ def test_word_dropout_and_grid_crops_are_applied_and_a_tiny_set_is_still_learned
     plain = losses()
     regularized = losses(word_dropout=0.25, grid_crop=0.7)
     assert regularized[-1] < 0.6 * regularized[0]
-    assert regularized[-1] > plain[-1]  # harder to recite: the captions' own words are partly hidden
+    assert losses(word_dropout=0.25)[-1] > plain[-1]  # harder to recite: the captions' own words are partly hidden
+    assert losses(grid_crop=0.5)[-1] > plain[-1]  # harder to tell the photos apart: each epoch sees another crop
     assert losses(word_dropout=0.9)[-1] > regularized[-1]
 
 
@@ -354,6 +355,18 @@ def test_self_critical_training_alone_starts_from_init_from_and_keeps_it_unless_
     assert changed == (best["phase"] == "scst")  # the start stays the best unless an SCST epoch beat it
     with pytest.raises(OptionError, match="epochs=0 .* needs init_from"):
         dataclasses.replace(cfg, scst_epochs=0)
+
+
+@pytest.mark.slow
+def test_self_critical_training_alone_resumed_in_its_first_epoch_scores_the_start_once(tiny_config, tmp_path):
+    first = dataclasses.replace(tiny_config, epochs=2)
+    train(first)
+    cfg = dataclasses.replace(tiny_config, out_dir=str(tmp_path / "scst"), epochs=0,
+                              init_from=str(Path(first.out_dir) / "best"), scst_epochs=1, scst_batch_images=4)
+    Trainer(cfg)._start_scst()  # then the process dies inside the first self-critical epoch
+    train(cfg, resume=True)
+    phases = [json.loads(line)["phase"] for line in open(Path(cfg.out_dir) / "metrics.jsonl")]
+    assert phases == ["start", "scst"]
 
 
 @pytest.mark.slow

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> None:
     model = CaptionModel.load(args.model)
     model.calibrator = None  # raw signals, whatever the folder holds
     stats, consensus = training_statistics(model, args.train, args.cache_dir)
+    model.consensus = consensus  # reranking, if the decoding asks for it, reads what the signals read
     sets = [score_manifest(model, m, stats, consensus, args.cache_dir) for m in args.manifest]
     fit = [s.half(0).signals for s in sets], [s.half(0).cider for s in sets]
     calibrator = Calibrator.fit(torch.cat(fit[0]), (torch.cat(fit[1]) >= ACCEPTABLE_CIDER).double(), stats)
