@@ -67,8 +67,8 @@ def tune(args: argparse.Namespace) -> None:
     print("| beam | length penalty | no-repeat n-gram | concept boost | consensus weight | BLEU-1 | BLEU-4 | "
           "ROUGE-L | CIDEr-D | words |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    grid = itertools.product(args.beams, args.alphas, args.no_repeat, args.boosts, args.consensus_weights)
-    for beam, alpha, ngram, boost, weight in grid:
+    settings = itertools.product(args.beams, args.alphas, args.no_repeat, args.boosts, args.consensus_weights)
+    for beam, alpha, ngram, boost, weight in settings:
         options = dataclasses.replace(model.config.decoding, method="beam" if beam > 1 else "greedy",
                                       beam_size=beam, length_penalty=alpha, no_repeat_ngram=ngram, n_best=1,
                                       concept_boost=boost, consensus_weight=weight)
