@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> None:
     model = CaptionModel.load(args.model)
     model.calibrator = None  # raw signals, whatever the folder holds
     stats, consensus = training_statistics(model, args.train, args.cache_dir)
-    model.consensus = consensus  # reranking, if the decoding asks for it, reads what the signals read
-    sets = [score_manifest(model, m, stats, consensus, args.cache_dir) for m in args.manifest]
+    model.consensus = consensus  # what reranking (if the decoding asks for it) and the consensus signal read
+    sets = [score_manifest(model, m, stats, args.cache_dir) for m in args.manifest]
     fit = [s.half(0).signals for s in sets], [s.half(0).cider for s in sets]
     calibrator = Calibrator.fit(torch.cat(fit[0]), (torch.cat(fit[1]) >= ACCEPTABLE_CIDER).double(), stats)
     print("weights (standardized signals):", dict(zip(SIGNALS, (round(w, 3) for w in calibrator.weights),
@@ -111,8 +111,7 @@ def training_statistics(model: CaptionModel, manifest: str, cache_dir: str) -> t
     return FeatureStats.of(pooled), Consensus.build(pooled, [e.captions for e in entries])
 
 
-def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, consensus: Consensus,
-                   cache_dir: str) -> Scored:
+def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, cache_dir: str) -> Scored:
     entries = read_manifest(manifest, require_captions=True)
     grids = cached_features(model.encoder, [e.image for e in entries], cache_dir)
     rows, captions, descriptions = [], [], []
@@ -120,7 +119,7 @@ def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, cons
         grid = grids[ids].float()
         probs = model.encoder.classify(grid)
         best = [n_best[:1] for n_best in model.caption_grid(grid)]
-        rows.extend(model.confidence_signals(grid, best, probs, stats, consensus))
+        rows.extend(model.confidence_signals(grid, best, probs, stats, model.consensus))
         captions.extend(n_best[0].text for n_best in best)
         descriptions.extend(tag_description(tags) for tags in model.tags(grid))
     cider = per_image_cider({str(i): e.captions for i, e in enumerate(entries)},
