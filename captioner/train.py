@@ -336,6 +336,11 @@ class Trainer:
             bar.set_postfix(loss=f"{total_loss / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         return total_loss / count
 
+    def _sample_rate(self) -> float:
+        """This cross-entropy epoch's scheduled-sampling rate: 0 in the first, the configured most in the last."""
+        last = max(1, self.cfg.epochs - 1)
+        return self.cfg.scheduled_sampling * min(1.0, self.epoch / last)
+
     def _length_bucketed_batches(self) -> list[list[int]]:
         """Shuffled batches of similar-length captions: less padding, ~40% less LSTM work."""
         order = list(range(len(self.pairs)))
@@ -360,7 +365,7 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=self.scaler.is_enabled()):
             grid = self._grids_for([i for i, _ in batch], self.train_entries, train=True)
             grid = crop_grids(grid, self.cfg.grid_crop)
-            logits = self.train_decoder(grid, inputs)  # (B, T-1, V)
+            logits = self.train_decoder(grid, inputs, self._sample_rate())  # (B, T-1, V)
             loss = self.loss_fn(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
             if self.teacher is not None:
                 with torch.no_grad():

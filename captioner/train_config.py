@@ -52,6 +52,10 @@ class TrainConfig:
     grid_crop: float = option(1.0, float, "smallest share of the encoder grid's side (cached, or the CNN's output "
                               "when fine-tuning) that a random crop keeps, resized back, in cross-entropy training; "
                               "1: no crop", Bounds(0, 1, open_low=True))
+    scheduled_sampling: float = option(0.0, float, "largest share of the decoder's input words (after <start>) "
+                                       "drawn from its own previous prediction instead of the reference, ramped "
+                                       "linearly from 0 in the first cross-entropy epoch to this in the last "
+                                       "(0: off)", Bounds(0, 1))
     epochs: int = option(12, int, "cross-entropy epochs at most (0: none, only the self-critical phase, "
                          "starting from init_from)", Bounds(0, 100_000))
     batch_size: int = option(64, int, "captions per training batch", Bounds(1, 65_536))

@@ -1,5 +1,6 @@
 """Model folders: save/load round trip, and loading refuses anything but tensors and JSON."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -113,6 +114,22 @@ def test_ensemble_teacher_forcing_gives_the_mean_distribution_of_its_steps(small
         for t in range(inputs.shape[1]):
             stepped, state = both.decoder.step(inputs[:, t], state)
             assert forced[:, t] == pytest.approx(stepped, abs=1e-5)
+
+
+def test_scheduled_sampling_feeds_the_decoder_its_own_drawn_words_after_start(small_model):
+    decoder = copy.deepcopy(small_model.decoder)
+    vocab = small_model.vocab
+    dog = vocab.stoi["dog"]
+    with torch.no_grad():
+        decoder.out.bias[dog] = 100.0  # every draw is "dog"
+    grid = torch.randn(3, 1280, 7, 7)
+    inputs = torch.tensor([[vocab.start, vocab.stoi["cat"], vocab.stoi["on"], vocab.stoi["the"]]] * 3)
+    own = inputs.clone()
+    own[:, 1:] = dog
+    with torch.no_grad():
+        assert torch.equal(decoder(grid, inputs, 0.0), decoder(grid, inputs))
+        assert torch.allclose(decoder(grid, inputs, 1.0), decoder(grid, own), atol=1e-5)
+        assert not torch.allclose(decoder(grid, inputs, 1.0), decoder(grid, inputs), atol=1e-3)
 
 
 @pytest.mark.parametrize("attention", [True, False])

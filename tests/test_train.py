@@ -83,6 +83,25 @@ def test_word_dropout_and_grid_crops_are_applied_and_a_tiny_set_is_still_learned
 
 
 @pytest.mark.slow
+def test_scheduled_sampling_ramps_from_none_to_its_most_over_the_epochs_and_a_tiny_set_is_still_learned(tiny_config):
+    def run(rate: float) -> tuple[list[float], list[float]]:
+        trainer = Trainer(dataclasses.replace(tiny_config, epochs=30, scheduled_sampling=rate))
+        rates, losses = [], []
+        for epoch in range(30):
+            trainer.epoch = epoch
+            rates.append(trainer._sample_rate())
+            losses.append(trainer.train_epoch())
+        return rates, losses
+
+    rates, losses = run(0.25)
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.25) and rates == sorted(rates)
+    assert losses[-1] < 0.6 * losses[0]
+    _, plain = run(0.0)
+    assert losses[0] == plain[0]  # the first epoch is pure teacher forcing
+    assert losses[1:] != plain[1:]  # later ones train on drawn words
+
+
+@pytest.mark.slow
 def test_self_critical_phase_follows_cross_entropy_and_raises_reward(tiny_config):
     cfg = dataclasses.replace(tiny_config, epochs=12, patience=99, scst_epochs=15, scst_lr=1e-3, scst_batch_images=4)
     trainer = Trainer(cfg)
