@@ -7,6 +7,10 @@ Starts the server as users do (a uvicorn process), then for each client count se
 answer before sending the next. Prints images/s (median and min-max over the repeats),
 p50 and p95 latency, and the folder pipeline's images/s on the same photos in the same
 run for comparison. Photos are Flickr8k dev images when present, else the bundled examples.
+
+It also times the model alone (no HTTP, photos already decoded) on batches as large as
+each client count, in this process before the server starts: how much batching can gain
+at best, which bounds what the server's batcher can gain from concurrent clients.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,7 +38,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bench_pipeline import make_folder  # noqa: E402
 from conftest import free_port  # noqa: E402
 
-from captioner.api import load_model  # noqa: E402
+from captioner.api import caption_pixel_batch, load_model  # noqa: E402
+from captioner.images import bytes_pixels  # noqa: E402
 from captioner.options import DEFAULT_WORKERS  # noqa: E402
 from captioner.pipelines.folder import caption_folder  # noqa: E402
 
@@ -50,7 +57,10 @@ def main() -> None:
         folder = Path(tmp) / "images"
         folder.mkdir()
         photos = [p.read_bytes() for p in make_folder(args.requests, folder)]
-        folder_rate = pipeline_rate(folder, Path(tmp), args.requests)
+        model = load_model()
+        folder_rate = pipeline_rate(model, folder, Path(tmp), args.requests)
+        alone = {n: statistics.median(model_rate(model, photos, n) for _ in range(args.repeat)) for n in CLIENTS}
+        del model
         url, server = start_server(photos[0], args.max_wait_ms, args.max_batch_size)
         try:
             rows = {n: [] for n in CLIENTS}
@@ -65,19 +75,31 @@ def main() -> None:
           f"--max-batch-size {args.max_batch_size}; "
           "folder pipeline on the same photos: "
           f"{folder_rate:.1f} images/s\n")
-    print("| clients | images/s, median (min-max) | vs 1 client | vs folder pipeline | p50 latency | p95 latency |")
-    print("|---|---|---|---|---|---|")
+    print("| clients | images/s, median (min-max) | vs 1 client | vs folder pipeline | p50 latency | p95 latency "
+          "| model alone at batch = clients: images/s, vs batch 1 |")
+    print("|---|---|---|---|---|---|---|")
     for clients, runs in rows.items():
         rates = [r[0] for r in runs]
         p50 = statistics.median(r[1] for r in runs)
         p95 = statistics.median(r[2] for r in runs)
         print(f"| {clients} | {statistics.median(rates):.1f} ({min(rates):.1f}-{max(rates):.1f}) | "
               f"{statistics.median(rates) / one:.2f}x | {statistics.median(rates) / folder_rate:.2f}x | "
-              f"{p50 * 1000:.0f} ms | {p95 * 1000:.0f} ms |")
+              f"{p50 * 1000:.0f} ms | {p95 * 1000:.0f} ms | {alone[clients]:.1f}, {alone[clients] / alone[1]:.2f}x |")
 
 
-def pipeline_rate(folder: Path, tmp: Path, count: int) -> float:
-    model = load_model()
+def model_rate(model, photos: list[bytes], batch: int) -> float:
+    """Images/s of the model alone on ``batch`` photos at a time, decoded beforehand (no HTTP, no decoding)."""
+    size = model.encoder.preprocess.size
+    pixels = torch.from_numpy(np.stack([bytes_pixels(data, f"photo {i}", size) for i, data in enumerate(photos)]))
+    caption_pixel_batch(model, list(range(batch)), pixels[:batch])  # warm-up: first batches of a size set up kernels
+    start = time.perf_counter()
+    for first in range(0, len(pixels), batch):
+        chunk = pixels[first : first + batch]
+        caption_pixel_batch(model, list(range(len(chunk))), chunk)
+    return len(pixels) / (time.perf_counter() - start)
+
+
+def pipeline_rate(model, folder: Path, tmp: Path, count: int) -> float:
     caption_folder(folder, tmp / "warm.jsonl", model=model, num_workers=DEFAULT_WORKERS, progress=False)
     start = time.perf_counter()
     caption_folder(folder, tmp / "timed.jsonl", model=model, num_workers=DEFAULT_WORKERS, progress=False)
