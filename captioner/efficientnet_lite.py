@@ -91,13 +91,47 @@ class SameConv2d(nn.Conv2d):
         pad_h = _same_pad(ih, self.kernel_size[0], self.stride[0])
         pad_w = _same_pad(iw, self.kernel_size[1], self.stride[1])
         if pad_h or pad_w:
-            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+            x = _zero_pad(x, pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2)
         return super().forward(x)
+
+
+def _zero_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """``F.pad(x, [left, right, top, bottom])`` in ``x``'s memory format, at about half its cost on CPU.
+
+    ``F.pad`` fills the whole output before copying the input in; here only the border is
+    zeroed. The activations padded are the encoder's largest (96 x 112 x 112 per image):
+    22.6 against 11.2 ms for a batch of 32 on 2 cores. Under torch.compile ``F.pad`` is
+    kept: the compiler plans that copy itself, and the slice writes here slowed the
+    compiled encoder from 184 to 104 images/s.
+    """
+    if torch.compiler.is_compiling():
+        return F.pad(x, [left, right, top, bottom])
+    batch, channels, height, width = x.shape
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty((batch, channels, top + height + bottom, left + width + right), dtype=x.dtype,
+                      device=x.device, memory_format=layout)
+    out[:, :, top : top + height, left : left + width] = x
+    out[:, :, :top].zero_()
+    out[:, :, top + height :].zero_()
+    out[:, :, top : top + height, :left].zero_()
+    out[:, :, top : top + height, left + width :].zero_()
+    return out
 
 
 def _same_pad(size: int, kernel: int, stride: int) -> int:
     out = math.ceil(size / stride)
     return max((out - 1) * stride + kernel - size, 0)
+
+
+def _relu6(x: torch.Tensor) -> torch.Tensor:
+    """ReLU6 in place: it always runs on a fresh convolution (or batch-norm) output.
+
+    A new tensor for the result costs about twice the time (11.9 against 5.5 ms on the
+    largest activation, batch 32, 2 cores): with it and :func:`_zero_pad`, the eager encoder
+    runs at 1.28x the images/s, with identical grids. The compiled encoder runs as fast
+    either way (190 against 185 images/s).
+    """
+    return F.relu6(x, inplace=True)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -129,8 +163,8 @@ class MBConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
         if self.expand:
-            y = F.relu6(self._bn0(self._expand_conv(y)))
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+            y = _relu6(self._bn0(self._expand_conv(y)))
+        y = _relu6(self._bn1(self._depthwise_conv(y)))
         y = self._bn2(self._project_conv(y))
         return y + x if self.residual else y
 
@@ -164,10 +198,10 @@ class EfficientNetLite(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalized images -> (B, 1280, H/32, W/32) feature grid."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = _relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
+        return _relu6(self._bn1(self._conv_head(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_classes) ImageNet logits."""
