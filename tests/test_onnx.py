@@ -33,6 +33,16 @@ def test_the_export_holds_checked_graphs_and_what_a_runtime_needs(exported, defa
     assert runtime["preprocess"]["size"] == 224 and len(runtime["class_names"]) == 1000
 
 
+def test_the_encoder_graph_pads_with_pad_operators_not_scatter_writes(exported):
+    """The eager encoder pads by writing slices; exported that way it became 25 ScatterND
+    operators, and ONNX Runtime ran it at 10 images/s in 7.9 GB (against about 130)."""
+    import onnx
+
+    operators = {node.op_type for node in onnx.load(exported / "encoder.onnx").graph.node}
+    assert "Pad" in operators and "Conv" in operators
+    assert not operators & {"ScatterND", "ScatterElements"}
+
+
 def test_onnx_runtime_captions_equal_pytorch_captions(exported, default_model):
     onnx_model = load_onnx_model(exported)
     torch_results = list(caption_paths(default_model, PHOTOS))
