@@ -45,6 +45,35 @@ class ProcessGroup:
             dist.all_reduce(total)
         return total
 
+    def sum_gradients(self, module: torch.nn.Module) -> None:
+        """Add up ``module``'s parameter gradients over all processes, in place.
+
+        For steps that do not run through DistributedDataParallel's forward (self-critical
+        sampling drives the decoder step by step), whose gradient hooks then stay idle.
+        """
+        if not self.distributed:
+            return
+        for parameter in module.parameters():
+            if parameter.grad is None:  # every process must join every reduction
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad)
+
+    def broadcast(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers of ``module`` on every process, in place."""
+        if self.distributed:
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def same_everywhere(self, module: torch.nn.Module) -> bool:
+        """Whether ``module``'s parameters agree on every process (compared by per-tensor sums)."""
+        if not self.distributed:
+            return True
+        sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+        low, high = sums.clone(), sums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        return bool(torch.equal(low, high))
+
     def share(self, value: object) -> object:
         """Rank 0's ``value`` on every process (a picklable Python object: a scores dict, say)."""
         if not self.distributed:

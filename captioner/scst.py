@@ -10,6 +10,7 @@ most once teacher forcing has converged.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -57,7 +58,18 @@ def reward_tokens(words: list[str]) -> list[str]:
     return [*words, END]
 
 
-def self_critical_loss(
+@dataclass
+class PolicyTerms:
+    """One batch's self-critical terms as sums, so that processes holding parts of a global
+    batch add up to what one process holding all of it computes."""
+
+    loss_sum: torch.Tensor  # -(advantage x log-probability), summed over the emitted tokens
+    tokens: int  # emitted tokens, <end> included: the loss is loss_sum over all processes' tokens
+    reward_sum: float  # the samples' CIDEr-D rewards, summed
+    samples: int  # sampled captions
+
+
+def self_critical_terms(
     decoder: CaptionDecoder,
     grid: torch.Tensor,
     image_ids: list[int],
@@ -66,8 +78,8 @@ def self_critical_loss(
     *,
     samples: int = 5,
     max_length: int = 20,
-) -> tuple[torch.Tensor, float]:
-    """Policy-gradient loss for one batch of images, and the batch's mean sample reward."""
+) -> PolicyTerms:
+    """Policy-gradient terms for one batch of images (the loss is ``loss_sum / tokens``)."""
     tokens, logprobs = sample_with_logprobs(decoder, grid, vocab, samples, max_length)
     rewards = torch.tensor(
         [cider.score(reward_tokens(vocab.words(row)), image_ids[r // samples])
@@ -78,5 +90,5 @@ def self_critical_loss(
     advantage = (rewards - baseline).view(-1, 1)  # (B*K, 1)
     first = torch.ones_like(tokens[:, :1], dtype=torch.bool)
     emitted = torch.cat([first, tokens[:, :-1] != vocab.end], dim=1)  # (B*K, T) up to and with <end>
-    loss = -(advantage * logprobs * emitted).sum() / emitted.sum()
-    return loss, float(rewards.mean())
+    return PolicyTerms(-(advantage * logprobs * emitted).sum(), int(emitted.sum()), float(rewards.sum()),
+                       rewards.numel())

@@ -47,7 +47,7 @@ from captioner.images import model_pixels
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, expected_tensors
 from captioner.options import DecoderConfig, check_device
 from captioner.outputs import check_writable_folder
-from captioner.scst import reward_tokens, self_critical_loss
+from captioner.scst import reward_tokens, self_critical_terms
 from captioner.train_config import TrainConfig
 from captioner.vocab import SPECIALS, Vocabulary, tokenize
 
@@ -81,19 +81,21 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def _check_distributable(cfg: TrainConfig, world: int) -> None:
-    """Under torchrun only the cross-entropy phase on cached grids runs data-parallel.
+    """Under torchrun both phases run data-parallel on cached grids.
 
     Raises:
-        OptionError: the run also fine-tunes the CNN or has a self-critical phase, or its
-            global batch is smaller than the number of processes.
+        OptionError: the run also fine-tunes the CNN, or a global batch is smaller than the
+            number of processes.
     """
     if cfg.batch_size < world:
         raise OptionError(f"batch_size={cfg.batch_size} is the global batch: give at least one caption to each of "
                           f"the {world} processes")
-    if cfg.finetune_encoder or cfg.scst_epochs:
-        raise OptionError("under torchrun, training runs its cross-entropy phase on cached features: set "
-                          "finetune_encoder false and scst_epochs 0, then run the self-critical phase in one "
-                          "process (init_from the distributed run's best)")
+    if cfg.scst_epochs and cfg.scst_batch_images < world:
+        raise OptionError(f"scst_batch_images={cfg.scst_batch_images} is the global batch: give at least one image "
+                          f"to each of the {world} processes")
+    if cfg.finetune_encoder:
+        raise OptionError("under torchrun, training runs on cached features: set finetune_encoder false, or "
+                          "fine-tune the CNN in one process")
 
 
 def _pick_device(name: str) -> torch.device:
@@ -465,10 +467,12 @@ class Trainer:
     def _start_scst(self) -> None:
         """Continue from the best cross-entropy weights (or init_from's) with a fresh, small-step optimizer."""
         if self.cfg.epochs:
-            best = CaptionModel.load(self.out / "best", device=str(self.device))
-            self.model.decoder.load_state_dict(best.decoder.state_dict())
-            if self.cfg.finetune_encoder:
-                self.model.encoder.load_state_dict(best.encoder.state_dict())
+            if self.group.leader:  # rank 0 wrote best/ (on its machine); the others get its weights from it
+                best = CaptionModel.load(self.out / "best", device=str(self.device))
+                self.model.decoder.load_state_dict(best.decoder.state_dict())
+                if self.cfg.finetune_encoder:
+                    self.model.encoder.load_state_dict(best.encoder.state_dict())
+            self.group.broadcast(self.model.decoder)
         self.optimizer.state.clear()
         decoder_group, *encoder_group = self.optimizer.param_groups
         decoder_group["lr"] = self.cfg.scst_lr
@@ -476,7 +480,8 @@ class Trainer:
             group["lr"] = self._encoder_lr(self.cfg.scst_lr)
         if any(r["phase"] == "start" for r in self.history):
             return  # resumed before the first self-critical epoch ended: the start is scored, kept and logged
-        baseline = self.evaluate_dev()  # the starting point: an SCST epoch must beat it to become best
+        # the starting point: an SCST epoch must beat it to become best
+        baseline = self.group.share(self.evaluate_dev() if self.group.leader else None)
         self.best_cider = max(self.best_cider, baseline["CIDEr-D"])
         if not self.cfg.epochs and self.group.leader:
             # no cross-entropy epoch left a best: the starting model is it until an SCST epoch beats it
@@ -490,27 +495,40 @@ class Trainer:
         return CiderD([[reward_tokens(tokenize(c)) for c in e.captions] for e in self.train_entries])
 
     def scst_epoch(self) -> float:
-        """One pass of self-critical training over the training images; returns the mean reward."""
+        """One pass of self-critical training over the training images; returns the mean reward.
+
+        Under torchrun each process samples for its slice of every global batch of images;
+        the loss is normalized by all processes' tokens and the gradients are added up, so
+        a step is the one process's step on the whole batch (up to the samples drawn).
+
+        Raises:
+            RuntimeError: the processes' decoders no longer agree after the epoch.
+        """
         if self._cider is None:
             self._cider = self._reward_scorer()
         self.model.eval()  # no dropout while sampling: rewards judge the model that will be used
         order = list(range(len(self.train_entries)))
-        random.shuffle(order)
-        size = self.cfg.scst_batch_images
-        bar = tqdm(range(0, len(order), size), desc=f"scst {self.scst_done}", unit="batch")
-        total = 0.0
-        for count, start in enumerate(bar, start=1):
-            ids = order[start : start + size]
+        random.shuffle(order)  # the same order in every process
+        size, group = self.cfg.scst_batch_images, self.group
+        batches = [order[start : start + size] for start in range(0, len(order), size)]
+        batches = [ids[group.rank :: group.world] for ids in batches if len(ids) >= group.world]
+        bar = tqdm(batches, desc=f"scst {self.scst_done}", unit="batch", disable=not group.leader)
+        reward = torch.zeros(2, dtype=torch.float64)  # summed rewards, samples
+        for ids in bar:
             grid = self._grids_for(ids, self.train_entries, train=True)
-            loss, reward = self_critical_loss(self.model.decoder, grid, ids, self._cider, self.vocab,
-                                              samples=self.cfg.scst_samples)
+            terms = self_critical_terms(self.model.decoder, grid, ids, self._cider, self.vocab,
+                                        samples=self.cfg.scst_samples)
+            loss = terms.loss_sum / float(group.sum(torch.tensor(terms.tokens)).item())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            group.sum_gradients(self.model.decoder)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
-            total += reward
-            bar.set_postfix(reward=f"{total / count:.3f}")
-        return total / max(1, len(bar))
+            reward += group.sum(torch.tensor([terms.reward_sum, terms.samples]))
+            bar.set_postfix(reward=f"{reward[0] / reward[1]:.3f}")
+        if not group.same_everywhere(self.model.decoder):
+            raise RuntimeError("the processes' decoders differ after a self-critical epoch")
+        return float(reward[0] / reward[1]) if reward[1] else 0.0
 
     def _log(self, record: dict) -> None:
         from captioner.plot import plot_history

@@ -1,4 +1,5 @@
-"""Training under torchrun: 2 CPU processes (gloo) take the same steps as 1 process with the same global batch."""
+"""Training under torchrun: 2 CPU processes (gloo) take the same steps as 1 process with the same global batch,
+and the self-critical phase keeps them in step."""
 
 import dataclasses
 import json
@@ -53,6 +54,60 @@ def test_a_distributed_run_resumes_from_its_checkpoint(tiny_config, tmp_path):  
     assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow
+def test_the_self_critical_phase_runs_on_two_processes_that_stay_in_step(tiny_config, tmp_path):  # noqa: F811
+    """Each process samples for half of every batch; the trainer itself checks after each epoch
+    that both decoders are still the same, and fails the run otherwise."""
+    config = {k: v for k, v in dataclasses.asdict(tiny_config).items() if v is not None}
+    config.update(epochs=2, batch_size=4, patience=10, scst_epochs=2, scst_batch_images=4, scst_lr=1e-3,
+                  out_dir=str(tmp_path / "run"))
+    done = run_torchrun(config, tmp_path / "c.json", 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["phase"] for r in records] == ["xe", "xe", "scst", "scst"]  # rank 0 alone logs
+    assert all(0 <= r["train_reward"] for r in records[2:])
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+
+
+def _two_ranks(rank: int, init: str, results) -> None:
+    """Rank ``rank`` of a real 2-process gloo group: each collective of ProcessGroup, checked."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    group = ProcessGroup(rank, rank, 2)
+    module = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(module.weight, float(rank))
+    differed = not group.same_everywhere(module)
+    group.broadcast(module)
+    module.weight.grad = torch.full_like(module.weight, rank + 1.0)  # the bias has no gradient on either rank
+    group.sum_gradients(module)
+    results.put((rank, differed, group.same_everywhere(module), module.weight.sum().item(),
+                 module.weight.grad.unique().tolist(), module.bias.grad.abs().sum().item()))
+    dist.destroy_process_group()
+
+
+def test_group_collectives_add_gradients_and_copy_rank_0s_weights(tmp_path):
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    processes = [context.Process(target=_two_ranks, args=(rank, init, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    outcomes = sorted(results.get(timeout=10) for _ in processes)
+    assert [outcome[0] for outcome in outcomes] == [0, 1]
+    for _, differed, same, weight_sum, gradients, bias_gradient in outcomes:
+        assert differed  # 0.0 against 1.0 everywhere
+        assert same and weight_sum == 0.0  # rank 0's weights, on both
+        assert gradients == [3.0]  # 1 + 2
+        assert bias_gradient == 0.0  # a missing gradient joins the sum as zeros
+
+
 def test_without_torchrun_the_group_is_this_process_alone(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -63,7 +118,9 @@ def test_without_torchrun_the_group_is_this_process_alone(monkeypatch):
 
 def test_phases_that_cannot_run_data_parallel_are_refused_at_start(tiny_config, monkeypatch):  # noqa: F811
     monkeypatch.setattr("captioner.train.join", lambda device: ProcessGroup(rank=1, local_rank=1, world=2))
-    with pytest.raises(OptionError, match="under torchrun.*scst_epochs 0"):
-        Trainer(dataclasses.replace(tiny_config, scst_epochs=1))
+    with pytest.raises(OptionError, match="under torchrun.*finetune_encoder false"):
+        Trainer(dataclasses.replace(tiny_config, finetune_encoder=True))
+    with pytest.raises(OptionError, match="scst_batch_images=1 is the global batch"):
+        Trainer(dataclasses.replace(tiny_config, scst_epochs=1, scst_batch_images=1))
     with pytest.raises(OptionError, match="batch_size=1 is the global batch"):
         Trainer(dataclasses.replace(tiny_config, batch_size=1))
