@@ -52,16 +52,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-wait-ms", type=int, default=5, help="the server's --max-wait-ms")
     parser.add_argument("--max-batch-size", type=int, default=32, help="the server's --max-batch-size")
+    parser.add_argument("--device", help="torch device for the server and the in-process figures, e.g. cuda")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
         photos = [p.read_bytes() for p in make_folder(args.requests, folder)]
-        model = load_model()
+        model = load_model(device=args.device)
         folder_rate = pipeline_rate(model, folder, Path(tmp), args.requests)
         alone = {n: statistics.median(model_rate(model, photos, n) for _ in range(args.repeat)) for n in CLIENTS}
         del model
-        url, server = start_server(photos[0], args.max_wait_ms, args.max_batch_size)
+        url, server = start_server(photos[0], args.max_wait_ms, args.max_batch_size, args.device)
         try:
             rows = {n: [] for n in CLIENTS}
             for _ in range(args.repeat):
@@ -106,11 +107,13 @@ def pipeline_rate(model, folder: Path, tmp: Path, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def start_server(photo: bytes, max_wait_ms: int, max_batch_size: int) -> tuple[str, subprocess.Popen]:
+def start_server(photo: bytes, max_wait_ms: int, max_batch_size: int,
+                 device: str | None = None) -> tuple[str, subprocess.Popen]:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "captioner.pipelines.cli", "serve", "--port", str(port),
-                               "--max-wait-ms", str(max_wait_ms), "--max-batch-size", str(max_batch_size)],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "captioner.pipelines.cli", "serve", "--port", str(port),
+               "--max-wait-ms", str(max_wait_ms), "--max-batch-size", str(max_batch_size)]
+    command += ["--device", device] if device else []
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
