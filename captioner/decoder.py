@@ -87,20 +87,25 @@ class CaptionDecoder(nn.Module):
         logits, state = self._advance(tokens, state)
         return logits.float().log_softmax(dim=-1), state
 
-    def forward(self, grid: torch.Tensor, inputs: torch.Tensor, sample_rate: float = 0.0) -> torch.Tensor:
+    def forward(self, grid: torch.Tensor, inputs: torch.Tensor, sample_rate: float = 0.0,
+                never_drawn: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: grid (B, C, h, w), input tokens (B, T) -> logits (B, T, V).
 
         With ``sample_rate`` > 0 (scheduled sampling, Bengio et al. 2015), each input after
         the first is, with that probability per caption, a word drawn from the decoder's own
         previous distribution instead of the reference's: training then sees the kind of
-        prefixes that search feeds it. No gradient flows through the draw.
+        prefixes that search feeds it. ``never_drawn`` holds token ids the draw excludes
+        (padding, <start>, <end>). No gradient flows through the draw.
         """
         state = self.start(grid)
         logits = []
         for t in range(inputs.shape[1]):
             tokens = inputs[:, t]
             if t and sample_rate > 0:
-                drawn = torch.multinomial(logits[-1].detach().float().softmax(dim=-1), 1).squeeze(1)
+                previous = logits[-1].detach().float()
+                if never_drawn is not None:
+                    previous = previous.index_fill(1, never_drawn, -math.inf)
+                drawn = torch.multinomial(previous.softmax(dim=-1), 1).squeeze(1)
                 tokens = torch.where(torch.rand(tokens.shape, device=tokens.device) < sample_rate, drawn, tokens)
             step_logits, state = self._advance(tokens, state)
             logits.append(step_logits)

@@ -53,8 +53,15 @@ class ProcessGroup:
         """
         if not self.distributed:
             return
-        for parameter in module.parameters():
-            if parameter.grad is None:  # every process must join every reduction
+        parameters = list(module.parameters())
+        # which gradients any process has: those every process joins (as zeros where it has none);
+        # one that no process has stays None, so the optimizer skips it as it would in one process
+        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float64)
+        dist.all_reduce(present)
+        for parameter, anywhere in zip(parameters, present.tolist(), strict=True):
+            if not anywhere:
+                continue
+            if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
             dist.all_reduce(parameter.grad)
 

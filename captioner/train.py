@@ -240,6 +240,10 @@ class Trainer:
                                            reduction="sum")
         self.train_decoder = DistributedDataParallel(self.model.decoder) if self.group.distributed \
             else self.model.decoder
+        # each process its own random stream (its draws, dropped words, crops), now that the weights are shared
+        torch.manual_seed(cfg.seed + self.group.rank)
+        # a drawn input word is never padding, <start> or <end>: search never feeds those mid-caption
+        self._never_drawn = torch.tensor([self.vocab.pad, self.vocab.start, self.vocab.end], device=self.device)
         self.epoch = 0
         self.best_cider = -1.0
         self.stale_epochs = 0
@@ -367,7 +371,7 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=self.scaler.is_enabled()):
             grid = self._grids_for([i for i, _ in batch], self.train_entries, train=True)
             grid = crop_grids(grid, self.cfg.grid_crop)
-            logits = self.train_decoder(grid, inputs, self._sample_rate())  # (B, T-1, V)
+            logits = self.train_decoder(grid, inputs, self._sample_rate(), self._never_drawn)  # (B, T-1, V)
             loss = self.loss_fn(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
             if self.teacher is not None:
                 with torch.no_grad():
@@ -393,7 +397,9 @@ class Trainer:
         return scores
 
     def fit(self) -> dict:
-        while self.epoch - self.scst_done < self.cfg.epochs and self.stale_epochs < self.cfg.patience:
+        # once a self-critical epoch has run (a resumed run), cross-entropy is over whatever patience says:
+        # a better self-critical epoch resets the stale count that stopped it
+        while self.scst_done == 0 and self.epoch < self.cfg.epochs and self.stale_epochs < self.cfg.patience:
             self._run_epoch("xe", self.train_epoch, "train_loss")
         if self.cfg.average_last > 1 and not any(r["phase"] == "average" for r in self.history) \
                 and self.group.leader:
@@ -589,6 +595,8 @@ class Trainer:
         self.scst_done = state.get("scst_done", 0)
         self.history = json.loads(state["history"])
         random.seed(self.cfg.seed + self.epoch)
+        if self.group.distributed:  # the checkpoint holds rank 0's torch stream: give each process its own
+            torch.manual_seed(self.cfg.seed + self.epoch * self.group.world + self.group.rank)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
@@ -603,8 +611,24 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """
     trainer = Trainer(cfg, resume=resume)
     try:
-        if resume and (trainer.out / "last.pt").exists():
+        if resume and _checkpoint_everywhere(trainer):
             trainer.load_checkpoint()
         return trainer.fit()
     finally:
         leave(trainer.group)
+
+
+def _checkpoint_everywhere(trainer: Trainer) -> bool:
+    """Whether every process finds ``last.pt`` (False when none does: a fresh start).
+
+    Raises:
+        OptionError: some processes find it and others do not (an ``out_dir`` that is not
+            shared between machines); every process raises, instead of running out of step.
+    """
+    found = (trainer.out / "last.pt").exists()
+    processes = int(trainer.group.sum(torch.tensor(int(found))).item())
+    if 0 < processes < trainer.group.world:
+        raise OptionError(f"{printable(trainer.out / 'last.pt')}: --resume found the checkpoint on {processes} of "
+                          f"{trainer.group.world} processes; under torchrun on several machines out_dir must be a "
+                          "folder they share")
+    return found

@@ -90,6 +90,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.teacher is not None and self.scheduled_sampling > 0:
+            raise OptionError("scheduled_sampling and teacher do not go together: the teacher reads the reference "
+                              "words, so its next-word targets would not follow the student's drawn prefix")
         if self.epochs == 0 and (self.init_from is None or self.scst_epochs == 0):
             raise OptionError("epochs=0 skips cross-entropy training: it needs init_from (the decoder to continue) "
                               "and scst_epochs > 0 (the only phase left)")

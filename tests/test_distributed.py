@@ -69,21 +69,38 @@ def test_the_self_critical_phase_runs_on_two_processes_that_stay_in_step(tiny_co
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
 
 
-def _two_ranks(rank: int, init: str, results) -> None:
+def _two_ranks(rank: int, init: str, folder: str, results) -> None:
     """Rank ``rank`` of a real 2-process gloo group: each collective of ProcessGroup, checked."""
+    import types
+    from pathlib import Path
+
     import torch
     import torch.distributed as dist
 
+    from captioner.train import _checkpoint_everywhere
+
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     group = ProcessGroup(rank, rank, 2)
-    module = torch.nn.Linear(3, 2)
-    torch.nn.init.constant_(module.weight, float(rank))
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    torch.nn.init.constant_(module[0].weight, float(rank))
     differed = not group.same_everywhere(module)
     group.broadcast(module)
-    module.weight.grad = torch.full_like(module.weight, rank + 1.0)  # the bias has no gradient on either rank
-    group.sum_gradients(module)
-    results.put((rank, differed, group.same_everywhere(module), module.weight.sum().item(),
-                 module.weight.grad.unique().tolist(), module.bias.grad.abs().sum().item()))
+    module[0].weight.grad = torch.full_like(module[0].weight, rank + 1.0)
+    if rank == 1:
+        module[0].bias.grad = torch.full_like(module[0].bias, 5.0)  # rank 0 has none: it joins as zeros
+    group.sum_gradients(module)  # module[1] has no gradient anywhere: it stays without one
+    out = Path(folder) / f"machine-{rank}"
+    out.mkdir()
+    if rank == 0:
+        (out / "last.pt").write_bytes(b"")
+    try:
+        _checkpoint_everywhere(types.SimpleNamespace(out=out, group=group))
+        resume = "no error"
+    except OptionError as e:
+        resume = str(e)
+    results.put((rank, differed, group.same_everywhere(module), module[0].weight.sum().item(),
+                 module[0].weight.grad.unique().tolist(), module[0].bias.grad.unique().tolist(),
+                 module[1].weight.grad is None, resume))
     dist.destroy_process_group()
 
 
@@ -93,7 +110,7 @@ def test_group_collectives_add_gradients_and_copy_rank_0s_weights(tmp_path):
     context = mp.get_context("spawn")
     results = context.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
-    processes = [context.Process(target=_two_ranks, args=(rank, init, results)) for rank in range(2)]
+    processes = [context.Process(target=_two_ranks, args=(rank, init, str(tmp_path), results)) for rank in range(2)]
     for process in processes:
         process.start()
     for process in processes:
@@ -101,11 +118,13 @@ def test_group_collectives_add_gradients_and_copy_rank_0s_weights(tmp_path):
         assert process.exitcode == 0
     outcomes = sorted(results.get(timeout=10) for _ in processes)
     assert [outcome[0] for outcome in outcomes] == [0, 1]
-    for _, differed, same, weight_sum, gradients, bias_gradient in outcomes:
+    for _, differed, same, weight_sum, gradients, bias_gradients, untouched, resume in outcomes:
         assert differed  # 0.0 against 1.0 everywhere
         assert same and weight_sum == 0.0  # rank 0's weights, on both
         assert gradients == [3.0]  # 1 + 2
-        assert bias_gradient == 0.0  # a missing gradient joins the sum as zeros
+        assert bias_gradients == [5.0]  # a gradient one process lacks joins the sum as zeros
+        assert untouched  # and one that no process has stays None, as in one process
+        assert "found the checkpoint on 1 of 2 processes" in resume  # both refuse, neither runs out of step
 
 
 def test_without_torchrun_the_group_is_this_process_alone(monkeypatch):

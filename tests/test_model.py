@@ -121,15 +121,17 @@ def test_scheduled_sampling_feeds_the_decoder_its_own_drawn_words_after_start(sm
     vocab = small_model.vocab
     dog = vocab.stoi["dog"]
     with torch.no_grad():
-        decoder.out.bias[dog] = 100.0  # every draw is "dog"
+        decoder.out.bias[vocab.end] = 200.0  # the likeliest word, but never drawn
+        decoder.out.bias[dog] = 100.0  # so every draw is "dog"
+    never = torch.tensor([vocab.pad, vocab.start, vocab.end])
     grid = torch.randn(3, 1280, 7, 7)
     inputs = torch.tensor([[vocab.start, vocab.stoi["cat"], vocab.stoi["on"], vocab.stoi["the"]]] * 3)
     own = inputs.clone()
     own[:, 1:] = dog
     with torch.no_grad():
-        assert torch.equal(decoder(grid, inputs, 0.0), decoder(grid, inputs))
-        assert torch.allclose(decoder(grid, inputs, 1.0), decoder(grid, own), atol=1e-5)
-        assert not torch.allclose(decoder(grid, inputs, 1.0), decoder(grid, inputs), atol=1e-3)
+        assert torch.equal(decoder(grid, inputs, 0.0, never), decoder(grid, inputs))
+        assert torch.allclose(decoder(grid, inputs, 1.0, never), decoder(grid, own), atol=1e-5)
+        assert not torch.allclose(decoder(grid, inputs, 1.0, never), decoder(grid, inputs), atol=1e-3)
 
 
 @pytest.mark.parametrize("attention", [True, False])

@@ -101,6 +101,22 @@ def test_scheduled_sampling_ramps_from_none_to_its_most_over_the_epochs_and_a_ti
     assert losses[1:] != plain[1:]  # later ones train on drawn words
 
 
+def test_scheduled_sampling_and_a_teacher_are_refused_together(tiny_config):
+    with pytest.raises(OptionError, match="scheduled_sampling and teacher do not go together"):
+        dataclasses.replace(tiny_config, scheduled_sampling=0.1, teacher="captioner/default_model")
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_a_self_critical_epoch_runs_no_more_cross_entropy(tiny_config):
+    """Cross-entropy stopped on patience, then a better self-critical epoch reset the stale count:
+    resuming there must go on with self-critical epochs only."""
+    trainer = Trainer(dataclasses.replace(tiny_config, epochs=12, patience=2, scst_epochs=2, scst_batch_images=4))
+    trainer.epoch, trainer.scst_done, trainer.stale_epochs = 4, 1, 0
+    trainer.fit()
+    assert [r["phase"] for r in trainer.history] == ["scst"]
+    assert trainer.epoch == 5 and trainer.scst_done == 2
+
+
 @pytest.mark.slow
 def test_self_critical_phase_follows_cross_entropy_and_raises_reward(tiny_config):
     cfg = dataclasses.replace(tiny_config, epochs=12, patience=99, scst_epochs=15, scst_lr=1e-3, scst_batch_images=4)
