@@ -240,8 +240,8 @@ class Trainer:
                                            reduction="sum")
         self.train_decoder = DistributedDataParallel(self.model.decoder) if self.group.distributed \
             else self.model.decoder
-        # each process its own random stream (its draws, dropped words, crops), now that the weights are shared
-        torch.manual_seed(cfg.seed + self.group.rank)
+        if self.group.distributed:  # each process its own random stream (draws, dropped words, crops),
+            torch.manual_seed(cfg.seed + self.group.rank)  # now that the weights are shared; one process: as before
         # a drawn input word is never padding, <start> or <end>: search never feeds those mid-caption
         self._never_drawn = torch.tensor([self.vocab.pad, self.vocab.start, self.vocab.end], device=self.device)
         self.epoch = 0
