@@ -10,11 +10,12 @@ are never mixed: a batch holds one set of options.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ from captioner.decoding import DecodingOptions
 from captioner.model import CaptionModel
 
 
-@dataclass
+@dataclass(eq=False)  # items are told apart by identity: comparing their pixel arrays would raise
 class _Item:
     name: str
     pixels: np.ndarray  # (S, S, 3) uint8
@@ -84,7 +85,11 @@ class DynamicBatcher:
                 closing = True
                 continue
             batch = [first]
-            closing = self._gather(batch, time.monotonic() + self.max_wait, closing) or closing
+            try:
+                closing = self._gather(batch, time.monotonic() + self.max_wait, closing) or closing
+            except Exception as e:  # noqa: BLE001 (a fault here fails these requests, not every later one)
+                _fail(batch, e)
+                continue
             self._caption(batch)
 
     def _gather(self, batch: list[_Item], deadline: float, closing: bool) -> bool:
@@ -116,9 +121,15 @@ class DynamicBatcher:
             for item, result in zip(batch, results, strict=True):
                 item.future.set_result(result)
         except Exception as e:  # noqa: BLE001 (handed to every waiting caller, who reports it; the worker goes on)
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(e)
+            _fail(batch, e)
+
+
+def _fail(batch: list[_Item], error: Exception) -> None:
+    """Hand ``error`` to each caller of ``batch`` still waiting (one that gave up is left as it is)."""
+    for item in batch:
+        with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+            if not item.future.done():
+                item.future.set_exception(error)
 
 
 __all__ = ["DynamicBatcher", "PathResult"]

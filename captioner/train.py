@@ -547,6 +547,24 @@ class Trainer:
             raise OutputError(f"{printable(self.out)}: cannot write the metrics log or plot: {e.strerror or e}") from e
         print(json.dumps(record), flush=True)
 
+    def _rewrite_log(self) -> None:
+        """``metrics.jsonl`` as the checkpoint's history, before a resumed run appends to it.
+
+        A run stopped while writing it leaves a line cut short, and one stopped between the log
+        and the checkpoint leaves an epoch that will run again; either would corrupt or repeat
+        a line once the resumed run appends.
+
+        Raises:
+            OutputError: the log cannot be written.
+        """
+        path, staging = self.out / "metrics.jsonl", self.out / "metrics.jsonl.tmp"
+        try:
+            staging.write_text("".join(json.dumps(record) + "\n" for record in self.history), encoding="utf-8")
+            os.replace(staging, path)
+        except OSError as e:
+            staging.unlink(missing_ok=True)
+            raise OutputError(f"{printable(path)}: cannot write the metrics log: {e.strerror or e}") from e
+
     def save_checkpoint(self) -> None:
         """Atomically replace ``last.pt`` (tensors and plain values only: loads with weights_only)."""
         state = {
@@ -595,6 +613,8 @@ class Trainer:
         self.scst_done = state.get("scst_done", 0)
         self.history = json.loads(state["history"])
         random.seed(self.cfg.seed + self.epoch)
+        if self.group.leader:
+            self._rewrite_log()
         if self.group.distributed:  # the checkpoint holds rank 0's torch stream: give each process its own
             torch.manual_seed(self.cfg.seed + self.epoch * self.group.world + self.group.rank)
 

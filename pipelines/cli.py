@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def _load(args: argparse.Namespace):
     from captioner.options import DecodingOptions
 
     dataclass_from_args(args, DecodingOptions(), exclude=HIDDEN_DECODING_FIELDS)
+    if getattr(args, "onnx", None) and getattr(args, "backend", "torch") != "onnxruntime":
+        raise OptionError("--onnx names an export for ONNX Runtime: add --backend onnxruntime")
     if getattr(args, "backend", "torch") == "onnxruntime":
         model = _load_onnx(args)
     else:
@@ -278,11 +281,11 @@ def cmd_video(args: argparse.Namespace) -> int:
                         out_dir=args.out_dir and Path(args.out_dir), burn=args.burn and Path(args.burn))
     model, options = _load(args)
     check_min_confidence(settings.min_confidence, model)  # once, not as a failure of every video
-    failed = run_jobs(jobs, model=model, writer=writer, options=options, settings=settings,
-                      progress=source.is_dir() and not args.quiet)
+    run = run_jobs(jobs, model=model, writer=writer, options=options, settings=settings,
+                   progress=source.is_dir() and not args.quiet)
     if source.is_dir():
-        _print(f"{len(jobs) - failed} subtitled, {failed} failed", err=True)
-    return EXIT_SOME_FAILED if failed else EXIT_OK
+        _print(run.summary(len(jobs)), err=True)
+    return EXIT_OK if run.complete else EXIT_SOME_FAILED
 
 
 def _caption_parser(sub) -> None:
@@ -370,6 +373,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from captioner.api import load_model
     from captioner.torch_threads import keep_torch_off_this_thread
 
+    _check_port_free(args.host, args.port)  # before the model loads, not after
     # the event loop's thread stays off torch, so the batcher thread runs the model at full speed
     threads = keep_torch_off_this_thread()
     settings = ServerSettings(max_image_bytes=args.max_upload_mb * 2**20, max_video_bytes=args.max_video_mb * 2**20,
@@ -381,6 +385,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _print(f"serving {args.model or 'the default model'} on http://{args.host}:{args.port}/", err=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raises OptionError when ``host:port`` cannot be listened on (taken, or not this machine's address)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise OptionError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
 def _serve_parser(sub) -> None:

@@ -136,6 +136,9 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
     @app.post("/v1/subtitles")
     async def subtitles(request: Request) -> Response:
         form = await request.form(max_files=2)
+        videos = form.getlist("video")
+        if len(videos) > 1:
+            raise HTTPError(400, f'{len(videos)} videos: send one per request, as a file named "video"')
         upload = form.get("video")
         if not isinstance(upload, UploadFile):
             raise HTTPError(400, 'no video: send it as a multipart/form-data file named "video"')

@@ -1,7 +1,7 @@
 """Subtitle one video or every video under a folder, reporting bad files and going on.
 
     jobs = prepare_jobs(Path("clips"), "srt", out_dir=Path("subs"))   # before the model loads
-    failed = run_jobs(jobs, model=load_model(), writer=WriteSRT())
+    run = run_jobs(jobs, model=load_model(), writer=WriteSRT())
 """
 
 from __future__ import annotations
@@ -103,23 +103,40 @@ def run_jobs(
     options: DecodingOptions | None = None,
     settings: VideoOptions | None = None,
     progress: bool = True,
-) -> int:
-    """Subtitle each job's video; returns how many failed or were subtitled only in part.
+) -> VideoRun:
+    """Subtitle each job's video; returns how many failed and how many were subtitled only in part.
 
     A video that cannot be read, or whose subtitles or burned copy cannot be written, is
-    reported as ``skipped VIDEO: reason`` on stderr and the run goes on. A video with
-    undecodable stretches or that breaks off part-way still gets its subtitles and a
-    ``warning: VIDEO: ...`` line, and counts as failed so scripts notice.
+    reported as ``skipped VIDEO: reason`` on stderr, counts as failed, and the run goes on.
+    A video with undecodable stretches or that breaks off part-way still gets its subtitles
+    and a ``warning: VIDEO: ...`` line, and counts as subtitled in part.
     """
-    failed, settings = 0, settings or VideoOptions()
+    run, settings = VideoRun(), settings or VideoOptions()
     bar = tqdm(jobs, desc="subtitling", unit="video", disable=not progress, file=sys.stderr)
     for job in bar:
         try:
-            failed += not run_job(job, model=model, writer=writer, options=options, settings=settings)
+            run.partial += not run_job(job, model=model, writer=writer, options=options, settings=settings)
         except (CaptionerError, OSError) as e:
             tqdm.write(f"skipped {one_line(failure_reason(job, e))}", file=sys.stderr)
-            failed += 1
-    return failed
+            run.failed += 1
+    return run
+
+
+@dataclass
+class VideoRun:
+    """What became of a run's videos: the rest were subtitled whole."""
+
+    failed: int = 0  # not subtitled: unreadable, or an output could not be written
+    partial: int = 0  # subtitled, but with undecodable stretches or cut off before their end
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and not self.partial
+
+    def summary(self, videos: int) -> str:
+        """``N subtitled (K only in part), F failed`` for a run of ``videos`` jobs."""
+        part = f" ({self.partial} only in part)" if self.partial else ""
+        return f"{videos - self.failed} subtitled{part}, {self.failed} failed"
 
 
 def run_job(

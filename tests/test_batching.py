@@ -78,6 +78,36 @@ def test_a_caller_that_gave_up_does_not_stop_the_worker_and_a_closed_batcher_ref
         batcher.submit("chelsea.png", pixels("chelsea.png"))
 
 
+def test_many_option_sets_for_same_named_uploads_are_all_captioned(default_model):
+    """Uploads are often all named alike (photo.jpg): with three or more option sets waiting,
+    taking held items out of the queue once compared their pixel arrays, which raised and
+    killed the worker, and every later request hung."""
+    batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=0.3)
+    try:
+        photo = pixels("chelsea.png")
+        options = [dataclasses.replace(default_model.config.decoding, beam_size=b) for b in (1, 2, 3, 4, 1, 2, 3)]
+        futures = [batcher.submit("photo.jpg", photo.copy(), o) for o in options]  # equal, not the same, arrays
+        results = [f.result(timeout=120) for f in futures]
+        later = batcher.submit("photo.jpg", photo).result(timeout=60)
+    finally:
+        batcher.close()
+    assert all("cat" in r.captions[0].text for r in [*results, later])
+    assert sorted(batcher.batch_sizes) == [1, 1, 2, 2, 2]  # a batch per option set (4), then the later one
+
+
+def test_a_fault_while_gathering_fails_that_batch_and_the_worker_goes_on(default_model, monkeypatch):
+    batcher = DynamicBatcher(default_model, max_batch_size=4, max_wait=0.01)
+    try:
+        gather = batcher._gather
+        monkeypatch.setattr(batcher, "_gather", lambda *args: (_ for _ in ()).throw(RuntimeError("broken")))
+        with pytest.raises(RuntimeError, match="broken"):
+            batcher.submit("a.jpg", pixels("chelsea.png")).result(timeout=60)
+        monkeypatch.setattr(batcher, "_gather", gather)
+        assert "cat" in batcher.submit("b.jpg", pixels("chelsea.png")).result(timeout=60).captions[0].text
+    finally:
+        batcher.close()
+
+
 def test_a_thread_count_below_one_is_refused_before_a_worker_starts(default_model):
     with pytest.raises(ValueError, match="torch_threads=0 must be at least 1"):
         DynamicBatcher(default_model, torch_threads=0)

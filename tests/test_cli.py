@@ -55,6 +55,21 @@ def test_bad_option_values_exit_2(capsys):
     assert exit_info.value.code == 2
 
 
+def test_an_onnx_export_without_its_backend_is_refused_not_ignored(tmp_path, capsys):
+    assert main(["caption", "--onnx", str(tmp_path), str(SAMPLES / "chelsea.png")]) == 2
+    assert "--onnx names an export for ONNX Runtime: add --backend onnxruntime" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_loading_the_model(capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"captioner: error: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1
+
+
 def test_decoding_flags_change_the_search(capsys, default_model):
     import dataclasses
 

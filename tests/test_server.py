@@ -105,6 +105,9 @@ def test_subtitles_for_an_uploaded_video_in_each_format(client, tmp_path):
     assert bad.status_code == 415 and bad.json()["error"].startswith("clip.mp4: ")
     assert client.post("/v1/subtitles?format=doc", files=upload).status_code == 422
     assert client.post("/v1/subtitles?every=0", files=upload).status_code == 422
+    two = client.post("/v1/subtitles", files=[("video", ("a.mp4", clip.read_bytes(), "video/mp4")),
+                                              ("video", ("b.mp4", clip.read_bytes(), "video/mp4"))])
+    assert two.status_code == 400 and two.json()["error"].startswith("2 videos: send one per request")
     assert os.listdir(client.app.state.captioner["folder"]) == []  # every upload gone from the private folder
 
 

@@ -60,6 +60,17 @@ def test_resume_continues_from_the_last_epoch(tiny_config):
 
 
 @pytest.mark.slow
+def test_resume_repairs_a_metrics_log_cut_short_or_ahead_of_the_checkpoint(tiny_config):
+    train(tiny_config)
+    log = Path(tiny_config.out_dir) / "metrics.jsonl"
+    with log.open("a", encoding="utf-8") as f:
+        f.write('{"epoch": 3, "phase": "xe", "train_loss": 1.0}\n{"epoch": 4, "pha')  # logged, never checkpointed
+    train(dataclasses.replace(tiny_config, epochs=3), resume=True)
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]  # every line whole
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[2]["train_loss"] != 1.0
+
+
+@pytest.mark.slow
 def test_plain_lstm_option_trains_and_overfits_a_tiny_set(tiny_config):
     cfg = dataclasses.replace(tiny_config, attention=False, epochs=30)  # epochs sets the LR schedule
     trainer = Trainer(cfg)

@@ -27,7 +27,7 @@ from captioner.pipelines.cli import main
 from captioner.pipelines.cues import Segment
 from captioner.pipelines.subtitles import WriteSRT, WriteVTT
 from captioner.pipelines.video import SAMPLERS, ShotFrames, _sharing_cores, open_video, subtitle_video
-from captioner.pipelines.video_batch import VideoJob, plan_jobs, prepare_jobs, run_jobs
+from captioner.pipelines.video_batch import VideoJob, VideoRun, plan_jobs, prepare_jobs, run_jobs
 from captioner.pipelines.video_options import VideoOptions
 from captioner.pipelines.video_source import MAX_FAILED_GRABS, OPEN_HINT
 
@@ -318,7 +318,8 @@ def test_folder_mode_subtitles_every_good_video_and_reports_the_bad_one(clips, t
     root = folder_of_videos(tmp_path / "videos", clips)
     (root / os.fsdecode(b"bad_\xe9.avi")).write_bytes(b"RIFF")
     jobs = prepare_jobs(root, "srt")
-    assert run_jobs(jobs, model=default_model, writer=WriteSRT(), settings=uniform(4.0), progress=False) == 2
+    assert run_jobs(jobs, model=default_model, writer=WriteSRT(), settings=uniform(4.0), progress=False) \
+        == VideoRun(failed=2)
     written = sorted(os.fsencode(p.relative_to(root)) for p in root.rglob("*.srt"))
     assert written == [b"a.srt", b"clip_\xe9.srt", b"sub/B.srt"]
     assert len(list(srt.parse((root / os.fsdecode(b"clip_\xe9.srt")).read_text()))) == 3
@@ -335,7 +336,8 @@ def test_a_subtitle_path_that_is_a_folder_skips_that_video_and_the_rest_go_on(cl
     out = tmp_path / "out"
     (out / "a.vtt").mkdir(parents=True)
     jobs = prepare_jobs(root, "vtt", out_dir=out)
-    assert run_jobs(jobs, model=default_model, writer=WriteVTT(), settings=uniform(4.0), progress=False) == 1
+    assert run_jobs(jobs, model=default_model, writer=WriteVTT(), settings=uniform(4.0), progress=False) \
+        == VideoRun(failed=1)
     assert sorted(os.fsencode(p.relative_to(out)) for p in out.rglob("*.vtt") if p.is_file()) == [
         b"clip_\xe9.vtt", b"sub/B.vtt"]
     assert capsys.readouterr().err == f"skipped {root / 'a.mp4'}: {out / 'a.vtt'}: is a folder; give a file name\n"
@@ -344,7 +346,8 @@ def test_a_subtitle_path_that_is_a_folder_skips_that_video_and_the_rest_go_on(cl
 def test_a_burn_that_cannot_be_written_is_reported_after_the_subtitles(clips, tmp_path, capsys, default_model):
     (tmp_path / "file").write_text("")
     job = VideoJob(clips["mp4"], tmp_path / "a.srt", burn=tmp_path / "file" / "burned.mp4")
-    assert run_jobs([job], model=default_model, writer=WriteSRT(), settings=uniform(4.0), progress=False) == 1
+    assert run_jobs([job], model=default_model, writer=WriteSRT(), settings=uniform(4.0), progress=False) \
+        == VideoRun(failed=1)
     assert len(list(srt.parse((tmp_path / "a.srt").read_text()))) == 3
     assert capsys.readouterr().err.startswith(f"skipped {clips['mp4']}: {tmp_path / 'file' / 'burned.mp4'}: "
                                               "cannot write: ")
@@ -401,6 +404,19 @@ def test_cli_scenes_mode_and_a_truncated_file(clips, tmp_path, capsys):
     assert main(["video", str(cut), "-o", str(tmp_path / "cut.srt"), "--every", "1"]) == 1
     assert f"warning: {cut}: decoding stopped at" in capsys.readouterr().err
     assert len(list(srt.parse((tmp_path / "cut.srt").read_text()))) == 2
+
+
+def test_a_folder_run_counts_a_video_subtitled_in_part_apart_from_the_failed_ones(clips, tmp_path, capsys):
+    root = tmp_path / "videos"
+    root.mkdir()
+    (root / "whole.avi").write_bytes(clips["avi"].read_bytes())
+    data = clips["avi"].read_bytes()
+    (root / "cut.avi").write_bytes(data[: len(data) * 6 // 10])
+    (root / "text.mp4").write_text("not a video")
+    assert main(["video", str(root), "--every", "1", "--quiet"]) == 1  # scripts still notice
+    err = capsys.readouterr().err
+    assert err.endswith("2 subtitled (1 only in part), 1 failed\n")
+    assert (root / "cut.srt").exists() and (root / "whole.srt").exists() and not (root / "text.srt").exists()
 
 
 def test_cli_burned_copy_keeps_frame_count(clips, tmp_path):
