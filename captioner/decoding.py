@@ -38,10 +38,11 @@ def make_strategy(options: DecodingOptions, batch_size: int, end_id: int) -> Sea
         return BeamSearch(batch_size, options.beam_size, end_id)
     if options.method == "greedy":
         return Greedy(batch_size, 1, end_id)
-    generator = None
-    if options.seed is not None:
-        generator = torch.Generator().manual_seed(options.seed)
-    return Sampling(batch_size, options.n_best, end_id, options.temperature, options.top_k, options.top_p, generator)
+    generators = None
+    if options.seed is not None:  # the same stream for every image: a seed gives an image the same samples anywhere
+        generators = [torch.Generator().manual_seed(options.seed) for _ in range(batch_size)]
+    return Sampling(batch_size, options.n_best, end_id, options.temperature, options.top_k, options.top_p,
+                    generators)
 
 
 def make_processors(
@@ -68,8 +69,8 @@ def to_caption(hyp: Hypothesis, vocab: Vocabulary, ranker: LengthRanker) -> Capt
 
 # Hypotheses searched at once at most. It bounds memory whatever the batch size and beam (a
 # hostile `--beam-size 64 --max-length 100 --batch-size 1024` needs about 80 MB per image);
-# a larger batch is searched in parts, with the same captions (seeded sampling restarts its
-# random stream in each part).
+# a larger batch is searched in parts, with the same captions (seeded sampling draws from a
+# stream per image).
 MAX_SEARCH_ROWS = 2048
 
 

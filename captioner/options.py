@@ -111,7 +111,8 @@ class DecodingOptions:
     top_p: float = option(1.0, float, "sample from the smallest set holding this probability (1: off)",
                            Bounds(0, 1, open_low=True))
     # sampling seed, for reproducible samples (None: random)
-    seed: int | None = option(None, int, "sampling seed, for reproducible samples", Bounds(0, 2**64 - 1))
+    seed: int | None = option(None, int, "sampling seed, for reproducible samples: the same seed gives an image the "
+                              "same samples whatever else is in its batch", Bounds(0, 2**64 - 1))
     # log-prob bonus per unit of classifier evidence for a word (0: off)
     concept_boost: float = option(0.0, float, "log-prob bonus for words the encoder's classifier sees (0: off)",
                                    Bounds(0, 50))

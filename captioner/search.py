@@ -151,7 +151,8 @@ class SearchStrategy:
 class _Independent(SearchStrategy):
     """Rows that never reorder (greedy, sampling): each row stops at its own <end>."""
 
-    def choose(self, log_probs: torch.Tensor) -> torch.Tensor:
+    def choose(self, log_probs: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        """The next token of each live row: ``log_probs`` (n, V) holds the rows where ``alive`` (N,) is set."""
         raise NotImplementedError
 
     def update(self, search_log_probs: torch.Tensor, model_log_probs: torch.Tensor) -> torch.Tensor:
@@ -161,7 +162,7 @@ class _Independent(SearchStrategy):
             alive = self.tokens[:, -1] != self.end_id
         chosen = torch.full((n,), self.end_id, dtype=torch.long)  # (N,) ended rows stay ended
         if alive.any():
-            chosen[alive] = self.choose(search_log_probs[alive])
+            chosen[alive] = self.choose(search_log_probs[alive], alive)
         self.tokens = torch.cat([self.tokens, chosen[:, None]], dim=1)
         self.logprobs = torch.cat([self.logprobs, _picked(model_log_probs, chosen, alive)], dim=1)
         self.search_logprobs = torch.cat([self.search_logprobs, _picked(search_log_probs, chosen, alive)], dim=1)
@@ -182,7 +183,7 @@ class _Independent(SearchStrategy):
 class Greedy(_Independent):
     """The most likely token at every step."""
 
-    def choose(self, log_probs: torch.Tensor) -> torch.Tensor:
+    def choose(self, log_probs: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         return log_probs.argmax(dim=1)
 
 
@@ -193,9 +194,10 @@ class Sampling(_Independent):
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k truncation
     top_p: float = 1.0  # 1.0: no nucleus truncation
-    generator: torch.Generator | None = None
+    # one random stream per image, or None: an image's samples then do not depend on what else is in its batch
+    generators: list[torch.Generator] | None = None
 
-    def choose(self, log_probs: torch.Tensor) -> torch.Tensor:
+    def choose(self, log_probs: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         logits = log_probs / self.temperature
         if self.top_k:
             kth = logits.topk(min(self.top_k, logits.shape[1]), dim=1).values[:, -1:]
@@ -206,7 +208,13 @@ class Sampling(_Independent):
             drop = cumulative - sorted_logits.softmax(dim=1) >= self.top_p  # keep the first token past p
             logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -math.inf))
         probs = logits.softmax(dim=1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        if self.generators is None:
+            return torch.multinomial(probs, 1).squeeze(1)
+        # each image draws for its own live rows from its own stream (an image's rows are consecutive)
+        live_per_image = alive.view(len(self.generators), -1).sum(dim=1).tolist()
+        drawn = [torch.multinomial(rows, 1, generator=g)
+                 for rows, g in zip(probs.cpu().split(live_per_image), self.generators, strict=True) if len(rows)]
+        return torch.cat(drawn).squeeze(1).to(probs.device)
 
 
 @dataclass

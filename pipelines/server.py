@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -31,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from captioner.batching import DynamicBatcher
 from captioner.confidence import check_min_confidence
@@ -59,6 +61,7 @@ class ServerSettings:
     max_batch_size: int = 32  # images the dynamic batcher puts in one encoder + search batch
     max_wait: float = 0.005  # seconds the batcher waits for more images after the first
     torch_threads: int | None = None  # the batcher thread's torch threads (see captioner.torch_threads)
+    max_video_jobs: int = 4  # videos subtitled at once; more wait (within their timeout)
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser (none: same origin only)
 
 
@@ -77,6 +80,7 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state["folder"] = Path(tempfile.mkdtemp(prefix="captioner-serve-"))
+        state["video_jobs"] = CapacityLimiter(settings.max_video_jobs)
         state["batcher"] = DynamicBatcher(model, max_batch_size=settings.max_batch_size, max_wait=settings.max_wait,
                                           torch_threads=settings.torch_threads)
         try:
@@ -116,6 +120,9 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
 
     @app.post("/v1/captions")
     async def captions(request: Request) -> dict:
+        return await _within(caption_request(request), settings.timeout)  # from the first byte read to the last
+
+    async def caption_request(request: Request) -> dict:
         form = await request.form(max_files=settings.max_images + 1)
         uploads = [u for u in form.getlist("images") if isinstance(u, UploadFile)]
         if not uploads:
@@ -130,11 +137,14 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
                   for u, name in zip(uploads, names, strict=True)]
         futures = [asyncio.wrap_future(state["batcher"].submit(name, p, options))
                    for name, p in zip(names, pixels, strict=True)]
-        results = await _within(asyncio.gather(*futures), settings.timeout)
+        results = await asyncio.gather(*futures)
         return {"captions": [_record(r, min_confidence, fallback, options.n_best) for r in results]}
 
     @app.post("/v1/subtitles")
     async def subtitles(request: Request) -> Response:
+        return await _within(subtitle_request(request), settings.timeout)
+
+    async def subtitle_request(request: Request) -> Response:
         form = await request.form(max_files=2)
         videos = form.getlist("video")
         if len(videos) > 1:
@@ -150,9 +160,11 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         path = state["folder"] / f"upload-{id(upload):x}"  # our name: the client's never touches the disk
         stop = threading.Event()
         try:
-            job = run_in_threadpool(_subtitle, model, upload.file, path, decoding, video_options,
-                                    printable(upload.filename), _BatchedFrames(state["batcher"], stop))
-            result = await _within(job, settings.timeout)
+            # video jobs hold threads for their whole length: their own limiter leaves the rest to photo uploads
+            job = asyncio.ensure_future(to_thread.run_sync(
+                _subtitle, model, upload.file, path, decoding, video_options, printable(upload.filename),
+                _BatchedFrames(state["batcher"], stop), limiter=state["video_jobs"]))
+            result = await _unless_gone(request, job)
         finally:
             stop.set()  # a job past its timeout stops at its next batch of frames
             path.unlink(missing_ok=True)
@@ -229,9 +241,15 @@ def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: Vi
     try:
         # FFmpeg's own thread count: the model runs on the batcher's thread, not beside it here
         with OpenCVSource(path) as source:
-            return subtitle_source(source, model=model, options=decoding, settings=settings, caption=caption)
+            result = subtitle_source(source, model=model, options=decoding, settings=settings, caption=caption)
     except VideoReadError as e:
         raise HTTPError(415, f"{name}: {str(e).split(': ', 1)[-1]}") from e
+    private = printable(path)  # warnings and notes name the upload, never the server's own file
+
+    def named(lines: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f"{name}{line[len(private):]}" if line.startswith(private) else line for line in lines)
+
+    return dataclasses.replace(result, warnings=named(result.warnings), notes=named(result.notes))
 
 
 class _Stopped(Exception):
@@ -261,10 +279,23 @@ class _BatchedFrames:
 def _subtitle_response(result, fmt: str) -> Response:
     if fmt == "json":
         return JSONResponse({"cues": [cue_record(s) for s in result.segments], "duration": round(result.duration, 3),
-                             "frames_captioned": result.frames_captioned, "warnings": list(result.warnings)})
+                             "frames_captioned": result.frames_captioned, "warnings": list(result.warnings),
+                             "notes": list(result.notes)})
     text = io.StringIO()
     WRITERS[fmt]().write(result.segments, text)
     return PlainTextResponse(text.getvalue(), media_type=MEDIA_TYPES[fmt])
+
+
+async def _unless_gone(request: Request, job: asyncio.Future, every: float = 0.5):
+    """``job``'s result, unless the client disconnects first: then ClientDisconnect (a video's
+    frames stop reaching the batcher once the caller sets its stop event)."""
+    while True:
+        done, _ = await asyncio.wait({job}, timeout=every)
+        if done:
+            return job.result()
+        if await request.is_disconnected():
+            job.cancel()
+            raise ClientDisconnect()
 
 
 async def _within(work, seconds: float):
@@ -275,6 +306,10 @@ async def _within(work, seconds: float):
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, error: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, nothing is logged
+
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, error: HTTPError) -> JSONResponse:
         return JSONResponse({"error": error.message}, status_code=error.status)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED_SAMPLES
+from conftest import ROOT, SAMPLES, SHARED_SAMPLES
 
 from captioner.api import caption_images
 from captioner.decoding import Caption, rerank
@@ -234,3 +234,16 @@ def test_a_batch_larger_than_the_search_bound_is_searched_in_parts_with_the_same
     assert len(searches) == len(PHOTOS)
     assert [c[0].text for c in parts] == [c[0].text for c in whole]
     assert [c[0].score for c in parts] == pytest.approx([c[0].score for c in whole], abs=1e-4)
+
+
+def test_a_seed_gives_a_photo_the_same_samples_whatever_else_is_in_its_batch(default_model):
+    """The server batches other users' photos with yours: a seeded sample must not depend on them."""
+    options = dataclasses.replace(default_model.config.decoding, method="sample", seed=3, n_best=2,
+                                  consensus_weight=0.0)
+    cat, coffee = SAMPLES / "chelsea.png", SAMPLES / "coffee.png"
+    alone = caption_images(default_model, [cat], options=options)
+    together = caption_images(default_model, [coffee, cat, coffee, cat], options=options)
+    assert together[1].text == together[3].text == alone[0].text
+    assert together[0].text == together[2].text
+    other_seed = caption_images(default_model, [cat] * 3, options=dataclasses.replace(options, seed=4))
+    assert len({c.text for c in other_seed}) == 1

@@ -153,7 +153,7 @@ def test_batched_beam_equals_each_image_alone():
 def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
     def sample(seed, top_k=0):
         gen = torch.Generator().manual_seed(seed)
-        return run(Sampling(1, 8, END, 1.0, top_k, 1.0, gen))[0]
+        return run(Sampling(1, 8, END, 1.0, top_k, 1.0, [gen]))[0]
 
     assert [h.tokens for h in sample(7)] == [h.tokens for h in sample(7)]
     first_tokens = {h.tokens[0] for h in sample(3, top_k=1)}
@@ -162,9 +162,9 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
 
 def test_top_p_keeps_the_nucleus_only():
     gen = torch.Generator().manual_seed(0)
-    (hyps,) = run(Sampling(1, 16, END, 1.0, 0, 0.45, gen))  # "a" alone holds 0.5 > 0.45
+    (hyps,) = run(Sampling(1, 16, END, 1.0, 0, 0.45, [gen]))  # "a" alone holds 0.5 > 0.45
     assert {h.tokens[0] for h in hyps} == {A}
-    (hyps,) = run(Sampling(1, 64, END, 1.0, 0, 0.85, gen))  # "a" + "b" hold 0.9; "c" is cut
+    (hyps,) = run(Sampling(1, 64, END, 1.0, 0, 0.85, [gen]))  # "a" + "b" hold 0.9; "c" is cut
     assert {h.tokens[0] for h in hyps} == {A, B}
 
 
@@ -204,7 +204,7 @@ def boost_c(rows):
 
 
 @pytest.mark.parametrize("make", [lambda: Greedy(1, 1, END), lambda: BeamSearch(1, 3, END),
-                                  lambda: Sampling(1, 6, END, 1.0, 0, 1.0, torch.Generator().manual_seed(0))],
+                                  lambda: Sampling(1, 6, END, 1.0, 0, 1.0, [torch.Generator().manual_seed(0)])],
                          ids=["greedy", "beam", "sample"])
 def test_hypotheses_record_the_models_log_probs_not_the_boosted_ones(make):
     strategy = make()
@@ -239,7 +239,7 @@ class NaNDecoder(ScriptedDecoder):
 
 
 STRATEGIES = [lambda b: Greedy(b, 1, END), lambda b: BeamSearch(b, 3, END),
-              lambda b: Sampling(b, 4, END, 1.0, 0, 1.0, torch.Generator().manual_seed(0))]
+              lambda b: Sampling(b, 4, END, 1.0, 0, 1.0, [torch.Generator().manual_seed(0) for _ in range(b)])]
 
 
 @pytest.mark.parametrize("make", STRATEGIES, ids=["greedy", "beam", "sample"])

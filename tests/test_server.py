@@ -5,7 +5,7 @@ import os
 
 import pytest
 from conftest import SAMPLES, SHARED_SAMPLES
-from test_video_source import write_video
+from test_video_source import damage_middle, write_video
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'captioner[serve]')")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -129,6 +129,101 @@ def test_a_video_past_its_timeout_gets_504_and_its_frames_stop_reaching_the_batc
         assert sum(batcher.batch_sizes) == stopped < 600  # nothing more after the request ended
         assert test_client.post("/v1/captions", files=[photo(CAT)]).status_code == 200
         assert os.listdir(app.state.captioner["folder"]) == []
+
+
+def test_warnings_about_a_damaged_video_name_the_upload_not_the_servers_file(client, tmp_path):
+    clip = damage_middle(write_video(tmp_path / "clip.mp4", [("chelsea.png", 5.0), ("rocket.jpg", 5.0)]))
+    answer = client.post("/v1/subtitles?format=json&every=2", files={"video": ("holiday.mp4", clip.read_bytes())})
+    assert answer.status_code == 200
+    warnings = answer.json()["warnings"]
+    assert warnings and warnings[0].startswith("holiday.mp4: skipped undecodable frames at ")
+    assert "notes" in answer.json() and "captioner-serve" not in answer.text
+
+
+@pytest.fixture(scope="module")
+def quick_server():
+    """A real uvicorn server, in this process, whose requests time out after 4 s."""
+    import threading
+    import time
+
+    import uvicorn
+    from conftest import free_port
+
+    from captioner.api import load_model
+
+    app = create_app(load_model(), settings=ServerSettings(timeout=4.0))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield server
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def _partial_upload(server, stop_after: float):
+    """Headers and half of a one-photo body; then the server's answer within ``stop_after`` s (None: none)."""
+    import socket
+
+    body = CAT.read_bytes()
+    head = (f"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {len(body) + 200}\r\n\r\n--b\r\n").encode()
+    connection = socket.create_connection(("127.0.0.1", server.config.port))
+    connection.sendall(head + b'Content-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n'
+                       + body[: len(body) // 2])
+    connection.settimeout(stop_after)
+    try:
+        return connection.recv(4096)
+    except TimeoutError:
+        return None
+    finally:
+        connection.close()
+
+
+def test_an_upload_that_stalls_gets_504_within_the_timeout(quick_server):
+    answer = _partial_upload(quick_server, stop_after=10.0)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 504") and b"longer than 4 s" in answer
+
+
+def test_a_client_that_goes_away_mid_upload_is_not_an_error_of_the_server(quick_server, caplog):
+    import logging
+    import socket
+    import time
+
+    server_log = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not propagate to the root
+    server_log.addHandler(caplog.handler)
+    try:
+        body = CAT.read_bytes()
+        connection = socket.create_connection(("127.0.0.1", quick_server.config.port))
+        connection.sendall(f"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                           f"boundary=b\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
+        connection.close()
+        time.sleep(0.5)
+    finally:
+        server_log.removeHandler(caplog.handler)
+    assert "Exception in ASGI application" not in caplog.text
+
+
+def test_a_video_whose_client_went_away_stops_before_its_timeout(quick_server, tmp_path):
+    import socket
+    import time
+
+    clip = write_video(tmp_path / "long.mp4", [("chelsea.png", 30), ("rocket.jpg", 30)])  # 600 frames
+    batcher = quick_server.config.app.state.captioner["batcher"]
+    before = sum(batcher.batch_sizes)
+    body = (b'--b\r\nContent-Disposition: form-data; name="video"; filename="long.mp4"\r\n\r\n'
+            + clip.read_bytes() + b"\r\n--b--\r\n")
+    connection = socket.create_connection(("127.0.0.1", quick_server.config.port))
+    connection.sendall(f"POST /v1/subtitles?every=0.1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                       f"boundary=b\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    time.sleep(1.0)  # the job is captioning frames
+    connection.close()
+    time.sleep(1.5)  # noticed within 0.5 s; a batch already submitted finishes
+    stopped = sum(batcher.batch_sizes)
+    time.sleep(1.5)
+    assert before < stopped == sum(batcher.batch_sizes) < before + 600  # nothing more, well before the 4 s timeout
+    assert os.listdir(quick_server.config.app.state.captioner["folder"]) == []
 
 
 def test_the_private_folder_is_removed_at_shutdown():
