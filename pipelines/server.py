@@ -159,14 +159,15 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         video_options, decoding = _video_options(model, fields)
         path = state["folder"] / f"upload-{id(upload):x}"  # our name: the client's never touches the disk
         stop = threading.Event()
+        # video jobs hold threads for their whole length: their own limiter leaves the rest to photo uploads
+        job = asyncio.ensure_future(to_thread.run_sync(
+            _subtitle, model, upload.file, path, decoding, video_options, printable(upload.filename),
+            _BatchedFrames(state["batcher"], stop), limiter=state["video_jobs"]))
         try:
-            # video jobs hold threads for their whole length: their own limiter leaves the rest to photo uploads
-            job = asyncio.ensure_future(to_thread.run_sync(
-                _subtitle, model, upload.file, path, decoding, video_options, printable(upload.filename),
-                _BatchedFrames(state["batcher"], stop), limiter=state["video_jobs"]))
             result = await _unless_gone(request, job)
         finally:
-            stop.set()  # a job past its timeout stops at its next batch of frames
+            stop.set()  # a job past its timeout, or whose client left, stops at its next batch of frames
+            job.cancel()  # nobody waits for its outcome now (a no-op once it is done)
             path.unlink(missing_ok=True)
         return _subtitle_response(result, fmt)
 
