@@ -45,6 +45,13 @@ class ProcessGroup:
             dist.all_reduce(total)
         return total
 
+    def my_slices(self, batches: list[list[int]]) -> list[list[int]]:
+        """This process's slice of each global batch; a batch too small to give every process
+        one item is dropped by all of them alike (each process builds the same ``batches``)."""
+        if not self.distributed:
+            return batches
+        return [ids[self.rank :: self.world] for ids in batches if len(ids) >= self.world]
+
     def sum_gradients(self, module: torch.nn.Module) -> None:
         """Add up ``module``'s parameter gradients over all processes, in place.
 

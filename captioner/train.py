@@ -330,9 +330,7 @@ class Trainer:
             if not self.cfg.finetune_encoder or isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
         total_loss, count = 0.0, 0
-        batches = self._length_bucketed_batches()
-        if self.group.distributed:  # this process's slice of every global batch (all build the same list)
-            batches = [ids[self.group.rank :: self.group.world] for ids in batches if len(ids) >= self.group.world]
+        batches = self.group.my_slices(self._length_bucketed_batches())
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", disable=not self.group.leader)
         for batch_ids in bar:
             batch = [self.pairs[i] for i in batch_ids]
@@ -516,8 +514,7 @@ class Trainer:
         order = list(range(len(self.train_entries)))
         random.shuffle(order)  # the same order in every process
         size, group = self.cfg.scst_batch_images, self.group
-        batches = [order[start : start + size] for start in range(0, len(order), size)]
-        batches = [ids[group.rank :: group.world] for ids in batches if len(ids) >= group.world]
+        batches = group.my_slices([order[start : start + size] for start in range(0, len(order), size)])
         bar = tqdm(batches, desc=f"scst {self.scst_done}", unit="batch", disable=not group.leader)
         reward = torch.zeros(2, dtype=torch.float64)  # summed rewards, samples
         for ids in bar:
