@@ -173,10 +173,18 @@ def _partial_upload(server, stop_after: float):
     connection.sendall(head + b'Content-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n'
                        + body[: len(body) // 2])
     connection.settimeout(stop_after)
+    answer = b""
     try:
-        return connection.recv(4096)
+        while True:  # headers and body may come in separate segments: read until the body is whole
+            chunk = connection.recv(4096)
+            answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                           if line.startswith(b"content-length:")), None)
+            if not chunk or (length is not None and len(body) >= length):
+                return answer or None
     except TimeoutError:
-        return None
+        return answer or None
     finally:
         connection.close()
 
