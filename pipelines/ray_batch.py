@@ -21,6 +21,7 @@ import os
 import secrets
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -33,6 +34,7 @@ from captioner.pipelines.record_formats import BadRecord, JsonlRecords, checked_
 
 SHARD_FORMATS = ("jsonl", "parquet")
 MERGED_NAME = "captions.jsonl"
+REMOTE_READS = 8  # files fetched at once by one read task from a URI source
 
 
 @dataclass(frozen=True)
@@ -227,26 +229,30 @@ def read_bytes(batch: dict[str, np.ndarray], source: str) -> dict[str, list]:
     """A Ray task: each file's bytes, or the reason they cannot be read (the job goes on).
 
     ``source`` is the SOURCE as given: a URI's filesystem (with its query options, such as
-    an endpoint) is made once per batch from it.
+    an endpoint) is made once per batch from it, and its files are fetched on a few threads
+    at once, since a remote read waits on the network rather than on a CPU.
     """
     paths, insides = [str(p) for p in batch["path"]], [str(p) for p in batch["inside"]]
-    fs = filesystem(source)[0] if "://" in source else None
-    data, errors = [], []
-    for path, inside in zip(paths, insides, strict=True):
-        try:
-            if fs is not None:
-                with fs.open_input_stream(inside) as stream:
-                    data.append(stream.read())
-            else:  # refused before opening, as the local pipeline refuses it
-                data.append(check_image_file(inside).read_bytes())
-            errors.append("")
-        except ImageReadError as e:  # its message names the file already
-            data.append(b"")
-            errors.append(str(e))
-        except OSError as e:
-            data.append(b"")
-            errors.append(f"{printable(path)}: {reason(e)}")
-    return {"path": paths, "data": data, "error": errors}
+    if "://" in source:
+        fs = filesystem(source)[0]
+        with ThreadPoolExecutor(max_workers=REMOTE_READS) as pool:
+            read = list(pool.map(lambda pair: _read_one(pair[0], pair[1], fs), zip(paths, insides, strict=True)))
+    else:
+        read = [_read_one(path, inside, None) for path, inside in zip(paths, insides, strict=True)]
+    return {"path": paths, "data": [data for data, _ in read], "error": [error for _, error in read]}
+
+
+def _read_one(path: str, inside: str, fs) -> tuple[bytes, str]:
+    """(bytes, "") or (b"", the reason naming the file)."""
+    try:
+        if fs is not None:
+            with fs.open_input_stream(inside) as stream:
+                return stream.read(), ""
+        return check_image_file(inside).read_bytes(), ""  # refused before opening, as the local pipeline refuses it
+    except ImageReadError as e:  # its message names the file already
+        return b"", str(e)
+    except OSError as e:
+        return b"", f"{printable(path)}: {reason(e)}"
 
 
 class Captioner:
@@ -356,8 +362,11 @@ def caption_with_ray(
         dataset = (
             ray.data.from_items([{"path": p, "inside": inside} for p, inside in todo],
                                 override_num_blocks=_blocks(len(todo), settings))
+            # I/O: no CPUs reserved, so the actors keep them; as many read tasks at a time as actors,
+            # since without a bound Ray starts a worker process per waiting task, and on a small machine
+            # those starts slow the actor's own (the whole call on 256 images: 0.38x -> 0.52x the local pipeline)
             .map_batches(read_bytes, fn_kwargs={"source": source}, batch_size=settings.batch_size,
-                         num_cpus=0)  # I/O: leaves the CPUs to the actors
+                         num_cpus=0, concurrency=settings.actors)
             .map_batches(Captioner, batch_size=settings.batch_size, concurrency=settings.actors,
                          num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor or None,
                          fn_constructor_kwargs={"model_dir": model_dir, "options": options,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import ROOT
 from test_folder import make_bad_images, make_good_images, read_jsonl
@@ -13,7 +14,7 @@ from test_folder import make_bad_images, make_good_images, read_jsonl
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'captioner[ray]')")
 
 from captioner.pipelines.cli import main  # noqa: E402
-from captioner.pipelines.ray_batch import iter_records  # noqa: E402
+from captioner.pipelines.ray_batch import iter_records, read_bytes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +76,18 @@ def test_parquet_shards_from_a_file_uri_and_a_rerun_captions_nothing_again(photo
     assert main(["batch", source, "-o", out, "--ray", "--format", "parquet"]) == 0
     assert "0 captioned, 0 failed, 40 already done" in capsys.readouterr().err
     assert len(list(iter_records(str(tmp_path / "pq"), "parquet"))) == 40
+
+
+def test_a_uri_read_task_keeps_the_order_of_its_files_and_names_one_that_is_gone(photos):
+    files = sorted(photos.rglob("*.jpg"))[:12]
+    inside = [str(f) for f in files[:5]] + [str(photos / "gone.jpg")] + [str(f) for f in files[5:]]
+    batch = {"path": np.array([f"file://{p}" for p in inside]), "inside": np.array(inside)}
+    read = read_bytes(batch, f"file://{photos}")  # fetched on several threads at once
+    assert read["path"] == list(batch["path"])
+    assert read["data"][5] == b"" and "gone.jpg" in read["error"][5]
+    others = [i for i in range(len(inside)) if i != 5]
+    assert [read["data"][i] for i in others] == [open(inside[i], "rb").read() for i in others]
+    assert not any(read["error"][i] for i in others)
 
 
 def test_a_killed_driver_resumes_without_duplicates(photos, tmp_path):
