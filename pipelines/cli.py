@@ -379,11 +379,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(max_image_bytes=args.max_upload_mb * 2**20, max_video_bytes=args.max_video_mb * 2**20,
                               timeout=args.timeout, max_batch_size=args.max_batch_size,
                               max_wait=args.max_wait_ms / 1000, cors_origins=tuple(args.cors_origin),
-                              torch_threads=threads)
+                              torch_threads=threads, shutdown_grace=args.shutdown_grace)
     model = load_model(args.model, device=_device(args.device))
     app = create_app(model, model_name=args.model or "default", settings=settings)
     _print(f"serving {args.model or 'the default model'} on http://{args.host}:{args.port}/", err=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # without a grace limit, a stop signal would wait for a long video's whole timeout
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=settings.shutdown_grace)
     return EXIT_OK
 
 
@@ -407,6 +409,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-wait-ms", type=bounded_int(0, 1000), default=5,
                    help="how long a batch waits for more images after its first")
     p.add_argument("--timeout", type=bounded_int(1, 86400), default=120, help="seconds per request before a 504")
+    p.add_argument("--shutdown-grace", type=bounded_int(0, 86400), default=10,
+                   help="seconds running requests may finish after SIGTERM or Ctrl-C before they are stopped")
     p.add_argument("--max-upload-mb", type=bounded_int(1, 4096), default=32, help="bytes of images per request")
     p.add_argument("--max-video-mb", type=bounded_int(1, 65536), default=256, help="bytes of one video upload")
     p.add_argument("--cors-origin", action="append", default=[],

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -98,10 +98,12 @@ def probability(text: str) -> float:
     return value
 
 
-def options_from_text(defaults: T, given: dict[str, str], *, exclude: tuple[str, ...] = ()) -> T:
+def options_from_text(defaults: T, given: dict[str, str], *, exclude: tuple[str, ...] = (),
+                      others: Iterable[str] = ()) -> T:
     """``defaults`` with text values (an HTTP query or form) applied, each converted by its field's type.
 
     The HTTP counterpart of :func:`dataclass_from_args`: the same fields, the same checks.
+    ``others``: names the caller reads itself, listed with the fields when a name is unknown.
 
     Raises:
         OptionError: an unknown name, a value that is not of the field's type, or one out of range.
@@ -114,7 +116,7 @@ def options_from_text(defaults: T, given: dict[str, str], *, exclude: tuple[str,
     values: dict[str, Any] = {}
     for name, text in given.items():
         if name not in fields:
-            raise OptionError(f"unknown option {name!r}; options are {', '.join(sorted(fields))}")
+            raise OptionError(f"unknown option {name!r}; options are {', '.join(sorted({*fields, *others}))}")
         kind = _field_kind(fields[name], hints)
         try:
             values[name] = _parse_text(kind, text)

@@ -63,6 +63,7 @@ class ServerSettings:
     torch_threads: int | None = None  # the batcher thread's torch threads (see captioner.torch_threads)
     max_video_jobs: int = 4  # videos subtitled at once; more wait (within their timeout)
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser (none: same origin only)
+    shutdown_grace: float = 10.0  # seconds running requests may finish after SIGTERM or Ctrl-C; then they stop
 
 
 class HTTPError(Exception):
@@ -129,8 +130,7 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
             raise HTTPError(400, 'no images: send them as multipart/form-data files named "images"')
         if len(uploads) > settings.max_images:
             raise HTTPError(413, f"{len(uploads)} images in one request; at most {settings.max_images}")
-        fields = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
-        options, min_confidence, fallback = _caption_options(model, fields)
+        options, min_confidence, fallback = _caption_options(model, _fields(request, form))
         size = model.encoder.preprocess.size
         names = [printable(u.filename or f"image {i + 1}") for i, u in enumerate(uploads)]
         pixels = [await run_in_threadpool(_image_pixels, await u.read(), name, size)
@@ -152,7 +152,7 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         upload = form.get("video")
         if not isinstance(upload, UploadFile):
             raise HTTPError(400, 'no video: send it as a multipart/form-data file named "video"')
-        fields = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
+        fields = _fields(request, form)
         fmt = fields.pop("format", "vtt")
         if fmt not in SUBTITLE_FORMATS:
             raise HTTPError(422, f"format={fmt!r} must be one of {', '.join(SUBTITLE_FORMATS)}")
@@ -174,6 +174,21 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
     return app
 
 
+def _fields(request: Request, form) -> dict[str, str]:
+    """The query's and the form's text fields as one dict.
+
+    A name given twice (in the query and the form, or twice in either) is refused: taking
+    one of the two values silently could decode with an option the client did not mean.
+    """
+    given = [*request.query_params.multi_items(), *((k, v) for k, v in form.multi_items() if isinstance(v, str))]
+    fields: dict[str, str] = {}
+    for name, value in given:
+        if name in fields:
+            raise HTTPError(422, f"{name} is given more than once; give each option once")
+        fields[name] = value
+    return fields
+
+
 def _caption_options(model: CaptionModel, fields: dict[str, str]):
     """(decoding options, min_confidence, fallback) from query and form fields, checked like the CLI's flags."""
     min_confidence = _number(fields.pop("min_confidence", None), "min_confidence")
@@ -184,7 +199,8 @@ def _caption_options(model: CaptionModel, fields: dict[str, str]):
         raise HTTPError(422, "fallback replaces unsure captions: give min_confidence too")
     try:
         check_min_confidence(min_confidence, model)
-        return options_from_text(model.config.decoding, fields), min_confidence, fallback
+        return (options_from_text(model.config.decoding, fields, others=("min_confidence", "fallback")),
+                min_confidence, fallback)
     except OptionError as e:
         raise HTTPError(422, str(e)) from e
 
@@ -194,7 +210,7 @@ def _video_options(model: CaptionModel, fields: dict[str, str]) -> tuple[VideoOp
     try:
         video = options_from_text(VideoOptions(), {k: v for k, v in fields.items() if k in video_names})
         decoding = options_from_text(model.config.decoding, {k: v for k, v in fields.items() if k not in video_names},
-                                     exclude=("n_best",))
+                                     exclude=("n_best",), others=(*video_names, "format"))
         check_min_confidence(video.min_confidence, model)
     except OptionError as e:
         raise HTTPError(422, str(e)) from e

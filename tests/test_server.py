@@ -65,6 +65,21 @@ def test_bad_options_are_422_with_the_reason(client, query, message):
     assert response.status_code == 422 and message in response.json()["error"]
 
 
+def test_an_option_given_twice_is_refused_not_resolved_silently(client):
+    twice = client.post("/v1/captions?beam_size=1&beam_size=5", files=[photo(CAT)])
+    assert twice.status_code == 422 and "beam_size is given more than once" in twice.json()["error"]
+    both = client.post("/v1/captions?beam_size=1", data={"beam_size": "5"}, files=[photo(CAT)])
+    assert both.status_code == 422 and "beam_size is given more than once" in both.json()["error"]
+
+
+def test_an_unknown_option_is_answered_with_every_option_the_route_takes(client, tmp_path):
+    listed = client.post("/v1/captions?shoe_size=9", files=[photo(CAT)]).json()["error"]
+    assert all(name in listed for name in ("beam_size", "min_confidence", "fallback"))
+    clip = write_video(tmp_path / "clip.mp4", [("rocket.jpg", 1)])
+    listed = client.post("/v1/subtitles?shoe_size=9", files={"video": ("clip.mp4", clip.read_bytes())}).json()["error"]
+    assert all(name in listed for name in ("beam_size", "every", "min_confidence", "format"))
+
+
 def test_bad_uploads_are_4xx_json_naming_the_file_never_500(client, tmp_path):
     (tmp_path / "notes.jpg").write_text("this is not a picture\n")
     data = (SHARED_SAMPLES / "rocket.jpg").read_bytes()
@@ -232,6 +247,45 @@ def test_a_video_whose_client_went_away_stops_before_its_timeout(quick_server, t
     time.sleep(1.5)
     assert before < stopped == sum(batcher.batch_sizes) < before + 600  # nothing more, well before the 4 s timeout
     assert os.listdir(quick_server.config.app.state.captioner["folder"]) == []
+
+
+@pytest.mark.slow
+def test_a_stop_signal_waits_for_a_long_video_only_as_long_as_the_grace(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import ROOT, free_port
+
+    clip = write_video(tmp_path / "long.mp4", [("chelsea.png", 60), ("rocket.jpg", 60)])  # 1,200 frames
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "captioner.pipelines.cli", "serve", "--port", str(port),
+                               "--shutdown-grace", "1"], cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        body = (b'--b\r\nContent-Disposition: form-data; name="video"; filename="long.mp4"\r\n\r\n'
+                + clip.read_bytes() + b"\r\n--b--\r\n")
+        connection = socket.create_connection(("127.0.0.1", port))
+        connection.sendall(f"POST /v1/subtitles?every=0.1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                           f"boundary=b\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(1.0)  # the job is captioning frames: about half a minute of them on 2 cores
+        stopped = time.time()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)  # without the grace limit: the 120 s request timeout
+        assert time.time() - stopped < 15
+        connection.close()
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_the_private_folder_is_removed_at_shutdown():
