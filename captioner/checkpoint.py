@@ -7,6 +7,7 @@ or vocabulary is refused with one line that says why and how to go on.
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import warnings
@@ -25,7 +26,7 @@ CHECKPOINT_ENTRIES = {  # key -> type every checkpoint holds
 
 
 def resume_error(path: Path, reason: str) -> CheckpointError:
-    return CheckpointError(f"{printable(path)}: cannot resume: {reason}; delete it to start over")
+    return CheckpointError(f"{printable(path)}: cannot resume: {reason}; start over in another folder")
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -43,6 +44,8 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     except pickle.UnpicklingError:
         raise resume_error(path, "it holds objects other than tensors and plain values (never unpickled)") from None
     except OSError as e:
+        if e.errno in (None, errno.EINVAL):  # torch's zip reader seeking past the end of a cut file
+            raise resume_error(path, "the file is cut short or is not a checkpoint") from None
         raise resume_error(path, e.strerror or "cannot read it") from None
     except Exception:  # a cut or foreign file raises RuntimeError, EOFError, ValueError, KeyError, ...
         raise resume_error(path, "the file is cut short or is not a checkpoint") from None

@@ -16,6 +16,10 @@ from captioner.errors import ImageReadError, printable
 
 # Refuse images above this many pixels (a decompression bomb guard; 10x a 24 MP photo).
 MAX_PIXELS = 240_000_000
+# Pillow's own guard (process-wide) refuses from 2x its limit, 179 million pixels by default, and
+# would turn away a 100-megapixel camera's photos that ours allows: it is raised to ours, never lowered.
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
@@ -87,7 +91,11 @@ def decode_image(file: str | os.PathLike | BinaryIO, name: str | os.PathLike, *,
         raise
     except UnidentifiedImageError as e:
         raise ImageReadError(f"{printable(name)}: not an image in a format Pillow reads") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)  # Pillow's, where a caller lowered it
+        raise ImageReadError(f"{printable(name)}: the image exceeds the limit of {limit} pixels "
+                             "(a decompression bomb guard)") from e
+    except (OSError, SyntaxError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ImageReadError(f"{printable(name)}: {reason}") from e
 

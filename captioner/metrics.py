@@ -25,12 +25,18 @@ def _require_java() -> None:
 
 
 def tokenize_for_scoring(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-    """PTB-tokenize, lowercase and strip punctuation, as coco-caption does before scoring."""
+    """PTB-tokenize, lowercase and strip punctuation, as coco-caption does before scoring.
+
+    The tokenizer reads one caption per line, and replaces only ``\\n`` inside a caption; a
+    ``\\r`` or U+2028 would split a caption in two and shift every later one onto the wrong
+    image. Every line boundary becomes a space first.
+    """
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     _require_java()
+    one_line = {key: [{"caption": " ".join(c.splitlines())} for c in caps] for key, caps in captions.items()}
     with _quiet_stderr():  # the Java tokenizer reports its speed (and "Untokenizable" characters) there
-        return PTBTokenizer().tokenize({key: [{"caption": c} for c in caps] for key, caps in captions.items()})
+        return PTBTokenizer().tokenize(one_line)
 
 
 @contextlib.contextmanager

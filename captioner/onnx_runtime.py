@@ -46,47 +46,108 @@ def _session(path: Path):
         raise ModelLoadError(f"{printable(path)}: cannot load ONNX graph: {reason(e)[:300]}") from e
 
 
+def _run(session, path: Path, feed: dict) -> list[np.ndarray]:
+    """``session.run`` whose failure names its graph: a fault of the export, never of one image.
+
+    Raises:
+        ModelLoadError: ``PATH: ONNX Runtime failed on this graph: reason``.
+    """
+    try:
+        return session.run(None, feed)
+    except Exception as e:  # noqa: BLE001 (ONNX Runtime raises its own exception types)
+        raise ModelLoadError(f"{printable(path)}: ONNX Runtime failed on this graph: {reason(e)[:300]}") from e
+
+
+def _static(session, output: bool, index: int, axis: int) -> int | None:
+    """A graph input's or output's size along ``axis`` when the graph fixes it (None: dynamic)."""
+    shape = (session.get_outputs() if output else session.get_inputs())[index].shape
+    size = shape[axis] if axis < len(shape) else None
+    return size if isinstance(size, int) else None
+
+
 class OnnxEncoder(nn.Module):
     """The encoder graph and the classifier head graph behind :class:`captioner.encoders.Encoder`'s methods."""
 
     def __init__(self, folder: Path, runtime: dict):
         super().__init__()
         pre = runtime["preprocess"]
-        self.preprocess = Preprocess(pre["size"], tuple(pre["mean"]), tuple(pre["std"]))
+        size, mean, std = pre["size"], pre["mean"], pre["std"]
+        if not _positive_int(size) or not _numbers(mean, 3) or not _numbers(std, 3) or min(std) <= 0:
+            raise ValueError("preprocess needs a positive whole size and three means and standard deviations "
+                             f"(std above 0), not {size!r}, {mean!r}, {std!r}")
+        self.preprocess = Preprocess(size, tuple(mean), tuple(std))
         self.name = runtime["encoder"]
         self.out_channels = runtime["grid_channels"]
-        self.class_names = tuple(runtime["class_names"]) or None
-        self._encoder = _session(folder / "encoder.onnx")
-        self._classifier = _session(folder / "classifier.onnx") if self.class_names else None
+        if not _positive_int(self.out_channels):
+            raise ValueError(f"grid_channels must be a positive whole number, not {self.out_channels!r}")
+        names = runtime["class_names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("class_names must be a list of names")
+        self.class_names = tuple(names) or None
+        self._paths = {"encoder": folder / "encoder.onnx", "classifier": folder / "classifier.onnx"}
+        self._encoder = _session(self._paths["encoder"])
+        self._classifier = _session(self._paths["classifier"]) if self.class_names else None
+        self._check_graphs()
+
+    def _check_graphs(self) -> None:
+        """The graphs take the pixels and give the grid and classes runtime.json says.
+
+        Raises:
+            ModelLoadError: naming the graph that does not fit.
+        """
+        size, channels = self.preprocess.size, self.out_channels
+        for axis in (1, 2):
+            if _static(self._encoder, False, 0, axis) not in (None, size):
+                raise _misfit(self._paths["encoder"], f"takes {self._encoder.get_inputs()[0].shape} pixels, "
+                                                      f"runtime.json says {size}x{size}")
+        if _static(self._encoder, True, 0, 1) not in (None, channels):
+            raise _misfit(self._paths["encoder"], f"gives a grid of {_static(self._encoder, True, 0, 1)} channels, "
+                                                  f"runtime.json says {channels}")
+        if self._classifier is not None:
+            if _static(self._classifier, False, 0, 1) not in (None, channels):
+                raise _misfit(self._paths["classifier"], f"takes a grid of {_static(self._classifier, False, 0, 1)} "
+                                                         f"channels, runtime.json says {channels}")
+            if _static(self._classifier, True, 0, 1) not in (None, len(self.class_names)):
+                raise _misfit(self._paths["classifier"], f"gives {_static(self._classifier, True, 0, 1)} classes, "
+                                                         f"runtime.json names {len(self.class_names)}")
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, S, S, 3) uint8 pixels -> (B, C, h, w) grid."""
-        return torch.from_numpy(self._encoder.run(None, {"pixels": np.ascontiguousarray(pixels.numpy())})[0])
+        return torch.from_numpy(_run(self._encoder, self._paths["encoder"],
+                                     {"pixels": np.ascontiguousarray(pixels.numpy())})[0])
 
     def classify(self, grid: torch.Tensor) -> torch.Tensor | None:
         if self._classifier is None:
             return None
-        return torch.from_numpy(self._classifier.run(None, {"grid": grid.float().numpy()})[0])
+        return torch.from_numpy(_run(self._classifier, self._paths["classifier"], {"grid": grid.float().numpy()})[0])
 
 
 class OnnxDecoder(nn.Module):
     """``start`` and ``step`` of :class:`captioner.decoder.CaptionDecoder`, run by the two decoder graphs."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, vocabulary_size: int, grid_channels: int):
         super().__init__()
-        self._start = _session(folder / "decoder_start.onnx")
-        self._step = _session(folder / "decoder_step.onnx")
+        self._paths = {"start": folder / "decoder_start.onnx", "step": folder / "decoder_step.onnx"}
+        self._start = _session(self._paths["start"])
+        self._step = _session(self._paths["step"])
         self._device = nn.Parameter(torch.zeros(0), requires_grad=False)  # where model.device looks
+        if _static(self._start, False, 0, 1) not in (None, grid_channels):
+            raise _misfit(self._paths["start"], f"takes a grid of {_static(self._start, False, 0, 1)} channels, "
+                                                f"runtime.json says {grid_channels}")
+        if _static(self._step, True, 0, 1) not in (None, vocabulary_size):
+            raise _misfit(self._paths["step"], f"scores {_static(self._step, True, 0, 1)} words, "
+                                               f"runtime.json's vocabulary has {vocabulary_size}")
 
     def start(self, grid: torch.Tensor, width: int = 1) -> DecoderState:
-        h, c, values, keys = (torch.from_numpy(a) for a in self._start.run(None, {"grid": grid.float().numpy()}))
+        h, c, values, keys = (torch.from_numpy(a)
+                              for a in _run(self._start, self._paths["start"], {"grid": grid.float().numpy()}))
         return (h.repeat_interleave(width, dim=0), c.repeat_interleave(width, dim=0), values, keys)
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
         h, c, values, keys = state
         feed = {"tokens": tokens.numpy(), "h": h.numpy(), "c": c.numpy(), "values": values.numpy(),
                 "keys": keys.numpy()}
-        log_probs, h, c = self._step.run(None, feed)
+        log_probs, h, c = _run(self._step, self._paths["step"], feed)
         return torch.from_numpy(log_probs), (torch.from_numpy(h), torch.from_numpy(c), values, keys)
 
 
@@ -102,19 +163,40 @@ def load_onnx_model(folder: str | Path) -> CaptionModel:
         config = ModelConfig(encoder=runtime["encoder"], decoder=DecoderConfig(**runtime["decoder"]),
                              decoding=DecodingOptions.from_dict(runtime["decoding"]))
         words = runtime["vocabulary"]
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError("the vocabulary must be a list of words")
         if list(words[: len(SPECIALS)]) != list(SPECIALS):
             raise ValueError("the vocabulary does not start with the special tokens")
+        if len(set(words)) != len(words):
+            raise ValueError("the vocabulary lists a word twice")
         vocab = Vocabulary(words[len(SPECIALS):])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{printable(folder / RUNTIME_FILE)}: bad runtime description: {e}") from e
-    model = CaptionModel(config, vocab, pretrained_encoder=False)
+    try:
+        model = CaptionModel(config, vocab, pretrained_encoder=False)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{printable(folder / RUNTIME_FILE)}: bad runtime description: {e}") from e
     try:
         model.encoder = OnnxEncoder(folder, runtime)
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{printable(folder / RUNTIME_FILE)}: bad runtime description: {e!r}") from e
-    model.decoder = OnnxDecoder(folder)
+    model.decoder = OnnxDecoder(folder, len(vocab.itos), model.encoder.out_channels)
     model.consensus, model.calibrator = read_consensus_and_calibrator(folder, model.encoder.out_channels)
     return model.eval()
+
+
+def _misfit(graph: Path, what: str) -> ModelLoadError:
+    return ModelLoadError(f"{printable(graph)}: does not fit the export's {RUNTIME_FILE}: it {what} "
+                          "(graphs and description from different exports?)")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _numbers(values: object, count: int) -> bool:
+    return (isinstance(values, list) and len(values) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values))
 
 
 def _runtime(path: Path) -> dict:

@@ -198,7 +198,10 @@ class Sampling(_Independent):
     generators: list[torch.Generator] | None = None
 
     def choose(self, log_probs: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        logits = log_probs / self.temperature
+        # from each row's best, in float64: however small the temperature (1e-300 is 0 in float32),
+        # the best token stays finite and the others go to -inf, so sampling becomes greedy, never NaN
+        log_probs = log_probs.double()
+        logits = (log_probs - log_probs.amax(dim=1, keepdim=True)) / self.temperature
         if self.top_k:
             kth = logits.topk(min(self.top_k, logits.shape[1]), dim=1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, -math.inf)
@@ -206,6 +209,7 @@ class Sampling(_Independent):
             sorted_logits, order = logits.sort(dim=1, descending=True)
             cumulative = sorted_logits.softmax(dim=1).cumsum(dim=1)
             drop = cumulative - sorted_logits.softmax(dim=1) >= self.top_p  # keep the first token past p
+            drop[:, 0] = False  # and the likeliest always, even for a top_p that rounds to 0
             logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -math.inf))
         probs = logits.softmax(dim=1)
         if self.generators is None:

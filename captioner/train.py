@@ -121,6 +121,10 @@ def prepare_output(out: Path, *, resume: bool) -> Path:
             raise OutputError(f"{printable(out / name)}: cannot write training output here: not a writable file")
     if not resume and any((out / name).exists() for name in RUN_FILES):
         raise OutputError(f"{printable(out)}: holds an earlier run; resume it (--resume) or choose another folder")
+    if resume and not (out / "last.pt").exists() and any((out / name).exists() for name in RUN_FILES):
+        # resuming with nothing to resume from starts afresh, which would overwrite that run's best/
+        raise OutputError(f"{printable(out)}: holds an earlier run but no last.pt to resume it from; "
+                          "choose another folder to start over")
     check_new_model_folder(out / "best", replace=True)
     return out
 
@@ -590,7 +594,7 @@ class Trainer:
         """Continue the run saved in ``last.pt``.
 
         Raises:
-            CheckpointError: ``OUT/last.pt: cannot resume: reason; delete it to start over`` for a
+            CheckpointError: ``OUT/last.pt: cannot resume: reason; start over in another folder`` for a
                 file that is cut short, holds pickled objects, or was saved for another model or vocabulary.
         """
         path = self.out / "last.pt"

@@ -65,6 +65,11 @@ def _load(args: argparse.Namespace):
     if getattr(args, "onnx", None) and getattr(args, "backend", "torch") != "onnxruntime":
         raise OptionError("--onnx names an export for ONNX Runtime: add --backend onnxruntime")
     if getattr(args, "backend", "torch") == "onnxruntime":
+        if getattr(args, "device", None):
+            raise OptionError("--device chooses where PyTorch runs; --backend onnxruntime runs on this machine's CPU")
+        if args.onnx and args.model:
+            raise OptionError("--onnx names an export, which holds its own model: leave out --model "
+                              "(or drop --onnx to export --model now)")
         model = _load_onnx(args)
     else:
         model = load_model(args.model, device=_device(args.device))
@@ -251,9 +256,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_manifest(args: argparse.Namespace) -> int:
     from captioner import data
     from captioner.errors import DataError
+    from captioner.outputs import same_file
 
     if args.format in ("flickr", "karpathy") and not args.split:
         raise OptionError(f"manifest {args.format} needs --split")
+    for source in (args.captions, args.split):
+        if source and same_file(args.out, source):
+            raise OptionError(f"--out {printable(args.out)} is an input of this conversion; write the manifest "
+                              "elsewhere")
+    if not os.path.isdir(args.images):
+        raise OptionError(f"--images {printable(args.images)}: not a folder (the manifest's image paths start there)")
     try:
         if args.format == "flickr":
             count = data.flickr_manifest(args.captions, args.split, args.images, args.out)

@@ -82,6 +82,8 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
     async def lifespan(app: FastAPI):
         state["folder"] = Path(tempfile.mkdtemp(prefix="captioner-serve-"))
         state["video_jobs"] = CapacityLimiter(settings.max_video_jobs)
+        # uploads are held in memory (up to max_video_bytes each): as many being received as jobs may run
+        state["video_requests"] = CapacityLimiter(settings.max_video_jobs)
         state["batcher"] = DynamicBatcher(model, max_batch_size=settings.max_batch_size, max_wait=settings.max_wait,
                                           torch_threads=settings.torch_threads)
         try:
@@ -145,6 +147,10 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         return await _within(subtitle_request(request), settings.timeout)
 
     async def subtitle_request(request: Request) -> Response:
+        async with state["video_requests"]:  # more wait here, their bodies unread, within their timeout
+            return await subtitle_job(request)
+
+    async def subtitle_job(request: Request) -> Response:
         form = await request.form(max_files=2)
         videos = form.getlist("video")
         if len(videos) > 1:
@@ -260,7 +266,8 @@ def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: Vi
         with OpenCVSource(path) as source:
             result = subtitle_source(source, model=model, options=decoding, settings=settings, caption=caption)
     except VideoReadError as e:
-        raise HTTPError(415, f"{name}: {str(e).split(': ', 1)[-1]}") from e
+        why = str(e).split(": ", 1)[-1]
+        raise HTTPError(413 if "exceeds the limit" in why else 415, f"{name}: {why}") from e
     private = printable(path)  # warnings and notes name the upload, never the server's own file
 
     def named(lines: tuple[str, ...]) -> tuple[str, ...]:

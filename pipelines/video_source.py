@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from captioner.errors import VideoReadError, printable
+from captioner.images import MAX_PIXELS
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
 
@@ -259,6 +260,11 @@ class OpenCVSource:
             self.close()
             raise VideoReadError(f"{printable(self.path)}: cannot open as a video ({OPEN_HINT})")
         self._read_properties()
+        width, height = self.size
+        if width * height > MAX_PIXELS:  # the photos' decompression bomb guard holds for frames too
+            self.close()
+            raise VideoReadError(f"{printable(self.path)}: {width}x{height} pixels per frame exceeds the limit of "
+                                 f"{MAX_PIXELS}")
         self.skipped: list[Span] = []
         self._clock = StreamClock(self.fps)
         self._finished = False

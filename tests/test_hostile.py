@@ -504,6 +504,20 @@ def test_manifest_conversion_of_a_broken_caption_file_is_one_line(tmp_path, caps
     assert code == 2 and "--split" in error_line(err)
 
 
+@pytest.mark.parametrize("out", ["tok.txt", "split.txt"])
+def test_manifest_conversion_never_writes_over_its_own_inputs(tmp_path, capsys, out):
+    (tmp_path / "tok.txt").write_text("a.jpg#0\tA dog runs .\nb.jpg#0\tA cat .\n")
+    (tmp_path / "split.txt").write_text("a.jpg\nb.jpg\n")
+    before = {name: (tmp_path / name).read_text() for name in ("tok.txt", "split.txt")}
+    code, _, err = run(["manifest", "flickr", "--captions", tmp_path / "tok.txt", "--images", tmp_path,
+                        "--split", tmp_path / "split.txt", "--out", tmp_path / out], capsys)
+    assert code == 2 and "is an input of this conversion" in error_line(err)
+    assert {name: (tmp_path / name).read_text() for name in before} == before
+    code, _, err = run(["manifest", "flickr", "--captions", tmp_path / "tok.txt", "--images", tmp_path / "nowhere",
+                        "--split", tmp_path / "split.txt", "--out", tmp_path / "m.jsonl"], capsys)
+    assert code == 2 and "nowhere: not a folder" in error_line(err) and not (tmp_path / "m.jsonl").exists()
+
+
 def test_an_unreadable_video_is_one_line_without_opencv_chatter(tmp_path):
     (tmp_path / "notes.mp4").write_text("not a video")
     proc = run_process(["video", tmp_path / "notes.mp4", "-o", tmp_path / "notes.srt"])

@@ -212,6 +212,14 @@ def test_too_many_pixels_raises_instead_of_warning(tmp_path, monkeypatch):
         assert_read_error(path, "451x300 pixels exceeds the limit of 1000")
 
 
+def test_the_pixel_limit_is_ours_not_pillows(tmp_path):
+    # Pillow by itself refuses from 179 million pixels (2x its 89.5 million): a 100-megapixel camera's photo
+    Image.new("1", (10_000, 9_000), 1).save(tmp_path / "90mp.png")
+    assert model_pixels(tmp_path / "90mp.png", 224).shape == (224, 224, 3)
+    Image.new("1", (16_000, 15_100)).save(tmp_path / "over.png")  # 241.6 million
+    assert_read_error(tmp_path / "over.png", "exceeds the limit of 240000000")
+
+
 @pytest.mark.parametrize("limit", [100_000, 50_000])
 def test_pillow_bomb_guard_becomes_read_error(tmp_path, monkeypatch, limit):
     """Above Pillow's own limit it warns (up to 2x) or raises; both must end as ImageReadError."""

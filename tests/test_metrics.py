@@ -73,6 +73,13 @@ def test_perfect_candidates_score_full_bleu():
     assert "METEOR" not in scores
 
 
+@pytest.mark.parametrize("separator", ["\r", "\u2028", "\r\n"])
+def test_a_line_break_inside_a_reference_leaves_every_score_as_a_space_would(separator):
+    broken = {k: [c.replace(" ", separator, 1) for c in refs] for k, refs in REFERENCES.items()}
+    spaced = score_captions(REFERENCES, CANDIDATES, meteor=False)
+    assert score_captions(broken, CANDIDATES, meteor=False) == pytest.approx(spaced)
+
+
 def test_mismatched_ids_are_refused():
     with pytest.raises(CaptionerError, match="same image ids"):
         score_captions({"a": ["x"]}, {"b": "x"}, meteor=False)

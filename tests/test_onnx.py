@@ -79,6 +79,35 @@ def test_a_missing_or_malformed_graph_is_a_clear_error(exported, tmp_path):
         export_onnx(load_onnx_model(exported), exported)
 
 
+def _edited(r, **changes):
+    r.update(changes)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["preprocess"].update(size=300), r"encoder.onnx: does not fit the export's runtime.json: it takes"),
+    (lambda r: r["preprocess"].update(size=0), "runtime.json: bad runtime description: .*positive whole size"),
+    (lambda r: r["preprocess"].update(size="224"), "runtime.json: bad runtime description: .*positive whole size"),
+    (lambda r: _edited(r, vocabulary=r["vocabulary"][:2000]), "runtime.json: bad runtime description: vocabulary "
+                                                              "has 2000 words, config expects 2540"),
+    (lambda r: _edited(r, vocabulary=r["vocabulary"][:2000], decoder={**r["decoder"], "vocab_size": 2000}),
+     "decoder_step.onnx: does not fit .* scores 2540 words, runtime.json's vocabulary has 2000"),
+    (lambda r: _edited(r, vocabulary=r["vocabulary"][:10] + r["vocabulary"][9:]), "lists a word twice"),
+    (lambda r: _edited(r, vocabulary=list(range(10))), "must be a list of words"),
+    (lambda r: _edited(r, class_names=r["class_names"][:10]), "classifier.onnx: does not fit .* gives 1000 classes"),
+    (lambda r: _edited(r, class_names=[1, 2]), "class_names must be a list of names"),
+    (lambda r: _edited(r, grid_channels=1000), "encoder.onnx: does not fit .* grid of 1280 channels"),
+])
+def test_a_description_that_does_not_fit_its_graphs_is_refused_at_load_naming_the_file(exported, tmp_path, edit,
+                                                                                        message):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    runtime = json.loads((broken / RUNTIME_FILE).read_text())
+    edit(runtime)
+    (broken / RUNTIME_FILE).write_text(json.dumps(runtime))
+    with pytest.raises(ModelLoadError, match=message):
+        load_onnx_model(broken)
+
+
 def test_the_cli_exports_and_captions_with_onnx_runtime(tmp_path, capsys):
     assert main(["caption", "--backend", "onnxruntime", str(SAMPLES / "chelsea.png")]) == 0
     assert capsys.readouterr().out.strip().endswith("\ta cat is playing with a toy")
@@ -89,3 +118,25 @@ def test_the_cli_exports_and_captions_with_onnx_runtime(tmp_path, capsys):
     assert main(["caption", "--backend", "onnxruntime", "--onnx", str(tmp_path / "nowhere"),
                  str(SAMPLES / "chelsea.png")]) == 1
     assert "runtime.json: cannot read" in capsys.readouterr().err
+
+
+def test_flags_that_onnx_runtime_would_ignore_are_refused(exported, capsys):
+    photo = str(SAMPLES / "chelsea.png")
+    assert main(["caption", "--backend", "onnxruntime", "--onnx", str(exported), "--model", str(exported), photo]) == 2
+    assert "--onnx names an export, which holds its own model: leave out --model" in capsys.readouterr().err
+    assert main(["caption", "--backend", "onnxruntime", "--device", "cpu", photo]) == 2
+    assert "--device chooses where PyTorch runs" in capsys.readouterr().err
+
+
+def test_a_batch_stops_at_a_broken_export_instead_of_failing_every_photo(exported, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    (broken / "decoder_step.onnx").write_bytes((exported / "decoder_start.onnx").read_bytes())  # loads, fails on use
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in PHOTOS[:2]:
+        shutil.copy(photo, folder)
+    code = main(["batch", str(folder), "-o", str(tmp_path / "out.jsonl"), "--quiet", "--backend", "onnxruntime",
+                 "--onnx", str(broken)])
+    assert code == 1 and "decoder_step.onnx" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists() or "error" not in (tmp_path / "out.jsonl").read_text()

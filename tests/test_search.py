@@ -168,6 +168,14 @@ def test_top_p_keeps_the_nucleus_only():
     assert {h.tokens[0] for h in hyps} == {A, B}
 
 
+@pytest.mark.parametrize("temperature, top_p", [(1e-300, 1.0), (1e-40, 1.0), (1.0, 1e-300), (1.0, 1e-50)])
+def test_sampling_at_a_vanishing_temperature_or_nucleus_is_greedy_not_an_error(temperature, top_p):
+    gen = torch.Generator().manual_seed(0)
+    (sampled,) = run(Sampling(1, 8, END, temperature, 0, top_p, [gen]))
+    (greedy,) = run(Greedy(1, 1, END))
+    assert {h.tokens for h in sampled} == {greedy[0].tokens}
+
+
 def test_decode_grid_returns_n_best_captions_with_scores():
     options = DecodingOptions(beam_size=2, n_best=2)
     (captions,) = decode_grid(ScriptedDecoder([TABLE]), grid_for(0), VOCAB, options)

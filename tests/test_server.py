@@ -126,6 +126,20 @@ def test_subtitles_for_an_uploaded_video_in_each_format(client, tmp_path):
     assert os.listdir(client.app.state.captioner["folder"]) == []  # every upload gone from the private folder
 
 
+def test_a_video_with_frames_over_the_pixel_limit_is_413_before_any_frame_is_captioned(client, tmp_path,
+                                                                                       monkeypatch):
+    import captioner.pipelines.video_source
+
+    monkeypatch.setattr(captioner.pipelines.video_source, "MAX_PIXELS", 320 * 240 - 1)
+    clip = write_video(tmp_path / "clip.mp4", [("chelsea.png", 1)])
+    batcher = client.app.state.captioner["batcher"]
+    before = sum(batcher.batch_sizes)
+    answer = client.post("/v1/subtitles", files={"video": ("clip.mp4", clip.read_bytes(), "video/mp4")})
+    assert answer.status_code == 413 and answer.json()["error"] == ("clip.mp4: 320x240 pixels per frame exceeds "
+                                                                    f"the limit of {320 * 240 - 1}")
+    assert sum(batcher.batch_sizes) == before
+
+
 def test_a_video_past_its_timeout_gets_504_and_its_frames_stop_reaching_the_batcher(tmp_path):
     import time
 
@@ -247,6 +261,49 @@ def test_a_video_whose_client_went_away_stops_before_its_timeout(quick_server, t
     time.sleep(1.5)
     assert before < stopped == sum(batcher.batch_sizes) < before + 600  # nothing more, well before the 4 s timeout
     assert os.listdir(quick_server.config.app.state.captioner["folder"]) == []
+
+
+@pytest.mark.slow
+def test_a_video_upload_beyond_max_video_jobs_waits_unread(tmp_path):
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from conftest import free_port
+
+    from captioner.api import load_model
+
+    app = create_app(load_model(), settings=ServerSettings(max_video_jobs=1))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.config.port
+    long = write_video(tmp_path / "long.mp4", [("chelsea.png", 30), ("rocket.jpg", 30)]).read_bytes()
+    short = write_video(tmp_path / "short.mp4", [("rocket.jpg", 1)]).read_bytes()
+    gate = app.state.captioner["video_requests"]
+    answers = []
+    try:
+        body = (b'--b\r\nContent-Disposition: form-data; name="video"; filename="long.mp4"\r\n\r\n'
+                + long + b"\r\n--b--\r\n")
+        connection = socket.create_connection(("127.0.0.1", port))
+        connection.sendall(f"POST /v1/subtitles?every=0.1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                           f"boundary=b\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.5)  # the long video holds the one job
+        second = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"http://127.0.0.1:{port}/v1/subtitles", files={"video": ("short.mp4", short)}, timeout=60)))
+        second.start()
+        time.sleep(1.0)
+        assert (gate.borrowed_tokens, gate.statistics().tasks_waiting) == (1, 1)  # its body not yet read
+        connection.close()  # the long job stops; the waiting one goes ahead
+        second.join(timeout=60)
+        assert answers[0].status_code == 200 and answers[0].text.startswith("WEBVTT")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.mark.slow
