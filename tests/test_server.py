@@ -1,5 +1,6 @@
 """The HTTP API: in-process through the ASGI test client, and as a real uvicorn process on loopback."""
 
+import contextlib
 import json
 import os
 
@@ -169,9 +170,9 @@ def test_warnings_about_a_damaged_video_name_the_upload_not_the_servers_file(cli
     assert "notes" in answer.json() and "captioner-serve" not in answer.text
 
 
-@pytest.fixture(scope="module")
-def quick_server():
-    """A real uvicorn server, in this process, whose requests time out after 4 s."""
+@contextlib.contextmanager
+def server_in_thread(settings):
+    """A real uvicorn server in this process, on loopback, serving the default model with ``settings``."""
     import threading
     import time
 
@@ -180,15 +181,24 @@ def quick_server():
 
     from captioner.api import load_model
 
-    app = create_app(load_model(), settings=ServerSettings(timeout=4.0))
+    app = create_app(load_model(), settings=settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    yield server
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def quick_server():
+    """A real uvicorn server, in this process, whose requests time out after 4 s."""
+    with server_in_thread(ServerSettings(timeout=4.0)) as server:
+        yield server
 
 
 def _partial_upload(server, stop_after: float):
@@ -270,23 +280,13 @@ def test_a_video_upload_beyond_max_video_jobs_waits_unread(tmp_path):
     import time
 
     import httpx
-    import uvicorn
-    from conftest import free_port
 
-    from captioner.api import load_model
-
-    app = create_app(load_model(), settings=ServerSettings(max_video_jobs=1))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    port = server.config.port
     long = write_video(tmp_path / "long.mp4", [("chelsea.png", 30), ("rocket.jpg", 30)]).read_bytes()
     short = write_video(tmp_path / "short.mp4", [("rocket.jpg", 1)]).read_bytes()
-    gate = app.state.captioner["video_requests"]
     answers = []
-    try:
+    with server_in_thread(ServerSettings(max_video_jobs=1)) as server:
+        port = server.config.port
+        gate = server.config.app.state.captioner["video_requests"]
         body = (b'--b\r\nContent-Disposition: form-data; name="video"; filename="long.mp4"\r\n\r\n'
                 + long + b"\r\n--b--\r\n")
         connection = socket.create_connection(("127.0.0.1", port))
@@ -301,9 +301,6 @@ def test_a_video_upload_beyond_max_video_jobs_waits_unread(tmp_path):
         connection.close()  # the long job stops; the waiting one goes ahead
         second.join(timeout=60)
         assert answers[0].status_code == 200 and answers[0].text.startswith("WEBVTT")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.mark.slow
