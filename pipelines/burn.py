@@ -17,7 +17,7 @@ import numpy as np
 from captioner.errors import OptionError, VideoWriteError, printable
 from captioner.outputs import check_writable_file, new_file_mode
 from captioner.pipelines.cues import Segment
-from captioner.pipelines.video_source import FALLBACK_FPS, OpenCVName, OpenCVSource
+from captioner.pipelines.video_source import OpenCVName, OpenCVSource
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX  # Hershey fonts draw ASCII only; other characters show as '?'
 # Containers the copy can be written in, with the codec OpenCV's FFmpeg writer uses for each:
@@ -63,9 +63,12 @@ def burn_subtitles(video: str | os.PathLike, segments: list[Segment], out: str |
 
 def _copy_with_cues(source: OpenCVSource, segments: list[Segment], name: str, out: Path) -> int:
     """Write the copy to ``name`` (OpenCV-safe); ``out`` is the file it becomes, for formats and messages."""
+    if not source.fps:  # any rate guessed here would make the copy play too fast or too slow
+        raise VideoWriteError(f"{printable(out)}: cannot burn a copy that keeps time: the video's frame rate "
+                              "is unknown or implausible (OpenCV gives none below 1000 per second)")
     fourcc = cv2.VideoWriter_fourcc(*FOURCC_BY_EXTENSION.get(out.suffix.lower(), "mp4v"))
     try:
-        writer = cv2.VideoWriter(name, fourcc, source.fps or FALLBACK_FPS, source.size)
+        writer = cv2.VideoWriter(name, fourcc, source.fps, source.size)
     except cv2.error:
         writer = None
     if writer is None or not writer.isOpened():

@@ -194,7 +194,7 @@ def _batch_with_ray(args: argparse.Namespace) -> int:
     check_min_confidence(args.min_confidence, model)
     summary = run_from_args(args, args.model, options)
     _print(summary.describe(), err=True)
-    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+    return EXIT_SOME_FAILED if summary.failed or summary.earlier_failed else EXIT_OK
 
 
 def _check_report_path(html: Path, output: Path) -> None:

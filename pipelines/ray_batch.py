@@ -57,11 +57,16 @@ class RaySummary:
     seconds: float = 0.0  # the whole call
     first_record: float | None = None  # seconds until the first records came back (actors started, model loaded)
     first_records: int = 0  # how many came back then (one batch)
+    earlier_failed: int = 0  # files under the source whose record in OUT is an error from an earlier run
 
     def describe(self) -> str:
         rate = (self.captioned + self.failed) / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.captioned} captioned, {self.failed} failed, {self.already_done} already done, "
+        text = (f"{self.captioned} captioned, {self.failed} failed, {self.already_done} already done, "
                 f"{rate:.1f} images/s")
+        if self.earlier_failed:
+            files = "file" if self.earlier_failed == 1 else "files"
+            text += f"; {self.earlier_failed} {files} failed in an earlier run (their error records say why)"
+        return text
 
     def steady_rate(self) -> float:
         """Images/s after the first batch came back: the rate a long job runs at, start-up left out."""
@@ -352,10 +357,11 @@ def caption_with_ray(
     started = time.time()
     writer = ShardWriter(out, fmt, settings.shard_size)
     writer.remove_staging()
-    done = {r["path"] for r in writer.records()}
+    latest_failed = {r["path"]: "error" in r for r in writer.records()}  # each path's latest record
     paths = list_images(source)
-    todo = [(p, inside) for p, inside in paths if printable(p) not in done]
-    summary = RaySummary(already_done=len(paths) - len(todo))
+    todo = [(p, inside) for p, inside in paths if printable(p) not in latest_failed]
+    summary = RaySummary(already_done=len(paths) - len(todo),
+                         earlier_failed=sum(latest_failed.get(printable(p), False) for p, _ in paths))
     if todo:
         start_ray(settings.address)
         threads = max(1, int(settings.cpus_per_actor))

@@ -159,6 +159,14 @@ class RecordFormat:
     def format(self, record: dict) -> str:
         raise NotImplementedError
 
+    def whole(self, chunk: Chunk) -> dict | None:
+        """The record in an unfinished last chunk that is whole but for its final newline (None: cut short)."""
+        return None
+
+    def begins_ours(self, data: bytes) -> bool:
+        """Whether ``data``, a file's only and unfinished piece, can be the start of a file this format wrote."""
+        return not data.strip()
+
     def parse_at(self, chunk: Chunk, path: str | os.PathLike) -> dict | None:
         """:meth:`parse`, with a bad line reported as ``OutputError`` naming the file, line and a way on."""
         try:
@@ -179,7 +187,8 @@ class RecordFormat:
         try:
             with open(path, "rb") as file:
                 for chunk in self.chunks(file):
-                    if chunk.complete and (record := self.parse_at(chunk, path)) is not None:
+                    record = self.parse_at(chunk, path) if chunk.complete else self.whole(chunk)
+                    if record is not None:
                         yield record
         except OSError as e:
             raise OutputError(f"{printable(path)}: cannot read: {e.strerror or e}") from e
@@ -206,6 +215,16 @@ class JsonlRecords(RecordFormat):
 
     def format(self, record: dict) -> str:
         return json.dumps(record, ensure_ascii=False) + "\n"
+
+    def whole(self, chunk: Chunk) -> dict | None:
+        # a line cut by a kill is never valid JSON: it loses at least its closing brace
+        try:
+            return self.parse(chunk)
+        except BadRecord:
+            return None
+
+    def begins_ours(self, data: bytes) -> bool:
+        return not data.strip() or data.startswith(b'{"path": ')  # every record starts with its path
 
 
 class CsvRecords(RecordFormat):
@@ -293,6 +312,9 @@ class CsvRecords(RecordFormat):
 
     def header(self) -> str:
         return self._row(list(RECORD_FIELDS))
+
+    def begins_ours(self, data: bytes) -> bool:
+        return not data.strip() or self.header().encode("utf-8").startswith(data)  # cut inside the header
 
     def format(self, record: dict) -> str:
         return self._row([self._cell(name, record.get(name)) for name in RECORD_FIELDS])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from captioner.errors import OutputError, printable
-from captioner.pipelines.record_formats import RecordFormat, format_for, raw_path
+from captioner.pipelines.record_formats import Chunk, RecordFormat, format_for, raw_path
 
 
 class _Keys:
@@ -114,16 +114,38 @@ class RecordFile:
         """``file``'s records from the start, truncating an incomplete last one; ends positioned at the end."""
         file.seek(0)
         reader = io.BufferedReader(file)  # type: ignore[arg-type]
+        ours = False  # a complete record or header read: the file is one this format wrote
         try:
             for chunk in self.fmt.chunks(reader):
                 if not chunk.complete:
-                    self._truncate(file, chunk.offset)
+                    ending = self._unfinished(file, chunk, ours)
+                    if ending is not None:
+                        yield ending
                     break
+                ours = True  # a line that is not ours raised in parse_at
                 if (record := self.fmt.parse_at(chunk, self.path)) is not None:
                     yield record
         finally:
             reader.detach()  # the file stays open
         file.seek(0, os.SEEK_END)
+
+    def _unfinished(self, file: BinaryIO, chunk: Chunk, ours: bool) -> dict | None:
+        """The file's unfinished last piece: a whole record missing its newline (kept, the newline
+        added), a record cut short by a kill (dropped), or the sign of someone else's file (refused).
+
+        Raises:
+            OutputError: the file holds nothing this format wrote; it is left as it is.
+        """
+        record = self.fmt.whole(chunk)
+        if record is not None:
+            file.seek(0, os.SEEK_END)
+            self._write(file, "\n")
+            return record
+        if not ours and not self.fmt.begins_ours(chunk.data):
+            raise OutputError(f"{printable(self.path)}:{chunk.line}: not a file of captioner records; "
+                              "write to a new file")
+        self._truncate(file, chunk.offset)
+        return None
 
     def _truncate(self, file: BinaryIO, size: int) -> None:
         try:

@@ -244,7 +244,8 @@ class OpenCVSource:
         self.path = Path(path)
         self.threads = threads
         if not self.path.is_file():
-            reason = "is a folder, not a video" if self.path.is_dir() else "no such file"
+            reason = ("is a folder, not a video" if self.path.is_dir()
+                      else "not a regular file" if self.path.exists() else "no such file")  # a FIFO would block
             raise VideoReadError(f"{printable(self.path)}: {reason}")
         quiet_ffmpeg()
         try:

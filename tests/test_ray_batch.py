@@ -65,6 +65,9 @@ def test_bad_files_become_error_records_and_the_job_goes_on(tmp_path, capsys):
     assert all(errors[name].count(name) == 1 for name in expected)  # "PATH: reason", the path said once
     assert sum("caption" in r for r in records.values()) == 3
     assert "3 captioned, 6 failed, 0 already done" in capsys.readouterr().err
+    assert main(["batch", str(folder), "-o", str(out), "--ray"]) == 1  # a rerun: the failures are still there
+    assert "0 captioned, 0 failed, 9 already done, 0.0 images/s; 6 files failed in an earlier run" in \
+        capsys.readouterr().err
 
 
 def test_parquet_shards_from_a_file_uri_and_a_rerun_captions_nothing_again(photos, tmp_path, capsys):

@@ -62,6 +62,36 @@ def test_a_cut_off_jsonl_line_is_dropped_on_resume(tmp_path):
     assert [json.loads(line)["path"] for line in path.read_text().splitlines()] == ["/a.jpg", "/b.jpg"]
 
 
+@pytest.mark.parametrize("name, text", [
+    ("settings.jsonl", '{"api_key": "very important settings", "version": 3}'),  # json.dump writes no newline
+    ("notes.jsonl", "my precious notes, no trailing newline"),
+    ("data.csv", 'size 5"\nfoo,bar\nbaz\n'),  # an odd quote: one unfinished piece to the end
+])
+def test_someone_elses_file_without_a_final_newline_is_refused_untouched(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(OutputError, match=f"^{path}:1: not a file of captioner records"):
+        RecordFile(path)
+    assert path.read_text() == text
+
+
+def test_a_whole_last_record_without_its_newline_is_kept_and_resumed(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(caption_record("/a.jpg")) + "\n" + json.dumps(caption_record("/b.jpg")))
+    with RecordFile(path) as records:
+        assert len(records) == 2 and records.holds("/b.jpg")
+        records.write(caption_record("/c.jpg"))
+    assert [json.loads(line)["path"] for line in path.read_text().splitlines()] == ["/a.jpg", "/b.jpg", "/c.jpg"]
+
+
+def test_a_first_record_cut_by_a_kill_is_dropped(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"path": "/a.jpg", "capt')
+    with RecordFile(path) as records:
+        assert len(records) == 0
+    assert path.read_text() == ""
+
+
 def test_csv_has_one_header_across_resumes(tmp_path):
     path = tmp_path / "out.csv"
     with RecordFile(path) as records:

@@ -21,7 +21,7 @@ import srt
 import webvtt
 from test_video_source import PHOTOS, assert_near, count_opencv_calls, damage_middle, write_video
 
-from captioner.errors import OptionError, OutputError, VideoReadError
+from captioner.errors import OptionError, OutputError, VideoReadError, VideoWriteError
 from captioner.pipelines.burn import burn_subtitles
 from captioner.pipelines.cli import main
 from captioner.pipelines.cues import Segment
@@ -351,6 +351,17 @@ def test_a_burn_that_cannot_be_written_is_reported_after_the_subtitles(clips, tm
     assert len(list(srt.parse((tmp_path / "a.srt").read_text()))) == 3
     assert capsys.readouterr().err.startswith(f"skipped {clips['mp4']}: {tmp_path / 'file' / 'burned.mp4'}: "
                                               "cannot write: ")
+
+
+def test_a_burn_of_a_video_whose_frame_rate_is_unknown_is_refused_not_mistimed(tmp_path):
+    fast = tmp_path / "fast.mp4"
+    writer = cv2.VideoWriter(str(fast), cv2.VideoWriter_fourcc(*"mp4v"), 1000, (64, 48))  # OpenCV: implausible
+    for i in range(30):
+        writer.write(np.full((48, 64, 3), i * 8, np.uint8))
+    writer.release()
+    with pytest.raises(VideoWriteError, match="burned.mp4: cannot burn a copy that keeps time"):
+        burn_subtitles(fast, [Segment(0.0, 0.03, "a grey wall", -1.0)], tmp_path / "burned.mp4")
+    assert sorted(os.listdir(tmp_path)) == ["fast.mp4"]
 
 
 def test_burned_copy_of_an_oddly_named_video_keeps_frame_count_and_fps(clips, tmp_path):
