@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -80,15 +80,18 @@ def caption_paths(
 
 
 def caption_pixel_batch(
-    model: CaptionModel, paths: list, pixels: torch.Tensor, options: DecodingOptions | None = None
+    model: CaptionModel, paths: list, pixels: torch.Tensor, options: DecodingOptions | None = None, *,
+    stop: Callable[[], bool] | None = None,
 ) -> list[PathResult]:
     """Results for files already turned into (B, S, S, 3) uint8 pixels: one encoder pass, one batched search.
 
-    The shared core of :func:`caption_paths` and the Ray pipeline's actors.
+    The shared core of :func:`caption_paths`, the Ray pipeline's actors and the server's
+    batcher (whose ``stop`` ends the search of a batch nobody waits for any more).
     """
     grid = model.encode(pixels)
-    return [PathResult(path, captions, tags=tuple(tags))
-            for path, captions, tags in zip(paths, model.caption_grid(grid, options), model.tags(grid), strict=True)]
+    captions = model.caption_grid(grid, options, stop=stop)
+    return [PathResult(path, n_best, tags=tuple(tags))
+            for path, n_best, tags in zip(paths, captions, model.tags(grid), strict=True)]
 
 
 def caption_images(

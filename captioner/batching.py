@@ -5,7 +5,8 @@ batches of one. Here each request's pixels go into a queue; one worker thread ta
 first waiting item, then gathers more for at most ``max_wait`` seconds or until
 ``max_batch_size`` items, and captions them together (TorchServe's ``batchSize`` and
 ``maxBatchDelay``, Triton's dynamic batcher). Items asking for different decoding options
-are never mixed: a batch holds one set of options.
+are never mixed: a batch holds one set of options. A caller that gives up (a timeout, a
+client gone) abandons its items, so that no batch runs on for nobody.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import contextlib
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -52,6 +55,7 @@ class DynamicBatcher:
         self._closing = threading.Lock()  # no item can be queued behind the worker's stop signal
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []  # taken from the queue, waiting for a batch with their options
+        self._abandoned: weakref.WeakSet[Future] = weakref.WeakSet()  # running items whose callers gave up
         self._thread = threading.Thread(target=self._run, name="captioner-batcher", daemon=True)
         self._thread.start()
 
@@ -67,6 +71,13 @@ class DynamicBatcher:
                 raise RuntimeError("the batcher is closed")
             self._queue.put(item)
         return item.future
+
+    def abandon(self, futures: Iterable[Future]) -> None:
+        """Callers that gave up (a timeout, a closed connection): their items not started are
+        skipped, and a running batch that only they wait for stops at its next search step."""
+        for future in futures:
+            if not future.cancel():  # running (or done): cancel() cannot stop it
+                self._abandoned.add(future)
 
     def close(self) -> None:
         """Caption what is queued, then stop the worker."""
@@ -117,7 +128,8 @@ class DynamicBatcher:
         self.batch_sizes.append(len(batch))
         try:
             pixels = torch.from_numpy(np.stack([item.pixels for item in batch]))
-            results = caption_pixel_batch(self.model, [item.name for item in batch], pixels, batch[0].options)
+            results = caption_pixel_batch(self.model, [item.name for item in batch], pixels, batch[0].options,
+                                          stop=lambda: all(item.future in self._abandoned for item in batch))
             for item, result in zip(batch, results, strict=True):
                 item.future.set_result(result)
         except Exception as e:  # noqa: BLE001 (handed to every waiting caller, who reports it; the worker goes on)

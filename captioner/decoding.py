@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -85,23 +86,27 @@ def decode_grid(
     vocab: Vocabulary,
     options: DecodingOptions,
     evidence: torch.Tensor | None = None,
+    *,
+    stop: Callable[[], bool] | None = None,
 ) -> list[list[Caption]]:
     """Encoder grids (B, C, h, w) -> the ``n_best`` captions of each image, best first.
 
     ``evidence`` (B, V) is per-image classifier evidence for words; with
-    ``options.concept_boost`` > 0 it is turned into a log-prob bonus.
+    ``options.concept_boost`` > 0 it is turned into a log-prob bonus. ``stop``: see
+    :func:`captioner.search.search`.
     """
     part = max(1, MAX_SEARCH_ROWS // search_width(options))
     if grid.shape[0] > part:
         return [captions for start in range(0, grid.shape[0], part)
                 for captions in decode_grid(decoder, grid[start : start + part], vocab, options,
-                                            None if evidence is None else evidence[start : start + part])]
+                                            None if evidence is None else evidence[start : start + part], stop=stop)]
     strategy = make_strategy(options, grid.shape[0], vocab.end)
     bias = None
     if evidence is not None and options.concept_boost > 0:
         bias = (options.concept_boost * evidence.float().cpu()).repeat_interleave(strategy.width, dim=0)
     processors = make_processors(options, vocab, bias)
-    hyps = search(decoder, grid, strategy, processors, start_id=vocab.start, max_length=options.max_length)
+    hyps = search(decoder, grid, strategy, processors, start_id=vocab.start, max_length=options.max_length,
+                  stop=stop)
     ranker = LengthRanker(options.length_penalty)
     return [[to_caption(h, vocab, ranker) for h in ranker.rank(per_image)[: options.n_best]] for per_image in hyps]
 

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -160,15 +160,19 @@ class CaptionModel(nn.Module):
                                  "run without --compile") from e
 
     @torch.inference_mode()
-    def caption_grid(self, grid: torch.Tensor, options: DecodingOptions | None = None) -> list[list[Caption]]:
-        """Encoder grids (B, C, h, w) -> n-best captions per image, reranked by consensus if the options say so."""
+    def caption_grid(self, grid: torch.Tensor, options: DecodingOptions | None = None, *,
+                     stop: Callable[[], bool] | None = None) -> list[list[Caption]]:
+        """Encoder grids (B, C, h, w) -> n-best captions per image, reranked by consensus if the options say so.
+
+        ``stop``: asked between search steps (see :func:`captioner.search.search`).
+        """
         options = options or self.config.decoding
         grid = grid.to(self.device)
         probs = self.encoder.classify(grid)
         evidence = self.concept_evidence(probs, options.concept_threshold) if options.concept_boost > 0 else None
         reranked = options.consensus_weight > 0 and self.consensus is not None
         searched = dataclasses.replace(options, n_best=search_width(options)) if reranked else options
-        captions = decode_grid(self.decoder, grid, self.vocab, searched, evidence)  # reranking sees every hypothesis
+        captions = decode_grid(self.decoder, grid, self.vocab, searched, evidence, stop=stop)  # reranking: all
         agreement = None
         if reranked:
             agreement = self.consensus.scores(grid.float().mean(dim=(2, 3)), [[c.text for c in n] for n in captions])

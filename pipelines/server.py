@@ -137,9 +137,13 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         names = [printable(u.filename or f"image {i + 1}") for i, u in enumerate(uploads)]
         pixels = [await run_in_threadpool(_image_pixels, await u.read(), name, size)
                   for u, name in zip(uploads, names, strict=True)]
-        futures = [asyncio.wrap_future(state["batcher"].submit(name, p, options))
-                   for name, p in zip(names, pixels, strict=True)]
-        results = await asyncio.gather(*futures)
+        futures = [state["batcher"].submit(name, p, options) for name, p in zip(names, pixels, strict=True)]
+        gathered = asyncio.gather(*map(asyncio.wrap_future, futures))
+        try:
+            results = await _unless_gone(request, gathered)
+        finally:
+            gathered.cancel()  # a no-op once done; else nobody waits for its outcome now
+            state["batcher"].abandon(f for f in futures if not f.done())  # past the timeout, or the client left
         return {"captions": [_record(r, min_confidence, fallback, options.n_best) for r in results]}
 
     @app.post("/v1/subtitles")
@@ -294,8 +298,7 @@ class _BatchedFrames:
         futures = [self.batcher.submit(f"frame {i}", frame.numpy(), options) for i, frame in enumerate(pixels)]
         while futures_wait(futures, timeout=0.1).not_done:
             if self.stop.is_set():
-                for future in futures:
-                    future.cancel()  # the batcher skips cancelled items
+                self.batcher.abandon(futures)  # frames not started are skipped, a batch of only these stops
                 raise _Stopped
         return [future.result().captions for future in futures]
 
@@ -311,8 +314,8 @@ def _subtitle_response(result, fmt: str) -> Response:
 
 
 async def _unless_gone(request: Request, job: asyncio.Future, every: float = 0.5):
-    """``job``'s result, unless the client disconnects first: then ClientDisconnect (a video's
-    frames stop reaching the batcher once the caller sets its stop event)."""
+    """``job``'s result, unless the client disconnects first: then ClientDisconnect (the caller
+    then abandons its images, or stops its video's frames from reaching the batcher)."""
     while True:
         done, _ = await asyncio.wait({job}, timeout=every)
         if done:

@@ -78,6 +78,34 @@ def test_a_caller_that_gave_up_does_not_stop_the_worker_and_a_closed_batcher_ref
         batcher.submit("chelsea.png", pixels("chelsea.png"))
 
 
+def test_a_running_batch_whose_callers_all_gave_up_stops_and_one_still_awaited_runs_on(default_model):
+    import time
+
+    from captioner.search import SearchStopped
+
+    heavy = dataclasses.replace(default_model.config.decoding, beam_size=64, n_best=64, max_length=100,
+                                min_length=99)  # about a minute of search on 2 cores
+    batcher = DynamicBatcher(default_model, max_batch_size=4, max_wait=0.05)
+    try:
+        gone = [batcher.submit(n, pixels(n), heavy) for n in PHOTOS]
+        time.sleep(1.0)  # running now
+        started = time.monotonic()
+        batcher.abandon(gone)
+        with pytest.raises(SearchStopped):
+            gone[0].result(timeout=30)
+        assert time.monotonic() - started < 5
+        after = batcher.submit("chelsea.png", pixels("chelsea.png"))
+        assert after.result(timeout=30).captions[0].text == "a cat is playing with a toy"  # the worker is free
+
+        shorter = dataclasses.replace(heavy, max_length=24, min_length=23)  # a few seconds
+        both = [batcher.submit(n, pixels(n), shorter) for n in PHOTOS[:2]]
+        time.sleep(0.5)  # running now
+        batcher.abandon(both[:1])  # the other still waits: the batch runs to its end
+        assert len(both[1].result(timeout=60).captions[0].tokens) >= 23  # searched to min_length and on
+    finally:
+        batcher.close()
+
+
 def test_many_option_sets_for_same_named_uploads_are_all_captioned(default_model):
     """Uploads are often all named alike (photo.jpg): with three or more option sets waiting,
     taking held items out of the queue once compared their pixel arrays, which raised and

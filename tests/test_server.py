@@ -252,6 +252,20 @@ def test_a_client_that_goes_away_mid_upload_is_not_an_error_of_the_server(quick_
     assert "Exception in ASGI application" not in caplog.text
 
 
+def test_photos_past_their_timeout_stop_and_leave_the_batcher_to_the_next_request(quick_server):
+    import time
+
+    import httpx
+
+    url = f"http://127.0.0.1:{quick_server.config.port}/v1/captions"
+    heavy = "?beam_size=64&n_best=64&max_length=100&min_length=99"  # far over 4 s for 16 photos on 2 cores
+    answer = httpx.post(url + heavy, files=[photo(CAT)] * 16, timeout=60)
+    assert answer.status_code == 504
+    started = time.monotonic()
+    after = httpx.post(url, files=[photo(CAT)], timeout=60)
+    assert after.status_code == 200 and time.monotonic() - started < 4  # not queued behind the abandoned search
+
+
 def test_a_video_whose_client_went_away_stops_before_its_timeout(quick_server, tmp_path):
     import socket
     import time
