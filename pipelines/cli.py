@@ -393,7 +393,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               max_wait=args.max_wait_ms / 1000, cors_origins=tuple(args.cors_origin),
                               torch_threads=threads, shutdown_grace=args.shutdown_grace)
     model = load_model(args.model, device=_device(args.device))
-    app = create_app(model, model_name=args.model or "default", settings=settings)
+    # the folder's name, not its path: clients learn nothing of the server's file system
+    app = create_app(model, model_name=Path(args.model).name if args.model else "default", settings=settings)
     _print(f"serving {args.model or 'the default model'} on http://{args.host}:{args.port}/", err=True)
     # without a grace limit, a stop signal would wait for a long video's whole timeout
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",

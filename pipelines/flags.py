@@ -121,8 +121,12 @@ def options_from_text(defaults: T, given: dict[str, str], *, exclude: tuple[str,
         try:
             values[name] = _parse_text(kind, text)
         except ValueError:
-            raise OptionError(f"{name}={text!r} is not a {kind.__name__}") from None
+            shown = text if len(text) <= 40 else text[:40] + "..."  # an answer never echoes a whole huge value
+            raise OptionError(f"{name}={shown!r} is not {KIND_NAMES.get(kind, kind.__name__)}") from None
     return dataclasses.replace(defaults, **values)
+
+
+KIND_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 
 
 def _field_kind(field: dataclasses.Field, hints: dict[str, Any]) -> type:

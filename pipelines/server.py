@@ -96,7 +96,8 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
     # folder; only a video is written, into the server's private folder, for OpenCV to read.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_image_bytes,
                                          settings.max_video_bytes)
-    app = FastAPI(title="captioner", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # no redirect from "/v1/captions/" to "/v1/captions": it would be built from the client's Host header
+    app = FastAPI(title="captioner", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.captioner = state  # the batcher and the private folder, for tests and benchmarks
     app.add_middleware(_BodyLimit, limits={"/v1/captions": settings.max_image_bytes,
                                            "/v1/subtitles": settings.max_video_bytes})
@@ -104,7 +105,7 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"])
     _add_error_handlers(app)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # load balancers probe with either
     async def healthz() -> dict:
         return {"status": "ok"}
 
@@ -117,7 +118,7 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
                            "max_video_bytes": settings.max_video_bytes, "max_pixels": MAX_PIXELS,
                            "timeout_seconds": settings.timeout, "image_formats": list(IMAGE_FORMATS)}}
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page() -> str:
         return resources.files("captioner.pipelines").joinpath("web/index.html").read_text(encoding="utf-8")
 
@@ -126,13 +127,19 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         return await _within(caption_request(request), settings.timeout)  # from the first byte read to the last
 
     async def caption_request(request: Request) -> dict:
-        form = await request.form(max_files=settings.max_images + 1)
+        try:
+            form = await request.form(max_files=settings.max_images + 1)
+        except StarletteHTTPException as e:  # Starlette's 400 for files past max_files: too many images
+            if "Too many files" in str(e.detail):
+                raise HTTPError(413, f"more than {settings.max_images + 1} images in one request; "
+                                     f"at most {settings.max_images}") from e
+            raise
         uploads = [u for u in form.getlist("images") if isinstance(u, UploadFile)]
         if not uploads:
             raise HTTPError(400, 'no images: send them as multipart/form-data files named "images"')
         if len(uploads) > settings.max_images:
             raise HTTPError(413, f"{len(uploads)} images in one request; at most {settings.max_images}")
-        options, min_confidence, fallback = _caption_options(model, _fields(request, form))
+        options, min_confidence, fallback = _caption_options(model, _fields(request, form, "images"))
         size = model.encoder.preprocess.size
         names = [printable(u.filename or f"image {i + 1}") for i, u in enumerate(uploads)]
         pixels = [await run_in_threadpool(_image_pixels, await u.read(), name, size)
@@ -162,7 +169,7 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         upload = form.get("video")
         if not isinstance(upload, UploadFile):
             raise HTTPError(400, 'no video: send it as a multipart/form-data file named "video"')
-        fields = _fields(request, form)
+        fields = _fields(request, form, "video")
         fmt = fields.pop("format", "vtt")
         if fmt not in SUBTITLE_FORMATS:
             raise HTTPError(422, f"format={fmt!r} must be one of {', '.join(SUBTITLE_FORMATS)}")
@@ -184,12 +191,16 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
     return app
 
 
-def _fields(request: Request, form) -> dict[str, str]:
-    """The query's and the form's text fields as one dict.
+def _fields(request: Request, form, files: str) -> dict[str, str]:
+    """The query's and the form's text fields as one dict; ``files`` names the route's file field.
 
     A name given twice (in the query and the form, or twice in either) is refused: taking
-    one of the two values silently could decode with an option the client did not mean.
+    one of the two values silently could decode with an option the client did not mean. So
+    is a file under any other name: an option sent as a file would otherwise be ignored.
     """
+    stray = next((k for k, v in form.multi_items() if not isinstance(v, str) and k != files), None)
+    if stray is not None:
+        raise HTTPError(422, f'{stray!r} is a file; send options as text fields, and files as "{files}"')
     given = [*request.query_params.multi_items(), *((k, v) for k, v in form.multi_items() if isinstance(v, str))]
     fields: dict[str, str] = {}
     for name, value in given:

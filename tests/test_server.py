@@ -56,7 +56,8 @@ def test_captions_are_the_cli_records_and_decoding_options_apply(client, capsys)
 
 @pytest.mark.parametrize("query, message", [
     ("beam_size=0", "beam_size=0 must be a whole number"),
-    ("beam_size=three", "beam_size='three' is not a int"),
+    ("beam_size=three", "beam_size='three' is not a whole number"),
+    ("beam_size=" + "9" * 5000, "beam_size='" + "9" * 40 + "...' is not a whole number"),
     ("shoe_size=9", "unknown option 'shoe_size'"),
     ("fallback=tags", "give min_confidence too"),
     ("min_confidence=2", "must be a number in [0, 1]"),
@@ -64,6 +65,20 @@ def test_captions_are_the_cli_records_and_decoding_options_apply(client, capsys)
 def test_bad_options_are_422_with_the_reason(client, query, message):
     response = client.post(f"/v1/captions?{query}", files=[photo(CAT)])
     assert response.status_code == 422 and message in response.json()["error"]
+
+
+def test_odd_requests_get_json_answers_not_redirects_or_silence(client, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "tiny.png")
+    assert client.head("/healthz").status_code == 200 and client.head("/").status_code == 200
+    slash = client.post("/v1/captions/", files=[photo(CAT)], follow_redirects=False)
+    assert slash.status_code == 404 and "error" in slash.json()
+    as_file = client.post("/v1/captions", files=[photo(CAT), ("beam_size", ("b.txt", b"1", "text/plain"))])
+    assert as_file.status_code == 422 and "'beam_size' is a file" in as_file.json()["error"]
+    for count in (17, 18):
+        many = client.post("/v1/captions", files=[photo(tmp_path / "tiny.png")] * count)
+        assert many.status_code == 413 and "at most 16" in many.json()["error"]
 
 
 def test_an_option_given_twice_is_refused_not_resolved_silently(client):
