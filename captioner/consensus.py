@@ -22,10 +22,11 @@ from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from captioner.cider import CiderD, ngram_counts
 from captioner.errors import ModelLoadError, printable
+from captioner.outputs import save_tensors
 from captioner.scst import reward_tokens
 from captioner.vocab import tokenize
 
@@ -77,7 +78,7 @@ class Consensus:
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
-        save_file({"mean": self.mean.contiguous(), "components": self.components.contiguous(),
+        save_tensors({"mean": self.mean.contiguous(), "components": self.components.contiguous(),
                    "codes": self.codes.half().contiguous()}, folder / CONSENSUS_WEIGHTS)
         text = json.dumps({"images": self.images, "neighbours": self.neighbours, "references": self.references,
                            "frequencies": self.frequencies})

@@ -76,6 +76,8 @@ def _parse_record(line: str, require_captions: bool) -> tuple[Path, tuple[str, .
             raise ValueError(f"every caption must be non-empty text, not {caption!r}")
     if require_captions and not captions:
         raise ValueError("no captions; training and scoring need reference captions")
+    if require_captions and not any(ch.isalnum() for caption in captions for ch in caption):
+        raise ValueError("its captions hold no words, only punctuation; scoring needs words to compare")
     return Path(image), tuple(captions)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -25,6 +25,7 @@ from captioner.encoders import Encoder
 from captioner.errors import DataError, ImageReadError, printable, reason
 from captioner.images import model_pixels
 from captioner.options import DEFAULT_WORKERS
+from captioner.outputs import save_tensors
 
 
 class ImageFiles(Dataset):
@@ -154,7 +155,7 @@ def _write_cache(file: Path, features: torch.Tensor) -> None:
     fd, name = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({"features": features.contiguous()}, name)
+        save_tensors({"features": features.contiguous()}, name)
         os.replace(name, file)
     finally:
         Path(name).unlink(missing_ok=True)

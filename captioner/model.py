@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -32,6 +31,7 @@ from captioner.decoding import Caption, DecodingOptions, decode_grid, rerank, se
 from captioner.encoders import ENCODERS, build_encoder
 from captioner.errors import CaptionerError, ModelLoadError, OptionError, OutputError, printable, reason
 from captioner.options import REQUIRED, Bounds, DecoderConfig, check_fields, option
+from captioner.outputs import save_tensors
 from captioner.tags import Tag, top_tags
 from captioner.vocab import SPECIALS, Vocabulary
 
@@ -257,7 +257,7 @@ class CaptionModel(nn.Module):
         tensors = {f"decoder.{k}": v.detach().half().contiguous() for k, v in self.decoder.state_dict().items()}
         if self.config.encoder_weights_stored:
             tensors.update({f"encoder.{k}": v.detach().contiguous() for k, v in self.encoder.state_dict().items()})
-        save_file(tensors, directory / WEIGHTS_FILE)
+        save_tensors(tensors, directory / WEIGHTS_FILE)
         (directory / CONFIG_FILE).write_text(self.config.to_json(), encoding="utf-8")
         self.vocab.save(directory / VOCAB_FILE)
         if self.consensus is not None:
@@ -306,25 +306,35 @@ def read_consensus_and_calibrator(directory: Path, channels: int) -> tuple[Conse
     return consensus, calibrator
 
 
-def ensemble(models: Sequence[CaptionModel]) -> CaptionModel:
+def ensemble(models: Sequence[CaptionModel], names: Sequence[str] | None = None) -> CaptionModel:
     """One model whose search averages the next-word probabilities of ``models``' decoders.
 
     Members must have been trained alike (same encoder, vocabulary and decoder shape,
     e.g. the same config with different seeds); decoding defaults come from the first.
+    ``names`` are what messages call the members (their folders); by default "member N".
 
     Raises:
-        ModelLoadError: the members differ in anything but their decoder weights.
+        ModelLoadError: the members differ in anything but their decoder weights (and dropout,
+            which only training uses).
     """
     if len(models) < 2:
         raise ModelLoadError(f"an ensemble needs at least 2 models, got {len(models)}")
+    names = list(names or (f"member {i + 1}" for i in range(len(models))))
     if any(m.config.encoder_weights_stored for m in models):
         raise ModelLoadError("models with fine-tuned encoders cannot share one encoder in an ensemble")
     first = models[0]
-    for other in models[1:]:
-        if other.config.encoder != first.config.encoder or other.config.decoder != first.config.decoder:
-            raise ModelLoadError("ensemble members differ in encoder or decoder shape")
+    for other, name in zip(models[1:], names[1:], strict=True):
+        if other.config.encoder != first.config.encoder:
+            raise ModelLoadError(f"{name}: its encoder is {other.config.encoder}, {names[0]}'s is "
+                                 f"{first.config.encoder}; an ensemble's members share one")
         if other.vocab.itos != first.vocab.itos:
-            raise ModelLoadError("ensemble members have different vocabularies")
+            raise ModelLoadError(f"{name}: its vocabulary differs from {names[0]}'s; ensemble members must be "
+                                 "trained on the same captions")
+        for field in dataclasses.fields(DecoderConfig):
+            mine, theirs = getattr(other.config.decoder, field.name), getattr(first.config.decoder, field.name)
+            if field.name != "dropout" and mine != theirs:
+                raise ModelLoadError(f"{name}: its decoder has {field.name}={mine}, {names[0]}'s {theirs}; "
+                                     "ensemble members must be trained alike")
     decoders = [d for m in models for d in (m.decoder.members if m.config.ensemble_size > 1 else [m.decoder])]
     if len(decoders) > MAX_ENSEMBLE:
         raise ModelLoadError(f"an ensemble holds at most {MAX_ENSEMBLE} decoders; these models hold {len(decoders)}")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -46,7 +46,7 @@ from captioner.features import cached_features
 from captioner.images import model_pixels
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, expected_tensors
 from captioner.options import DecoderConfig, check_device
-from captioner.outputs import check_writable_folder
+from captioner.outputs import check_writable_folder, save_tensors
 from captioner.scst import reward_tokens, self_critical_terms
 from captioner.train_config import TrainConfig
 from captioner.vocab import SPECIALS, Vocabulary, tokenize
@@ -445,7 +445,7 @@ class Trainer:
         folder = self.out / "epochs"
         folder.mkdir(exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.decoder.state_dict().items()}
-        save_file(state, folder / f"epoch-{self.epoch}.safetensors")
+        save_tensors(state, folder / f"epoch-{self.epoch}.safetensors")
         for old in self._snapshots()[: -self.cfg.average_last]:
             old.unlink()
 

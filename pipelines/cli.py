@@ -245,9 +245,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from captioner.model import CaptionModel, check_new_model_folder, ensemble
+    from captioner.outputs import same_file
 
     check_new_model_folder(args.out)
-    combined = ensemble([CaptionModel.load(folder) for folder in args.models])
+    for i, folder in enumerate(args.models):
+        if any(same_file(folder, earlier) for earlier in args.models[:i]):
+            raise OptionError(f"{printable(folder)} is given twice: a model averaged with itself only costs time")
+    members = [CaptionModel.load(folder) for folder in args.models]
+    combined = ensemble(members, names=[printable(folder) for folder in args.models])
     combined.save(args.out)
     _print(f"wrote an ensemble of {combined.config.ensemble_size} decoders to {args.out}")
     return EXIT_OK

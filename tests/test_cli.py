@@ -131,5 +131,7 @@ def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys)
 
     c = save("c", ["a", "dog"])
     assert main(["ensemble", a, c, "--out", str(tmp_path / "ac")]) == 1
-    assert "different vocabularies" in capsys.readouterr().err
+    assert f"{c}: its vocabulary differs from {a}'s" in capsys.readouterr().err
     assert not (tmp_path / "ac").exists()
+    assert main(["ensemble", a, a, "--out", str(tmp_path / "aa")]) == 2
+    assert f"{a} is given twice" in capsys.readouterr().err

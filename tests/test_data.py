@@ -277,6 +277,13 @@ def test_read_manifest_can_require_captions_and_names_the_line(tmp_path, bad_lin
         read_manifest(path, require_captions=True)
 
 
+def test_references_of_punctuation_alone_are_named_by_line_before_any_work(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a.jpg", "captions": ["ok"]}\n{"image": "b.jpg", "captions": ["...", "!"]}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: not a manifest record \(its captions hold no words"):
+        read_manifest(path, require_captions=True)
+
+
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
 def test_a_manifest_without_entries_is_refused(tmp_path, content):
     path = tmp_path / "blank.jsonl"

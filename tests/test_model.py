@@ -32,6 +32,14 @@ def test_save_load_round_trip_gives_the_same_captions(small_model, tmp_path):
     assert after[0].score == pytest.approx(before[0].score, abs=1e-4)
 
 
+def test_a_saved_model_is_as_readable_as_any_file_written_here(default_model, tmp_path):
+    from captioner.outputs import new_file_mode
+
+    default_model.save(tmp_path / "m")  # weights, config, vocabulary, consensus and calibrator
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "m").iterdir()}
+    assert len(modes) == 6 and set(modes.values()) == {oct(new_file_mode())}  # safetensors alone makes 0600
+
+
 def test_a_pickle_in_place_of_safetensors_is_refused(small_model, tmp_path):
     small_model.save(tmp_path / "m")
     with open(tmp_path / "m" / "model.safetensors", "wb") as f:
@@ -157,12 +165,15 @@ def test_ensemble_members_must_match(small_model):
         ensemble([small_model])
     other_vocab = Vocabulary(["a", "cat", "dog", "on", "the", "sand"])
     stranger = CaptionModel(small_model.config, other_vocab, pretrained_encoder=False)
-    with pytest.raises(ModelLoadError, match="different vocabularies"):
+    with pytest.raises(ModelLoadError, match="^member 2: its vocabulary differs from member 1's"):
         ensemble([small_model, stranger])
     wider = dataclasses.replace(small_model.config, decoder=dataclasses.replace(small_model.config.decoder,
                                                                                 hidden_dim=32))
-    with pytest.raises(ModelLoadError, match="decoder shape"):
-        ensemble([small_model, CaptionModel(wider, small_model.vocab, pretrained_encoder=False)])
+    with pytest.raises(ModelLoadError, match="^b: its decoder has hidden_dim=32, a's 16"):
+        ensemble([small_model, CaptionModel(wider, small_model.vocab, pretrained_encoder=False)], names=["a", "b"])
+    other_dropout = dataclasses.replace(small_model.config, decoder=dataclasses.replace(small_model.config.decoder,
+                                                                                        dropout=0.3))
+    assert ensemble([small_model, CaptionModel(other_dropout, small_model.vocab, pretrained_encoder=False)])
 
 
 # --- model folders checked before anything is allocated ------------------------------------------
