@@ -17,11 +17,14 @@ any language. A model's ``calibration.json`` and the consensus files it reads ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -168,8 +171,24 @@ def quantize_int8(out: str | Path) -> None:
         if not path.exists():
             continue
         staging = out / f".{name}.int8.onnx"
-        quantize_dynamic(str(path), str(staging), weight_type=QuantType.QInt8)
+        with _root_logger_quiet():
+            quantize_dynamic(str(path), str(staging), weight_type=QuantType.QInt8)
         staging.replace(path)
     runtime = json.loads((out / RUNTIME_FILE).read_text(encoding="utf-8"))
     runtime["int8"] = ["decoder_start", "decoder_step", "classifier"]
     (out / RUNTIME_FILE).write_text(json.dumps(runtime, indent=1), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _root_logger_quiet() -> Iterator[None]:
+    """ONNX Runtime's quantizer advises pre-processing through ``logging.warning`` on the root
+    logger, which would also give a process without logging set up a handler for good."""
+    root = logging.getLogger()
+    level, quiet = root.level, logging.NullHandler()
+    root.addHandler(quiet)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.removeHandler(quiet)

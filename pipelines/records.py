@@ -54,6 +54,7 @@ class RecordFile:
         self._latest: dict[str, tuple[int, bool]] = {}  # key -> (ordinal of its latest record, is it an error)
         self._count = 0  # records in the file, superseded ones included
         self.errors = 0  # paths whose latest record is an error
+        self._created = not os.path.lexists(self.path)  # ours to remove if the run fails before any record
         self._file = self._open_locked()
         _OPEN.add(self)
         try:
@@ -248,7 +249,11 @@ class RecordFile:
     def __enter__(self) -> RecordFile:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, error_type, *_) -> None:
+        """Close; a file this run created and that holds no record goes again when the run failed
+        (a flag refused after the output was opened leaves nothing behind)."""
+        if error_type is not None and self._created and self._count == 0 and self._regular:
+            self.path.unlink(missing_ok=True)
         self.close()
 
 

@@ -76,10 +76,12 @@ def plan_jobs(
     one overwriting the other. ``burn`` applies to one video only.
 
     Raises:
-        OptionError: ``output`` or ``burn`` given for a folder.
+        OptionError: ``output`` or ``burn`` given for a folder, or both ``output`` and ``out_dir``.
     """
     if source.is_dir() and (output is not None or burn is not None):
         raise OptionError(f"{printable(source)}: -o and --burn take one video, not a folder (use --out-dir)")
+    if output is not None and out_dir is not None:
+        raise OptionError("-o names the subtitle file and --out-dir a folder for it: give one of them")
     if not source.is_dir():
         return [VideoJob(source, output or (out_dir or source.parent) / f"{source.stem}.{extension}", burn)]
     videos = list(walk_videos(source))

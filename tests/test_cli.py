@@ -55,6 +55,20 @@ def test_bad_option_values_exit_2(capsys):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("name", ["out.jsonl", "out.csv"])
+def test_a_batch_refused_after_its_output_was_opened_leaves_no_new_file_and_keeps_an_old_one(tmp_path, capsys, name):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(SAMPLES / "chelsea.png", photos)
+    out = tmp_path / name
+    assert main(["batch", str(photos), "-o", str(out), "--min-length", "40", "--quiet"]) == 2  # the model's max 20
+    assert "min_length=40 must be < max_length=20" in capsys.readouterr().err and not out.exists()
+    assert main(["batch", str(photos), "-o", str(out), "--quiet"]) == 0
+    kept = out.read_text()
+    assert main(["batch", str(photos), "-o", str(out), "--min-length", "40", "--quiet"]) == 2
+    assert out.read_text() == kept
+
+
 def test_an_onnx_export_without_its_backend_is_refused_not_ignored(tmp_path, capsys):
     assert main(["caption", "--onnx", str(tmp_path), str(SAMPLES / "chelsea.png")]) == 2
     assert "--onnx names an export for ONNX Runtime: add --backend onnxruntime" in capsys.readouterr().err

@@ -290,6 +290,8 @@ def test_outputs_are_checked_before_any_model_loads(clips, tmp_path):
         prepare_jobs(video, "srt", output=tmp_path / "a.srt", burn=video)
     with pytest.raises(OptionError, match="one video, not a folder"):
         prepare_jobs(tmp_path, "srt", output=tmp_path / "a.srt")
+    with pytest.raises(OptionError, match="give one of them"):
+        prepare_jobs(video, "srt", output=tmp_path / "a.srt", out_dir=tmp_path / "subs")
     with pytest.raises(OutputError, match=f"{tmp_path / 'file'}: cannot write here: is a file"):
         prepare_jobs(tmp_path, "srt", out_dir=tmp_path / "file")
     with pytest.raises(VideoReadError, match="no such file or folder"):
