@@ -366,7 +366,7 @@ def test_a_failed_save_leaves_nothing_half_written(small_model, tmp_path, monkey
         open(path, "wb").write(b"\0" * 10)  # part of the file, then the disk is full
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(captioner.model, "save_file", full_disk)
+    monkeypatch.setattr(captioner.model, "save_tensors", full_disk)
     with pytest.raises(OutputError, match=rf"^{tmp_path}/m: cannot write model: No space left on device$"):
         small_model.save(tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
