@@ -75,13 +75,14 @@ def decode_image(file: str | os.PathLike | BinaryIO, name: str | os.PathLike, *,
     Raises:
         ImageReadError: not an image, truncated, or too large.
     """
+    limit = _pixel_limit()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it with the size
             with Image.open(file, formats=formats) as image:
-                if image.width * image.height > MAX_PIXELS:
+                if image.width * image.height > limit:
                     raise ImageReadError(
-                        f"{printable(name)}: {image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}"
+                        f"{printable(name)}: {image.width}x{image.height} pixels exceeds the limit of {limit}"
                     )
                 if min_side is not None and image.format == "JPEG":
                     image.draft(image.mode, (min_side, min_side))  # scale only; modes are converted below
@@ -91,13 +92,17 @@ def decode_image(file: str | os.PathLike | BinaryIO, name: str | os.PathLike, *,
         raise
     except UnidentifiedImageError as e:
         raise ImageReadError(f"{printable(name)}: not an image in a format Pillow reads") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)  # Pillow's, where a caller lowered it
+    except Image.DecompressionBombError as e:  # Pillow's own guard, at twice its limit: before the size is known
         raise ImageReadError(f"{printable(name)}: the image exceeds the limit of {limit} pixels "
                              "(a decompression bomb guard)") from e
     except (OSError, SyntaxError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ImageReadError(f"{printable(name)}: {reason}") from e
+
+
+def _pixel_limit() -> int:
+    """Ours, or Pillow's where the program that imported us lowered it."""
+    return min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
 
 
 # Large pictures are first reduced by whole factors to no less than this many times the

@@ -64,8 +64,8 @@ def burn_subtitles(video: str | os.PathLike, segments: list[Segment], out: str |
 def _copy_with_cues(source: OpenCVSource, segments: list[Segment], name: str, out: Path) -> int:
     """Write the copy to ``name`` (OpenCV-safe); ``out`` is the file it becomes, for formats and messages."""
     if not source.fps:  # any rate guessed here would make the copy play too fast or too slow
-        raise VideoWriteError(f"{printable(out)}: cannot burn a copy that keeps time: the video's frame rate "
-                              "is unknown or implausible (OpenCV gives none below 1000 per second)")
+        raise VideoWriteError(f"{printable(out)}: cannot burn a copy that keeps time: OpenCV reports no frame "
+                              "rate for this video, or one of 1000 per second or more")
     fourcc = cv2.VideoWriter_fourcc(*FOURCC_BY_EXTENSION.get(out.suffix.lower(), "mp4v"))
     try:
         writer = cv2.VideoWriter(name, fourcc, source.fps, source.size)

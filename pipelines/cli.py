@@ -396,14 +396,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(max_image_bytes=args.max_upload_mb * 2**20, max_video_bytes=args.max_video_mb * 2**20,
                               timeout=args.timeout, max_batch_size=args.max_batch_size,
                               max_wait=args.max_wait_ms / 1000, cors_origins=tuple(args.cors_origin),
-                              torch_threads=threads, shutdown_grace=args.shutdown_grace)
+                              torch_threads=threads)
     model = load_model(args.model, device=_device(args.device))
     # the folder's name, not its path: clients learn nothing of the server's file system
     app = create_app(model, model_name=Path(args.model).name if args.model else "default", settings=settings)
     _print(f"serving {args.model or 'the default model'} on http://{args.host}:{args.port}/", err=True)
     # without a grace limit, a stop signal would wait for a long video's whole timeout
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=settings.shutdown_grace)
+                timeout_graceful_shutdown=args.shutdown_grace)
     return EXIT_OK
 
 

@@ -224,7 +224,15 @@ class JsonlRecords(RecordFormat):
             return None
 
     def begins_ours(self, data: bytes) -> bool:
-        return not data.strip() or data.startswith(b'{"path": ')  # every record starts with its path
+        if not data.strip():
+            return True
+        if not data.startswith(b'{"path": '):  # every record starts with its path
+            return False
+        try:  # a line cut by a kill is never valid JSON: one that is, yet is not a record, is someone else's
+            json.loads(data)
+        except (ValueError, RecursionError):
+            return True
+        return False
 
 
 class CsvRecords(RecordFormat):

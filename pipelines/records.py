@@ -54,7 +54,7 @@ class RecordFile:
         self._latest: dict[str, tuple[int, bool]] = {}  # key -> (ordinal of its latest record, is it an error)
         self._count = 0  # records in the file, superseded ones included
         self.errors = 0  # paths whose latest record is an error
-        self._created = not os.path.lexists(self.path)  # ours to remove if the run fails before any record
+        self._created = False  # this run made the file: removed again if the run fails before any record
         self._file = self._open_locked()
         _OPEN.add(self)
         try:
@@ -88,7 +88,7 @@ class RecordFile:
             raise self._fail("cannot create its folder", e) from e
         for _ in range(5):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd, self._created = _create_or_open(self.path)
             except IsADirectoryError as e:
                 raise OutputError(f"{printable(self.path)}: is a folder; give a file name") from e
             except OSError as e:
@@ -255,6 +255,14 @@ class RecordFile:
         if error_type is not None and self._created and self._count == 0 and self._regular:
             self.path.unlink(missing_ok=True)
         self.close()
+
+
+def _create_or_open(path: Path) -> tuple[int, bool]:
+    """(descriptor, whether this call created the file): one atomic answer, however others race us."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+    except FileExistsError:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -63,7 +63,6 @@ class ServerSettings:
     torch_threads: int | None = None  # the batcher thread's torch threads (see captioner.torch_threads)
     max_video_jobs: int = 4  # videos subtitled at once; more wait (within their timeout)
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser (none: same origin only)
-    shutdown_grace: float = 10.0  # seconds running requests may finish after SIGTERM or Ctrl-C; then they stop
 
 
 class HTTPError(Exception):
@@ -149,8 +148,10 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         try:
             results = await _unless_gone(request, gathered)
         finally:
-            gathered.cancel()  # a no-op once done; else nobody waits for its outcome now
-            state["batcher"].abandon(f for f in futures if not f.done())  # past the timeout, or the client left
+            if not gathered.done():  # past the timeout, or the client left: nobody waits for the outcome now
+                gathered.cancel()
+                gathered.add_done_callback(_outcome_seen)
+                state["batcher"].abandon(f for f in futures if not f.done())
         return {"captions": [_record(r, min_confidence, fallback, options.n_best) for r in results]}
 
     @app.post("/v1/subtitles")
@@ -322,6 +323,12 @@ def _subtitle_response(result, fmt: str) -> Response:
     text = io.StringIO()
     WRITERS[fmt]().write(result.segments, text)
     return PlainTextResponse(text.getvalue(), media_type=MEDIA_TYPES[fmt])
+
+
+def _outcome_seen(future: asyncio.Future) -> None:
+    """Mark a given-up future's outcome as seen, so asyncio logs no 'exception was never retrieved'."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _unless_gone(request: Request, job: asyncio.Future, every: float = 0.5):

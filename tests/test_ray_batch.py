@@ -1,6 +1,7 @@
 """``batch --ray`` on a real local Ray runtime: same records as the local pipeline, bad files, resume."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SHARED_SAMPLES
 from test_folder import make_bad_images, make_good_images, read_jsonl
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'captioner[ray]')")
@@ -66,8 +67,14 @@ def test_bad_files_become_error_records_and_the_job_goes_on(tmp_path, capsys):
     assert sum("caption" in r for r in records.values()) == 3
     assert "3 captioned, 6 failed, 0 already done" in capsys.readouterr().err
     assert main(["batch", str(folder), "-o", str(out), "--ray"]) == 1  # a rerun: the failures are still there
-    assert "0 captioned, 0 failed, 9 already done, 0.0 images/s; 6 files failed in an earlier run" in \
-        capsys.readouterr().err
+    assert "0 captioned, 0 failed, 9 already done, 0.0 images/s; 6 files failed in an earlier run (use " \
+           "--retry-errors" in capsys.readouterr().err
+    shutil.copy(SHARED_SAMPLES / "rocket.jpg", folder / "bad" / "notes.jpg")  # one of them fixed
+    assert main(["batch", str(folder), "-o", str(out), "--ray", "--retry-errors", "--merge"]) == 1
+    assert "1 captioned, 5 failed, 3 already done" in capsys.readouterr().err
+    merged = by_path(read_jsonl(out / "captions.jsonl"))
+    assert len(merged) == 9 and merged[str(folder / "bad" / "notes.jpg")]["caption"]
+    assert sum("error" in r for r in merged.values()) == 5
 
 
 def test_parquet_shards_from_a_file_uri_and_a_rerun_captions_nothing_again(photos, tmp_path, capsys):

@@ -65,6 +65,7 @@ def test_a_cut_off_jsonl_line_is_dropped_on_resume(tmp_path):
 @pytest.mark.parametrize("name, text", [
     ("settings.jsonl", '{"api_key": "very important settings", "version": 3}'),  # json.dump writes no newline
     ("notes.jsonl", "my precious notes, no trailing newline"),
+    ("config.jsonl", '{"path": "/data/photos", "threshold": 0.5}'),  # JSON that starts like a record, and is not
     ("data.csv", 'size 5"\nfoo,bar\nbaz\n'),  # an odd quote: one unfinished piece to the end
 ])
 def test_someone_elses_file_without_a_final_newline_is_refused_untouched(tmp_path, name, text):

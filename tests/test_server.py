@@ -267,7 +267,8 @@ def test_a_client_that_goes_away_mid_upload_is_not_an_error_of_the_server(quick_
     assert "Exception in ASGI application" not in caplog.text
 
 
-def test_photos_past_their_timeout_stop_and_leave_the_batcher_to_the_next_request(quick_server):
+def test_photos_past_their_timeout_stop_and_leave_the_batcher_to_the_next_request(quick_server, caplog):
+    import gc
     import time
 
     import httpx
@@ -279,6 +280,8 @@ def test_photos_past_their_timeout_stop_and_leave_the_batcher_to_the_next_reques
     started = time.monotonic()
     after = httpx.post(url, files=[photo(CAT)], timeout=60)
     assert after.status_code == 200 and time.monotonic() - started < 4  # not queued behind the abandoned search
+    gc.collect()  # asyncio reports an outcome nobody retrieved when its future is collected
+    assert "never retrieved" not in caplog.text
 
 
 def test_a_video_whose_client_went_away_stops_before_its_timeout(quick_server, tmp_path):
@@ -358,13 +361,13 @@ def test_a_stop_signal_waits_for_a_long_video_only_as_long_as_the_grace(tmp_path
         body = (b'--b\r\nContent-Disposition: form-data; name="video"; filename="long.mp4"\r\n\r\n'
                 + clip.read_bytes() + b"\r\n--b--\r\n")
         connection = socket.create_connection(("127.0.0.1", port))
-        connection.sendall(f"POST /v1/subtitles?every=0.1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-                           f"boundary=b\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        time.sleep(1.0)  # the job is captioning frames: about half a minute of them on 2 cores
+        connection.sendall(f"POST /v1/subtitles?every=0.1&beam_size=32 HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           f"multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(1.0)  # the job is captioning frames: minutes of them at beam 32 on 2 cores
         stopped = time.time()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)  # without the grace limit: the 120 s request timeout
-        assert time.time() - stopped < 15
+        assert time.time() - stopped < 1 + 10  # the grace, and a frame batch to finish
         connection.close()
     finally:
         server.kill()
