@@ -98,6 +98,10 @@ def _check_distributable(cfg: TrainConfig, world: int) -> None:
                           "fine-tune the CNN in one process")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -334,7 +338,7 @@ class Trainer:
             if not self.cfg.finetune_encoder or isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
         total_loss, count = 0.0, 0
-        batches = self.group.my_slices(self._length_bucketed_batches())
+        batches = self._my_share(self._length_bucketed_batches(), _count(len(self.pairs), "caption"))
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", disable=not self.group.leader)
         for batch_ids in bar:
             batch = [self.pairs[i] for i in batch_ids]
@@ -343,6 +347,18 @@ class Trainer:
             count += size
             bar.set_postfix(loss=f"{total_loss / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         return total_loss / count
+
+    def _my_share(self, batches: list[list[int]], what: str) -> list[list[int]]:
+        """This process's slices of the global batches (:meth:`ProcessGroup.my_slices`).
+
+        Raises:
+            DataError: no global batch can give every process one item (every process raises alike).
+        """
+        share = self.group.my_slices(batches)
+        if not share:
+            raise DataError(f"{printable(self.cfg.train_manifest)}: {what} cannot give each of the "
+                            f"{self.group.world} processes one item of a global batch; use fewer processes")
+        return share
 
     def _sample_rate(self) -> float:
         """This cross-entropy epoch's scheduled-sampling rate: 0 in the first, the configured most in the last."""
@@ -518,7 +534,8 @@ class Trainer:
         order = list(range(len(self.train_entries)))
         random.shuffle(order)  # the same order in every process
         size, group = self.cfg.scst_batch_images, self.group
-        batches = group.my_slices([order[start : start + size] for start in range(0, len(order), size)])
+        batches = self._my_share([order[start : start + size] for start in range(0, len(order), size)],
+                                 _count(len(order), "image"))
         bar = tqdm(batches, desc=f"scst {self.scst_done}", unit="batch", disable=not group.leader)
         reward = torch.zeros(2, dtype=torch.float64)  # summed rewards, samples
         for ids in bar:

@@ -239,7 +239,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise OptionError(f"{' and '.join(missing)} required without --config")
         cfg = TrainConfig(**given)
     best = train(cfg, resume=args.resume)
-    _print(json.dumps(best))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the run's result once (rank 0's, as it logs)
+        _print(json.dumps(best))
     return EXIT_OK
 
 

@@ -141,6 +141,10 @@ def shape_cues(
     max_duration: float,
     video_end: float,
 ) -> list[Segment]:
-    """Drop empty and doubtful cues (score below ``min_score``), then enforce the duration limits."""
-    kept = [s for s in segments if s.text.strip() and (min_score is None or s.score >= min_score)]
-    return extend_short(split_long(kept, max_duration), min_duration, video_end)
+    """Enforce the duration limits, then drop empty and doubtful cues (score below ``min_score``).
+
+    In that order, a dropped cue's stretch stays a gap: the cue before it is lengthened only up
+    to where the dropped one began (unsure frames get no cue, not their neighbour's).
+    """
+    shaped = extend_short(split_long(segments, max_duration), min_duration, video_end)
+    return [s for s in shaped if s.text.strip() and (min_score is None or s.score >= min_score)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import secrets
 import sys
@@ -34,6 +35,7 @@ from captioner.pipelines.record_formats import BadRecord, JsonlRecords, checked_
 
 SHARD_FORMATS = ("jsonl", "parquet")
 MERGED_NAME = "captions.jsonl"
+LOCK_NAME = ".captioner.lock"  # held by the run writing a local OUT
 REMOTE_READS = 8  # files fetched at once by one read task from a URI source
 
 
@@ -92,17 +94,30 @@ def filesystem(uri: str):
         raise OptionError(f"{printable(uri)}: cannot open this location: {e}") from e
 
 
+def local_path(uri: str) -> str:
+    """A ``file://`` URI as the local path it names (others unchanged): its folder is walked as a
+    local folder is (symlink loops stopped, dangling links reported), and its records are keyed
+    as a run on the plain path keys them, so either spelling resumes the other."""
+    if uri.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(uri).path) or "/"
+    return uri
+
+
 def list_images(source: str) -> list[tuple[str, str]]:
     """(record path, path inside the source's filesystem) of the image files under ``source``, sorted.
 
-    Local folders are walked as the local pipeline walks them (both paths the same); a URI's
-    files are named ``scheme://path`` in records, without the URI's query options.
+    Local folders (``file://`` URIs too) are walked as the local pipeline walks them (both paths
+    the same); other URIs' files are named ``scheme://path`` in records, without the URI's query
+    options.
 
     Raises:
         OptionError: ``source`` is not a folder, or cannot be listed.
     """
     from pyarrow import fs as pafs
 
+    source = local_path(source)
     if "://" not in source:
         from captioner.pipelines.sources import walk_images
 
@@ -122,7 +137,7 @@ def list_images(source: str) -> list[tuple[str, str]]:
 class ShardWriter:
     """Writes records into OUT as whole shard files; reads back which paths OUT already holds."""
 
-    def __init__(self, out: str, fmt: str, shard_size: int):
+    def __init__(self, out: str, fmt: str, shard_size: int, *, lock: bool = True):
         if fmt not in SHARD_FORMATS:
             raise OptionError(f"format: {fmt!r} is not one of {', '.join(SHARD_FORMATS)} for --ray")
         self.fs, self.root = filesystem(out)
@@ -134,6 +149,38 @@ class ShardWriter:
             self.fs.create_dir(self.root, recursive=True)
         except OSError as e:
             raise OutputError(f"{printable(out)}: cannot create the output folder: {e}") from e
+        self._lock = self._lock_local_folder() if lock else None
+        other = next((n for n in self.shard_names(any_format=True) if not n.endswith("." + fmt)), None)
+        if other is not None:
+            raise OptionError(f"{printable(out)} holds {other.rsplit('.', 1)[-1]} shards; resume with that --format, "
+                              "or write to a new folder")
+
+    def _lock_local_folder(self):
+        """A local OUT is locked while a run writes it: a second run would caption everything again beside
+        the first (object stores have no locks: give each job its own OUT there)."""
+        from pyarrow import fs as pafs
+
+        from captioner.pipelines.records import lock_file
+
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            return None
+        lock = open(os.path.join(self.root, LOCK_NAME), "a+b")  # noqa: SIM115 (held until close())
+        try:
+            lock_file(lock.fileno())
+        except BlockingIOError as e:
+            lock.close()
+            raise OutputError(f"{printable(self.out)}: another captioner run is writing this folder") from e
+        return lock
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
     def remove_staging(self) -> None:
         """Delete shards a killed run left half-written (their records are captioned again)."""
@@ -144,15 +191,17 @@ class ShardWriter:
             if name.startswith(".part-") and name.endswith(".tmp"):
                 self.fs.delete_file(info.path)
 
-    def shard_names(self) -> list[str]:
+    def shard_names(self, *, any_format: bool = False) -> list[str]:
         from pyarrow import fs as pafs
 
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.root))
         except OSError as e:
             raise OutputError(f"{printable(self.out)}: cannot list the output folder: {e}") from e
+        formats = SHARD_FORMATS if any_format else (self.fmt,)
+        suffixes = tuple(f".{f}" for f in formats)
         return sorted(i.path for i in infos if i.type == pafs.FileType.File
-                      and os.path.basename(i.path).startswith("part-") and i.path.endswith("." + self.fmt))
+                      and os.path.basename(i.path).startswith("part-") and i.path.endswith(suffixes))
 
     def records(self) -> Iterator[dict]:
         """Every record of every shard, oldest shard first.
@@ -308,8 +357,8 @@ class Captioner:
         return {"record": [json.dumps(r, ensure_ascii=False) for r in records]}
 
 
-def start_ray(address: str | None, cpus: float | None = None) -> None:
-    """``ray.init()`` for a local runtime (``address`` None) or to join a cluster.
+def start_ray(address: str | None, cpus: float | None = None, *, quiet: bool = False) -> None:
+    """``ray.init()`` for a local runtime (``address`` None) or to join a cluster; ``quiet``: errors only.
 
     Raises:
         OptionError: Ray is not installed, or the cluster cannot be reached.
@@ -320,16 +369,29 @@ def start_ray(address: str | None, cpus: float | None = None) -> None:
         raise OptionError("--ray needs Ray Data: pip install 'captioner[ray]'") from e
     if ray.is_initialized():
         return
+    level = logging.ERROR if quiet else logging.INFO
     try:
         if address is None:
             # Ray runs its workers at nice 15 by default, behind everything else on the machine;
             # a local batch job is the machine's main work (1.3x the images/s here at nice 0)
             os.environ.setdefault("RAY_worker_niceness", "0")
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=level)
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=level)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise OptionError(f"--ray {address or ''}: cannot start or join Ray: {e}".replace("  ", " ")) from e
+
+
+def quiet_ray() -> None:
+    """Ray Data without progress bars, its plans or notes: errors only (``batch --quiet``).
+
+    After ``ray.init``, which sets these loggers up.
+    """
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def caption_with_ray(
@@ -344,6 +406,7 @@ def caption_with_ray(
     fallback: str | None = None,
     merge: bool = False,
     retry_errors: bool = False,
+    progress: bool = True,
 ) -> RaySummary:
     """Caption every image under ``source`` into shards in ``out`` with Ray Data; resumable.
 
@@ -352,6 +415,7 @@ def caption_with_ray(
         out: a local folder or a URI for the shards (``part-*.jsonl`` or ``part-*.parquet``).
         merge: also write ``out/captions.jsonl`` with one record per path (local outputs).
         retry_errors: caption again the files whose record in ``out`` is an error.
+        progress: Ray Data's progress bars and Ray's notes (off: errors only, and the skipped files).
 
     Raises:
         OptionError: bad source, format or Ray address.
@@ -360,51 +424,59 @@ def caption_with_ray(
     import ray
 
     started = time.time()
-    writer = ShardWriter(out, fmt, settings.shard_size)
-    writer.remove_staging()
+    source, out = local_path(source), local_path(out)
+    paths = list_images(source)  # a bad source is refused before OUT is made
+    with ShardWriter(out, fmt, settings.shard_size) as writer:
+        writer.remove_staging()
+        todo, summary = _still_to_do(writer, paths, retry_errors)
+        if todo:
+            start_ray(settings.address, quiet=not progress)
+            if not progress:
+                quiet_ray()
+            threads = max(1, int(settings.cpus_per_actor))
+            dataset = (
+                ray.data.from_items([{"path": p, "inside": inside} for p, inside in todo],
+                                    override_num_blocks=_blocks(len(todo), settings))
+                # I/O: no CPUs reserved, so the actors keep them; as many read tasks at a time as actors,
+                # since without a bound Ray starts a worker process per waiting task, and on a small machine
+                # those starts slow the actor's own (the whole call on 256 images: 0.38x -> 0.50x the local pipeline)
+                .map_batches(read_bytes, fn_kwargs={"source": source}, batch_size=settings.batch_size,
+                             num_cpus=0, concurrency=settings.actors)
+                .map_batches(Captioner, batch_size=settings.batch_size, concurrency=settings.actors,
+                             num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor or None,
+                             fn_constructor_kwargs={"model_dir": model_dir, "options": options,
+                                                    "min_confidence": min_confidence, "fallback": fallback,
+                                                    "threads": threads})
+            )
+            try:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    if summary.first_record is None:
+                        summary.first_record, summary.first_records = time.time() - started, len(batch["record"])
+                    for text in batch["record"]:
+                        record = json.loads(str(text))
+                        writer.add(record)
+                        if "error" in record:
+                            summary.failed += 1
+                            print(f"skipped {record['error']}", file=sys.stderr)
+                        else:
+                            summary.captioned += 1
+            finally:
+                writer.flush()  # what came back is kept, even when Ray fails or Ctrl-C stops the job
+        if merge:
+            writer.merge()
+        summary.seconds = time.time() - started
+        return summary
+
+
+def _still_to_do(writer: ShardWriter, paths: list[tuple[str, str]],
+                 retry_errors: bool) -> tuple[list[tuple[str, str]], RaySummary]:
+    """The paths OUT does not hold (with ``retry_errors``: or holds only errors for), and the summary so far."""
     failed: dict[str, bool] = {}  # path -> only errors recorded for it (a retry's caption supersedes them)
     for record in writer.records():
         failed[record["path"]] = failed.get(record["path"], True) and "error" in record
-    paths = list_images(source)
-    todo = [(p, inside) for p, inside in paths
-            if printable(p) not in failed or (retry_errors and failed[printable(p)])]
-    summary = RaySummary(already_done=len(paths) - len(todo),
-                         earlier_failed=0 if retry_errors else sum(failed.get(printable(p), False) for p, _ in paths))
-    if todo:
-        start_ray(settings.address)
-        threads = max(1, int(settings.cpus_per_actor))
-        dataset = (
-            ray.data.from_items([{"path": p, "inside": inside} for p, inside in todo],
-                                override_num_blocks=_blocks(len(todo), settings))
-            # I/O: no CPUs reserved, so the actors keep them; as many read tasks at a time as actors,
-            # since without a bound Ray starts a worker process per waiting task, and on a small machine
-            # those starts slow the actor's own (the whole call on 256 images: 0.38x -> 0.50x the local pipeline)
-            .map_batches(read_bytes, fn_kwargs={"source": source}, batch_size=settings.batch_size,
-                         num_cpus=0, concurrency=settings.actors)
-            .map_batches(Captioner, batch_size=settings.batch_size, concurrency=settings.actors,
-                         num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor or None,
-                         fn_constructor_kwargs={"model_dir": model_dir, "options": options,
-                                                "min_confidence": min_confidence, "fallback": fallback,
-                                                "threads": threads})
-        )
-        try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                if summary.first_record is None:
-                    summary.first_record, summary.first_records = time.time() - started, len(batch["record"])
-                for text in batch["record"]:
-                    record = json.loads(str(text))
-                    writer.add(record)
-                    if "error" in record:
-                        summary.failed += 1
-                        print(f"skipped {record['error']}", file=sys.stderr)
-                    else:
-                        summary.captioned += 1
-        finally:
-            writer.flush()  # what came back is kept, even when Ray fails or Ctrl-C stops the job
-    if merge:
-        writer.merge()
-    summary.seconds = time.time() - started
-    return summary
+    todo = [(p, inside) for p, inside in paths if printable(p) not in failed or (retry_errors and failed[printable(p)])]
+    earlier = 0 if retry_errors else sum(failed.get(printable(p), False) for p, _ in paths)
+    return todo, RaySummary(already_done=len(paths) - len(todo), earlier_failed=earlier)
 
 
 def _blocks(count: int, settings: RaySettings) -> int:
@@ -414,7 +486,7 @@ def _blocks(count: int, settings: RaySettings) -> int:
 
 def iter_records(out: str, fmt: str = "jsonl") -> Iterable[dict]:
     """Every record in ``out``'s shards (for callers and tests)."""
-    return ShardWriter(out, fmt, 1).records()
+    return ShardWriter(local_path(out), fmt, 1, lock=False).records()
 
 
 def add_ray_flags(parser) -> None:
@@ -436,7 +508,7 @@ def run_from_args(args, model_dir: str | None, options) -> RaySummary:
     """The ``batch --ray`` command's work, flags already parsed; the model was checked by the caller."""
     if args.html or args.compile or args.backend != "torch":
         raise OptionError("--html, --compile and --backend are not available with --ray")
-    if args.merge and "://" in args.output:
+    if args.merge and "://" in local_path(args.output):
         raise OptionError("--merge writes a local captions.jsonl: give a local -o, or merge the shards yourself")
     if min(args.actors, args.shard_size) < 1 or args.gpus_per_actor < 0:
         raise OptionError("--actors and --shard-size must be at least 1, --gpus-per-actor not negative")
@@ -445,5 +517,6 @@ def run_from_args(args, model_dir: str | None, options) -> RaySummary:
                            cpus_per_actor=cpus, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
                            shard_size=args.shard_size)
     return caption_with_ray(args.folder, args.output, model_dir=model_dir, options=options, settings=settings,
-                            fmt=args.format or "jsonl", min_confidence=args.min_confidence, fallback=args.fallback,
-                            merge=args.merge, retry_errors=args.retry_errors)
+                            fmt=args.format or ("parquet" if args.output.endswith(".parquet") else "jsonl"),
+                            min_confidence=args.min_confidence, fallback=args.fallback,
+                            merge=args.merge, retry_errors=args.retry_errors, progress=not args.quiet)

@@ -94,7 +94,7 @@ class RecordFile:
             except OSError as e:
                 raise self._fail("cannot open for writing", e) from e
             try:
-                _lock(fd)
+                lock_file(fd)
                 file = open(fd, "r+b", buffering=0)  # noqa: SIM115 (closed by close()); unbuffered: see _write
             except BlockingIOError as e:
                 os.close(fd)
@@ -223,7 +223,7 @@ class RecordFile:
             raise self._fail("cannot rewrite", e) from e
         new = open(fd, "r+b", buffering=0)  # noqa: SIM115 (becomes self._file)
         try:
-            _lock(fd)
+            lock_file(fd)
             os.fchmod(fd, stat.S_IMODE(os.fstat(self._file.fileno()).st_mode))
             self._write(new, self.fmt.header())
             for ordinal, record in enumerate(self._records(self._file)):
@@ -273,7 +273,7 @@ def _same_file(fd: int, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _lock(fd: int) -> None:
+def lock_file(fd: int) -> None:
     """Take an exclusive lock or raise BlockingIOError at once; released when the file closes (or the run dies)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from captioner.errors import OptionError
+from captioner.errors import OptionError, printable
 from captioner.outputs import write_atomically
 from captioner.pipelines.cues import Segment
 
@@ -84,10 +84,15 @@ def writer_for(path: str | os.PathLike | None = None, name: str | None = None) -
     """The writer named, else the one matching ``path``'s extension, else SRT.
 
     Raises:
-        OptionError: the name or extension is not a subtitle format we write (a ValueError too).
+        OptionError: the name or extension is not a subtitle format we write (a ValueError too),
+            or the name contradicts an extension that names another one (SRT text in ``x.vtt``).
     """
+    extension = Path(path).suffix.lower().lstrip(".") if path is not None else ""
+    if name is not None and extension in WRITERS and extension != name:
+        raise OptionError(f"--format {name} would write {name} into {printable(path)}, which players read as "
+                          f"{extension}: name the file .{name}, or leave --format out")
     if name is None and path is not None:
-        name = Path(path).suffix.lower().lstrip(".")
+        name = extension
     name = name or "srt"
     if name not in WRITERS:
         raise OptionError(f"subtitle format {name!r} must be one of {sorted(WRITERS)} (or use --format)")

@@ -60,6 +60,13 @@ def test_min_score_drops_doubtful_and_empty_cues():
     assert shaped[0].end == pytest.approx(2.0)
 
 
+def test_a_dropped_cue_leaves_its_stretch_a_gap_not_the_cue_before_it_lengthened():
+    cues = [Segment(0.9, 1.2, "a cat", -0.5), Segment(1.2, 2.1, "", -0.1), Segment(2.1, 2.4, "unsure", -3.0),
+            Segment(2.4, 4.0, "a toy", -0.5)]
+    shaped = shape_cues(cues, min_score=-2.0, min_duration=1.0, max_duration=7.0, video_end=4.0)
+    assert [(c.text, c.start, c.end) for c in shaped] == [("a cat", 0.9, 1.2), ("a toy", 2.4, 4.0)]
+
+
 def frame(time, text="a dog", shot=0, span=None):
     return CaptionedFrame(time, text, -1.0, shot, span)
 

@@ -39,9 +39,22 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_config, tmp_pat
     alone, together = losses(tmp_path / "one"), losses(tmp_path / "two")
     print("1 process:", alone, "2 processes:", together)
     assert len(together) == 3  # rank 0 alone logs
+    assert two.stdout.count('"epoch"') == one.stdout.count('"epoch"')  # and prints: the result once, not per rank
     assert together == pytest.approx(alone, rel=1e-4)
     assert alone[-1] < alone[0]  # it learned: the match is not two untrained copies agreeing
     assert (tmp_path / "two" / "best" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_too_few_captions_for_the_processes_is_one_line_not_a_crash(tiny_config, tmp_path):  # noqa: F811
+    config = {k: v for k, v in dataclasses.asdict(tiny_config).items() if v is not None}
+    first = open(tiny_config.train_manifest).readline()
+    entry = json.loads(first)
+    (tmp_path / "one.jsonl").write_text(json.dumps({**entry, "captions": entry["captions"][:1]}) + "\n")
+    config.update(epochs=1, batch_size=2, out_dir=str(tmp_path / "run"), train_manifest=str(tmp_path / "one.jsonl"))
+    done = run_torchrun(config, tmp_path / "c.json", 2)
+    assert done.returncode != 0 and "1 caption cannot give each of the 2 processes one item" in done.stderr
+    assert "ZeroDivisionError" not in done.stderr
 
 
 @pytest.mark.slow

@@ -38,9 +38,10 @@ def by_path(records):
     return {r["path"]: r for r in records}
 
 
-def test_ray_gives_the_local_pipelines_records_for_40_real_photos(photos, tmp_path):
+def test_ray_gives_the_local_pipelines_records_for_40_real_photos(photos, tmp_path, capfd):
     assert main(["batch", str(photos), "-o", str(tmp_path / "local.jsonl"), "--quiet"]) == 0
-    assert main(["batch", str(photos), "-o", str(tmp_path / "shards"), "--ray", "--shard-size", "16"]) == 0
+    assert main(["batch", str(photos), "-o", str(tmp_path / "shards"), "--ray", "--shard-size", "16", "--quiet"]) == 0
+    assert "INFO" not in capfd.readouterr().err  # Ray Data's plans and progress stay out of a quiet run
     local, shards = by_path(read_jsonl(tmp_path / "local.jsonl")), by_path(iter_records(str(tmp_path / "shards")))
     assert len(shards) == len(local) == 40 and shards.keys() == local.keys()
     for path, record in local.items():
@@ -77,15 +78,31 @@ def test_bad_files_become_error_records_and_the_job_goes_on(tmp_path, capsys):
     assert sum("error" in r for r in merged.values()) == 5
 
 
-def test_parquet_shards_from_a_file_uri_and_a_rerun_captions_nothing_again(photos, tmp_path, capsys):
-    source, out = f"file://{photos}", f"file://{tmp_path / 'pq'}"
-    assert main(["batch", source, "-o", out, "--ray", "--format", "parquet", "--shard-size", "32"]) == 0
-    records = list(iter_records(str(tmp_path / "pq"), "parquet"))
-    assert len(records) == 40 and all(r["path"].startswith("file:///") and r["caption"] for r in records)
+def test_parquet_shards_from_a_file_uri_resume_as_the_plain_folder_and_a_rerun_captions_nothing(photos, tmp_path,
+                                                                                                capsys):
+    source, out = f"file://{photos}", f"file://{tmp_path / 'pq.parquet'}"  # the extension picks parquet
+    assert main(["batch", source, "-o", out, "--ray", "--shard-size", "32"]) == 0
+    records = list(iter_records(str(tmp_path / "pq.parquet"), "parquet"))
+    local = {str(p) for p in photos.rglob("*.jpg")}
+    assert len(records) == 40 and {r["path"] for r in records} == local and all(r["caption"] for r in records)
     capsys.readouterr()
-    assert main(["batch", source, "-o", out, "--ray", "--format", "parquet"]) == 0
+    assert main(["batch", str(photos), "-o", out, "--ray", "--format", "parquet"]) == 0  # the folder as a path
     assert "0 captioned, 0 failed, 40 already done" in capsys.readouterr().err
-    assert len(list(iter_records(str(tmp_path / "pq"), "parquet"))) == 40
+    assert len(list(iter_records(str(tmp_path / "pq.parquet"), "parquet"))) == 40
+
+
+def test_an_output_folder_is_one_runs_at_a_time_and_one_formats(photos, tmp_path, capsys):
+    from captioner.pipelines.ray_batch import ShardWriter
+
+    out = tmp_path / "shards"
+    with ShardWriter(str(out), "jsonl", 10):  # another run holds it
+        assert main(["batch", str(photos), "-o", str(out), "--ray"]) == 1
+        assert "another captioner run is writing this folder" in capsys.readouterr().err
+    (out / "part-earlier-000000.jsonl").write_text('{"path": "/x.jpg", "caption": "a dog", "score": -1.0}\n')
+    assert main(["batch", str(photos), "-o", str(out), "--ray", "--format", "parquet"]) == 2
+    assert "holds jsonl shards; resume with that --format" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path / "nowhere"), "-o", str(tmp_path / "new"), "--ray"]) == 2
+    assert not (tmp_path / "new").exists()  # the source is refused before the output is made
 
 
 def test_a_uri_read_task_keeps_the_order_of_its_files_and_names_one_that_is_gone(photos):
@@ -117,7 +134,7 @@ def test_a_killed_driver_resumes_without_duplicates(photos, tmp_path):
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     paths = [r["path"] for r in iter_records(str(out))]
     assert len(paths) == len(set(paths)) == 40
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # a cut-off shard's staging file is gone
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".part-")]  # a cut-off shard's staging file is gone
 
 
 def test_ray_flags_are_checked_before_ray_starts(photos, tmp_path, capsys):
@@ -125,7 +142,7 @@ def test_ray_flags_are_checked_before_ray_starts(photos, tmp_path, capsys):
     assert "not CSV" in capsys.readouterr().err
     assert main(["batch", str(photos), "-o", str(tmp_path / "o.jsonl"), "--format", "parquet"]) == 2
     assert "use it with --ray" in capsys.readouterr().err
-    assert main(["batch", str(photos), "-o", "file:///tmp/x", "--ray", "--merge"]) == 2
+    assert main(["batch", str(photos), "-o", "s3://bucket/x", "--ray", "--merge"]) == 2
     assert "give a local -o" in capsys.readouterr().err
     assert main(["batch", "s3-nonsense://bucket/x", "-o", str(tmp_path / "o"), "--ray"]) == 2
     assert "cannot open this location" in capsys.readouterr().err

@@ -87,7 +87,10 @@ def test_jsonl_has_one_record_per_cue():
 
 def test_writer_is_chosen_by_name_then_extension_then_srt():
     assert isinstance(writer_for("out.VTT"), WriteVTT)
-    assert isinstance(writer_for("out.vtt", "jsonl"), WriteJSONL)
+    assert isinstance(writer_for("out.log", "jsonl"), WriteJSONL)
+    assert isinstance(writer_for("out.VTT", "vtt"), WriteVTT)
+    with pytest.raises(OptionError, match="--format srt would write srt into out.vtt, which players read as vtt"):
+        writer_for("out.vtt", "srt")  # SRT text under a WebVTT name: no player would read it
     assert isinstance(writer_for(None), WriteSRT)
     assert {w().extension for w in (WriteSRT, WriteVTT, WriteJSONL)} == {"srt", "vtt", "jsonl"}
     with pytest.raises(OptionError, match="'txt'"):
