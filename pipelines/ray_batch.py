@@ -152,6 +152,7 @@ class ShardWriter:
         self._lock = self._lock_local_folder() if lock else None
         other = next((n for n in self.shard_names(any_format=True) if not n.endswith("." + fmt)), None)
         if other is not None:
+            self.close()
             raise OptionError(f"{printable(out)} holds {other.rsplit('.', 1)[-1]} shards; resume with that --format, "
                               "or write to a new folder")
 

@@ -123,8 +123,9 @@ class RecordFile:
                     if ending is not None:
                         yield ending
                     break
-                ours = True  # a line that is not ours raised in parse_at
-                if (record := self.fmt.parse_at(chunk, self.path)) is not None:
+                record = self.fmt.parse_at(chunk, self.path)  # a line that is not ours raises here
+                ours = ours or bool(chunk.data.strip())  # a record or our header (a blank line proves nothing)
+                if record is not None:
                     yield record
         finally:
             reader.detach()  # the file stays open

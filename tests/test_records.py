@@ -67,11 +67,12 @@ def test_a_cut_off_jsonl_line_is_dropped_on_resume(tmp_path):
     ("notes.jsonl", "my precious notes, no trailing newline"),
     ("config.jsonl", '{"path": "/data/photos", "threshold": 0.5}'),  # JSON that starts like a record, and is not
     ("data.csv", 'size 5"\nfoo,bar\nbaz\n'),  # an odd quote: one unfinished piece to the end
+    ("blank.jsonl", "\nsome notes after a blank line"),
 ])
 def test_someone_elses_file_without_a_final_newline_is_refused_untouched(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(OutputError, match=f"^{path}:1: not a file of captioner records"):
+    with pytest.raises(OutputError, match=rf"^{path}:\d: not a file of captioner records"):
         RecordFile(path)
     assert path.read_text() == text
 
