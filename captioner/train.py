@@ -235,6 +235,7 @@ class Trainer:
         # fine-tuning decodes every batch's images; PIL releases the GIL, so threads decode in parallel
         self._readers = ThreadPoolExecutor(max_workers=max(1, cfg.num_workers))
         self.pairs = _caption_pairs(self.train_entries, self.vocab, cfg.max_caption_words)
+        self._check_shares()  # before the features are cached: a phase that cannot run fails now, not hours later
         self.train_grids, self.dev_grids = self._load_grids()
         if cfg.dev_limit:
             self.dev_entries = self.dev_entries[: cfg.dev_limit]
@@ -348,6 +349,21 @@ class Trainer:
             bar.set_postfix(loss=f"{total_loss / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         return total_loss / count
 
+    def _check_shares(self) -> None:
+        """Under torchrun, both phases need at least one item per process in some global batch.
+
+        Raises:
+            DataError: too few captions (cross-entropy) or images (self-critical) for the processes.
+        """
+        if len(self.pairs) < self.group.world:
+            raise self._too_few(_count(len(self.pairs), "caption"))
+        if self.cfg.scst_epochs and len(self.train_entries) < self.group.world:
+            raise self._too_few(_count(len(self.train_entries), "image"))
+
+    def _too_few(self, what: str) -> DataError:
+        return DataError(f"{printable(self.cfg.train_manifest)}: {what} cannot give each of the "
+                         f"{self.group.world} processes one item of a global batch; use fewer processes")
+
     def _my_share(self, batches: list[list[int]], what: str) -> list[list[int]]:
         """This process's slices of the global batches (:meth:`ProcessGroup.my_slices`).
 
@@ -356,8 +372,7 @@ class Trainer:
         """
         share = self.group.my_slices(batches)
         if not share:
-            raise DataError(f"{printable(self.cfg.train_manifest)}: {what} cannot give each of the "
-                            f"{self.group.world} processes one item of a global batch; use fewer processes")
+            raise self._too_few(what)
         return share
 
     def _sample_rate(self) -> float:

@@ -101,7 +101,11 @@ def local_path(uri: str) -> str:
     if uri.startswith("file://"):
         from urllib.parse import unquote, urlparse
 
-        return unquote(urlparse(uri).path) or "/"
+        parts = urlparse(uri)
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise OptionError(f"{printable(uri)}: a file:// URI names a folder on this machine, as "
+                              "file:///absolute/path")
+        return unquote(parts.path)
     return uri
 
 
@@ -165,12 +169,18 @@ class ShardWriter:
 
         if not isinstance(self.fs, pafs.LocalFileSystem):
             return None
-        lock = open(os.path.join(self.root, LOCK_NAME), "a+b")  # noqa: SIM115 (held until close())
+        try:
+            lock = open(os.path.join(self.root, LOCK_NAME), "a+b")  # noqa: SIM115 (held until close())
+        except OSError as e:
+            raise OutputError(f"{printable(self.out)}: cannot lock the output folder: {reason(e)}") from e
         try:
             lock_file(lock.fileno())
         except BlockingIOError as e:
             lock.close()
             raise OutputError(f"{printable(self.out)}: another captioner run is writing this folder") from e
+        except OSError as e:  # a file system without locks
+            lock.close()
+            raise OutputError(f"{printable(self.out)}: cannot lock the output folder: {reason(e)}") from e
         return lock
 
     def close(self) -> None:
@@ -242,9 +252,10 @@ class ShardWriter:
         if any run captioned it (a retry), else its latest error."""
         latest: dict[str, dict] = {}
         for record in self.records():
-            if "error" not in latest.get(record["path"], {"error": ""}) and "error" in record:
+            path = local_path(record["path"])  # an older version named a file:// source's files by URI
+            if "error" not in latest.get(path, {"error": ""}) and "error" in record:
                 continue  # a caption is never superseded by an error
-            latest[record["path"]] = record
+            latest[path] = record
         target = Path(self.root) / MERGED_NAME
         from captioner.outputs import write_atomically
 
@@ -386,7 +397,8 @@ def start_ray(address: str | None, cpus: float | None = None, *, quiet: bool = F
 def quiet_ray() -> None:
     """Ray Data without progress bars, its plans or notes: errors only (``batch --quiet``).
 
-    After ``ray.init``, which sets these loggers up.
+    After ``ray.init``, which sets these loggers up. For the rest of the process: a library
+    caller who wants them back sets the ``ray`` loggers' level and Ray Data's progress bars again.
     """
     import ray
 
@@ -474,7 +486,8 @@ def _still_to_do(writer: ShardWriter, paths: list[tuple[str, str]],
     """The paths OUT does not hold (with ``retry_errors``: or holds only errors for), and the summary so far."""
     failed: dict[str, bool] = {}  # path -> only errors recorded for it (a retry's caption supersedes them)
     for record in writer.records():
-        failed[record["path"]] = failed.get(record["path"], True) and "error" in record
+        path = local_path(record["path"])  # an older version named a file:// source's files by URI
+        failed[path] = failed.get(path, True) and "error" in record
     todo = [(p, inside) for p, inside in paths if printable(p) not in failed or (retry_errors and failed[printable(p)])]
     earlier = 0 if retry_errors else sum(failed.get(printable(p), False) for p, _ in paths)
     return todo, RaySummary(already_done=len(paths) - len(todo), earlier_failed=earlier)

@@ -148,6 +148,19 @@ def test_without_torchrun_the_group_is_this_process_alone(monkeypatch):
     assert group.share({"CIDEr-D": 0.5}) == {"CIDEr-D": 0.5}
 
 
+def test_a_phase_too_small_for_the_processes_is_refused_before_any_work(tiny_config, tmp_path,  # noqa: F811
+                                                                        monkeypatch):
+    from captioner.errors import DataError
+
+    monkeypatch.setattr("captioner.train.join", lambda device: ProcessGroup(rank=1, local_rank=1, world=2))
+    entry = json.loads(open(tiny_config.train_manifest).readline())
+    (tmp_path / "one.jsonl").write_text(json.dumps(entry) + "\n")  # one image, its captions
+    one_image = dataclasses.replace(tiny_config, train_manifest=str(tmp_path / "one.jsonl"), min_word_count=1,
+                                    batch_size=2, scst_epochs=1, scst_batch_images=2)
+    with pytest.raises(DataError, match="1 image cannot give each of the 2 processes one item"):
+        Trainer(one_image)  # not after a whole cross-entropy phase
+
+
 def test_phases_that_cannot_run_data_parallel_are_refused_at_start(tiny_config, monkeypatch):  # noqa: F811
     monkeypatch.setattr("captioner.train.join", lambda device: ProcessGroup(rank=1, local_rank=1, world=2))
     with pytest.raises(OptionError, match="under torchrun.*finetune_encoder false"):

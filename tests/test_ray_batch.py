@@ -1,5 +1,6 @@
 """``batch --ray`` on a real local Ray runtime: same records as the local pipeline, bad files, resume."""
 
+import json
 import os
 import shutil
 import signal
@@ -103,6 +104,25 @@ def test_an_output_folder_is_one_runs_at_a_time_and_one_formats(photos, tmp_path
     assert "holds jsonl shards; resume with that --format" in capsys.readouterr().err
     assert main(["batch", str(tmp_path / "nowhere"), "-o", str(tmp_path / "new"), "--ray"]) == 2
     assert not (tmp_path / "new").exists()  # the source is refused before the output is made
+
+
+def test_file_uris_name_folders_of_this_machine_and_old_uri_records_still_resume(photos, tmp_path):
+    from captioner.errors import OptionError
+    from captioner.pipelines.ray_batch import ShardWriter, _still_to_do, list_images, local_path
+
+    assert local_path("file:///a%20b/c") == "/a b/c" and local_path("file://localhost/x") == "/x"
+    assert local_path("s3://bucket/x") == "s3://bucket/x"
+    for uri in ("file://nas/share/photos", "file://"):  # another machine's folder, or none: never the root here
+        with pytest.raises(OptionError, match="names a folder on this machine"):
+            local_path(uri)
+    first, *rest = list_images(str(photos))
+    out = tmp_path / "old"
+    out.mkdir()  # shards of an older version, which named a file:// source's files by URI
+    (out / "part-old-000000.jsonl").write_text(json.dumps({"path": f"file://{first[0]}", "caption": "a dog",
+                                                           "score": -1.0, "min_prob": 0.5}) + "\n")
+    with ShardWriter(str(out), "jsonl", 10) as writer:
+        todo, summary = _still_to_do(writer, [first, *rest], retry_errors=False)
+    assert first not in todo and len(todo) == len(rest) and summary.already_done == 1
 
 
 def test_a_uri_read_task_keeps_the_order_of_its_files_and_names_one_that_is_gone(photos):
