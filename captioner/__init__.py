@@ -17,7 +17,7 @@ _FRONT_DOORS = {
     "evaluate": "captioner.api",
     "load_model": "captioner.api",
     "Caption": "captioner.decoding",
-    "DecodingOptions": "captioner.decoding",
+    "DecodingOptions": "captioner.options",  # torch-free: building options costs no torch import
 }
 
 __all__ = ["Caption", "CaptionerError", "DecodingOptions", "caption_images", "caption_paths", "evaluate", "load_model"]

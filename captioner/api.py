@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,15 @@ from torch.utils.data import DataLoader
 from captioner.allocator import keep_freed_memory
 from captioner.data import read_manifest
 from captioner.decoding import Caption, DecodingOptions
+from captioner.errors import OptionError
 from captioner.evaluation import evaluate_grids, path_grids
 from captioner.features import ImageFiles, collate_images
 from captioner.images import model_pixels
 from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
-from captioner.options import DEFAULT_WORKERS
+from captioner.options import DEFAULT_WORKERS, check_device
 from captioner.tags import Tag
+
+PATHS_AT_ONCE = 4096  # paths :func:`caption_paths` lists, and hands one DataLoader, at a time
 
 
 def load_model(path: str | os.PathLike | None = None, *, device: str | None = None) -> CaptionModel:
@@ -35,8 +39,10 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | None = No
     and folds the encoder's batch norm into its convolutions (about 1.3x the encoder's
     images/s). A model to train or save comes from :meth:`CaptionModel.load` instead.
     """
+    if device is not None:
+        check_device(device, "device")  # "CUDA is not available here; use cpu", not torch's RuntimeError
     keep_freed_memory()
-    model = CaptionModel.load(path or DEFAULT_MODEL_DIR, device=device)
+    model = CaptionModel.load(DEFAULT_MODEL_DIR if path is None else path, device=device)
     model.encoder.fold_batch_norm()
     return model
 
@@ -62,9 +68,18 @@ def caption_paths(
     """Caption files in batches, in input order per batch; unreadable files yield an error result.
 
     Decoding and resizing happen in DataLoader workers when ``num_workers`` > 0, so the
-    encoder and the beam search see full batches while the next ones are read.
+    encoder and the beam search see full batches while the next ones are read. ``paths`` is
+    taken :data:`PATHS_AT_ONCE` at a time: a generator of millions is never held whole.
     """
-    paths = list(paths)
+    _refuse_one(paths, "paths")
+    _check_run_args(options, batch_size, num_workers)
+    pending = iter(paths)
+    while chunk := list(itertools.islice(pending, PATHS_AT_ONCE)):
+        yield from _caption_listed_paths(model, chunk, options, batch_size, num_workers)
+
+
+def _caption_listed_paths(model: CaptionModel, paths: list, options: DecodingOptions | None, batch_size: int,
+                          num_workers: int) -> Iterator[PathResult]:
     loader = DataLoader(
         ImageFiles(paths, model.encoder.preprocess.size),
         batch_size=batch_size,
@@ -106,7 +121,9 @@ def caption_images(
     Raises:
         ImageReadError: a path could not be read (use :func:`caption_paths` to skip bad files).
     """
+    _refuse_one(images, "images")
     images = list(images)
+    _check_run_args(options, batch_size, 0)
     captions: list[Caption] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -130,7 +147,33 @@ def evaluate(
         DataError: the manifest is unreadable, empty, or has a line without captions.
         ImageReadError: an image of the manifest cannot be read (scores would be biased).
     """
+    _check_run_args(options, batch_size, num_workers)
     entries = read_manifest(manifest, require_captions=True)
     grids = path_grids(model, [e.image for e in entries], batch_size=batch_size, num_workers=num_workers)
     scores, _ = evaluate_grids(model, grids, [e.captions for e in entries], options, meteor=meteor)
     return scores
+
+
+def _refuse_one(given: Iterable, what: str) -> None:
+    """One path given alone is refused, not read letter by letter.
+
+    Raises:
+        OptionError: ``given`` is a single path (str, bytes or PathLike) rather than a collection.
+    """
+    if isinstance(given, (str, bytes, os.PathLike)):
+        raise OptionError(f"{what} must be a list (or other iterable) of them; for one, pass [{given!r}]")
+
+
+def _check_run_args(options: DecodingOptions | None, batch_size: int, num_workers: int) -> None:
+    """The front doors' own arguments, checked before any work, each named when wrong.
+
+    Raises:
+        OptionError: ``options`` is not a :class:`DecodingOptions`, or a count is not a positive
+            (``num_workers``: non-negative) whole number.
+    """
+    if options is not None and not isinstance(options, DecodingOptions):
+        raise OptionError(f"options must be a DecodingOptions (e.g. DecodingOptions(beam_size=2)), "
+                          f"not {type(options).__name__}")
+    for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise OptionError(f"{name}={value!r} must be a whole number of at least {least}")

@@ -46,6 +46,8 @@ class DynamicBatcher:
         :func:`captioner.torch_threads.keep_torch_off_this_thread` (None: leave it as it is)."""
         if torch_threads is not None and torch_threads < 1:
             raise ValueError(f"torch_threads={torch_threads} must be at least 1")
+        if max_batch_size < 1 or max_wait < 0:
+            raise ValueError(f"max_batch_size={max_batch_size} must be at least 1 and max_wait={max_wait} not negative")
         self.model = model
         self.torch_threads = torch_threads
         self.max_batch_size = max_batch_size
@@ -63,8 +65,15 @@ class DynamicBatcher:
         """Queue one image's pixels; the future gives its :class:`PathResult` (or the batch's exception).
 
         Raises:
+            ValueError: ``pixels`` are not the model's (S, S, 3) uint8 input.
             RuntimeError: the batcher is closed.
         """
+        size = self.model.encoder.preprocess.size
+        if not isinstance(pixels, np.ndarray) or pixels.shape != (size, size, 3) or pixels.dtype != np.uint8:
+            # one bad item would fail the whole batch it joins, other callers' images included
+            raise ValueError(f"{name}: pixels must be a ({size}, {size}, 3) uint8 array (captioner.images."
+                             f"model_pixels), not {getattr(pixels, 'dtype', type(pixels).__name__)} "
+                             f"{getattr(pixels, 'shape', '')}")
         item = _Item(name, pixels, options)
         with self._closing:
             if self._closed:

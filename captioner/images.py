@@ -12,7 +12,7 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from captioner.errors import ImageReadError, printable
+from captioner.errors import ImageReadError, printable, reason
 
 # Refuse images above this many pixels (a decompression bomb guard; 10x a 24 MP photo).
 MAX_PIXELS = 240_000_000
@@ -118,6 +118,9 @@ def model_pixels(image: ImageInput, size: int) -> np.ndarray:
     Every door into the model (files, PIL images from Python, video frames, training) comes
     through here, so one picture gets one caption whichever way it arrives: PIL images are
     turned upright by their EXIF tag like files are. Frames are (H, W, 3) uint8 RGB arrays.
+    One exception, for speed: a JPEG *file* at least 1344 pixels on both sides is decoded at
+    1/2 to 1/8 scale by its DCT (:func:`load_image`), so its pixels, and rarely its caption,
+    differ slightly from the same photo passed as a PIL image or an array.
     Pictures are squashed, not cropped: a caption describes the whole picture, and the
     Flickr8k training images were squashed the same way.
 
@@ -127,10 +130,20 @@ def model_pixels(image: ImageInput, size: int) -> np.ndarray:
     if isinstance(image, np.ndarray):
         rgb = _frame_image(image)
     elif isinstance(image, Image.Image):
-        rgb = upright_rgb(image)
+        rgb = _given_image(image)
     else:
         rgb = load_image(image, min_side=REDUCING_GAP * size)
     return _squashed(rgb, size)
+
+
+def _given_image(image: Image.Image) -> Image.Image:
+    """A PIL image from the caller, upright RGB; a closed or empty one is a read error like a bad file's."""
+    if 0 in image.size:
+        raise ImageReadError(f"an empty PIL image ({image.width}x{image.height} pixels)")
+    try:
+        return upright_rgb(image)
+    except (ValueError, OSError, AssertionError) as e:  # Pillow's ways of saying "closed" (an assert, once)
+        raise ImageReadError(f"cannot read this PIL image (closed?): {reason(e) or type(e).__name__}") from e
 
 
 def bytes_pixels(data: bytes, name: str, size: int, *, formats: tuple[str, ...] | None = None) -> np.ndarray:
@@ -157,8 +170,9 @@ def _frame_image(frame: np.ndarray) -> Image.Image:
 
 def upright_rgb(image: Image.Image) -> Image.Image:
     """``image`` turned by its EXIF orientation and converted to 8-bit RGB."""
-    if image.width * image.height > MAX_PIXELS:
-        raise ImageReadError(f"{image.width}x{image.height} pixels exceeds the limit of {MAX_PIXELS}")
+    limit = _pixel_limit()
+    if image.width * image.height > limit:
+        raise ImageReadError(f"{image.width}x{image.height} pixels exceeds the limit of {limit}")
     with warnings.catch_warnings():  # "Corrupt EXIF data": the photo is still good, only its tag is not
         warnings.simplefilter("ignore", UserWarning)
         return to_rgb(ImageOps.exif_transpose(image))
@@ -177,7 +191,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(values.clip(0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode == "La":  # premultiplied: Pillow converts it to LA only
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

@@ -278,7 +278,8 @@ class CaptionModel(nn.Module):
         """
         directory = Path(directory)
         if not directory.is_dir():
-            raise ModelLoadError(f"{printable(directory)}: cannot load model: no such folder")
+            why = "a file, not a model folder" if directory.exists() else "no such folder"
+            raise ModelLoadError(f"{printable(directory)}: cannot load model: {why}")
         config = _read_config(directory / CONFIG_FILE)
         vocab = _read_vocab(directory / VOCAB_FILE, config)
         tensors = _read_weights(directory / WEIGHTS_FILE, expected_tensors(config))

@@ -357,7 +357,7 @@ def _add_min_confidence_flag(p, effect: str) -> None:
 
 
 def _check_fallback(args: argparse.Namespace) -> None:
-    if args.fallback and args.min_confidence is None:
+    if args.fallback and args.min_confidence is None:  # check_fallback's rule, in the flags' names
         raise OptionError("--fallback replaces unsure captions: give --min-confidence too")
 
 

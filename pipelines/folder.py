@@ -18,7 +18,7 @@ from captioner.errors import CaptionerError, OptionError, one_line, printable
 from captioner.model import CaptionModel
 from captioner.options import DEFAULT_WORKERS
 from captioner.outputs import same_file
-from captioner.pipelines.record_formats import format_for, result_record
+from captioner.pipelines.record_formats import check_fallback, format_for, result_record
 from captioner.pipelines.records import RecordFile
 from captioner.pipelines.sources import walk_images
 
@@ -88,6 +88,7 @@ def caption_folder(
                                   min_confidence=min_confidence, fallback=fallback)
     if not os.path.isdir(root):
         raise OptionError(f"{printable(root)}: not a folder")
+    check_fallback(fallback, min_confidence)
     check_min_confidence(min_confidence, model)
     bar = tqdm(desc="captioning", unit="img", disable=not progress, file=sys.stderr)
     run = _Run(records, retry_errors, min_confidence, fallback, bar)

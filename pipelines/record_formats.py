@@ -37,6 +37,18 @@ NUMERIC_FIELDS = frozenset({"score", "min_prob", "confidence"})
 # The columns written by versions before confidence; such files are read as they are and upgraded.
 UNCALIBRATED_CSV_FIELDS = RECORD_FIELDS[:7]
 FALLBACKS = ("tags",)  # what may stand in for an unsure caption (--fallback)
+
+
+def check_fallback(fallback: str | None, min_confidence: float | None) -> None:
+    """A fallback is one we know, and has unsure captions to replace.
+
+    Raises:
+        OptionError: naming the value, or the missing ``min_confidence``.
+    """
+    if fallback is not None and fallback not in FALLBACKS:
+        raise OptionError(f"fallback={fallback!r} must be one of {', '.join(FALLBACKS)}")
+    if fallback and min_confidence is None:
+        raise OptionError("fallback replaces unsure captions: give min_confidence too")
 # The columns written by versions before tags; such files are read as they are and upgraded.
 UNTAGGED_CSV_FIELDS = RECORD_FIELDS[:6]
 # The columns written by versions before path_hex; such files are read without CSV escapes and upgraded.

@@ -41,7 +41,7 @@ from captioner.images import MAX_PIXELS, bytes_pixels
 from captioner.model import CaptionModel
 from captioner.options import DecodingOptions
 from captioner.pipelines.flags import options_from_text
-from captioner.pipelines.record_formats import FALLBACKS, result_record
+from captioner.pipelines.record_formats import check_fallback, result_record
 from captioner.pipelines.subtitles import WRITERS, cue_record
 from captioner.pipelines.video_options import VideoOptions
 
@@ -215,11 +215,8 @@ def _caption_options(model: CaptionModel, fields: dict[str, str]):
     """(decoding options, min_confidence, fallback) from query and form fields, checked like the CLI's flags."""
     min_confidence = _number(fields.pop("min_confidence", None), "min_confidence")
     fallback = fields.pop("fallback", None)
-    if fallback is not None and fallback not in FALLBACKS:
-        raise HTTPError(422, f"fallback={fallback!r} must be one of {', '.join(FALLBACKS)}")
-    if fallback and min_confidence is None:
-        raise HTTPError(422, "fallback replaces unsure captions: give min_confidence too")
     try:
+        check_fallback(fallback, min_confidence)
         check_min_confidence(min_confidence, model)
         return (options_from_text(model.config.decoding, fields, others=("min_confidence", "fallback")),
                 min_confidence, fallback)

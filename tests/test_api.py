@@ -59,3 +59,52 @@ def test_a_pil_image_is_turned_upright_by_its_exif_tag_like_its_file(default_mod
     assert abs(model_pixels(path, size).astype(int) - upright).mean() < 8
     from_file = captioner.caption_images(default_model, [path])[0]
     assert captioner.caption_images(default_model, [Image.open(path)])[0].text == from_file.text
+
+
+def test_the_front_doors_name_a_wrong_argument_before_any_work(default_model, tmp_path):
+    from captioner.errors import ModelLoadError, OptionError
+
+    cat = SHARED_SAMPLES / "chelsea.png"
+    with pytest.raises(OptionError, match="images must be a list"):
+        captioner.caption_images(default_model, str(cat))  # it would be read letter by letter
+    with pytest.raises(OptionError, match="paths must be a list"):
+        list(captioner.caption_paths(default_model, cat))
+    for bad in (0, -1, 2.5):
+        with pytest.raises(OptionError, match=f"batch_size={bad!r} must be a whole number of at least 1"):
+            captioner.caption_images(default_model, [cat], batch_size=bad)
+    with pytest.raises(OptionError, match="num_workers=-1"):
+        list(captioner.caption_paths(default_model, [cat], num_workers=-1))
+    with pytest.raises(OptionError, match="options must be a DecodingOptions"):
+        captioner.caption_images(default_model, [cat], options={"beam_size": 2})
+    (tmp_path / "model.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="a file, not a model folder"):
+        captioner.load_model(tmp_path / "model.txt")
+    with pytest.raises(ModelLoadError):
+        captioner.load_model("")  # the current folder, not the shipped model
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionError, match="CUDA is not available here"):
+            captioner.load_model(device="cuda")
+
+
+def test_odd_pil_images_are_read_errors_or_captioned_never_a_bare_error(default_model):
+    from captioner.errors import ImageReadError
+
+    with pytest.raises(ImageReadError, match="an empty PIL image"):
+        captioner.caption_images(default_model, [Image.new("RGB", (0, 0))])
+    closed = Image.open(SHARED_SAMPLES / "chelsea.png")
+    closed.close()
+    with pytest.raises(ImageReadError, match="cannot read this PIL image"):
+        captioner.caption_images(default_model, [closed])
+    premultiplied = Image.open(SHARED_SAMPLES / "chelsea.png").convert("LA").convert("La")
+    assert captioner.caption_images(default_model, [premultiplied])[0].text
+
+
+def test_building_decoding_options_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from captioner import DecodingOptions; DecodingOptions(beam_size=2); "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

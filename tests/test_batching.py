@@ -139,3 +139,17 @@ def test_a_fault_while_gathering_fails_that_batch_and_the_worker_goes_on(default
 def test_a_thread_count_below_one_is_refused_before_a_worker_starts(default_model):
     with pytest.raises(ValueError, match="torch_threads=0 must be at least 1"):
         DynamicBatcher(default_model, torch_threads=0)
+
+
+def test_pixels_that_are_not_the_models_input_are_refused_at_submit_not_in_a_shared_batch(default_model):
+    batcher = DynamicBatcher(default_model, max_batch_size=4, max_wait=0.2)
+    try:
+        good = batcher.submit("chelsea.png", pixels("chelsea.png"))
+        for bad in (np.zeros((100, 100, 3), np.uint8), pixels("chelsea.png").astype(np.float32), [[0]]):
+            with pytest.raises(ValueError, match="pixels must be a \\(224, 224, 3\\) uint8 array"):
+                batcher.submit("bad", bad)
+        assert good.result(timeout=60).captions[0].text == "a cat is playing with a toy"
+    finally:
+        batcher.close()
+    with pytest.raises(ValueError, match="max_batch_size=0"):
+        DynamicBatcher(default_model, max_batch_size=0)

@@ -207,3 +207,21 @@ def test_an_unforeseen_failure_on_one_file_is_that_files_error_and_the_rest_are_
     errors = [r["error"] for r in read_jsonl(out) if "error" in r]
     assert errors == [f"{tmp_path / 'boom.png'}: RuntimeError: decoder crashed"]
     assert capsys.readouterr().err == f"skipped {errors[0]}\n"
+
+
+@pytest.mark.parametrize("fallback, min_confidence, message", [
+    ("tag", 0.3, "fallback='tag' must be one of tags"),  # a typo would mark captions unsure and replace none
+    ("tags", None, "give min_confidence too"),
+    (None, "0.3", "min_confidence='0.3' must be a number in \\[0, 1\\]"),
+    (None, True, "min_confidence=True must be a number"),
+])
+def test_caption_folder_refuses_fallback_and_threshold_values_it_would_misuse(tmp_path, default_model, fallback,
+                                                                              min_confidence, message):
+    from captioner.errors import OptionError
+    from captioner.pipelines.folder import caption_folder
+
+    make_good_images(tmp_path / "photos", 1)
+    with pytest.raises(OptionError, match=message):
+        caption_folder(tmp_path / "photos", tmp_path / "out.jsonl", model=default_model, fallback=fallback,
+                       min_confidence=min_confidence, progress=False)
+    assert not (tmp_path / "out.jsonl").exists()
