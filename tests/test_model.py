@@ -249,7 +249,7 @@ def test_a_folder_that_is_not_there_or_a_file_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match=rf"^{tmp_path}/nowhere: cannot load model: no such folder$"):
         CaptionModel.load(tmp_path / "nowhere")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ModelLoadError, match=rf"^{tmp_path}/file: cannot load model: no such folder$"):
+    with pytest.raises(ModelLoadError, match=rf"^{tmp_path}/file: cannot load model: a file, not a model folder$"):
         CaptionModel.load(tmp_path / "file")
 
 
