@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ def caption_paths(
     """
     _refuse_one(paths, "paths")
     _check_run_args(options, batch_size, num_workers)
+    batch_size, num_workers = int(batch_size), int(num_workers)  # numpy ints: DataLoader takes plain ones
     pending = iter(paths)
     while chunk := list(itertools.islice(pending, PATHS_AT_ONCE)):
         yield from _caption_listed_paths(model, chunk, options, batch_size, num_workers)
@@ -124,6 +126,7 @@ def caption_images(
     _refuse_one(images, "images")
     images = list(images)
     _check_run_args(options, batch_size, 0)
+    batch_size = int(batch_size)
     captions: list[Caption] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -148,6 +151,7 @@ def evaluate(
         ImageReadError: an image of the manifest cannot be read (scores would be biased).
     """
     _check_run_args(options, batch_size, num_workers)
+    batch_size, num_workers = int(batch_size), int(num_workers)
     entries = read_manifest(manifest, require_captions=True)
     grids = path_grids(model, [e.image for e in entries], batch_size=batch_size, num_workers=num_workers)
     scores, _ = evaluate_grids(model, grids, [e.captions for e in entries], options, meteor=meteor)
@@ -175,5 +179,5 @@ def _check_run_args(options: DecodingOptions | None, batch_size: int, num_worker
         raise OptionError(f"options must be a DecodingOptions (e.g. DecodingOptions(beam_size=2)), "
                           f"not {type(options).__name__}")
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:  # numpy ints too
             raise OptionError(f"{name}={value!r} must be a whole number of at least {least}")

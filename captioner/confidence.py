@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -51,7 +52,7 @@ def check_min_confidence(min_confidence: float | None, model) -> None:
     """
     if min_confidence is None:
         return
-    if not isinstance(min_confidence, (int, float)) or isinstance(min_confidence, bool) or not 0 <= min_confidence <= 1:
+    if not isinstance(min_confidence, numbers.Real) or isinstance(min_confidence, bool) or not 0 <= min_confidence <= 1:
         raise OptionError(f"min_confidence={min_confidence!r} must be a number in [0, 1]")
     if getattr(model, "calibrator", None) is None:
         raise OptionError(f"min_confidence needs a calibrated model (a {CALIBRATION_FILE} in its folder); "

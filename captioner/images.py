@@ -143,7 +143,8 @@ def _given_image(image: Image.Image) -> Image.Image:
     try:
         return upright_rgb(image)
     except (ValueError, OSError, AssertionError) as e:  # Pillow's ways of saying "closed" (an assert, once)
-        raise ImageReadError(f"cannot read this PIL image (closed?): {reason(e) or type(e).__name__}") from e
+        raise ImageReadError(f"cannot read this PIL image: {reason(e) or type(e).__name__} (closed, or cut short?)"
+                             ) from e
 
 
 def bytes_pixels(data: bytes, name: str, size: int, *, formats: tuple[str, ...] | None = None) -> np.ndarray:

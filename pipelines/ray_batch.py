@@ -109,6 +109,12 @@ def local_path(uri: str) -> str:
     return uri
 
 
+def record_key(path: str) -> str:
+    """A record's path as this version names it: an older one wrote a ``file://`` source's files as
+    ``file://`` plus the raw path (not an encoded URI, so no unquoting: ``a#1.jpg`` stays itself)."""
+    return path[len("file://"):] if path.startswith("file:///") else path
+
+
 def list_images(source: str) -> list[tuple[str, str]]:
     """(record path, path inside the source's filesystem) of the image files under ``source``, sorted.
 
@@ -252,7 +258,7 @@ class ShardWriter:
         if any run captioned it (a retry), else its latest error."""
         latest: dict[str, dict] = {}
         for record in self.records():
-            path = local_path(record["path"])  # an older version named a file:// source's files by URI
+            path = record_key(record["path"])
             if "error" not in latest.get(path, {"error": ""}) and "error" in record:
                 continue  # a caption is never superseded by an error
             latest[path] = record
@@ -486,7 +492,7 @@ def _still_to_do(writer: ShardWriter, paths: list[tuple[str, str]],
     """The paths OUT does not hold (with ``retry_errors``: or holds only errors for), and the summary so far."""
     failed: dict[str, bool] = {}  # path -> only errors recorded for it (a retry's caption supersedes them)
     for record in writer.records():
-        path = local_path(record["path"])  # an older version named a file:// source's files by URI
+        path = record_key(record["path"])
         failed[path] = failed.get(path, True) and "error" in record
     todo = [(p, inside) for p, inside in paths if printable(p) not in failed or (retry_errors and failed[printable(p)])]
     earlier = 0 if retry_errors else sum(failed.get(printable(p), False) for p, _ in paths)

@@ -74,6 +74,9 @@ def test_the_front_doors_name_a_wrong_argument_before_any_work(default_model, tm
             captioner.caption_images(default_model, [cat], batch_size=bad)
     with pytest.raises(OptionError, match="num_workers=-1"):
         list(captioner.caption_paths(default_model, [cat], num_workers=-1))
+    import numpy as np
+
+    assert captioner.caption_images(default_model, [cat], batch_size=np.int64(2))[0].text  # numpy ints are counts
     with pytest.raises(OptionError, match="options must be a DecodingOptions"):
         captioner.caption_images(default_model, [cat], options={"beam_size": 2})
     (tmp_path / "model.txt").write_text("x")

@@ -108,10 +108,13 @@ def test_an_output_folder_is_one_runs_at_a_time_and_one_formats(photos, tmp_path
 
 def test_file_uris_name_folders_of_this_machine_and_old_uri_records_still_resume(photos, tmp_path):
     from captioner.errors import OptionError
-    from captioner.pipelines.ray_batch import ShardWriter, _still_to_do, list_images, local_path
+    from captioner.pipelines.ray_batch import ShardWriter, _still_to_do, list_images, local_path, record_key
 
     assert local_path("file:///a%20b/c") == "/a b/c" and local_path("file://localhost/x") == "/x"
     assert local_path("s3://bucket/x") == "s3://bucket/x"
+    # old records held file:// plus the raw path, never an encoded URI: nothing is unquoted or cut at '#'
+    assert [record_key(p) for p in ("file:///d/a#1.jpg", "file:///d/a%20b.jpg", "/d/x.jpg", "s3://b/x")] == \
+        ["/d/a#1.jpg", "/d/a%20b.jpg", "/d/x.jpg", "s3://b/x"]
     for uri in ("file://nas/share/photos", "file://"):  # another machine's folder, or none: never the root here
         with pytest.raises(OptionError, match="names a folder on this machine"):
             local_path(uri)
