@@ -73,8 +73,7 @@ def caption_paths(
     taken :data:`PATHS_AT_ONCE` at a time: a generator of millions is never held whole.
     """
     _refuse_one(paths, "paths")
-    _check_run_args(options, batch_size, num_workers)
-    batch_size, num_workers = int(batch_size), int(num_workers)  # numpy ints: DataLoader takes plain ones
+    batch_size, num_workers = _checked_run_args(options, batch_size, num_workers)
     pending = iter(paths)
     while chunk := list(itertools.islice(pending, PATHS_AT_ONCE)):
         yield from _caption_listed_paths(model, chunk, options, batch_size, num_workers)
@@ -125,8 +124,7 @@ def caption_images(
     """
     _refuse_one(images, "images")
     images = list(images)
-    _check_run_args(options, batch_size, 0)
-    batch_size = int(batch_size)
+    batch_size, _ = _checked_run_args(options, batch_size, 0)
     captions: list[Caption] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -150,8 +148,7 @@ def evaluate(
         DataError: the manifest is unreadable, empty, or has a line without captions.
         ImageReadError: an image of the manifest cannot be read (scores would be biased).
     """
-    _check_run_args(options, batch_size, num_workers)
-    batch_size, num_workers = int(batch_size), int(num_workers)
+    batch_size, num_workers = _checked_run_args(options, batch_size, num_workers)
     entries = read_manifest(manifest, require_captions=True)
     grids = path_grids(model, [e.image for e in entries], batch_size=batch_size, num_workers=num_workers)
     scores, _ = evaluate_grids(model, grids, [e.captions for e in entries], options, meteor=meteor)
@@ -168,8 +165,9 @@ def _refuse_one(given: Iterable, what: str) -> None:
         raise OptionError(f"{what} must be a list (or other iterable) of them; for one, pass [{given!r}]")
 
 
-def _check_run_args(options: DecodingOptions | None, batch_size: int, num_workers: int) -> None:
-    """The front doors' own arguments, checked before any work, each named when wrong.
+def _checked_run_args(options: DecodingOptions | None, batch_size: int, num_workers: int) -> tuple[int, int]:
+    """The front doors' own arguments, checked before any work, each named when wrong; the two
+    counts returned as plain ints (numpy ones are accepted; DataLoader takes only plain ones).
 
     Raises:
         OptionError: ``options`` is not a :class:`DecodingOptions`, or a count is not a positive
@@ -181,3 +179,4 @@ def _check_run_args(options: DecodingOptions | None, batch_size: int, num_worker
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:  # numpy ints too
             raise OptionError(f"{name}={value!r} must be a whole number of at least {least}")
+    return int(batch_size), int(num_workers)

@@ -18,7 +18,7 @@ from captioner.errors import CaptionerError, OptionError, one_line, printable
 from captioner.model import CaptionModel
 from captioner.options import DEFAULT_WORKERS
 from captioner.outputs import same_file
-from captioner.pipelines.record_formats import check_fallback, format_for, result_record
+from captioner.pipelines.record_formats import check_fallback, earlier_failures, format_for, result_record
 from captioner.pipelines.records import RecordFile
 from captioner.pipelines.sources import walk_images
 
@@ -39,11 +39,8 @@ class FolderSummary:
 
     def describe(self) -> str:
         """The one-line summary the CLI prints, with the way on when earlier failures remain."""
-        text = f"{self.captioned} captioned, {self.failed} failed, {self.already_done} already done"
-        if self.earlier_failed:
-            files = "file" if self.earlier_failed == 1 else "files"
-            text += f"; {self.earlier_failed} {files} failed in an earlier run (use --retry-errors to try again)"
-        return text
+        return (f"{self.captioned} captioned, {self.failed} failed, {self.already_done} already done"
+                + earlier_failures(self.earlier_failed))
 
 
 def caption_folder(

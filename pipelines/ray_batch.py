@@ -31,7 +31,13 @@ import numpy as np
 
 from captioner.errors import ImageReadError, OptionError, OutputError, printable, reason
 from captioner.images import bytes_pixels, check_image_file, is_image_path
-from captioner.pipelines.record_formats import BadRecord, JsonlRecords, checked_record, result_record
+from captioner.pipelines.record_formats import (
+    BadRecord,
+    JsonlRecords,
+    checked_record,
+    earlier_failures,
+    result_record,
+)
 
 SHARD_FORMATS = ("jsonl", "parquet")
 MERGED_NAME = "captions.jsonl"
@@ -63,12 +69,8 @@ class RaySummary:
 
     def describe(self) -> str:
         rate = (self.captioned + self.failed) / self.seconds if self.seconds > 0 else 0.0
-        text = (f"{self.captioned} captioned, {self.failed} failed, {self.already_done} already done, "
-                f"{rate:.1f} images/s")
-        if self.earlier_failed:
-            files = "file" if self.earlier_failed == 1 else "files"
-            text += f"; {self.earlier_failed} {files} failed in an earlier run (use --retry-errors to try again)"
-        return text
+        return (f"{self.captioned} captioned, {self.failed} failed, {self.already_done} already done, "
+                f"{rate:.1f} images/s" + earlier_failures(self.earlier_failed))
 
     def steady_rate(self) -> float:
         """Images/s after the first batch came back: the rate a long job runs at, start-up left out."""
@@ -175,19 +177,17 @@ class ShardWriter:
 
         if not isinstance(self.fs, pafs.LocalFileSystem):
             return None
+        lock = None
         try:
             lock = open(os.path.join(self.root, LOCK_NAME), "a+b")  # noqa: SIM115 (held until close())
-        except OSError as e:
-            raise OutputError(f"{printable(self.out)}: cannot lock the output folder: {reason(e)}") from e
-        try:
             lock_file(lock.fileno())
-        except BlockingIOError as e:
-            lock.close()
-            raise OutputError(f"{printable(self.out)}: another captioner run is writing this folder") from e
-        except OSError as e:  # a file system without locks
-            lock.close()
-            raise OutputError(f"{printable(self.out)}: cannot lock the output folder: {reason(e)}") from e
-        return lock
+            return lock
+        except OSError as e:  # taken by another run, or a file system without locks
+            if lock is not None:
+                lock.close()
+            why = "another captioner run is writing this folder" if isinstance(e, BlockingIOError) \
+                else f"cannot lock the output folder: {reason(e)}"
+            raise OutputError(f"{printable(self.out)}: {why}") from e
 
     def close(self) -> None:
         if self._lock is not None:

@@ -39,6 +39,14 @@ UNCALIBRATED_CSV_FIELDS = RECORD_FIELDS[:7]
 FALLBACKS = ("tags",)  # what may stand in for an unsure caption (--fallback)
 
 
+def earlier_failures(count: int) -> str:
+    """The end of a batch summary when an output still holds errors from earlier runs (else "")."""
+    if not count:
+        return ""
+    files = "file" if count == 1 else "files"
+    return f"; {count} {files} failed in an earlier run (use --retry-errors to try again)"
+
+
 def check_fallback(fallback: str | None, min_confidence: float | None) -> None:
     """A fallback is one we know, and has unsure captions to replace.
 
