@@ -17,7 +17,8 @@ import numpy as np
 from captioner.errors import OptionError, VideoWriteError, printable
 from captioner.outputs import check_writable_file, new_file_mode
 from captioner.pipelines.cues import Segment
-from captioner.pipelines.video_source import OpenCVName, OpenCVSource
+from captioner.pipelines.opencv_files import OpenCVName
+from captioner.pipelines.video_source import OpenCVSource
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX  # Hershey fonts draw ASCII only; other characters show as '?'
 # Containers the copy can be written in, with the codec OpenCV's FFmpeg writer uses for each:

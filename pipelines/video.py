@@ -7,10 +7,12 @@
     for cue in subs.segments:
         print(cue.start, cue.end, cue.text)
 
-How frames are picked is a sampling mode: a class (:data:`SAMPLERS`) that is offered every
-frame of the one decode pass and hands on the frames to caption, already at the model's
-input size. To add a mode, write such a class with a ``from_options`` constructor, add it
-to :data:`SAMPLERS` and its name to ``video_options.SAMPLING_MODES``; the CLI's choices follow.
+How frames are picked is a sampling mode: a class (:data:`SAMPLERS`) that is offered the
+frames of the one decode pass and hands on the frames to caption, already at the model's
+input size. A sampler that says which time it needs next (uniform sampling) lets the source
+seek over long stretches before it; one that needs every frame (scene detection) says None.
+To add a mode, write such a class with a ``from_options`` constructor, add it to
+:data:`SAMPLERS` and its name to ``video_options.SAMPLING_MODES``; the CLI's choices follow.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class Sampler(Protocol):
         """The frames still held when the video ends at ``end`` seconds."""
         ...
 
+    def wanted(self) -> float | None:
+        """The earliest time of a frame still needed; None when every frame must be offered."""
+        ...
+
 
 def uniform_times(every: float) -> Iterator[float]:
     """0, every, 2 * every, ... without accumulating rounding error."""
@@ -95,6 +101,9 @@ class UniformSampler:
 
     def finish(self, end: float) -> Iterator[Pick]:
         return iter(())
+
+    def wanted(self) -> float | None:
+        return self._picker.next
 
 
 class ShotFrames:
@@ -197,6 +206,9 @@ class SceneSampler:
     def finish(self, end: float) -> Iterator[Pick]:
         if self._shot is not None:
             yield from self._close(max(end, self._shot.start))
+
+    def wanted(self) -> float | None:
+        return None if self._fallback is None else self._fallback.wanted()
 
     def _is_cut(self, index: int, bgr: np.ndarray) -> bool:
         if self._detect_size is None:
@@ -357,7 +369,7 @@ def _sharing_cores(caption: PixelCaptioner, decoded: threading.Event,
 
 def sample_frames(source: VideoSource, sampler: Sampler) -> Iterator[Pick]:
     """The one decode pass: every frame offered to the sampler, the frames it picks handed on."""
-    for grab in source.grabs():
+    for grab in source.grabs(sampler.wanted):
         yield from sampler.offer(grab)
     yield from sampler.finish(source.end_time)
 

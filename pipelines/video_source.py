@@ -6,7 +6,9 @@ A time that is missing (<= 0 after the first frame) or goes backwards is replace
 previous time plus one frame step, and counted.
 
 Frames nobody asked for are only grabbed (demuxed and decoded, never converted); a frame's
-pixels are retrieved only when a sampler asks for them.
+pixels are retrieved only when a sampler asks for them. A caller that says which time it
+wants next (uniform sampling) lets the source seek over long stretches it does not need
+(:class:`SeekLedger` says when); the frames it yields are the ones reading through would give.
 
 A broken stream does not end decoding: a frame that fails to decode is skipped and grabbing
 goes on, and only a long run of failures (the end of the file, or nothing decodable after a
@@ -17,8 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
+import time as clock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
@@ -28,6 +29,7 @@ import numpy as np
 
 from captioner.errors import VideoReadError, printable
 from captioner.images import MAX_PIXELS
+from captioner.pipelines.opencv_files import OpenCVName, quiet_ffmpeg
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
 
@@ -48,68 +50,22 @@ FALLBACK_FPS = 25.0
 END_TOLERANCE_SECONDS = 0.5
 END_TOLERANCE_SHARE = 0.02
 
+# Seeking. A wanted time at least SEEK_MIN_GAP seconds past the last frame is reached by seeking to
+# SEEK_PREROLL seconds (at least two frames) before it: the frame landed on must lie before the wanted
+# time, which proves no frame between the two was passed over. The last SEEK_TAIL seconds the container
+# claims are read through, so the end of the video (or where it breaks off) is found as without seeking.
+SEEK_MIN_GAP = 1.5
+SEEK_PREROLL = 0.1
+SEEK_TAIL = 2.0
+# Seeks tried before the ledger may call seeking a loss for this video.
+SEEK_TRIAL = 3
+
 OPEN_HINT = "is it a video in a container and codec that this OpenCV build's FFmpeg backend reads?"
 
 
 def is_video_path(path: str | os.PathLike) -> bool:
     """True when the file name has a video extension (case-insensitive)."""
     return Path(path).suffix.lower() in VIDEO_EXTENSIONS
-
-
-def quiet_ffmpeg() -> None:
-    """Silence FFmpeg's and OpenCV's own log lines (``header damaged`` for every broken packet,
-    ``[ WARN ] ... can't be used to capture by name`` before a file we then report as unreadable).
-
-    We report damaged spans and unreadable files ourselves, in one line. It must run before
-    OpenCV's FFmpeg backend first opens a file; a value the user set (e.g. 24 to debug) is kept.
-    """
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
-    if "OPENCV_LOG_LEVEL" not in os.environ:
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-
-
-def _opencv_safe(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-class OpenCVName:
-    """A ``str`` for ``path`` that OpenCV can be handed without misreading it or crashing.
-
-    OpenCV turns the str into UTF-8 and crashes (a segfault, not an exception) on a file
-    name that is not valid UTF-8 (Python hands its bytes over as lone surrogates). Such a
-    path is reached through a symbolic link with an ASCII name in a private temporary
-    folder, removed by :meth:`close`. Paths are made absolute so FFmpeg never reads a name
-    such as ``pipe:0.mp4`` as a protocol (that one would read standard input).
-
-    Raises:
-        OSError: the link cannot be made (no temporary folder, no symlinks on this system).
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self._folder: str | None = None
-        target = os.path.abspath(path)
-        if _opencv_safe(target):
-            self.name = target
-            return
-        suffix = Path(target).suffix
-        self._folder = tempfile.mkdtemp(prefix="captioner-")
-        self.name = os.path.join(self._folder, "link" + (suffix if suffix.isascii() and _opencv_safe(suffix) else ""))
-        try:
-            if not _opencv_safe(self.name):
-                raise OSError(f"the temporary folder {printable(self._folder)} has a name OpenCV cannot take")
-            os.symlink(target, self.name)
-        except OSError:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None
 
 
 @dataclass(frozen=True)
@@ -160,8 +116,12 @@ class VideoSource(Protocol):
     expected_duration: float | None  # length the container claims, in seconds
     stopped_at: float | None  # time of the last good frame when decoding ended well before that length
 
-    def grabs(self) -> Iterator[Grab]:
-        """Every decodable frame in stream order, pixels on demand."""
+    def grabs(self, wanted: Callable[[], float | None] | None = None) -> Iterator[Grab]:
+        """Every decodable frame in stream order, pixels on demand.
+
+        ``wanted``, asked after each frame, gives the earliest time the caller still needs
+        (None: every frame); frames before it may then be skipped, never the first frame at or after it.
+        """
         ...
 
     def frames(self, times: Iterable[float] | None = None) -> Iterator[Frame]:
@@ -183,6 +143,11 @@ class FramePicker:
     def __init__(self, times: Iterable[float]):
         self._times = iter(times)
         self._next = next(self._times, None)
+
+    @property
+    def next(self) -> float | None:
+        """The next wanted time (None once the times are used up)."""
+        return self._next
 
     def due(self, time: float) -> bool:
         return self._next is not None and time >= self._next - TIME_TOLERANCE
@@ -232,6 +197,33 @@ class StreamClock:
         return 0.0 if self.last is None else self.last + self.step
 
 
+class SeekLedger:
+    """Whether seeking pays for this video: the time seeks took against reading through what they skipped.
+
+    A seek decodes from the keyframe before its aim, so it is cheap when keyframes are close
+    (a few per second) and dearer than reading through when they are 10 s apart, which the
+    file does not say. So each seek's time is set against the frames it skipped at the
+    measured cost of a grab; after ``SEEK_TRIAL`` seeks, seeking stops once it has cost more.
+    Only the speed depends on it, never which frames are yielded.
+    """
+
+    def __init__(self) -> None:
+        self.grabs, self.grab_seconds = 0, 0.0  # frames read through, and the time they took
+        self.seeks, self.spent, self.saved = 0, 0.0, 0.0  # seconds seeks took, seconds reading through would have
+
+    def read(self, seconds: float) -> None:
+        self.grabs += 1
+        self.grab_seconds += seconds
+
+    def seek(self, seconds: float, frames_skipped: float) -> None:
+        self.seeks += 1
+        self.spent += seconds
+        self.saved += max(frames_skipped, 0.0) * self.grab_seconds / max(self.grabs, 1)
+
+    def pays(self) -> bool:
+        return self.seeks < SEEK_TRIAL or self.spent <= self.saved
+
+
 class OpenCVSource:
     """A video file decoded with OpenCV's FFmpeg backend; a context manager.
 
@@ -252,12 +244,8 @@ class OpenCVSource:
             self._name = OpenCVName(self.path)
         except OSError as e:
             raise VideoReadError(f"{printable(self.path)}: cannot give this file name to OpenCV ({e})") from e
-        try:
-            params = [cv2.CAP_PROP_N_THREADS, threads] if threads else []
-            self._cap = cv2.VideoCapture(self._name.name, cv2.CAP_FFMPEG, params)
-        except cv2.error:
-            self._cap = None
-        if self._cap is None or not self._cap.isOpened():
+        self._cap = self._open()
+        if self._cap is None:
             self.close()
             raise VideoReadError(f"{printable(self.path)}: cannot open as a video ({OPEN_HINT})")
         self._read_properties()
@@ -268,12 +256,22 @@ class OpenCVSource:
                                  f"{MAX_PIXELS}")
         self.skipped: list[Span] = []
         self._clock = StreamClock(self.fps)
+        self.ledger = SeekLedger()
+        self._seeking = True  # off for good once a seek misses, the stream misbehaves, or seeks cost more
         self._finished = False
         self._primed, failures = self._grab_next()  # fail now, before anyone spends time on a model
         if not self._primed:
             self.close()
             raise VideoReadError(f"{printable(self.path)}: no decodable video frames (empty file or no video stream)")
         self._leading_failures = failures
+
+    def _open(self) -> cv2.VideoCapture | None:
+        try:
+            params = [cv2.CAP_PROP_N_THREADS, self.threads] if self.threads else []
+            cap = cv2.VideoCapture(self._name.name, cv2.CAP_FFMPEG, params)
+        except cv2.error:
+            return None
+        return cap if cap.isOpened() else None
 
     def _read_properties(self) -> None:
         fps = self._cap.get(cv2.CAP_PROP_FPS)
@@ -283,10 +281,16 @@ class OpenCVSource:
         self.frame_count = int(count) if math.isfinite(count) and count > 0 else 0  # may be an estimate
 
     def _grab(self) -> bool:
+        start = clock.perf_counter()
         try:
             return bool(self._cap.grab())
         except cv2.error:
             return False
+        finally:
+            self.ledger.read(clock.perf_counter() - start)
+
+    def _stream_time(self) -> float:
+        return self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
 
     def _grab_next(self) -> tuple[bool, int]:
         """Grab the next decodable frame: (found, failed grabs before it)."""
@@ -295,27 +299,84 @@ class OpenCVSource:
                 return True, failures
         return False, MAX_FAILED_GRABS
 
-    def grabs(self) -> Iterator[Grab]:
+    def grabs(self, wanted: Callable[[], float | None] | None = None) -> Iterator[Grab]:
         """Every decodable frame in stream order; afterwards ``end_time``, ``skipped`` and ``stopped_at`` are final.
 
-        The file is read to its end once (a source is single-pass).
+        The file is read to its end once (a source is single-pass). With ``wanted`` (asked
+        after each frame: the earliest time still needed, None for every frame) the source
+        may seek over frames before that time; it still yields the first frame at or after
+        it, and ``skipped`` then covers only the stretches it decoded. ``Grab.index`` counts
+        the frames yielded.
         """
-        index, ok, failures = 0, self._primed, self._leading_failures
+        index, ok, failures, jumped = 0, self._primed, self._leading_failures, False
         self._primed = False
         while ok:
             gap_start = self._clock.end if self._clock.last is not None else 0.0
-            time = self._clock.time_of(self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0, after_gap=failures > 0)
+            time = self._clock.time_of(self._stream_time(), after_gap=failures > 0 or jumped)
             if failures and time > gap_start:
                 self.skipped.append((gap_start, time))
             yield Grab(time, index, self._retrieve)
             index += 1
-            ok, failures = self._grab_next()
+            target = wanted() if wanted is not None else None
+            if target is not None and self._worth_seeking(time, target):
+                ok, failures, jumped = self._seek(time, target)
+            else:
+                (ok, failures), jumped = self._grab_next(), False
         self._finished = True
+
+    def _worth_seeking(self, last: float, target: float) -> bool:
+        expected = self.expected_duration
+        return (self._seeking and target - last >= SEEK_MIN_GAP and self._aim(target) > last + self._clock.step
+                and expected is not None and target < expected - SEEK_TAIL
+                and not self.skipped and self._clock.retimed == 0 and self.ledger.pays())
+
+    def _aim(self, target: float) -> float:
+        """Where a seek for ``target`` aims: far enough before it that the frame landed on is before it."""
+        return target - max(SEEK_PREROLL, 2 * self._clock.step)
+
+    def _seek(self, last: float, target: float) -> tuple[bool, int, bool]:
+        """Jump to a frame between ``last`` and ``target``: (found, failed grabs before it, jumped).
+
+        A seek that lands anywhere else (or on a damaged frame) turns seeking off and goes
+        back to reading every frame after ``last``, so nothing differs but the time taken.
+        """
+        start = clock.perf_counter()
+        try:
+            moved = bool(self._cap.set(cv2.CAP_PROP_POS_MSEC, self._aim(target) * 1000.0))
+        except cv2.error:
+            moved = False
+        landed = moved and self._grab()
+        at = self._stream_time() if landed else math.nan
+        if not last < at < target - TIME_TOLERANCE:
+            self._seeking = False
+            return (*self._read_on_after(last), False)
+        self.ledger.seek(clock.perf_counter() - start, (at - last) / self._clock.step - 1)
+        return True, 0, True
+
+    def _read_on_after(self, last: float) -> tuple[bool, int]:
+        """Back on the frame after ``last`` by reading through: (found, failed grabs before it).
+
+        Seeks back to just before ``last`` first; should that not land at or before it, the file
+        is opened again and read from its start.
+        """
+        try:
+            back = bool(self._cap.set(cv2.CAP_PROP_POS_MSEC, max(last - 2 * self._clock.step, 0.0) * 1000.0))
+        except cv2.error:
+            back = False
+        if not (back and self._grab() and self._stream_time() <= last + TIME_TOLERANCE):
+            self._cap.release()
+            self._cap = self._open()
+            if self._cap is None:
+                return False, 0
+        while True:
+            ok, failures = self._grab_next()
+            if not ok or self._stream_time() > last + TIME_TOLERANCE:
+                return ok, failures
 
     def frames(self, times: Iterable[float] | None = None) -> Iterator[Frame]:
         """The first frame at or after each of the sorted ``times`` (every frame when None)."""
         picker = None if times is None else FramePicker(times)
-        for grab in self.grabs():
+        for grab in self.grabs(None if picker is None else lambda: picker.next):
             if picker is None or picker.due(grab.time):
                 pixels = grab.rgb()
                 if pixels is not None:

@@ -95,6 +95,18 @@ def test_every_second_gives_one_cue_per_held_photo(clips, default_model):
     assert (result.stopped_at, result.skipped, result.warnings, result.notes) == (None, (), (), ())
 
 
+def test_uniform_sampling_seeks_over_the_frames_between_and_gets_the_subtitles_reading_through_gets(
+        tmp_path, default_model, monkeypatch):
+    path = write_video(tmp_path / "long.mp4", [(name, 6.0) for name in PHOTOS], fps=25.0)  # 24 s
+    calls = count_opencv_calls(monkeypatch)
+    seeking = subtitle_video(path, model=default_model, settings=uniform(3.0))
+    seeking_grabs = calls["grab"]
+    monkeypatch.setattr(SAMPLERS["uniform"], "wanted", lambda self: None)  # every frame offered: no seeking
+    reading = subtitle_video(path, model=default_model, settings=uniform(3.0))
+    assert seeking == reading and seeking.frames_captioned == 8 and len(seeking.segments) == 4
+    assert seeking_grabs < (calls["grab"] - seeking_grabs) * 0.8  # reading through grabbed all 600 frames
+
+
 def test_scenes_decode_the_video_once_and_give_one_cue_per_shot(clips, default_model, monkeypatch):
     import scenedetect
 

@@ -15,7 +15,14 @@ from conftest import SHARED_SAMPLES
 from PIL import Image
 
 from captioner.errors import VideoReadError
-from captioner.pipelines.video_source import MAX_FAILED_GRABS, FramePicker, OpenCVName, OpenCVSource, StreamClock
+from captioner.pipelines.video_source import (
+    MAX_FAILED_GRABS,
+    SEEK_TRIAL,
+    FramePicker,
+    OpenCVSource,
+    SeekLedger,
+    StreamClock,
+)
 
 PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png")
 
@@ -176,13 +183,96 @@ def test_a_file_name_that_is_not_utf8_is_opened_through_a_link(tmp_path):
         OpenCVSource(tmp_path / os.fsdecode(b"gone_\xe9.mp4"))
 
 
-def test_opencv_names_are_absolute_and_links_are_removed(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    plain = OpenCVName("pipe:0.mp4")  # relative, FFmpeg would read standard input
-    assert plain.name == str(tmp_path / "pipe:0.mp4")
-    odd = tmp_path / os.fsdecode(b"\xff.mkv")
-    odd.write_bytes(b"x")
-    alias = OpenCVName(odd)
-    assert alias.name.endswith("link.mkv") and alias.name.isascii() and os.path.samefile(alias.name, odd)
-    alias.close()
-    assert not os.path.lexists(alias.name) and odd.exists()
+# Seeking to the times a caller wants
+
+
+def read_through(path, times):
+    """What ``frames(times)`` must give, found by grabbing every frame: (time, pixels) pairs and how the read ended."""
+    picker, frames = FramePicker(times), []
+    with OpenCVSource(path) as source:
+        for grab in source.grabs():
+            if picker.due(grab.time) and (pixels := grab.rgb()) is not None:
+                picker.take(grab.time)
+                frames.append((grab.time, pixels))
+        return frames, (source.end_time, source.skipped, source.stopped_at)
+
+
+def assert_same_frames(actual, expected):
+    assert [t for t, _ in actual] == [t for t, _ in expected]
+    assert all(np.array_equal(a, e) for (_, a), (_, e) in zip(actual, expected, strict=True))
+
+
+@pytest.mark.parametrize("name, fourcc, fps", [("pal.mp4", "mp4v", 25.0), ("ntsc.mp4", "mp4v", 30000 / 1001),
+                                               ("clip.mkv", "mp4v", 10.0), ("clip.avi", "MJPG", 10.0)])
+def test_seeking_to_wanted_times_gives_the_frames_reading_through_gives(tmp_path, monkeypatch, name, fourcc, fps):
+    path = write_video(tmp_path / name, [(photo, 5.0) for photo in PHOTOS], fps=fps, fourcc=fourcc)
+    times = [3.0 * k for k in range(7)]  # 0 to 18 s of 20
+    expected, ending = read_through(path, times)
+    calls = count_opencv_calls(monkeypatch)
+    with OpenCVSource(path) as source:
+        frames = [(frame.time, frame.pixels) for frame in source.frames(times)]
+        assert (source.end_time, source.skipped, source.stopped_at) == ending
+        assert source.ledger.seeks >= SEEK_TRIAL  # each seek tried at least until the ledger may judge
+    assert_same_frames(frames, expected)
+    assert calls["grab"] < 20 * fps * 0.8 + MAX_FAILED_GRABS
+
+
+def test_seeking_near_damage_or_into_a_truncated_end_still_gives_the_frames_and_the_breaks(tmp_path):
+    damaged = damage_middle(write_video(tmp_path / "damaged.mp4", [(name, 5.0) for name in PHOTOS]))
+    whole = write_video(tmp_path / "whole.avi", [(name, 3.0) for name in PHOTOS[:3]] * 3, fourcc="MJPG")
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])  # claims 27 s, breaks off at 15.4 s
+    for path in (damaged, cut):
+        for every in (2.0, 3.0):
+            times = [every * k for k in range(20)]
+            expected, ending = read_through(path, times)
+            with OpenCVSource(path) as source:
+                assert_same_frames([(frame.time, frame.pixels) for frame in source.frames(times)], expected)
+                assert (source.end_time, source.skipped, source.stopped_at) == ending
+    assert ending[2] == pytest.approx(15.4) and read_through(damaged, [0.0])[1][1]  # both breaks are there
+
+
+@pytest.mark.parametrize("misplace", ["past the target", "to the start", "refused"])
+def test_a_seek_that_lands_off_course_turns_seeking_off_and_reads_on_from_the_last_frame(tmp_path, monkeypatch,
+                                                                                         misplace):
+    """Seeks a backend misplaces (as a badly indexed file can make FFmpeg's) cost time, never frames."""
+    path = write_video(tmp_path / "clip.mp4", [(name, 5.0) for name in PHOTOS], fps=25.0)
+    times = [3.0 * k for k in range(7)]
+    expected, ending = read_through(path, times)
+    capture = cv2.VideoCapture
+
+    class Misplacing:
+        def __init__(self, *args):
+            self._capture = capture(*args)
+
+        def set(self, prop, value):
+            if prop != cv2.CAP_PROP_POS_MSEC:
+                return self._capture.set(prop, value)
+            if misplace == "refused":
+                return False
+            return self._capture.set(prop, value + 1500 if misplace == "past the target" else 0)
+
+        def __getattr__(self, name):
+            return getattr(self._capture, name)
+
+    monkeypatch.setattr(cv2, "VideoCapture", Misplacing)
+    with OpenCVSource(path) as source:
+        frames = [(frame.time, frame.pixels) for frame in source.frames(times)]
+        assert (source.end_time, source.skipped, source.stopped_at) == ending
+        assert source.ledger.seeks == 0  # the first seek missed, and none came after it
+    assert_same_frames(frames, expected)
+
+
+def test_seeking_stops_once_its_seeks_cost_more_than_reading_through_would():
+    """Keyframes 10 s apart make each seek decode more than it skips: the ledger calls it after the trial."""
+    dear, cheap = SeekLedger(), SeekLedger()
+    for ledger in (dear, cheap):
+        for _ in range(100):
+            ledger.read(0.002)  # 2 ms a frame
+    for _ in range(SEEK_TRIAL - 1):
+        dear.seek(0.150, frames_skipped=40)  # 150 ms to skip 80 ms of reading
+        cheap.seek(0.030, frames_skipped=40)
+    assert dear.pays() and cheap.pays()  # still on trial
+    dear.seek(0.150, frames_skipped=40)
+    cheap.seek(0.030, frames_skipped=40)
+    assert not dear.pays() and cheap.pays()
