@@ -330,7 +330,8 @@ def subtitle_source(
     cores = nullcontext(caption) if caption else _sharing_cores(model.caption_pixels, decoded,
                                                                 getattr(source, "threads", None))
     # the decoding thread is stopped before the source closes
-    with cores as caption_batch, closing(in_background(sample_frames(source, sampler), finished=decoded)) as picks:
+    frames = sample_frames(source, sampler, seek=settings.seek)
+    with cores as caption_batch, closing(in_background(frames, finished=decoded)) as picks:
         captioned = list(caption_picks(caption_batch, picks, options, settings.batch_size))
     if settings.min_confidence is not None:  # an unsure frame leaves a gap: its stretch gets no cue
         captioned = [replace(f, text="") if f.confidence < settings.min_confidence else f
@@ -367,9 +368,10 @@ def _sharing_cores(caption: PixelCaptioner, decoded: threading.Event,
         torch.set_num_threads(full)
 
 
-def sample_frames(source: VideoSource, sampler: Sampler) -> Iterator[Pick]:
-    """The one decode pass: every frame offered to the sampler, the frames it picks handed on."""
-    for grab in source.grabs(sampler.wanted):
+def sample_frames(source: VideoSource, sampler: Sampler, *, seek: bool = True) -> Iterator[Pick]:
+    """The one decode pass: the frames offered to the sampler (``seek``: it may skip those
+    before the time it wants next), the frames it picks handed on."""
+    for grab in source.grabs(sampler.wanted if seek else None):
         yield from sampler.offer(grab)
     yield from sampler.finish(source.end_time)
 

@@ -46,6 +46,10 @@ class VideoOptions:
     # seconds a cue lasts at most; longer ones are split (>= min_duration)
     max_duration: float = option(7.0, float, "seconds a cue lasts at most; longer ones are split (>= min duration)",
                                  Bounds(0.5, 3600))
+    # uniform sampling jumps over the frames between captioned ones (MP4/MOV, MKV/WebM); False reads every frame
+    seek: bool = option(True, bool, "jump over the frames between captioned ones in MP4/MOV and MKV/WebM files "
+                        "(uniform sampling); --no-seek decodes every frame, so that every damaged stretch is "
+                        "found and reported")
     # frames per encoder + beam search batch
     batch_size: int = option(16, int, "frames captioned per batch", Bounds(1, 256))
 

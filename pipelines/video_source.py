@@ -7,8 +7,9 @@ previous time plus one frame step, and counted.
 
 Frames nobody asked for are only grabbed (demuxed and decoded, never converted); a frame's
 pixels are retrieved only when a sampler asks for them. A caller that says which time it
-wants next (uniform sampling) lets the source seek over long stretches it does not need
-(:class:`SeekLedger` says when); the frames it yields are the ones reading through would give.
+wants next (uniform sampling) lets the source seek over long stretches it does not need, in
+MP4/MOV and Matroska/WebM files (:func:`seekable_container`; :class:`SeekLedger` says when).
+On an intact file the frames are the ones reading through gives; see ``grabs`` for damaged ones.
 
 A broken stream does not end decoding: a frame that fails to decode is skipped and grabbing
 goes on, and only a long run of failures (the end of the file, or nothing decodable after a
@@ -51,9 +52,9 @@ END_TOLERANCE_SECONDS = 0.5
 END_TOLERANCE_SHARE = 0.02
 
 # Seeking. A wanted time at least SEEK_MIN_GAP seconds past the last frame is reached by seeking to
-# SEEK_PREROLL seconds (at least two frames) before it: the frame landed on must lie before the wanted
-# time, which proves no frame between the two was passed over. The last SEEK_TAIL seconds the container
-# claims are read through, so the end of the video (or where it breaks off) is found as without seeking.
+# SEEK_PREROLL seconds (at least two frames) before it: the frame landed on must lie after the last frame
+# and before the wanted time, and a frame must follow it. The last SEEK_TAIL seconds the container claims
+# are read through, so the end of the video (or where it breaks off) is found as without seeking.
 SEEK_MIN_GAP = 1.5
 SEEK_PREROLL = 0.1
 SEEK_TAIL = 2.0
@@ -73,7 +74,7 @@ class Frame:
     """One decoded frame."""
 
     time: float  # presentation time in seconds, read from the stream
-    index: int  # position in decode order, for messages only (never used for timing)
+    index: int  # position among the frames read (a seek skips some), for messages only (never for timing)
     pixels: np.ndarray  # (H, W, 3) uint8 RGB
 
 
@@ -87,7 +88,7 @@ class Grab:
 
     def __init__(self, time: float, index: int, retrieve: Callable[[], np.ndarray | None]):
         self.time = time  # presentation time in seconds
-        self.index = index  # position in decode order
+        self.index = index  # position among the frames read (a seek skips some)
         self._retrieve = retrieve
         self._bgr: np.ndarray | None = None
         self._asked = False
@@ -197,6 +198,22 @@ class StreamClock:
         return 0.0 if self.last is None else self.last + self.step
 
 
+def seekable_container(path: Path) -> bool:
+    """True for MP4/MOV (an ``ftyp`` box first) and Matroska/WebM (an EBML header) files.
+
+    Their sample tables and cues give times that only grow and say which frames are keyframes,
+    so a seek lands where reading through would be. Other containers are read through:
+    MPEG-TS times may restart part-way (joined recordings), and AVI indexes may flag every
+    frame as a keyframe, so a seek would land in the wrong place or decode from a P-frame.
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3"
+
+
 class SeekLedger:
     """Whether seeking pays for this video: the time seeks took against reading through what they skipped.
 
@@ -257,7 +274,8 @@ class OpenCVSource:
         self.skipped: list[Span] = []
         self._clock = StreamClock(self.fps)
         self.ledger = SeekLedger()
-        self._seeking = True  # off for good once a seek misses, the stream misbehaves, or seeks cost more
+        # off for good once a seek misses or the stream misbehaves; the ledger may also stop it
+        self._seeking = seekable_container(self.path)
         self._finished = False
         self._primed, failures = self._grab_next()  # fail now, before anyone spends time on a model
         if not self._primed:
@@ -304,24 +322,29 @@ class OpenCVSource:
 
         The file is read to its end once (a source is single-pass). With ``wanted`` (asked
         after each frame: the earliest time still needed, None for every frame) the source
-        may seek over frames before that time; it still yields the first frame at or after
-        it, and ``skipped`` then covers only the stretches it decoded. ``Grab.index`` counts
-        the frames yielded.
+        may seek over frames before that time and still yield the first frame at or after
+        it. ``Grab.index`` counts the frames yielded.
+
+        A seek decodes from a keyframe, where reading through decodes from the frames before:
+        on an intact file the two give the same pixels, but a damaged keyframe can decode
+        differently (as reading through a damaged file can with FFmpeg's threads), and a
+        damaged stretch a seek jumps over is not decoded, so not in ``skipped``, nor does it
+        end decoding. ``wanted=None`` reads every frame.
         """
-        index, ok, failures, jumped = 0, self._primed, self._leading_failures, False
+        index, ok, failures = 0, self._primed, self._leading_failures
         self._primed = False
         while ok:
             gap_start = self._clock.end if self._clock.last is not None else 0.0
-            time = self._clock.time_of(self._stream_time(), after_gap=failures > 0 or jumped)
+            time = self._clock.time_of(self._stream_time(), after_gap=failures > 0)
             if failures and time > gap_start:
                 self.skipped.append((gap_start, time))
             yield Grab(time, index, self._retrieve)
             index += 1
             target = wanted() if wanted is not None else None
             if target is not None and self._worth_seeking(time, target):
-                ok, failures, jumped = self._seek(time, target)
+                ok, failures = self._seek(time, target)
             else:
-                (ok, failures), jumped = self._grab_next(), False
+                ok, failures = self._grab_next()
         self._finished = True
 
     def _worth_seeking(self, last: float, target: float) -> bool:
@@ -334,24 +357,27 @@ class OpenCVSource:
         """Where a seek for ``target`` aims: far enough before it that the frame landed on is before it."""
         return target - max(SEEK_PREROLL, 2 * self._clock.step)
 
-    def _seek(self, last: float, target: float) -> tuple[bool, int, bool]:
-        """Jump to a frame between ``last`` and ``target``: (found, failed grabs before it, jumped).
+    def _seek(self, last: float, target: float) -> tuple[bool, int]:
+        """Jump to just before ``target``: (found, failed grabs before the frame found).
 
-        A seek that lands anywhere else (or on a damaged frame) turns seeking off and goes
-        back to reading every frame after ``last``, so nothing differs but the time taken.
+        The frame landed on must lie between ``last`` and ``target`` and be followed by a
+        good frame; it only proves the jump (its time goes to the clock, so the next frame's
+        interval is measured as reading through measures it), and the frame after it is the
+        one found. A seek that lands anywhere else, or next to a damaged frame or the end,
+        turns seeking off and goes back to reading every frame after ``last``.
         """
         start = clock.perf_counter()
         try:
             moved = bool(self._cap.set(cv2.CAP_PROP_POS_MSEC, self._aim(target) * 1000.0))
         except cv2.error:
             moved = False
-        landed = moved and self._grab()
-        at = self._stream_time() if landed else math.nan
-        if not last < at < target - TIME_TOLERANCE:
-            self._seeking = False
-            return (*self._read_on_after(last), False)
-        self.ledger.seek(clock.perf_counter() - start, (at - last) / self._clock.step - 1)
-        return True, 0, True
+        at = self._stream_time() if moved and self._grab() else math.nan
+        if last < at < target - TIME_TOLERANCE and self._grab() and self._stream_time() > at:
+            self._clock.time_of(at, after_gap=True)
+            self.ledger.seek(clock.perf_counter() - start, (at - last) / self._clock.step - 1)
+            return True, 0
+        self._seeking = False
+        return self._read_on_after(last)
 
     def _read_on_after(self, last: float) -> tuple[bool, int]:
         """Back on the frame after ``last`` by reading through: (found, failed grabs before it).
