@@ -168,26 +168,35 @@ class FramePicker:
 class StreamClock:
     """Frame times made safe to use: never missing, never going backwards.
 
-    The first frame keeps its stream time (clamped to >= 0). A later time that is <= 0,
-    not finite, or not after the previous one is replaced by the previous time plus the
-    last good frame interval (the nominal one until there is one), and counted in ``retimed``.
+    The first frame keeps its stream time (clamped to >= 0). A later time that is <= 0 or
+    not finite, or that starts again well before the previous one (joined recordings), is
+    replaced by the previous time plus the last good frame interval (the nominal one until
+    there is one). A time repeated, or at most two frames back (a frame stored twice or out
+    of order), becomes the previous time plus half an interval, so the frame after it keeps
+    its own time: a whole step would land on that frame's time and push every later frame
+    one step on. Each replaced time is counted in ``retimed``.
     """
 
     def __init__(self, fps: float):
         self.step = 1.0 / (fps if fps > 0 else FALLBACK_FPS)  # seconds between frames, last seen
         self.last: float | None = None  # time of the last frame
         self.retimed = 0
+        self._halved = False  # the last frame was put half a step on: the next interval is not a frame step
 
     def time_of(self, raw: float, *, after_gap: bool = False) -> float:
         """The time to use for a frame whose stream says ``raw`` seconds (``after_gap``: frames were lost before it)."""
+        halved, self._halved = self._halved, False
         if self.last is None:
             time = raw if math.isfinite(raw) and raw > 0 else 0.0
-        elif not math.isfinite(raw) or raw <= 0 or raw <= self.last:
+        elif not math.isfinite(raw) or raw <= 0 or raw <= self.last - 2 * self.step:
             time = self.last + self.step
+            self.retimed += 1
+        elif raw <= self.last:
+            time, self._halved = self.last + self.step / 2, True
             self.retimed += 1
         else:
             time = raw
-            if not after_gap:
+            if not (after_gap or halved):
                 self.step = raw - self.last
         self.last = time
         return time
@@ -336,7 +345,7 @@ class OpenCVSource:
         while ok:
             gap_start = self._clock.end if self._clock.last is not None else 0.0
             time = self._clock.time_of(self._stream_time(), after_gap=failures > 0)
-            if failures and time > gap_start:
+            if failures and time > gap_start + TIME_TOLERANCE:  # a failed grab that lost no frame is no gap
                 self.skipped.append((gap_start, time))
             yield Grab(time, index, self._retrieve)
             index += 1

@@ -83,11 +83,25 @@ def test_a_frame_that_cannot_be_retrieved_leaves_its_target_to_the_next_frame():
 
 def test_stream_clock_repairs_missing_and_backward_times():
     clock = StreamClock(fps=25.0)
-    raw = [0.0, 0.04, 0.0, 0.12, 0.08, math.nan, 0.3, -1.0]
+    raw = [0.0, 0.04, 0.0, 0.12, math.nan, 0.3, -1.0]
     times = [clock.time_of(t) for t in raw]
-    assert_near(times, [0.0, 0.04, 0.08, 0.12, 0.16, 0.20, 0.3, 0.4], 1e-9)  # last step seen was 0.1
-    assert clock.retimed == 4 and clock.end == pytest.approx(0.5)
+    assert_near(times, [0.0, 0.04, 0.08, 0.12, 0.16, 0.3, 0.44], 1e-9)  # last step seen was 0.14
+    assert clock.retimed == 3 and clock.end == pytest.approx(0.58)
     assert StreamClock(fps=0.0).time_of(-3.0) == 0.0  # a first time below zero starts the video at 0
+    joined = StreamClock(fps=25.0)  # a second recording whose times start again at 1 s
+    assert_near([joined.time_of(t) for t in (5.0, 5.04, 5.08, 1.0, 1.04, 1.08)],
+                [5.0, 5.04, 5.08, 5.12, 5.16, 5.20], 1e-9)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ([9.5, 9.75, 10.0, 10.0, 10.25, 10.5], [9.5, 9.75, 10.0, 10.125, 10.25, 10.5]),  # a frame stored twice
+    ([0.0, 0.04, 0.08, 0.04, 0.12, 0.16], [0.0, 0.04, 0.08, 0.10, 0.12, 0.16]),  # one stamped a frame back
+])
+def test_a_repeated_or_reordered_time_moves_that_frame_alone(raw, expected):
+    """A whole step on would land on the next frame's own time and push every later frame one step on."""
+    clock = StreamClock(fps=1 / (raw[1] - raw[0]))
+    assert_near([clock.time_of(t) for t in raw], expected, 1e-9)
+    assert clock.retimed == 1 and clock.end == pytest.approx(expected[-1] + raw[1] - raw[0])
 
 
 def make_bad_videos(folder):
