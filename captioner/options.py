@@ -119,9 +119,10 @@ class DecodingOptions:
     # classifier evidence a word needs before it is boosted
     concept_threshold: float = option(0.5, float, "classifier evidence a word needs to be boosted",
                                        Bounds(0, 1, open_low=True))
-    # rerank candidates by mean log-prob + this weight x consensus CIDEr-D (0: off)
-    consensus_weight: float = option(0.0, float, "rerank the beam's captions by the model's mean log-prob plus this "
-                                     "weight times their CIDEr-D against the nearest training photos' captions "
+    # rerank candidates by the search's ranking key + this weight x consensus CIDEr-D (0: off)
+    consensus_weight: float = option(0.0, float, "rerank the beam's captions by the search's own ranking key (length "
+                                     "penalty and concept boost included) plus this weight times their CIDEr-D "
+                                     "against the nearest training photos' captions "
                                      "(0: off; a model without consensus data keeps the search's order)",
                                      Bounds(0, 50))
 

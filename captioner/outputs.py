@@ -42,7 +42,10 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     Raises:
         OutputError: ``path`` is a folder, or its folder cannot be created or written.
     """
-    path = _target(Path(path))
+    given = Path(path)
+    if given.exists() and not given.is_file() and not given.is_dir():  # named as given: /dev/stdout, not /proc/...
+        raise OutputError(f"{printable(given)}: not a regular file (a device, pipe or socket); give a file name")
+    path = _target(given)
     if path.is_dir():
         raise OutputError(f"{printable(path)}: is a folder; give a file name")
     if path.exists() and not path.is_file():

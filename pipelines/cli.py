@@ -160,9 +160,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.ray is not None:
         return _batch_with_ray(args)
     if not Path(args.folder).is_dir():
-        raise OptionError(f"{printable(args.folder)}: not a folder")
-    if args.format == "parquet":
-        raise OptionError("--format parquet writes Ray shards: use it with --ray")
+        hint = " (a URI source needs --ray)" if "://" in args.folder else ""
+        raise OptionError(f"{printable(args.folder)}: not a folder{hint}")
+    if args.format == "parquet" or Path(args.output).suffix.lower() == ".parquet":
+        raise OptionError("Parquet output is a folder of Ray shards: use it with --ray")
+    if args.output.endswith(("/", os.sep)):
+        raise OptionError(f"{printable(args.output)}: names a folder; give a file name (a folder of shards needs "
+                          "--ray)")
     if args.html:
         _check_report_path(Path(args.html), Path(args.output))
         check_writable_file(args.html)
@@ -420,18 +424,22 @@ def _check_port_free(host: str, port: int) -> None:
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="an HTTP API (POST /v1/captions, /v1/subtitles) and a web page at /")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=bounded_int(1, 65535), default=8000)
+    p.add_argument("--port", type=bounded_int(1, 65535), default=8000, help="(default: 8000)")
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--device", help="torch device, e.g. cuda (default: CPU)")
     p.add_argument("--max-batch-size", type=bounded_int(1, 1024), default=32,
-                   help="images from concurrent requests captioned in one batch")
+                   help="images from concurrent requests captioned in one batch (default: 32)")
     p.add_argument("--max-wait-ms", type=bounded_int(0, 1000), default=5,
-                   help="how long a batch waits for more images after its first")
-    p.add_argument("--timeout", type=bounded_int(1, 86400), default=120, help="seconds per request before a 504")
+                   help="how long a batch waits for more images after its first (default: 5)")
+    p.add_argument("--timeout", type=bounded_int(1, 86400), default=120,
+                   help="seconds per request before a 504 (default: 120)")
     p.add_argument("--shutdown-grace", type=bounded_int(0, 86400), default=10,
-                   help="seconds running requests may finish after SIGTERM or Ctrl-C before they are stopped")
-    p.add_argument("--max-upload-mb", type=bounded_int(1, 4096), default=32, help="bytes of images per request")
-    p.add_argument("--max-video-mb", type=bounded_int(1, 65536), default=256, help="bytes of one video upload")
+                   help="seconds running requests may finish after SIGTERM or Ctrl-C before they are stopped "
+                   "(default: 10)")
+    p.add_argument("--max-upload-mb", type=bounded_int(1, 4096), default=32,
+                   help="megabytes of images in one request (default: 32; at most 16 images a request)")
+    p.add_argument("--max-video-mb", type=bounded_int(1, 65536), default=256,
+                   help="megabytes of one video upload (default: 256)")
     p.add_argument("--cors-origin", action="append", default=[],
                    help="let pages from this origin call the API (repeatable; default: none)")
     p.set_defaults(run=cmd_serve)
@@ -459,8 +467,8 @@ def _export_parser(sub) -> None:
     p.add_argument("--format", choices=("onnx",), default="onnx")
     p.add_argument("-o", "--out", required=True, help="new or empty folder for the graphs and runtime.json")
     p.add_argument("--model", help="model folder (default: the shipped model)")
-    p.add_argument("--int8", action="store_true", help="store the decoder step's weights as int8 (ONNX Runtime "
-                   "dynamic quantization)")
+    p.add_argument("--int8", action="store_true", help="store the decoder graphs' and the classifier's weights as "
+                   "int8 (ONNX Runtime dynamic quantization; the encoder stays float)")
     p.set_defaults(run=cmd_export)
 
 

@@ -63,7 +63,7 @@ class RecordFile:
                     self._note(record)
                 if self.fmt.outdated:
                     self._rewrite()
-            if self._file.tell() == 0:
+            if not self._regular or self._file.tell() == 0:  # a pipe cannot tell, and starts empty
                 self._write(self._file, self.fmt.header())
         except BaseException:
             self.close()

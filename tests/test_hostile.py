@@ -536,3 +536,33 @@ def test_evaluate_names_a_missing_image_before_the_model_loads(tmp_path, capsys)
     manifest.write_text(json.dumps({"image": str(tmp_path / "gone.jpg"), "captions": ["a cat"]}) + "\n")
     code, _, err = run(["evaluate", "--manifest", manifest, "--no-meteor"], capsys)
     assert code == 1 and "gone.jpg: no such image file" in error_line(err)
+
+
+@pytest.mark.parametrize("uri, out, message", [
+    (False, "a.parquet", "Parquet output is a folder of Ray shards: use it with --ray"),
+    (False, "shards/", "shards/: names a folder; give a file name (a folder of shards needs --ray)"),
+    (True, "x.jsonl", "photos: not a folder (a URI source needs --ray)"),
+])
+def test_ray_spellings_without_ray_are_refused_instead_of_writing_jsonl(tmp_path, capsys, uri, out, message):
+    photo(tmp_path / "photos" / "cat.png")
+    source = f"file://{tmp_path / 'photos'}" if uri else str(tmp_path / "photos")
+    code, _, err = run(["batch", source, "-o", f"{tmp_path}/{out}"], capsys)
+    assert code == 2 and error_line(err).endswith(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # nothing written
+
+
+def test_records_can_be_piped_to_standard_output_and_subtitles_are_refused_naming_it(tmp_path):
+    photo(tmp_path / "photos" / "cat.png")
+    piped = subprocess.run(f"{sys.executable} -m captioner.pipelines.cli batch {tmp_path / 'photos'} "
+                           "-o /dev/stdout --quiet | cat", shell=True, cwd=ROOT, capture_output=True, timeout=300)
+    records = [json.loads(line) for line in piped.stdout.decode().splitlines()]
+    assert piped.returncode == 0 and [r["path"] for r in records] == [str(tmp_path / "photos" / "cat.png")]
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for _ in range(10):
+        writer.write(np.zeros((48, 64, 3), np.uint8))
+    writer.release()
+    proc = subprocess.run(f"{sys.executable} -m captioner.pipelines.cli video {clip} -o /dev/stdout | cat",
+                          shell=True, cwd=ROOT, capture_output=True, timeout=300)
+    assert error_line(proc.stderr.decode()) == ("captioner: error: /dev/stdout: not a regular file (a device, pipe "
+                                                "or socket); give a file name")
