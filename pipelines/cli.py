@@ -143,14 +143,15 @@ def cmd_caption(args: argparse.Namespace) -> int:
         columns = [one_line(result.path), record["caption"]]
         if args.tags:
             columns.append(", ".join(f"{tag.label} {tag.p:.2f}" for tag in result.tags))
-        if record.get("unsure"):
+        if args.min_confidence is not None:  # the column is there on every line, empty for a sure caption
             instead = f"; the model said: {record['model_caption']}" if "model_caption" in record else ""
-            columns.append(f"unsure (confidence {record['confidence']:.2f}{instead})")
+            columns.append(f"unsure (confidence {record['confidence']:.2f}{instead})" if record.get("unsure") else "")
         _print("\t".join(columns))
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    from captioner.images import IMAGE_EXTENSIONS
     from captioner.outputs import check_writable_file
     from captioner.pipelines.folder import caption_folder
     from captioner.pipelines.record_formats import format_for
@@ -184,6 +185,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.html:
         write_contact_sheet(args.output, args.html, fmt)
     _print(summary.describe(), err=True)
+    if not (summary.captioned or summary.failed or summary.already_done):
+        _print(f"warning: no images under {printable(args.folder)} (files named {', '.join(sorted(IMAGE_EXTENSIONS))})",
+               err=True)
     return EXIT_SOME_FAILED if summary.failed or summary.earlier_failed else EXIT_OK
 
 

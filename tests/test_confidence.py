@@ -87,6 +87,8 @@ def test_caption_min_confidence_marks_unsure_captions(capsys):
     assert main(["caption", cat, "--min-confidence", "1"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.split("\t")[1] == "a cat is playing with a toy" and "\tunsure (confidence 0." in line
+    assert main(["caption", cat, "--min-confidence", "0"]) == 0  # sure: the column stays, empty
+    assert capsys.readouterr().out == f"{cat}\ta cat is playing with a toy\t\n"
     assert main(["caption", cat, "--min-confidence", "0", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert 0 <= record["confidence"] <= 1 and "unsure" not in record

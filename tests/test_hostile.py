@@ -566,3 +566,11 @@ def test_records_can_be_piped_to_standard_output_and_subtitles_are_refused_namin
                           shell=True, cwd=ROOT, capture_output=True, timeout=300)
     assert error_line(proc.stderr.decode()) == ("captioner: error: /dev/stdout: not a regular file (a device, pipe "
                                                 "or socket); give a file name")
+
+
+def test_a_folder_without_images_says_so(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "README.md").write_text("holiday photos\n")
+    code, _, err = run(["batch", tmp_path / "photos", "-o", tmp_path / "out.jsonl"], capsys)
+    assert code == 0 and err.splitlines()[-1].startswith(f"warning: no images under {tmp_path / 'photos'} (files "
+                                                         "named .bmp, .gif, .jfif, .jpeg, .jpg")
