@@ -4,14 +4,16 @@ A field ``beam_size: int`` with ``metadata={"help": ...}`` becomes ``--beam-size
 ``bool`` field becomes ``--name/--no-name``; ``metadata["choices"]`` limits the values and
 ``metadata["aliases"]`` adds shorter spellings (``--out`` for ``out_dir``).
 Every flag defaults to "not given" (None), so the object's own defaults (or a model's
-tuned ones) apply unless the user says otherwise. Ranges are checked by the dataclass
-itself when it is built, and a bad value exits 2 like any usage error.
+tuned ones) apply unless the user says otherwise. A number out of its field's range is a
+usage error that names the flag (exit 2); rules across fields are checked by the dataclass
+itself when it is built, and exit 2 the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Iterable, TypeVar
@@ -61,8 +63,24 @@ def add_dataclass_flags(
             parser.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
             continue
-        parser.add_argument(*names, dest=field.name, type=kind, default=None, choices=field.metadata.get("choices"),
+        parser.add_argument(*names, dest=field.name, type=_number_in(kind, bounds) if kind in (int, float) else kind,
+                            default=None, choices=field.metadata.get("choices"),
                             metavar=field.name.upper() if "choices" not in field.metadata else None, help=help_text)
+
+
+def _number_in(kind: type, bounds: Any):
+    """An argparse type for a whole number or a finite number inside ``bounds`` (None: any)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {KIND_NAMES[kind]}") from None
+        if not math.isfinite(value) or (bounds is not None and value not in bounds):
+            raise argparse.ArgumentTypeError(f"{text} is not in {bounds}" if bounds else f"{text} is not finite")
+        return value
+
+    return parse
 
 
 def dataclass_from_args(args: argparse.Namespace, defaults: T, *, exclude: tuple[str, ...] = ()) -> T:
