@@ -29,6 +29,7 @@ class Segment:
     end: float  # seconds, > start
     text: str  # the caption shown
     score: float  # mean log-probability per token of the caption (<= 0; higher is more confident)
+    confidence: float | None = None  # estimated probability the caption is acceptable (a calibrated model's)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Sample:
     text: str  # best caption of the frame
     score: float  # its mean log-probability per token
     shot: int = 0  # samples from different shots never merge (all 0 without scene detection)
+    confidence: float | None = None  # the frame caption's confidence (a calibrated model's)
 
 
 def frame_samples(frames: list[CaptionedFrame], video_end: float) -> list[Sample]:
@@ -71,7 +73,7 @@ def frame_samples(frames: list[CaptionedFrame], video_end: float) -> list[Sample
 
 def _uniform_samples(frames: list[CaptionedFrame], following: float) -> list[Sample]:
     ends = [f.time for f in frames[1:]] + [max(following, frames[-1].time)]
-    return [Sample(f.time, end, f.text, f.score, f.shot) for f, end in zip(frames, ends, strict=True)]
+    return [Sample(f.time, end, f.text, f.score, f.shot, f.confidence) for f, end in zip(frames, ends, strict=True)]
 
 
 def _shot_samples(frames: list[CaptionedFrame], video_end: float) -> list[Sample]:
@@ -79,7 +81,7 @@ def _shot_samples(frames: list[CaptionedFrame], video_end: float) -> list[Sample
     times = [f.time for f in frames]
     bounds = [min(start, times[0])] + [(a + b) / 2 for a, b in itertools.pairwise(times)]
     bounds.append(max(min(end, video_end), times[-1]))
-    return [Sample(bounds[i], bounds[i + 1], f.text, f.score, f.shot) for i, f in enumerate(frames)]
+    return [Sample(bounds[i], bounds[i + 1], f.text, f.score, f.shot, f.confidence) for i, f in enumerate(frames)]
 
 
 def word_similarity(a: str, b: str) -> float:
@@ -95,7 +97,7 @@ def merge_samples(samples: list[Sample], *, similarity: float = MERGE_SIMILARITY
     """One cue per run of consecutive samples of one shot whose captions are near-same.
 
     Each sample is compared with the one before it. A cue shows the caption of its most
-    confident sample, with that sample's score.
+    confident sample, with that sample's score and confidence.
     """
     runs: list[list[Sample]] = []
     for sample in samples:
@@ -107,7 +109,7 @@ def merge_samples(samples: list[Sample], *, similarity: float = MERGE_SIMILARITY
     cues = []
     for run in runs:
         best = max(run, key=lambda s: s.score)
-        cues.append(Segment(run[0].start, run[-1].end, best.text, best.score))
+        cues.append(Segment(run[0].start, run[-1].end, best.text, best.score, best.confidence))
     return cues
 
 

@@ -62,7 +62,7 @@ class WriteVTT(CueWriter):
 
 
 class WriteJSONL:
-    """One JSON object per cue: start, end (seconds), text, score; for scripts, not players."""
+    """One JSON object per cue: start, end (seconds), text, score, confidence; for scripts, not players."""
 
     extension = "jsonl"
 
@@ -72,9 +72,12 @@ class WriteJSONL:
 
 
 def cue_record(segment: Segment) -> dict:
-    """One cue as JSON: start and end in seconds (ms precision), text, score."""
-    return {"start": round(segment.start, 3), "end": round(segment.end, 3), "text": segment.text,
-            "score": round(segment.score, 6)}
+    """One cue as JSON: start and end in seconds (ms precision), text, score, and confidence where the model has it."""
+    record = {"start": round(segment.start, 3), "end": round(segment.end, 3), "text": segment.text,
+              "score": round(segment.score, 6)}
+    if segment.confidence is not None:
+        record["confidence"] = round(segment.confidence, 4)
+    return record
 
 
 WRITERS = {"srt": WriteSRT, "vtt": WriteVTT, "jsonl": WriteJSONL}

@@ -94,3 +94,9 @@ def test_after_a_detector_failure_the_uniform_tail_follows_the_last_shot():
 def test_a_shot_ending_past_the_decoded_end_is_cut_there():
     samples = frame_samples([frame(0.0, span=(0.0, 9.0))], video_end=6.5)
     assert [(s.start, s.end) for s in samples] == [(0.0, 6.5)]
+
+
+def test_a_merged_cue_keeps_the_confidence_of_the_sample_it_shows():
+    samples = [Sample(0.0, 2.0, "a dog runs", -1.2, confidence=0.3),
+               Sample(2.0, 4.0, "a dog runs", -0.8, confidence=0.6)]
+    assert merge_samples(samples) == [Segment(0.0, 4.0, "a dog runs", -0.8, 0.6)]

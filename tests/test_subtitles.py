@@ -83,6 +83,8 @@ def test_jsonl_has_one_record_per_cue():
     records = [json.loads(line) for line in written(WriteJSONL()).splitlines()]
     assert records[1] == {"start": 2.5, "end": 61.002, "text": "a man & a dog <outside>", "score": -1.25}
     assert len(records) == len(SEGMENTS)
+    sure = Segment(0.0, 2.0, "a cat", -0.5, confidence=0.71234)  # a calibrated model's cue says how sure it is
+    assert json.loads(written(WriteJSONL(), [sure]))["confidence"] == 0.7123
 
 
 def test_writer_is_chosen_by_name_then_extension_then_srt():

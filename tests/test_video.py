@@ -417,6 +417,7 @@ def test_cli_writes_srt_vtt_and_jsonl_that_parse(clips, tmp_path):
     assert main(["video", str(clips["mp4"]), "--format", "jsonl", "--out-dir", str(tmp_path / "j")]) == 0
     records = [json.loads(line) for line in (tmp_path / "j" / "three.jsonl").read_text().splitlines()]
     assert [r["text"] for r in records] == [c.content for c in cues] and all(r["score"] < 0 for r in records)
+    assert all(0 < r["confidence"] < 1 for r in records)  # the shipped model is calibrated
 
 
 def test_cli_scenes_mode_and_a_truncated_file(clips, tmp_path, capsys):
