@@ -40,7 +40,8 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     left as it is.
 
     Raises:
-        OutputError: ``path`` is a folder, or its folder cannot be created or written.
+        OutputError: ``path`` is a folder, a device, pipe or socket, or its folder cannot be
+            created or written.
     """
     given = Path(path)
     if given.exists() and not given.is_file() and not given.is_dir():  # named as given: /dev/stdout, not /proc/...

@@ -165,10 +165,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise OptionError(f"{printable(args.folder)}: not a folder{hint}")
     if args.format == "parquet" or Path(args.output).suffix.lower() == ".parquet":
         raise OptionError("Parquet output is a folder of Ray shards: use it with --ray")
-    if args.output.endswith(("/", os.sep)):
+    if args.output.endswith(("/", os.sep)) or os.path.basename(args.output) in (".", ".."):
         raise OptionError(f"{printable(args.output)}: names a folder; give a file name (a folder of shards needs "
                           "--ray)")
     if args.html:
+        if Path(args.output).exists() and not Path(args.output).is_file():  # a pipe cannot be read back
+            raise OptionError(f"{printable(args.output)}: --html reads the records back from the output; "
+                              "write them to a regular file")
         _check_report_path(Path(args.html), Path(args.output))
         check_writable_file(args.html)
     _check_fallback(args)

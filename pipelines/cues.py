@@ -96,8 +96,8 @@ def word_similarity(a: str, b: str) -> float:
 def merge_samples(samples: list[Sample], *, similarity: float = MERGE_SIMILARITY) -> list[Segment]:
     """One cue per run of consecutive samples of one shot whose captions are near-same.
 
-    Each sample is compared with the one before it. A cue shows the caption of its most
-    confident sample, with that sample's score and confidence.
+    Each sample is compared with the one before it. A cue shows the caption of its best-scored
+    sample, with that sample's score and confidence.
     """
     runs: list[list[Sample]] = []
     for sample in samples:

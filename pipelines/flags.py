@@ -76,7 +76,7 @@ def _number_in(kind: type, bounds: Any):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {KIND_NAMES[kind]}") from None
-        if not math.isfinite(value) or (bounds is not None and value not in bounds):
+        if (kind is float and not math.isfinite(value)) or (bounds is not None and value not in bounds):
             raise argparse.ArgumentTypeError(f"{text} is not in {bounds}" if bounds else f"{text} is not finite")
         return value
 

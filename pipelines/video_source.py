@@ -169,16 +169,18 @@ class StreamClock:
     """Frame times made safe to use: never missing, never going backwards.
 
     The first frame keeps its stream time (clamped to >= 0). A later time that is <= 0 or
-    not finite, or that starts again well before the previous one (joined recordings), is
-    replaced by the previous time plus the last good frame interval (the nominal one until
-    there is one). A time repeated, or at most two frames back (a frame stored twice or out
-    of order), becomes the previous time plus half an interval, so the frame after it keeps
-    its own time: a whole step would land on that frame's time and push every later frame
-    one step on. Each replaced time is counted in ``retimed``.
+    not finite, or that starts again more than two frames before the previous one (joined
+    recordings), is replaced by the previous time plus the last good frame interval (the
+    nominal one until there is one). A time repeated, or at most two frames back (a frame
+    stored twice or out of order), becomes the previous time plus half a frame (of the
+    shorter of that interval and the nominal one), so the frame after it keeps its own time:
+    a whole step would land on that frame's time and push every later frame one step on.
+    Each replaced time is counted in ``retimed``.
     """
 
     def __init__(self, fps: float):
         self.step = 1.0 / (fps if fps > 0 else FALLBACK_FPS)  # seconds between frames, last seen
+        self.nominal = self.step  # seconds between frames by the container's frame rate
         self.last: float | None = None  # time of the last frame
         self.retimed = 0
         self._halved = False  # the last frame was put half a step on: the next interval is not a frame step
@@ -188,11 +190,11 @@ class StreamClock:
         halved, self._halved = self._halved, False
         if self.last is None:
             time = raw if math.isfinite(raw) and raw > 0 else 0.0
-        elif not math.isfinite(raw) or raw <= 0 or raw <= self.last - 2 * self.step:
+        elif not math.isfinite(raw) or raw <= 0 or raw < self.last - 2 * self.step - TIME_TOLERANCE:
             time = self.last + self.step
             self.retimed += 1
         elif raw <= self.last:
-            time, self._halved = self.last + self.step / 2, True
+            time, self._halved = self.last + min(self.step, self.nominal) / 2, True
             self.retimed += 1
         else:
             time = raw

@@ -154,6 +154,8 @@ def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys)
     (["caption", "x.png", "--consensus-weight", "nan"], "argument --consensus-weight: nan is not in [0, 50]"),
     (["video", "x.mp4", "--every", "0"], "argument --every: 0 is not in [0.01, 3600]"),
     (["video", "x.mp4", "--batch-size", "two"], "argument --batch-size: 'two' is not a whole number"),
+    (["caption", "x.png", "--beam-size", "1" + "0" * 400],  # too large for a float: no OverflowError
+     "argument --beam-size: 1" + "0" * 400 + " is not in [1, 64]"),
 ])
 def test_a_number_out_of_range_is_a_usage_error_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

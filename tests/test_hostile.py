@@ -541,6 +541,7 @@ def test_evaluate_names_a_missing_image_before_the_model_loads(tmp_path, capsys)
 @pytest.mark.parametrize("uri, out, message", [
     (False, "a.parquet", "Parquet output is a folder of Ray shards: use it with --ray"),
     (False, "shards/", "shards/: names a folder; give a file name (a folder of shards needs --ray)"),
+    (False, "shards/.", "shards/.: names a folder; give a file name (a folder of shards needs --ray)"),
     (True, "x.jsonl", "photos: not a folder (a URI source needs --ray)"),
 ])
 def test_ray_spellings_without_ray_are_refused_instead_of_writing_jsonl(tmp_path, capsys, uri, out, message):
@@ -557,6 +558,11 @@ def test_records_can_be_piped_to_standard_output_and_subtitles_are_refused_namin
                            "-o /dev/stdout --quiet | cat", shell=True, cwd=ROOT, capture_output=True, timeout=300)
     records = [json.loads(line) for line in piped.stdout.decode().splitlines()]
     assert piped.returncode == 0 and [r["path"] for r in records] == [str(tmp_path / "photos" / "cat.png")]
+    report = subprocess.run(f"{sys.executable} -m captioner.pipelines.cli batch {tmp_path / 'photos'} -o /dev/stdout "
+                            f"--html {tmp_path / 'r.html'} | cat", shell=True, cwd=ROOT, capture_output=True,
+                            timeout=60)
+    assert error_line(report.stderr.decode()).endswith("/dev/stdout: --html reads the records back from the output; "
+                                                       "write them to a regular file")  # it hung reading its own pipe
     clip = tmp_path / "clip.mp4"
     writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
     for _ in range(10):

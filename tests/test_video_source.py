@@ -96,12 +96,14 @@ def test_stream_clock_repairs_missing_and_backward_times():
 @pytest.mark.parametrize("raw, expected", [
     ([9.5, 9.75, 10.0, 10.0, 10.25, 10.5], [9.5, 9.75, 10.0, 10.125, 10.25, 10.5]),  # a frame stored twice
     ([0.0, 0.04, 0.08, 0.04, 0.12, 0.16], [0.0, 0.04, 0.08, 0.10, 0.12, 0.16]),  # one stamped a frame back
+    ([0.0, 0.25, 0.5, 0.75, 0.25, 1.0, 1.25], [0.0, 0.25, 0.5, 0.75, 0.875, 1.0, 1.25]),  # two frames back
+    ([0.0, 0.1, 0.2, 1.2, 1.2, 1.3, 1.4], [0.0, 0.1, 0.2, 1.2, 1.25, 1.3, 1.4]),  # after a long frame: half a frame
 ])
 def test_a_repeated_or_reordered_time_moves_that_frame_alone(raw, expected):
     """A whole step on would land on the next frame's own time and push every later frame one step on."""
     clock = StreamClock(fps=1 / (raw[1] - raw[0]))
     assert_near([clock.time_of(t) for t in raw], expected, 1e-9)
-    assert clock.retimed == 1 and clock.end == pytest.approx(expected[-1] + raw[1] - raw[0])
+    assert clock.retimed == 1 and clock.end == pytest.approx(expected[-1] + expected[-1] - expected[-2])
 
 
 def make_bad_videos(folder):
