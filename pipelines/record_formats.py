@@ -398,6 +398,20 @@ def _number(name: str, cell: str) -> float:
 RECORD_FORMATS: dict[str, type[RecordFormat]] = {"jsonl": JsonlRecords, "csv": CsvRecords}
 
 
+def format_of_first_line(chunk: Chunk, besides: RecordFormat) -> str | None:
+    """The name of another record format whose first line ``chunk`` is (our CSV header, a JSONL
+    record), so a file of ours written in one format and opened in the other is named as such."""
+    for name, kind in RECORD_FORMATS.items():
+        if isinstance(besides, kind) or not chunk.data.strip():
+            continue
+        try:
+            kind().parse(chunk)
+        except BadRecord:
+            continue
+        return name
+    return None
+
+
 def format_for(path: str | os.PathLike, name: str | None = None) -> RecordFormat:
     """The record format named, else the one whose extension ``path`` has (JSONL by default).
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from captioner.errors import OutputError, printable
-from captioner.pipelines.record_formats import Chunk, RecordFormat, format_for, raw_path
+from captioner.pipelines.record_formats import Chunk, RecordFormat, format_for, format_of_first_line, raw_path
 
 
 class _Keys:
@@ -123,13 +123,23 @@ class RecordFile:
                     if ending is not None:
                         yield ending
                     break
-                record = self.fmt.parse_at(chunk, self.path)  # a line that is not ours raises here
+                record = self._parsed(chunk)  # a line that is not ours raises here
                 ours = ours or bool(chunk.data.strip())  # a record or our header (a blank line proves nothing)
                 if record is not None:
                     yield record
         finally:
             reader.detach()  # the file stays open
         file.seek(0, os.SEEK_END)
+
+    def _parsed(self, chunk: Chunk) -> dict | None:
+        try:
+            return self.fmt.parse_at(chunk, self.path)
+        except OutputError:
+            other = format_of_first_line(chunk, self.fmt) if chunk.line == 1 else None
+            if other is None:
+                raise
+            raise OutputError(f"{printable(self.path)}: holds captioner's {other} records; give --format {other}, "
+                              "or write to a new file") from None
 
     def _unfinished(self, file: BinaryIO, chunk: Chunk, ours: bool) -> dict | None:
         """The file's unfinished last piece: a whole record missing its newline (kept, the newline

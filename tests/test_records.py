@@ -436,3 +436,18 @@ def test_a_forked_child_does_not_keep_the_output_locked(tmp_path):
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("written, opened", [("csv", "jsonl"), ("jsonl", "csv")])
+def test_our_records_opened_in_the_other_format_are_named_with_the_way_on(tmp_path, written, opened):
+    path = tmp_path / "out.txt"
+    with RecordFile(path, format_for(path, written)) as records:
+        records.write(caption_record("/p/a.jpg"))
+    before = path.read_bytes()
+    with pytest.raises(OutputError) as info:
+        RecordFile(path, format_for(path, opened))
+    assert str(info.value) == (f"{path}: holds captioner's {written} records; give --format {written}, "
+                               "or write to a new file")
+    assert path.read_bytes() == before
+    with RecordFile(path, format_for(path, written)) as records:  # the advice works
+        assert len(records) == 1
