@@ -431,7 +431,7 @@ def _check_port_free(host: str, port: int) -> None:
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="an HTTP API (POST /v1/captions, /v1/subtitles) and a web page at /")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=bounded_int(1, 65535), default=8000, help="(default: 8000)")
+    p.add_argument("--port", type=bounded_int(1, 65535), default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--device", help="torch device, e.g. cuda (default: CPU)")
     p.add_argument("--max-batch-size", type=bounded_int(1, 1024), default=32,

@@ -2,8 +2,8 @@
 
 Times always come from the stream (``CAP_PROP_POS_MSEC`` after each grab), never from a
 frame index divided by a nominal frame rate, so variable-frame-rate files stay in sync.
-A time that is missing (<= 0 after the first frame) or goes backwards is replaced by the
-previous time plus one frame step, and counted.
+A time that is missing (<= 0 after the first frame), repeated or going backwards is replaced
+by one after the previous time (:class:`StreamClock`), and counted.
 
 Frames nobody asked for are only grabbed (demuxed and decoded, never converted); a frame's
 pixels are retrieved only when a sampler asks for them. A caller that says which time it
