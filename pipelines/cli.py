@@ -503,7 +503,8 @@ def _video_parser(sub) -> None:
     p = sub.add_parser("video", help="subtitle a video (or every video under a folder) as SRT, WebVTT or JSONL",
                        epilog=SCORE_HELP)
     p.add_argument("input", help="a video file, or a folder searched recursively for .mp4 .avi .mov .mkv .webm .m4v")
-    p.add_argument("-o", "--output", help="OUT.srt, OUT.vtt or OUT.jsonl (one video; default: beside the video)")
+    p.add_argument("-o", "--output", help="OUT.srt, OUT.vtt or OUT.jsonl (one video; - for standard output; "
+                   "default: beside the video)")
     p.add_argument("--format", choices=sorted(WRITERS), help="default: from -o's extension, else srt")
     p.add_argument("--out-dir", help="write subtitle files here instead of beside each video")
     p.add_argument("--burn", help="also write OUT.mp4: a copy of the video with the cues drawn on (one video)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, TextIO
 
@@ -102,8 +103,12 @@ def writer_for(path: str | os.PathLike | None = None, name: str | None = None) -
     return WRITERS[name]()
 
 
+# The output name that means standard output (``captioner video clip.mp4 -o - --format vtt | player``).
+STANDARD_OUTPUT = "-"
+
+
 def write_subtitles(segments: Iterable[Segment], path: str | os.PathLike, writer: CueWriter | WriteJSONL) -> None:
-    """Write ``segments`` to ``path`` as UTF-8 with LF line ends, creating its folder.
+    """Write ``segments`` to ``path`` as UTF-8 with LF line ends, creating its folder (``-``: standard output).
 
     The file is replaced whole or not at all, so a player never reads half a file and a
     failed run leaves the previous subtitles in place.
@@ -112,4 +117,8 @@ def write_subtitles(segments: Iterable[Segment], path: str | os.PathLike, writer
         OutputError: ``path`` cannot be written (a folder, no permission, a full disk).
     """
     segments = list(segments)
+    if os.fspath(path) == STANDARD_OUTPUT:
+        writer.write(segments, sys.stdout)
+        sys.stdout.flush()
+        return
     write_atomically(path, lambda file: writer.write(segments, file))

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from captioner.model import CaptionModel
 from captioner.outputs import check_writable_file, check_writable_folder, same_file
 from captioner.pipelines.burn import burn_subtitles, check_burn_target
 from captioner.pipelines.sources import walk_videos
-from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
+from captioner.pipelines.subtitles import STANDARD_OUTPUT, CueWriter, WriteJSONL, write_subtitles
 from captioner.pipelines.video import VideoOptions, open_video, subtitle_source
 
 
@@ -60,7 +61,8 @@ def prepare_jobs(
             if same_file(job.burn, job.output):
                 raise OptionError(f"{printable(job.burn)}: --burn and the subtitle file are the same file")
             check_burn_target(job.burn)
-        check_writable_file(job.output)
+        if os.fspath(job.output) != STANDARD_OUTPUT:
+            check_writable_file(job.output)
     return jobs
 
 

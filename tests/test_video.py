@@ -481,3 +481,11 @@ def test_a_bad_output_fails_before_the_model_loads(clips, tmp_path, capsys, monk
     (tmp_path / "taken.srt").mkdir()
     assert main(["video", str(clips["mp4"]), "-o", str(tmp_path / "taken.srt")]) != 0
     assert f"{tmp_path / 'taken.srt'}: is a folder" in capsys.readouterr().err
+
+
+def test_subtitles_go_to_standard_output_for_a_dash(clips, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["video", str(clips["mp4"]), "-o", "-", "--format", "vtt", "--every", "2"]) == 0
+    cues = webvtt.from_string(capsys.readouterr().out)
+    assert len(cues) == 3 and cues[-1].end == "00:00:12.000"
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
