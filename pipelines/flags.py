@@ -18,6 +18,8 @@ import types
 import typing
 from typing import Any, Iterable, TypeVar
 
+from captioner.options import Bounds
+
 T = TypeVar("T")
 
 
@@ -92,28 +94,12 @@ def dataclass_from_args(args: argparse.Namespace, defaults: T, *, exclude: tuple
 
 def bounded_int(low: int, high: int):
     """An argparse type for whole numbers in [low, high]; anything else is a usage error (exit 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
-        return value
-
-    return parse
+    return _number_in(int, Bounds(low, high))
 
 
 def probability(text: str) -> float:
     """An argparse type for a number in [0, 1] (a confidence threshold); anything else is a usage error."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
-    return value
+    return _number_in(float, Bounds(0, 1))(text)
 
 
 def options_from_text(defaults: T, given: dict[str, str], *, exclude: tuple[str, ...] = (),

@@ -37,6 +37,13 @@ NUMERIC_FIELDS = frozenset({"score", "min_prob", "confidence"})
 # The columns written by versions before confidence; such files are read as they are and upgraded.
 UNCALIBRATED_CSV_FIELDS = RECORD_FIELDS[:7]
 FALLBACKS = ("tags",)  # what may stand in for an unsure caption (--fallback)
+# The columns written by versions before tags; such files are read as they are and upgraded.
+UNTAGGED_CSV_FIELDS = RECORD_FIELDS[:6]
+# The columns written by versions before path_hex; such files are read without CSV escapes and upgraded.
+LEGACY_CSV_FIELDS = RECORD_FIELDS[:5]
+TAG_SEPARATOR = "; "  # between tags in a CSV cell; no ImageNet label holds it, or a ":"
+# A text cell starting with one of these is a formula to a spreadsheet; "'" is escaped too so any text round-trips.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 def earlier_failures(count: int) -> str:
@@ -57,13 +64,6 @@ def check_fallback(fallback: str | None, min_confidence: float | None) -> None:
         raise OptionError(f"fallback={fallback!r} must be one of {', '.join(FALLBACKS)}")
     if fallback and min_confidence is None:
         raise OptionError("fallback replaces unsure captions: give min_confidence too")
-# The columns written by versions before tags; such files are read as they are and upgraded.
-UNTAGGED_CSV_FIELDS = RECORD_FIELDS[:6]
-# The columns written by versions before path_hex; such files are read without CSV escapes and upgraded.
-LEGACY_CSV_FIELDS = RECORD_FIELDS[:5]
-TAG_SEPARATOR = "; "  # between tags in a CSV cell; no ImageNet label holds it, or a ":"
-# A text cell starting with one of these is a formula to a spreadsheet; "'" is escaped too so any text round-trips.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 def result_record(result: PathResult, *, min_confidence: float | None = None, fallback: str | None = None) -> dict:

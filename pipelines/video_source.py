@@ -397,7 +397,7 @@ class OpenCVSource:
         is opened again and read from its start.
         """
         try:
-            back = bool(self._cap.set(cv2.CAP_PROP_POS_MSEC, max(last - 2 * self._clock.step, 0.0) * 1000.0))
+            back = bool(self._cap.set(cv2.CAP_PROP_POS_MSEC, max(self._aim(last), 0.0) * 1000.0))
         except cv2.error:
             back = False
         if not (back and self._grab() and self._stream_time() <= last + TIME_TOLERANCE):
