@@ -26,7 +26,7 @@ import torch
 
 from captioner.api import PathResult, caption_pixel_batch
 from captioner.decoding import DecodingOptions
-from captioner.model import CaptionModel
+from captioner.model import CaptionModel, gpu_batch_shape
 
 
 @dataclass(eq=False)  # items are told apart by identity: comparing their pixel arrays would raise
@@ -58,6 +58,7 @@ class DynamicBatcher:
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._held: list[_Item] = []  # taken from the queue, waiting for a batch with their options
         self._abandoned: weakref.WeakSet[Future] = weakref.WeakSet()  # running items whose callers gave up
+        self.warmed_sizes = self._warm_up()
         self._thread = threading.Thread(target=self._run, name="captioner-batcher", daemon=True)
         self._thread.start()
 
@@ -94,6 +95,23 @@ class DynamicBatcher:
             self._closed = True
             self._queue.put(None)
         self._thread.join(timeout=30)
+
+    def _warm_up(self) -> tuple[int, ...]:
+        """On a GPU, caption a blank batch at every shape the batcher's batches are encoded at.
+
+        CUDA plans the encoder's convolutions the first time it meets a batch shape: on an
+        H100 about 1.7 s per shape (then 3 ms a batch). Batches are padded to a few shapes
+        (:func:`captioner.model.gpu_batch_shape`; 6 for 32 images at most), each paid for
+        here, before any request, instead of by the first requests that form it. The CPU
+        has no such cost.
+        """
+        if self.model.device.type != "cuda":
+            return ()
+        size = self.model.encoder.preprocess.size
+        shapes = tuple(sorted({gpu_batch_shape(count) for count in range(1, self.max_batch_size + 1)}))
+        for count in shapes:
+            caption_pixel_batch(self.model, ["warm-up"] * count, torch.zeros(count, size, size, 3, dtype=torch.uint8))
+        return shapes
 
     def _run(self) -> None:
         if self.torch_threads is not None:

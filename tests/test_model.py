@@ -406,3 +406,10 @@ def test_member_is_one_decoder_of_an_ensemble_as_a_model_of_its_own(small_model)
         member(pair, 2)
     with pytest.raises(ModelLoadError, match="of an ensemble"):
         member(small_model, 0)
+
+
+def test_gpu_batches_are_padded_to_a_few_shapes():
+    from captioner.model import gpu_batch_shape
+
+    counts = [1, 2, 3, 5, 17, 32, 33, 64, 65, 130, 1024]
+    assert [gpu_batch_shape(n) for n in counts] == [1, 2, 4, 8, 32, 32, 64, 64, 128, 192, 1024]
