@@ -21,6 +21,25 @@ MAX_PIXELS = 240_000_000
 if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
+
+def ignore_pillow_noise() -> None:
+    """Ignore, process-wide, two kinds of Pillow warning that say nothing a caption needs.
+
+    Its decompression-bomb warning: our own error names the file and its size. Its
+    complaints about a photo's metadata (a corrupt EXIF block, a stray tag): the picture
+    itself decodes. Done once, at import, like the pixel limit above, and narrowly (Pillow's
+    modules, these categories). A ``catch_warnings()`` around each decode would not do: it
+    swaps the process's whole filter list and puts back the one it found, so threads decoding
+    at once (a server's) left "ignore every UserWarning" behind for good.
+    """
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin$")
+    warnings.filterwarnings("ignore", message=r"Possibly corrupt EXIF|XMP data cannot be read", category=UserWarning,
+                            module=r"PIL\.Image$")
+
+
+ignore_pillow_noise()
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
 )
@@ -77,17 +96,15 @@ def decode_image(file: str | os.PathLike | BinaryIO, name: str | os.PathLike, *,
     """
     limit = _pixel_limit()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it with the size
-            with Image.open(file, formats=formats) as image:
-                if image.width * image.height > limit:
-                    raise ImageReadError(
-                        f"{printable(name)}: {image.width}x{image.height} pixels exceeds the limit of {limit}"
-                    )
-                if min_side is not None and image.format == "JPEG":
-                    image.draft(image.mode, (min_side, min_side))  # scale only; modes are converted below
-                image.load()
-                return upright_rgb(image)
+        with Image.open(file, formats=formats) as image:
+            if image.width * image.height > limit:
+                raise ImageReadError(
+                    f"{printable(name)}: {image.width}x{image.height} pixels exceeds the limit of {limit}"
+                )
+            if min_side is not None and image.format == "JPEG":
+                image.draft(image.mode, (min_side, min_side))  # scale only; modes are converted below
+            image.load()
+            return upright_rgb(image)
     except ImageReadError:
         raise
     except UnidentifiedImageError as e:
@@ -174,9 +191,7 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     limit = _pixel_limit()
     if image.width * image.height > limit:
         raise ImageReadError(f"{image.width}x{image.height} pixels exceeds the limit of {limit}")
-    with warnings.catch_warnings():  # "Corrupt EXIF data": the photo is still good, only its tag is not
-        warnings.simplefilter("ignore", UserWarning)
-        return to_rgb(ImageOps.exif_transpose(image))
+    return to_rgb(ImageOps.exif_transpose(image))  # a corrupt tag warns (silenced above) and turns nothing
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

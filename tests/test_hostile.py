@@ -28,6 +28,7 @@ import pytest
 from conftest import ROOT, SHARED_SAMPLES
 from PIL import Image
 
+from captioner.images import ignore_pillow_noise
 from captioner.pipelines.cli import main
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,7 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
     """
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        ignore_pillow_noise()  # as in a process that imported captioner (pytest puts its own filters first)
         try:
             code = main([str(a) for a in argv])
         except SystemExit as e:  # argparse's own usage errors

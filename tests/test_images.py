@@ -2,6 +2,10 @@
 
 import os
 import shutil
+import struct
+import subprocess
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -11,7 +15,7 @@ from PIL import Image
 
 import captioner.images
 from captioner.errors import CaptionerError, ImageReadError
-from captioner.images import is_image_path, load_image, model_pixels, to_rgb
+from captioner.images import bytes_pixels, ignore_pillow_noise, is_image_path, load_image, model_pixels, to_rgb
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"  # /work/shared/samples
 ORIENTATION = 0x0112
@@ -228,8 +232,42 @@ def test_pillow_bomb_guard_becomes_read_error(tmp_path, monkeypatch, limit):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        ignore_pillow_noise()  # as in a process that imported captioner (pytest puts its own filters first)
         assert_read_error(path, f"exceeds the limit of {limit}")
     assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def corrupt_exif_jpeg(path):
+    """A JPEG whose EXIF block names a tag lying past its end: Pillow warns, the picture decodes."""
+    entry = struct.pack("<H", 1) + struct.pack("<HHLL", 0x010E, 2, 100, 1000) + struct.pack("<L", 0)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(path, "JPEG", exif=b"Exif\0\0II*\0" + struct.pack("<L", 8) + entry)
+    return path
+
+
+def test_threads_decoding_at_once_leave_the_processs_warning_filters_as_they_were(tmp_path):
+    data = corrupt_exif_jpeg(tmp_path / "exif.jpg").read_bytes()
+    before = list(warnings.filters)
+
+    def decode() -> None:
+        for _ in range(50):
+            assert bytes_pixels(data, "exif.jpg", 224).shape == (224, 224, 3)
+
+    threads = [threading.Thread(target=decode) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert warnings.filters == before  # once: 'ignore' for every UserWarning, left behind by racing threads
+
+
+def test_a_corrupt_exif_block_and_a_picture_over_the_limit_print_no_pillow_warning(tmp_path):
+    corrupt_exif_jpeg(tmp_path / "exif.jpg")
+    Image.new("1", (16_000, 15_100)).save(tmp_path / "over.png")  # 241.6 million pixels: Pillow warns, we refuse
+    done = subprocess.run([sys.executable, "-m", "captioner.pipelines.cli", "caption", str(tmp_path / "exif.jpg"),
+                           str(tmp_path / "over.png")], capture_output=True, text=True, timeout=300)
+    assert done.stdout.startswith(f"{tmp_path / 'exif.jpg'}\t")
+    assert done.stderr.strip().splitlines() == [f"skipped {tmp_path / 'over.png'}: 16000x15100 pixels exceeds the "
+                                                "limit of 240000000"], done.stderr
 
 
 @pytest.mark.parametrize("name", ["a.jpg", "a.JPG", "b.Png", "c.jpeg", "d.JPEG", "e.webp", "f.TIFF", "dir/g.bmp"])
