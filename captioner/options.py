@@ -18,6 +18,8 @@ from typing import Any, Mapping
 from captioner.errors import OptionError
 
 METHODS = ("beam", "greedy", "sample")
+# The options of method "sample" alone, and the value that leaves each off (required of the other methods).
+SAMPLING_ONLY = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 # Image-reading worker processes. On two cores, workers take the cores the encoder's two
@@ -134,6 +136,11 @@ class DecodingOptions:
             raise OptionError(f"decoding option n_best={self.n_best} must be <= beam_size={self.beam_size}")
         if self.method == "greedy" and self.n_best != 1:
             raise OptionError(f"decoding option n_best={self.n_best} must be 1 with method 'greedy'")
+        if self.method != "sample":  # set for another method, they would be ignored without a word
+            for name, off in SAMPLING_ONLY.items():
+                if getattr(self, name) != off:
+                    raise OptionError(f"decoding option {name}={getattr(self, name)} applies to method 'sample' "
+                                      f"only, not '{self.method}'")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "DecodingOptions":

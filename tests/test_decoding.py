@@ -174,8 +174,17 @@ def test_n_best_must_fit_the_method(changes):
         DecodingOptions(**changes)
 
 
+@pytest.mark.parametrize("method", ["beam", "greedy"])
+@pytest.mark.parametrize("name, value", [("temperature", 0.7), ("top_k", 5), ("top_p", 0.9)])
+def test_sampling_options_are_refused_with_another_method_instead_of_ignored(method, name, value):
+    with pytest.raises(OptionError, match=f"^decoding option {name}={value} applies to method 'sample' only, "
+                                          f"not '{method}'$"):
+        DecodingOptions(method=method, **{name: value})
+    assert getattr(DecodingOptions(method="sample", **{name: value}), name) == value
+
+
 def test_bounds_are_inclusive_where_documented():
-    edge = DecodingOptions(beam_size=64, n_best=64, max_length=100, min_length=99, length_penalty=10,
+    edge = DecodingOptions(method="sample", beam_size=64, n_best=64, max_length=100, min_length=99, length_penalty=10,
                            no_repeat_ngram=10, temperature=100, top_k=100_000, top_p=1, seed=2**64 - 1,
                            concept_boost=50, concept_threshold=1)
     assert edge.beam_size == 64 and edge.seed == 2**64 - 1
@@ -183,7 +192,7 @@ def test_bounds_are_inclusive_where_documented():
 
 
 def test_numbers_are_normalized_to_the_fields_type():
-    options = DecodingOptions(length_penalty=1, temperature=2, beam_size=np.int64(5))
+    options = DecodingOptions(method="sample", length_penalty=1, temperature=2, beam_size=np.int64(5))
     assert type(options.length_penalty) is float and options.length_penalty == 1.0
     assert type(options.temperature) is float
     assert type(options.beam_size) is int and options.beam_size == 5
