@@ -19,13 +19,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from captioner.encoders import Encoder
 from captioner.errors import DataError, ImageReadError, printable, reason
 from captioner.images import model_pixels
 from captioner.options import DEFAULT_WORKERS
 from captioner.outputs import save_tensors
+from captioner.progress import progress_bar
 
 
 class ImageFiles(Dataset):
@@ -80,7 +80,7 @@ def extract_features(
     )
     encoder.eval()
     out: torch.Tensor | None = None
-    for indices, pixels, errors in tqdm(loader, desc="features", unit="batch", disable=not progress):
+    for indices, pixels, errors in progress_bar(loader, show=progress, desc="features", unit="batch"):
         if errors:
             raise ImageReadError(errors[0][1])
         grid = encoder.encode(pixels).to("cpu", torch.float16)

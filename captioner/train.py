@@ -30,7 +30,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from captioner.allocator import keep_freed_memory
 from captioner.augment import crop_grids, drop_words
@@ -47,6 +46,7 @@ from captioner.images import model_pixels
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, expected_tensors
 from captioner.options import DecoderConfig, check_device
 from captioner.outputs import check_writable_folder, save_tensors
+from captioner.progress import progress_bar
 from captioner.scst import reward_tokens, self_critical_terms
 from captioner.train_config import TrainConfig
 from captioner.vocab import SPECIALS, Vocabulary, tokenize
@@ -340,7 +340,7 @@ class Trainer:
                 module.eval()
         total_loss, count = 0.0, 0
         batches = self._my_share(self._length_bucketed_batches(), _count(len(self.pairs), "caption"))
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", disable=not self.group.leader)
+        bar = progress_bar(batches, show=self.group.leader, desc=f"epoch {self.epoch + 1}", unit="batch")
         for batch_ids in bar:
             batch = [self.pairs[i] for i in batch_ids]
             loss, size = self._train_step(batch)
@@ -551,7 +551,7 @@ class Trainer:
         size, group = self.cfg.scst_batch_images, self.group
         batches = self._my_share([order[start : start + size] for start in range(0, len(order), size)],
                                  _count(len(order), "image"))
-        bar = tqdm(batches, desc=f"scst {self.scst_done}", unit="batch", disable=not group.leader)
+        bar = progress_bar(batches, show=group.leader, desc=f"scst {self.scst_done}", unit="batch")
         reward = torch.zeros(2, dtype=torch.float64)  # summed rewards, samples
         for ids in bar:
             grid = self._grids_for(ids, self.train_entries, train=True)

@@ -21,6 +21,7 @@ from captioner.outputs import same_file
 from captioner.pipelines.record_formats import check_fallback, earlier_failures, format_for, result_record
 from captioner.pipelines.records import RecordFile
 from captioner.pipelines.sources import walk_images
+from captioner.progress import progress_bar
 
 __all__ = ["FolderSummary", "caption_folder"]
 
@@ -87,7 +88,7 @@ def caption_folder(
         raise OptionError(f"{printable(root)}: not a folder")
     check_fallback(fallback, min_confidence)
     check_min_confidence(min_confidence, model)
-    bar = tqdm(desc="captioning", unit="img", disable=not progress, file=sys.stderr)
+    bar = progress_bar(show=progress, desc="captioning", unit="img")
     run = _Run(records, retry_errors, min_confidence, fallback, bar)
     try:
         for chunk in _chunks(run.pending(Path(os.path.realpath(root))), CHUNK_PATHS):

@@ -21,6 +21,7 @@ from captioner.pipelines.burn import burn_subtitles, check_burn_target
 from captioner.pipelines.sources import walk_videos
 from captioner.pipelines.subtitles import STANDARD_OUTPUT, CueWriter, WriteJSONL, write_subtitles
 from captioner.pipelines.video import VideoOptions, open_video, subtitle_source
+from captioner.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def run_jobs(
     and a ``warning: VIDEO: ...`` line, and counts as subtitled in part.
     """
     run, settings = VideoRun(), settings or VideoOptions()
-    bar = tqdm(jobs, desc="subtitling", unit="video", disable=not progress, file=sys.stderr)
+    bar = progress_bar(jobs, show=progress, desc="subtitling", unit="video")
     for job in bar:
         try:
             run.partial += not run_job(job, model=model, writer=writer, options=options, settings=settings)

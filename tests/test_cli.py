@@ -1,7 +1,15 @@
 """The captioner command, run in-process through main(argv) with the shipped model."""
 
+import contextlib
+import fcntl
 import json
+import os
+import pty
 import shutil
+import struct
+import subprocess
+import sys
+import termios
 
 import pytest
 from conftest import SAMPLES, SHARED_SAMPLES
@@ -161,3 +169,30 @@ def test_a_number_out_of_range_is_a_usage_error_naming_the_flag(argv, message, c
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2 and f"error: {message} (see captioner {argv[0]} --help)" in capsys.readouterr().err
+
+
+def _batch_stderr(folder, out, stderr) -> None:
+    subprocess.run([sys.executable, "-m", "captioner.pipelines.cli", "batch", str(folder), "-o", str(out)],
+                   stdout=subprocess.DEVNULL, stderr=stderr, timeout=300, check=True)
+
+
+def test_batch_draws_its_progress_bar_on_a_terminal_and_not_into_a_log_file(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "chelsea.png", folder)
+    with open(tmp_path / "log.txt", "w") as log:
+        _batch_stderr(folder, tmp_path / "a.jsonl", log)
+    logged = (tmp_path / "log.txt").read_text()
+    assert "\r" not in logged and logged.splitlines() == ["1 captioned, 0 failed, 0 already done"]
+    terminal, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty is 0 columns wide
+    try:
+        _batch_stderr(folder, tmp_path / "b.jsonl", side)
+        os.close(side)
+        drawn = b""
+        with contextlib.suppress(OSError):  # EIO once the writer is gone and all is read
+            while chunk := os.read(terminal, 4096):
+                drawn += chunk
+    finally:
+        os.close(terminal)
+    assert b"\rcaptioning: " in drawn and b"1 captioned, 0 failed" in drawn
