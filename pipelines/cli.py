@@ -251,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**given)
     best = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the run's result once (rank 0's, as it logs)
-        _print(json.dumps(best))
+        _print(f"best: {json.dumps(best)}")  # labelled: when the last epoch is best, it repeats that epoch's line
     return EXIT_OK
 
 

@@ -387,7 +387,10 @@ def test_resume_from_a_truncated_or_malicious_checkpoint_is_one_line(tmp_path, c
     import pickle
 
     argv = _tiny_train_argv(tmp_path)
-    assert run(argv, capsys)[0] == 0
+    code, out, _ = run(argv, capsys)
+    *epochs, result = out.splitlines()
+    assert code == 0 and [json.loads(line)["epoch"] for line in epochs] == [1]
+    assert result.startswith("best: ") and json.loads(result.removeprefix("best: ")) == json.loads(epochs[0])
     last = tmp_path / "run" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
     code, _, err = run([*argv, "--resume"], capsys)
