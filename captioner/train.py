@@ -17,6 +17,8 @@ cache while the others wait; rank 0 alone evaluates, logs and writes checkpoints
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import math
 import os
@@ -109,7 +111,10 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-RUN_FILES = ("last.pt", "metrics.jsonl", "best")  # what an earlier run leaves in out_dir
+# DecoderConfig fields that shape the weights (dropout does not: a run from init_from may change it)
+SHAPE_FIELDS = ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "attention", "attention_dim")
+RUN_FILES = ("last.pt", "metrics.jsonl", "best")
+LOCK_FILE = ".lock"  # held by the process training into the folder  # what an earlier run leaves in out_dir
 IN_PLACE_FILES = ("metrics.jsonl", "curves.png")  # appended to or rewritten, not renamed into place
 
 
@@ -131,6 +136,44 @@ def prepare_output(out: Path, *, resume: bool) -> Path:
                           "choose another folder to start over")
     check_new_model_folder(out / "best", replace=True)
     return out
+
+
+_RUN_LOCKS: dict[Path, int] = {}  # run folders this process has locked -> the lock file's descriptor
+
+
+def lock_run_folder(out: Path) -> None:
+    """Refuse a second training process writing to ``out`` (two runs interleave their logs and checkpoints).
+
+    A POSIX lock: held by this process until :func:`unlock_run_folder` or its end (a kill too),
+    not inherited by forked workers, and no obstacle to this process itself (a notebook or a
+    test may make several Trainers for one folder).
+
+    Raises:
+        OutputError: another process holds it, or the lock file cannot be made.
+    """
+    key = out.resolve()
+    if key in _RUN_LOCKS:
+        return
+    try:
+        fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise OutputError(f"{printable(out / LOCK_FILE)}: cannot lock the run folder: {e.strerror or e}") from e
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise OutputError(f"{printable(out)}: another training run is writing to this folder; wait for it "
+                              "to end or choose another folder") from e
+        raise OutputError(f"{printable(out / LOCK_FILE)}: cannot lock the run folder: {e.strerror or e}") from e
+    _RUN_LOCKS[key] = fd
+
+
+def unlock_run_folder(out: Path) -> None:
+    """Let another process train in ``out`` (closing the descriptor ends this process's lock on it)."""
+    fd = _RUN_LOCKS.pop(out.resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _check_memory(config: ModelConfig) -> None:
@@ -185,11 +228,18 @@ def _start_from(model: CaptionModel, init: CaptionModel, folder: str) -> None:
     if init.config.ensemble_size != 1:
         raise OptionError(f"init_from={folder!r} is an ensemble of {init.config.ensemble_size} decoders; "
                           "start from one decoder")
-    if (init.config.encoder, init.config.decoder) != (model.config.encoder, model.config.decoder):
-        raise OptionError(f"init_from={folder!r}: its encoder or decoder shape differs from these settings "
-                          f"({init.config.encoder}, {init.config.decoder})")
-    model.decoder.load_state_dict(init.decoder.state_dict())
-    if init.config.encoder_weights_stored and model.config.encoder_weights_stored:
+    ours, theirs = model.config, init.config
+    differ = [f"{name} {getattr(theirs.decoder, name)} (here {getattr(ours.decoder, name)})"
+              for name in SHAPE_FIELDS if getattr(theirs.decoder, name) != getattr(ours.decoder, name)]
+    if theirs.encoder != ours.encoder:
+        differ.insert(0, f"encoder {theirs.encoder} (here {ours.encoder})")
+    if differ:
+        raise OptionError(f"init_from={folder!r}: its model is shaped otherwise: {', '.join(differ)}")
+    if theirs.encoder_weights_stored and not ours.encoder_weights_stored:
+        # its decoder reads the tuned CNN's features: on ImageNet features it would be another model
+        raise OptionError(f"init_from={folder!r} has a fine-tuned encoder; continue with finetune_encoder on")
+    model.decoder.load_state_dict(init.decoder.state_dict())  # dropout is not a shape: these settings' applies
+    if theirs.encoder_weights_stored:
         model.encoder.load_state_dict(init.encoder.state_dict())
 
 
@@ -214,6 +264,8 @@ class Trainer:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.group.local_rank)
         self.out = prepare_output(Path(cfg.out_dir), resume=resume)
+        if self.group.leader:  # the one process that writes there
+            lock_run_folder(self.out)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.train_entries = read_manifest(cfg.train_manifest, require_captions=True)
@@ -434,8 +486,7 @@ class Trainer:
         # a better self-critical epoch resets the stale count that stopped it
         while self.scst_done == 0 and self.epoch < self.cfg.epochs and self.stale_epochs < self.cfg.patience:
             self._run_epoch("xe", self.train_epoch, "train_loss")
-        if self.cfg.average_last > 1 and not any(r["phase"] == "average" for r in self.history) \
-                and self.group.leader:
+        if self.cfg.average_last > 1 and self.scst_done == 0 and self.group.leader and self._averaging_due():
             self._average_snapshots()  # the last step: the other processes have nothing left to do
         if self.cfg.scst_epochs and self.scst_done == 0:
             self._start_scst()
@@ -460,12 +511,24 @@ class Trainer:
             self.stale_epochs += 1
         if not self.group.leader:
             return
+        # the checkpoint first: a run stopped after it resumes from this epoch, and redoes
+        # whatever of the rest is missing from the checkpoint (_finish_epoch); a run stopped
+        # before it reruns the epoch, with nothing of it written
+        self.save_checkpoint()
+        self._finish_epoch(record, better)
+
+    def _finish_epoch(self, record: dict, better: bool) -> None:
+        """Write what follows from an epoch's checkpoint: best/ (when it is the best), its snapshot, its log."""
         if better:
             self.model.save(self.out / "best", replace=True)
-        if phase == "xe" and self.cfg.average_last > 1:
+        if record["phase"] == "xe" and self.cfg.average_last > 1:
             self._snapshot()
         self._log(record)
-        self.save_checkpoint()
+
+    def _averaging_due(self) -> bool:
+        """No average since the last cross-entropy epoch (a run resumed with more epochs averages again)."""
+        trained = [r["epoch"] for r in self.history if r["phase"] == "xe"]
+        return bool(trained) and not any(r["phase"] == "average" and r["epoch"] >= trained[-1] for r in self.history)
 
     def _snapshots(self) -> list[Path]:
         """Saved decoder weights of the latest cross-entropy epochs, oldest first."""
@@ -491,6 +554,7 @@ class Trainer:
             return
         states = [load_file(f) for f in files]
         average = {k: torch.stack([s[k] for s in states]).mean(dim=0) for k in states[0]}
+        trained = {k: v.clone() for k, v in self.model.decoder.state_dict().items()}
         self.model.decoder.load_state_dict(average)
         scores = self.evaluate_dev()
         record = {"epoch": self.epoch, "phase": "average", "averaged": [int(f.stem.split("-")[1]) for f in files],
@@ -500,6 +564,9 @@ class Trainer:
         if scores["CIDEr-D"] > self.best_cider:
             self.best_cider = scores["CIDEr-D"]
             self.model.save(self.out / "best", replace=True)
+        # the checkpoint keeps the last epoch's weights: a run resumed with more epochs trains on from
+        # them (and averages again), not from the average
+        self.model.decoder.load_state_dict(trained)
         self._log(record)
         self.save_checkpoint()
 
@@ -580,6 +647,22 @@ class Trainer:
             raise OutputError(f"{printable(self.out)}: cannot write the metrics log or plot: {e.strerror or e}") from e
         print(json.dumps(record), flush=True)
 
+    def _complete_last_epoch(self) -> None:
+        """Rewrite best/ and the snapshot of the checkpoint's last epoch, in case the run stopped before they were.
+
+        The checkpoint is written first at the end of an epoch and holds that epoch's
+        weights, so when its epoch was the best, best/ is written again from them (a run
+        stopped while best/ was being replaced left none).
+        """
+        last = self.history[-1] if self.history else None
+        if last is None or last["phase"] not in ("xe", "scst"):  # "start" and "average" are redone by fit()
+            return
+        if last["CIDEr-D"] == self.best_cider and all(r["CIDEr-D"] < self.best_cider for r in self.history[:-1]):
+            self.model.save(self.out / "best", replace=True)
+        if last["phase"] == "xe" and self.cfg.average_last > 1 and not any(
+                int(f.stem.split("-")[1]) == last["epoch"] for f in self._snapshots()):
+            self._snapshot()
+
     def _rewrite_log(self) -> None:
         """``metrics.jsonl`` as the checkpoint's history, before a resumed run appends to it.
 
@@ -613,6 +696,8 @@ class Trainer:
             "config": json.dumps(dataclasses.asdict(self.cfg)),
             "vocab": self.vocab.to_json(),
             "rng": torch.get_rng_state(),
+            # Python's generator (batch order, views, self-critical order): 624 words, the position, gauss
+            "py_rng": torch.tensor(random.getstate()[1], dtype=torch.int64),
         }
         tmp = self.out / "last.pt.tmp"
         try:
@@ -645,9 +730,13 @@ class Trainer:
         self.stale_epochs = state["stale_epochs"]
         self.scst_done = state.get("scst_done", 0)
         self.history = json.loads(state["history"])
-        random.seed(self.cfg.seed + self.epoch)
+        if "py_rng" in state:  # saved since the order of writes changed; older checkpoints reseed as before
+            random.setstate((3, tuple(state["py_rng"].tolist()), None))
+        else:
+            random.seed(self.cfg.seed + self.epoch)
         if self.group.leader:
             self._rewrite_log()
+            self._complete_last_epoch()
         if self.group.distributed:  # the checkpoint holds rank 0's torch stream: give each process its own
             torch.manual_seed(self.cfg.seed + self.epoch * self.group.world + self.group.rank)
 
@@ -668,6 +757,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             trainer.load_checkpoint()
         return trainer.fit()
     finally:
+        unlock_run_folder(trainer.out)
         leave(trainer.group)
 
 

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -390,8 +392,104 @@ def test_init_from_continues_a_trained_decoder_with_its_vocabulary(tiny_config, 
     assert trainer.vocab.itos == start.vocab.itos
     for name, tensor in start.decoder.state_dict().items():
         assert torch.equal(trainer.model.decoder.state_dict()[name], tensor)
-    with pytest.raises(OptionError, match="init_from=.*decoder shape differs"):
+    with pytest.raises(OptionError, match=r"^init_from=.*: its model is shaped otherwise: hidden_dim 32 \(here 16\)$"):
         Trainer(dataclasses.replace(cfg, hidden_dim=16, out_dir=str(tmp_path / "other")))
+    assert Trainer(dataclasses.replace(cfg, dropout=0.3, out_dir=str(tmp_path / "drop"))).model.config.decoder.dropout \
+        == 0.3  # not a shape: a run from init_from may regularize otherwise
+
+
+def test_init_from_a_fine_tuned_encoder_needs_fine_tuning_on(tiny_config, tmp_path):
+    tuned = dataclasses.replace(tiny_config, epochs=1, finetune_encoder=True)
+    train(tuned)
+    cfg = dataclasses.replace(tiny_config, out_dir=str(tmp_path / "next"), init_from=str(Path(tuned.out_dir) / "best"))
+    with pytest.raises(OptionError, match="has a fine-tuned encoder; continue with finetune_encoder on"):
+        Trainer(cfg)
+    assert Trainer(dataclasses.replace(cfg, finetune_encoder=True)).model.config.encoder_weights_stored
+
+
+def _stopped_in_epoch(cfg, monkeypatch, epoch, where="_log"):
+    """Train ``cfg`` as if killed in ``where`` at the end of ``epoch``."""
+    original = getattr(Trainer, where)
+
+    def stop(self, *args, **kwargs):
+        if self.epoch == epoch:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, where, stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_an_epochs_checkpoint_resumes_as_if_never_stopped(tiny_config, tmp_path, monkeypatch):
+    whole = dataclasses.replace(tiny_config, out_dir=str(tmp_path / "whole"), epochs=3)
+    train(whole)
+    cut = dataclasses.replace(whole, out_dir=str(tmp_path / "cut"))
+    _stopped_in_epoch(cut, monkeypatch, 2)  # checkpoint written; the log line and best/ of epoch 2 maybe not
+    train(cut, resume=True)
+    logs = [[json.loads(line) for line in open(Path(run.out_dir) / "metrics.jsonl")] for run in (whole, cut)]
+    assert [r["epoch"] for r in logs[1]] == [1, 2, 3]
+    for a, b in zip(*logs, strict=True):  # Python's random state resumes too: the same batches, the same losses
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    best = max(logs[1], key=lambda r: r["CIDEr-D"])
+    snapshot = torch.load(Path(cut.out_dir) / "last.pt", weights_only=True) if best["epoch"] == 3 else None
+    kept = CaptionModel.load(Path(cut.out_dir) / "best").decoder.state_dict()
+    if snapshot is not None:
+        assert all(torch.equal(kept[k].float(), v.float()) for k, v in _decoder_state(snapshot).items())
+
+
+def _decoder_state(checkpoint) -> dict:
+    return {k.removeprefix("decoder."): v for k, v in checkpoint["model"].items() if k.startswith("decoder.")}
+
+
+@pytest.mark.slow
+def test_best_is_written_again_when_a_run_stopped_before_or_while_writing_it(tiny_config, monkeypatch):
+    _stopped_in_epoch(tiny_config, monkeypatch, 1, where="_finish_epoch")  # epoch 1 is always the best so far
+    best = Path(tiny_config.out_dir) / "best"
+    assert (Path(tiny_config.out_dir) / "last.pt").exists() and not best.exists()
+    train(tiny_config, resume=True)
+    checkpoint = torch.load(Path(tiny_config.out_dir) / "last.pt", weights_only=True)
+    lines = [json.loads(line) for line in open(Path(tiny_config.out_dir) / "metrics.jsonl")]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    kept = CaptionModel.load(best).decoder.state_dict()
+    if max(lines, key=lambda r: r["CIDEr-D"])["epoch"] == 2:
+        assert all(torch.equal(kept[k].float(), v.float()) for k, v in _decoder_state(checkpoint).items())
+    else:  # epoch 1's weights, rewritten from its checkpoint on resuming
+        assert kept.keys() == _decoder_state(checkpoint).keys()
+
+
+@pytest.mark.slow
+def test_checkpoint_averaging_leaves_the_last_epochs_weights_to_resume_from_and_averages_again(tiny_config):
+    cfg = dataclasses.replace(tiny_config, epochs=3, average_last=2)
+    train(cfg)
+    out = Path(cfg.out_dir)
+    from safetensors.torch import load_file
+
+    last_epoch = load_file(out / "epochs" / "epoch-3.safetensors")
+    resumable = _decoder_state(torch.load(out / "last.pt", weights_only=True))
+    assert all(torch.equal(resumable[k].float(), v) for k, v in last_epoch.items())
+    train(dataclasses.replace(cfg, epochs=4), resume=True)
+    phases = [(r["epoch"], r["phase"]) for r in map(json.loads, open(out / "metrics.jsonl"))]
+    assert phases == [(1, "xe"), (2, "xe"), (3, "xe"), (3, "average"), (4, "xe"), (4, "average")]
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(tiny_config):
+    out = Path(tiny_config.out_dir)
+    out.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from captioner.train import lock_run_folder; lock_run_folder(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(OutputError, match=rf"^{out}: another training run is writing to this folder"):
+            Trainer(tiny_config)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Trainer(tiny_config).epoch == 0  # a killed run leaves no lock behind
 
 
 @pytest.mark.slow
