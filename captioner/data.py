@@ -81,6 +81,15 @@ def _parse_record(line: str, require_captions: bool) -> tuple[Path, tuple[str, .
     return Path(image), tuple(captions)
 
 
+def is_manifest(path: str | os.PathLike) -> bool:
+    """Whether ``path`` reads as a manifest (whole): the one kind of file a conversion may replace."""
+    try:
+        read_manifest(path)
+    except DataError:
+        return False
+    return True
+
+
 def write_manifest(path: str | os.PathLike, records: list[tuple[str, list[str]]]) -> None:
     """Write ``(image, captions)`` pairs as JSONL, whole or not at all; image paths are written as given.
 
@@ -124,7 +133,7 @@ def flickr_manifest(
     names = [n.strip() for n in Path(split_file).read_text(encoding="utf-8").splitlines() if n.strip()]
     missing = [n for n in names if n not in captions]
     if missing:
-        raise DataError(f"{split_file}: {len(missing)} images have no captions, e.g. {missing[0]}")
+        raise DataError(f"{split_file}: images without captions: {len(missing)}, e.g. {missing[0]}")
     out = Path(out)
     records = [(relative_image_path(Path(image_dir) / n, out), captions[n]) for n in names]
     return _write_converted(out, records, split_file)
@@ -151,6 +160,8 @@ def karpathy_manifest(
     ``filepath`` sub-folder. Returns the number of images written.
     """
     data = json.loads(Path(dataset_file).read_text(encoding="utf-8"))
+    if not any("split" in img for img in data["images"]):
+        raise DataError(f"{printable(dataset_file)}: not a Karpathy dataset file: no image has a split")
     out = Path(out)
     records = []
     for img in data["images"]:
@@ -171,5 +182,9 @@ def _write_converted(out: Path, records: list[tuple[str, list[str]]], source: st
     kept = [(image, captions) for image, captions in kept if captions]
     if not kept:
         raise DataError(f"{printable(source)}: no images with captions (for this split); nothing written")
+    where = [os.path.normpath(out.parent / image) for image, _ in kept]  # relative paths start at the manifest
+    if not any(os.path.isfile(path) for path in where):
+        raise DataError(f"none of the {len(kept)} images is in the images folder, e.g. {printable(where[0])}; "
+                        "check --images; nothing written")
     write_manifest(out, kept)
     return len(kept)

@@ -96,6 +96,8 @@ class TrainConfig:
         if self.epochs == 0 and (self.init_from is None or self.scst_epochs == 0):
             raise OptionError("epochs=0 skips cross-entropy training: it needs init_from (the decoder to continue) "
                               "and scst_epochs > 0 (the only phase left)")
+        if self.average_last == 1:
+            raise OptionError("average_last=1 would average one epoch with itself: give 0 (off) or at least 2")
         _check_encoder(self.encoder)
         _check_device(self.device)
 

@@ -259,6 +259,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from captioner.model import CaptionModel, check_new_model_folder, ensemble
     from captioner.outputs import same_file
 
+    if len(args.models) < 2:
+        raise OptionError(f"an ensemble combines at least 2 model folders, got {len(args.models)}")
     check_new_model_folder(args.out)
     for i, folder in enumerate(args.models):
         if any(same_file(folder, earlier) for earlier in args.models[:i]):
@@ -283,6 +285,8 @@ def cmd_manifest(args: argparse.Namespace) -> int:
                               "elsewhere")
     if not os.path.isdir(args.images):
         raise OptionError(f"--images {printable(args.images)}: not a folder (the manifest's image paths start there)")
+    if os.path.exists(args.out) and not data.is_manifest(args.out):  # an earlier manifest is replaced, nothing else
+        raise OptionError(f"--out {printable(args.out)}: exists and is not a manifest; give a new file name")
     try:
         if args.format == "flickr":
             count = data.flickr_manifest(args.captions, args.split, args.images, args.out)

@@ -155,6 +155,8 @@ def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys)
     assert not (tmp_path / "ac").exists()
     assert main(["ensemble", a, a, "--out", str(tmp_path / "aa")]) == 2
     assert f"{a} is given twice" in capsys.readouterr().err
+    assert main(["ensemble", a, "--out", str(tmp_path / "a")]) == 2  # a usage error, before any model loads
+    assert "an ensemble combines at least 2 model folders, got 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

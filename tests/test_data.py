@@ -99,7 +99,7 @@ def test_flickr_manifest_refuses_split_images_without_captions(flickr, tmp_path)
     tokens, split, images = flickr
     split.write_text("cat.jpg\nunknown.jpg\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    with pytest.raises(DataError, match="1 images have no captions, e.g. unknown.jpg"):
+    with pytest.raises(DataError, match="images without captions: 1, e.g. unknown.jpg"):
         flickr_manifest(tokens, split, images, out)
     assert not out.exists()
 
@@ -142,6 +142,35 @@ def test_coco_manifest(tmp_path):
     assert entries[0].captions == ("A cup of coffee on a saucer.",)
     assert entries[1].captions == ("A cat lying down.", "A tabby cat looking left.")
     assert all(e.image.is_file() for e in entries)
+
+
+def test_a_manifest_pointing_at_no_image_is_refused_and_nothing_is_written(flickr, tmp_path):
+    tokens, split, _ = flickr
+    out = tmp_path / "out.jsonl"
+    message = rf"^none of the 2 images is in the images folder, e\.g\. {tmp_path}/rocket\.jpg; check --images; "
+    with pytest.raises(DataError, match=message + "nothing written$"):
+        flickr_manifest(tokens, split, tmp_path, out)
+    assert not out.exists()
+
+
+def test_karpathy_conversion_of_a_file_without_splits_says_it_is_not_one(tmp_path):
+    coco = tmp_path / "captions.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}), encoding="utf-8")
+    with pytest.raises(DataError, match="not a Karpathy dataset file: no image has a split"):
+        karpathy_manifest(coco, tmp_path, "train", tmp_path / "out.jsonl")
+
+
+def test_manifest_conversion_replaces_an_earlier_manifest_and_nothing_else(flickr, tmp_path, capsys):
+    from captioner.pipelines.cli import main
+
+    tokens, split, images = flickr
+    config = tmp_path / "config.json"
+    config.write_text('{"epochs": 3}\n', encoding="utf-8")
+    argv = ["manifest", "flickr", "--captions", str(tokens), "--split", str(split), "--images", str(images), "--out"]
+    assert main([*argv, str(config)]) == 2 and config.read_text(encoding="utf-8") == '{"epochs": 3}\n'
+    assert "--out " in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "m.jsonl")]) == 0 and main([*argv, str(tmp_path / "m.jsonl")]) == 0
+    assert len(read_manifest(tmp_path / "m.jsonl")) == 2
 
 
 def karpathy_image(filepath, filename, split, *raws):

@@ -176,6 +176,7 @@ def test_encoder_fine_tuning_updates_and_saves_the_cnn_but_keeps_its_batch_norm_
         ("attention", "false", "attention='false' must be true or false"),
         ("epochs", -1, r"epochs=-1 must be a whole number in \[0, "),
         ("epochs", 0, "epochs=0 skips cross-entropy training: it needs init_from"),
+        ("average_last", 1, "average_last=1 would average one epoch with itself"),
         ("batch_size", 4.0, "batch_size=4.0 must be a whole number"),
         ("dropout", float("nan"), r"dropout=nan must be a number in \[0, 1\)"),
         ("lr", 0, r"lr=0 must be a number in \(0, 10\]"),
