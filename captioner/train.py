@@ -44,7 +44,7 @@ from captioner.encoders import build_encoder
 from captioner.errors import DataError, OptionError, OutputError, printable
 from captioner.evaluation import evaluate_grids, grid_batches
 from captioner.features import cached_features
-from captioner.images import model_pixels
+from captioner.images import check_image_file, model_pixels
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, expected_tensors
 from captioner.options import DecoderConfig, check_device
 from captioner.outputs import check_writable_folder, save_tensors
@@ -270,6 +270,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.train_entries = read_manifest(cfg.train_manifest, require_captions=True)
         self.dev_entries = read_manifest(cfg.dev_manifest, require_captions=True)
+        for entry in (*self.train_entries, *self.dev_entries):  # a missing dev photo, now: not after minutes of caching
+            check_image_file(entry.image)
         self.init_model = CaptionModel.load(cfg.init_from) if cfg.init_from else None
         self.teacher = _load_teacher(cfg, self.init_model)
         if self.init_model is not None or self.teacher is not None:

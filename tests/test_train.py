@@ -572,3 +572,14 @@ def test_a_decoder_too_large_for_this_machine_is_refused_before_allocating(tiny_
         pytest.skip("this machine could train it")
     with pytest.raises(OptionError, match="M parameters needs about .* GB to train"):
         Trainer(huge)
+
+
+def test_a_missing_dev_photo_is_named_before_any_training_feature_is_cached(tiny_config, tmp_path):
+    from captioner.errors import ImageReadError
+
+    dev = tmp_path / "dev.jsonl"
+    write_manifest(dev, [(str(SHARED_SAMPLES / "chelsea.png"), ["a cat"]), (str(tmp_path / "gone.jpg"), ["a cat"])])
+    with pytest.raises(ImageReadError, match=rf"^{tmp_path}/gone\.jpg: No such file"):
+        Trainer(dataclasses.replace(tiny_config, dev_manifest=str(dev)))
+    cache = Path(tiny_config.cache_dir)
+    assert not cache.exists() or not any(cache.iterdir())  # the training photos' features were not cached first
