@@ -373,6 +373,7 @@ def test_conversion_drops_blank_captions_and_images_left_without_any(tmp_path):
                    "annotations": [{"image_id": 1, "caption": "  "}, {"image_id": 2, "caption": "A dog ."},
                                    {"image_id": 2, "caption": ""}]}
     (tmp_path / "captions.json").write_text(json.dumps(annotations))
+    copy_samples(tmp_path, {"chelsea.png": "b.jpg"})
     out = tmp_path / "m.jsonl"
     assert coco_manifest(tmp_path / "captions.json", tmp_path, out) == 1
     [entry] = read_manifest(out, require_captions=True)
