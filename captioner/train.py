@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -649,6 +650,13 @@ class Trainer:
             raise OutputError(f"{printable(self.out)}: cannot write the metrics log or plot: {e.strerror or e}") from e
         print(json.dumps(record), flush=True)
 
+    def _dev_fingerprint(self) -> str:
+        """The dev photos (by file name, so a moved dataset still matches) and their references, hashed."""
+        digest = hashlib.sha256()
+        for entry in self.dev_entries:
+            digest.update(json.dumps([entry.image.name, list(entry.captions)]).encode())
+        return f"{len(self.dev_entries)}:{digest.hexdigest()[:16]}"
+
     def _complete_last_epoch(self) -> None:
         """Rewrite best/ and the snapshot of the checkpoint's last epoch, in case the run stopped before they were.
 
@@ -700,6 +708,7 @@ class Trainer:
             "rng": torch.get_rng_state(),
             # Python's generator (batch order, views, self-critical order): 624 words, the position, gauss
             "py_rng": torch.tensor(random.getstate()[1], dtype=torch.int64),
+            "dev": self._dev_fingerprint(),
         }
         tmp = self.out / "last.pt.tmp"
         try:
@@ -719,6 +728,11 @@ class Trainer:
         path = self.out / "last.pt"
         state = read_checkpoint(path, self.device)
         check_fits(path, state, self.cfg, self.vocab, self.model.state_dict())
+        saved_dev = state.get("dev")  # absent from checkpoints of older versions
+        if isinstance(saved_dev, str) and saved_dev != self._dev_fingerprint():
+            raise resume_error(path, f"it chose its best epoch on another dev set ({saved_dev.split(':')[0]} photos; "
+                                     f"this run's has {len(self.dev_entries)}), so its best score cannot be "
+                                     "compared: give its own dev manifest and dev_limit")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from conftest import SHARED_SAMPLES
 
 from captioner.api import load_model
-from captioner.data import write_manifest
+from captioner.data import read_manifest, write_manifest
 from captioner.errors import CheckpointError, DataError, OptionError, OutputError
 from captioner.model import CaptionModel
 from captioner.train import TrainConfig, Trainer, train
@@ -583,3 +584,22 @@ def test_a_missing_dev_photo_is_named_before_any_training_feature_is_cached(tiny
         Trainer(dataclasses.replace(tiny_config, dev_manifest=str(dev)))
     cache = Path(tiny_config.cache_dir)
     assert not cache.exists() or not any(cache.iterdir())  # the training photos' features were not cached first
+
+
+def test_resume_on_another_dev_set_is_refused_and_on_a_moved_copy_of_it_goes_on(tiny_config, tmp_path):
+    train(tiny_config)
+    entries = read_manifest(tiny_config.dev_manifest)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for entry in entries:
+        shutil.copy(entry.image, moved / entry.image.name)
+    same = tmp_path / "same.jsonl"
+    write_manifest(same, [(str(moved / e.image.name), list(e.captions)) for e in entries])
+    other = tmp_path / "other.jsonl"
+    write_manifest(other, [(str(e.image), [*e.captions[:-1], "another caption"]) for e in entries])
+    with pytest.raises(CheckpointError, match=r"last\.pt: cannot resume: it chose its best epoch on another dev set "
+                                              r"\(4 photos; this run's has 4\)"):
+        train(dataclasses.replace(tiny_config, dev_manifest=str(other), epochs=3), resume=True)
+    lines = train(dataclasses.replace(tiny_config, dev_manifest=str(same), epochs=3), resume=True)
+    assert lines["epoch"] in (1, 2, 3)
+    assert [json.loads(line)["epoch"] for line in open(Path(tiny_config.out_dir) / "metrics.jsonl")] == [1, 2, 3]
