@@ -24,6 +24,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -664,6 +666,9 @@ class Trainer:
         weights, so when its epoch was the best, best/ is written again from them (a run
         stopped while best/ was being replaced left none).
         """
+        for leftover in self.out.iterdir():  # a model folder being written or replaced when the run stopped
+            if re.fullmatch(r"\.(best|averaged)\.[0-9a-f]{8}\.(tmp|old)", leftover.name) and leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
         last = self.history[-1] if self.history else None
         if last is None or last["phase"] not in ("xe", "scst"):  # "start" and "average" are redone by fit()
             return

@@ -451,7 +451,10 @@ def test_best_is_written_again_when_a_run_stopped_before_or_while_writing_it(tin
     _stopped_in_epoch(tiny_config, monkeypatch, 1, where="_finish_epoch")  # epoch 1 is always the best so far
     best = Path(tiny_config.out_dir) / "best"
     assert (Path(tiny_config.out_dir) / "last.pt").exists() and not best.exists()
+    for name in (".best.0123abcd.old", ".best.89abcdef.tmp", ".best-kept"):  # as a kill mid-replacement leaves
+        (Path(tiny_config.out_dir) / name).mkdir()
     train(tiny_config, resume=True)
+    assert sorted(p.name for p in Path(tiny_config.out_dir).glob(".best*")) == [".best-kept"]
     checkpoint = torch.load(Path(tiny_config.out_dir) / "last.pt", weights_only=True)
     lines = [json.loads(line) for line in open(Path(tiny_config.out_dir) / "metrics.jsonl")]
     assert [r["epoch"] for r in lines] == [1, 2]
