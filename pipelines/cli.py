@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -133,7 +134,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     failed = False
     for result in caption_paths(model, [Path(p) for p in args.images], options=options, batch_size=args.batch_size):
         if result.captions is None:
-            _print(f"skipped {one_line(result.error)}", err=True)
+            hint = f" (a folder: captioner batch {shlex.quote(str(result.path))} -o captions.jsonl captions the " \
+                   "photos in it)" if result.path.is_dir() else ""
+            _print(f"skipped {one_line(result.error)}{hint}", err=True)
             failed = True
             continue
         record = result_record(result, min_confidence=args.min_confidence, fallback=args.fallback)

@@ -198,3 +198,13 @@ def test_batch_draws_its_progress_bar_on_a_terminal_and_not_into_a_log_file(tmp_
     finally:
         os.close(terminal)
     assert b"\rcaptioning: " in drawn and b"1 captioned, 0 failed" in drawn
+
+
+def test_caption_given_a_folder_points_to_batch(tmp_path, capsys):
+    folder = tmp_path / "my photos"
+    folder.mkdir()
+    assert main(["caption", str(folder), str(SAMPLES / "chelsea.png")]) == 1
+    captured = capsys.readouterr()
+    assert "chelsea.png\ta cat" in captured.out
+    assert captured.err == f"skipped {folder}: not a regular file (a folder: captioner batch '{folder}' -o " \
+                           "captions.jsonl captions the photos in it)\n"
