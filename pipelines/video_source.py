@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from captioner.errors import VideoReadError, printable
 from captioner.images import MAX_PIXELS
@@ -252,6 +253,26 @@ class SeekLedger:
         return self.seeks < SEEK_TRIAL or self.spent <= self.saved
 
 
+# Photo formats FFmpeg would also open, as a video of one frame
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+
+
+def _refuse_a_photo(path: Path) -> None:
+    """A still photo given as a video (a slip): refused, not subtitled with one cue of 1/25 s.
+
+    Raises:
+        VideoReadError: ``path`` holds a photo of one frame (an animated GIF is let through).
+    """
+    try:
+        with Image.open(path, formats=PHOTO_FORMATS) as image:
+            if getattr(image, "n_frames", 1) > 1:
+                return
+            kind = image.format
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not a photo (Pillow's OSError)
+        return
+    raise VideoReadError(f"{printable(path)}: a {kind} photo, not a video (captioner caption captions photos)")
+
+
 class OpenCVSource:
     """A video file decoded with OpenCV's FFmpeg backend; a context manager.
 
@@ -267,6 +288,7 @@ class OpenCVSource:
             reason = ("is a folder, not a video" if self.path.is_dir()
                       else "not a regular file" if self.path.exists() else "no such file")  # a FIFO would block
             raise VideoReadError(f"{printable(self.path)}: {reason}")
+        _refuse_a_photo(self.path)
         quiet_ffmpeg()
         try:
             self._name = OpenCVName(self.path)

@@ -314,3 +314,15 @@ def test_seeking_stops_once_its_seeks_cost_more_than_reading_through_would():
     dear.seek(0.150, frames_skipped=40)
     cheap.seek(0.030, frames_skipped=40)
     assert not dear.pays() and cheap.pays()
+
+
+def test_a_photo_given_as_a_video_is_refused_and_an_animation_is_not(tmp_path):
+    photo = tmp_path / "holiday.mp4"  # a JPEG, whatever its name says
+    Image.open(SHARED_SAMPLES / "chelsea.png").convert("RGB").save(photo, "JPEG")
+    with pytest.raises(VideoReadError, match=rf"^{photo}: a JPEG photo, not a video \(captioner caption captions"):
+        OpenCVSource(photo)
+    frames = [Image.open(SHARED_SAMPLES / name).convert("RGB").resize((64, 48)) for name in PHOTOS]
+    animation = tmp_path / "clip.gif"
+    frames[0].save(animation, save_all=True, append_images=frames[1:], duration=500)
+    with OpenCVSource(animation) as source:
+        assert len(list(source.frames())) == len(PHOTOS)
