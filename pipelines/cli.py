@@ -165,6 +165,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return _batch_with_ray(args)
     if not Path(args.folder).is_dir():
         hint = " (a URI source needs --ray)" if "://" in args.folder else ""
+        if Path(args.folder).is_file():
+            hint = f" (one photo: captioner caption {shlex.quote(args.folder)})"
         raise OptionError(f"{printable(args.folder)}: not a folder{hint}")
     if args.format == "parquet" or Path(args.output).suffix.lower() == ".parquet":
         raise OptionError("Parquet output is a folder of Ray shards: use it with --ray")

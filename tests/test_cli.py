@@ -208,3 +208,6 @@ def test_caption_given_a_folder_points_to_batch(tmp_path, capsys):
     assert "chelsea.png\ta cat" in captured.out
     assert captured.err == f"skipped {folder}: not a regular file (a folder: captioner batch '{folder}' -o " \
                            "captions.jsonl captions the photos in it)\n"
+    assert main(["batch", str(SAMPLES / "chelsea.png"), "-o", str(tmp_path / "out.jsonl")]) == 2
+    assert f"chelsea.png: not a folder (one photo: captioner caption {SAMPLES / 'chelsea.png'})" in \
+        capsys.readouterr().err
