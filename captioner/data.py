@@ -41,7 +41,10 @@ def read_manifest(path: str | os.PathLike, *, require_captions: bool = False) ->
     try:
         base = path.resolve().parent
         lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, RuntimeError, UnicodeDecodeError) as e:  # RuntimeError: a symlink loop
+    except UnicodeDecodeError as e:
+        raise DataError(f"{printable(path)}: not a manifest: a manifest is UTF-8 text, one JSON object a line "
+                        f"(byte {e.start} is not UTF-8)") from e
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
         raise DataError(f"{printable(path)}: cannot read manifest: {getattr(e, 'strerror', None) or e}") from e
     entries = []
     for number, line in enumerate(lines, start=1):

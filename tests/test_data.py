@@ -339,7 +339,8 @@ def test_read_manifest_missing_file(tmp_path):
 def test_read_manifest_not_utf8(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"image": "a.jpg", "captions": ["café"]}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=rf"^{path}: "):
+    with pytest.raises(DataError, match=rf"^{path}: not a manifest: a manifest is UTF-8 text, one JSON object a "
+                                        r"line \(byte 36 is not UTF-8\)$"):
         read_manifest(path)
 
 
