@@ -116,8 +116,8 @@ def _pick_device(name: str) -> torch.device:
 
 # DecoderConfig fields that shape the weights (dropout does not: a run from init_from may change it)
 SHAPE_FIELDS = ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "attention", "attention_dim")
-RUN_FILES = ("last.pt", "metrics.jsonl", "best")
-LOCK_FILE = ".lock"  # held by the process training into the folder  # what an earlier run leaves in out_dir
+RUN_FILES = ("last.pt", "metrics.jsonl", "best")  # what an earlier run leaves in out_dir
+LOCK_FILE = ".lock"  # held by the process training into the folder
 IN_PLACE_FILES = ("metrics.jsonl", "curves.png")  # appended to or rewritten, not renamed into place
 
 
@@ -241,7 +241,7 @@ def _start_from(model: CaptionModel, init: CaptionModel, folder: str) -> None:
     if theirs.encoder_weights_stored and not ours.encoder_weights_stored:
         # its decoder reads the tuned CNN's features: on ImageNet features it would be another model
         raise OptionError(f"init_from={folder!r} has a fine-tuned encoder; continue with finetune_encoder on")
-    model.decoder.load_state_dict(init.decoder.state_dict())  # dropout is not a shape: these settings' applies
+    model.decoder.load_state_dict(init.decoder.state_dict())  # dropout is not a shape: this run's applies
     if theirs.encoder_weights_stored:
         model.encoder.load_state_dict(init.encoder.state_dict())
 
@@ -670,7 +670,7 @@ class Trainer:
             if re.fullmatch(r"\.(best|averaged)\.[0-9a-f]{8}\.(tmp|old)", leftover.name) and leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
         last = self.history[-1] if self.history else None
-        if last is None or last["phase"] not in ("xe", "scst"):  # "start" and "average" are redone by fit()
+        if last is None or last["phase"] not in ("xe", "scst"):  # the others write best/ before their checkpoint
             return
         if last["CIDEr-D"] == self.best_cider and all(r["CIDEr-D"] < self.best_cider for r in self.history[:-1]):
             self.model.save(self.out / "best", replace=True)
@@ -711,7 +711,8 @@ class Trainer:
             "config": json.dumps(dataclasses.asdict(self.cfg)),
             "vocab": self.vocab.to_json(),
             "rng": torch.get_rng_state(),
-            # Python's generator (batch order, views, self-critical order): 624 words, the position, gauss
+            # Python's generator (batch order, views, self-critical order): its 624 words and position
+            # (its cached gauss value is not used here)
             "py_rng": torch.tensor(random.getstate()[1], dtype=torch.int64),
             "dev": self._dev_fingerprint(),
         }
