@@ -97,6 +97,11 @@ def bounded_int(low: int, high: int):
     return _number_in(int, Bounds(low, high))
 
 
+def bounded_float(low: float, high: float, *, open_low: bool = False):
+    """An argparse type for finite numbers in [low, high] (``open_low``: (low, high]); else a usage error."""
+    return _number_in(float, Bounds(low, high, open_low=open_low))
+
+
 def probability(text: str) -> float:
     """An argparse type for a number in [0, 1] (a confidence threshold); anything else is a usage error."""
     return _number_in(float, Bounds(0, 1))(text)

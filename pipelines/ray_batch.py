@@ -29,13 +29,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from captioner.errors import ImageReadError, OptionError, OutputError, printable, reason
+from captioner.errors import ImageReadError, OptionError, OutputError, one_line, printable, reason
 from captioner.images import bytes_pixels, check_image_file, is_image_path
+from captioner.pipelines.flags import bounded_float, bounded_int
 from captioner.pipelines.record_formats import (
     BadRecord,
     JsonlRecords,
     checked_record,
     earlier_failures,
+    raw_path,
     result_record,
 )
 
@@ -258,7 +260,7 @@ class ShardWriter:
         if any run captioned it (a retry), else its latest error."""
         latest: dict[str, dict] = {}
         for record in self.records():
-            path = record_key(record["path"])
+            path = record_key(raw_path(record))  # exact: two names may print alike (a byte 0xff, the text \xff)
             if "error" not in latest.get(path, {"error": ""}) and "error" in record:
                 continue  # a caption is never superseded by an error
             latest[path] = record
@@ -445,6 +447,8 @@ def caption_with_ray(
     started = time.time()
     source, out = local_path(source), local_path(out)
     paths = list_images(source)  # a bad source is refused before OUT is made
+    if merge:
+        _check_merge_target(Path(out) / MERGED_NAME)
     with ShardWriter(out, fmt, settings.shard_size) as writer:
         writer.remove_staging()
         todo, summary = _still_to_do(writer, paths, retry_errors)
@@ -452,6 +456,7 @@ def caption_with_ray(
             start_ray(settings.address, quiet=not progress)
             if not progress:
                 quiet_ray()
+            _check_gpus(settings)
             threads = max(1, int(settings.cpus_per_actor))
             dataset = (
                 ray.data.from_items([{"path": p, "inside": inside} for p, inside in todo],
@@ -476,7 +481,7 @@ def caption_with_ray(
                         writer.add(record)
                         if "error" in record:
                             summary.failed += 1
-                            print(f"skipped {record['error']}", file=sys.stderr)
+                            print(f"skipped {one_line(record['error'])}", file=sys.stderr)
                         else:
                             summary.captioned += 1
             finally:
@@ -487,15 +492,51 @@ def caption_with_ray(
         return summary
 
 
+def _check_merge_target(target: Path) -> None:
+    """``--merge`` rewrites ``OUT/captions.jsonl``: only if it holds captioner records (an earlier merge) or nothing.
+
+    Raises:
+        OutputError: it holds something else, or cannot be read.
+    """
+    try:
+        with open(target, "rb") as file:
+            first = file.readline()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise OutputError(f"{printable(target)}: cannot read it before --merge rewrites it: {reason(e)}") from e
+    try:
+        ours = isinstance(record := json.loads(first), dict) and "path" in record
+    except ValueError:
+        ours = False
+    if first.strip() and not ours:
+        raise OutputError(f"{printable(target)}: exists and holds no captioner records, and --merge would replace "
+                          "it; move it away or give another -o")
+
+
+def _check_gpus(settings: RaySettings) -> None:
+    """A local runtime with fewer GPUs than an actor reserves would wait for them for ever.
+
+    Raises:
+        OptionError: ``--gpus-per-actor`` asks for more GPUs than this machine's Ray runtime has.
+    """
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if settings.address is None and settings.gpus_per_actor > have:
+        raise OptionError(f"--gpus-per-actor {settings.gpus_per_actor:g}: the local Ray runtime has {have:g} GPUs; "
+                          "an actor would wait for them for ever")
+
+
 def _still_to_do(writer: ShardWriter, paths: list[tuple[str, str]],
                  retry_errors: bool) -> tuple[list[tuple[str, str]], RaySummary]:
     """The paths OUT does not hold (with ``retry_errors``: or holds only errors for), and the summary so far."""
     failed: dict[str, bool] = {}  # path -> only errors recorded for it (a retry's caption supersedes them)
     for record in writer.records():
-        path = record_key(record["path"])
+        path = record_key(raw_path(record))  # exact: two names may print alike (a byte 0xff, the text \xff)
         failed[path] = failed.get(path, True) and "error" in record
-    todo = [(p, inside) for p, inside in paths if printable(p) not in failed or (retry_errors and failed[printable(p)])]
-    earlier = 0 if retry_errors else sum(failed.get(printable(p), False) for p, _ in paths)
+    todo = [(p, inside) for p, inside in paths if p not in failed or (retry_errors and failed[p])]
+    earlier = 0 if retry_errors else sum(failed.get(p, False) for p, _ in paths)
     return todo, RaySummary(already_done=len(paths) - len(todo), earlier_failed=earlier)
 
 
@@ -516,11 +557,13 @@ def add_ray_flags(parser) -> None:
                        help="caption with Ray Data: alone, on a local runtime; 'auto' or ray://HOST:10001 joins a "
                             "cluster. FOLDER may then be a URI (s3://bucket/prefix, gs://..., file://...) and -o a "
                             "folder (or URI) of record shards")
-    group.add_argument("--actors", type=int, default=1, help="captioning actors, each loading the model once")
-    group.add_argument("--cpus-per-actor", type=float, help="CPUs each actor reserves (default: all CPUs of this "
-                       "machine shared among the actors)")
-    group.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs each actor reserves (e.g. 1)")
-    group.add_argument("--shard-size", type=int, default=1000, help="records per output shard")
+    group.add_argument("--actors", type=bounded_int(1, 4096), default=1,
+                       help="captioning actors, each loading the model once")
+    group.add_argument("--cpus-per-actor", type=bounded_float(0, 1024, open_low=True), help="CPUs each actor "
+                       "reserves (default: all CPUs of this machine shared among the actors)")
+    group.add_argument("--gpus-per-actor", type=bounded_float(0, 64), default=0.0,
+                       help="GPUs each actor reserves (e.g. 1)")
+    group.add_argument("--shard-size", type=bounded_int(1, 10_000_000), default=1000, help="records per output shard")
     group.add_argument("--merge", action="store_true", help=f"also write OUT/{MERGED_NAME}, one record per path")
 
 
@@ -530,9 +573,9 @@ def run_from_args(args, model_dir: str | None, options) -> RaySummary:
         raise OptionError("--html, --compile and --backend are not available with --ray")
     if args.merge and "://" in local_path(args.output):
         raise OptionError("--merge writes a local captions.jsonl: give a local -o, or merge the shards yourself")
-    if min(args.actors, args.shard_size) < 1 or args.gpus_per_actor < 0:
-        raise OptionError("--actors and --shard-size must be at least 1, --gpus-per-actor not negative")
-    cpus = args.cpus_per_actor or max(1.0, (os.cpu_count() or 1) // args.actors)
+    if Path(args.output).suffix.lower() == ".csv":
+        raise OptionError("--ray writes a folder of JSONL or Parquet shards, not CSV: give -o a folder name")
+    cpus = args.cpus_per_actor if args.cpus_per_actor is not None else max(1.0, (os.cpu_count() or 1) // args.actors)
     settings = RaySettings(address=None if args.ray == "local" else args.ray, actors=args.actors,
                            cpus_per_actor=cpus, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
                            shard_size=args.shard_size)

@@ -169,3 +169,37 @@ def test_ray_flags_are_checked_before_ray_starts(photos, tmp_path, capsys):
     assert "give a local -o" in capsys.readouterr().err
     assert main(["batch", "s3-nonsense://bucket/x", "-o", str(tmp_path / "o"), "--ray"]) == 2
     assert "cannot open this location" in capsys.readouterr().err
+
+
+def test_names_that_print_alike_are_two_files_and_a_forged_line_stays_one(photos, tmp_path, capsys):
+    folder = tmp_path / "alike"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"raw\xff.jpg")  # a name that is not UTF-8: printed as raw\xff.jpg
+    shutil.copy(SHARED_SAMPLES / "chelsea.png", raw)
+    out = tmp_path / "out"
+    assert main(["batch", str(folder), "-o", str(out), "--ray", "--quiet"]) == 0
+    shutil.copy(SHARED_SAMPLES / "rocket.jpg", folder / "raw\\xff.jpg")  # the text \xff, backslash and all
+    (folder / "evil\nskipped fake.jpg").write_bytes(b"not a photo")
+    assert main(["batch", str(folder), "-o", str(out), "--ray", "--quiet", "--merge"]) == 1
+    err = capsys.readouterr().err
+    assert "1 captioned, 1 failed, 1 already done" in err
+    assert not any(line.startswith("skipped fake.jpg") for line in err.splitlines())  # the name's newline escaped
+    assert len(read_jsonl(out / "captions.jsonl")) == len(list(iter_records(str(out)))) == 3
+
+
+def test_ray_refuses_what_would_hang_or_clobber_before_captioning(photos, tmp_path, capsys):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "captions.jsonl").write_text("my notes\n")
+    assert main(["batch", str(photos), "-o", str(out), "--ray", "--merge"]) == 1
+    assert "captions.jsonl: exists and holds no captioner records" in capsys.readouterr().err
+    assert (out / "captions.jsonl").read_text() == "my notes\n" and not list(out.glob("part-*"))
+    assert main(["batch", str(photos), "-o", str(tmp_path / "gpu"), "--ray", "--gpus-per-actor", "1"]) == 2
+    assert "--gpus-per-actor 1: the local Ray runtime has 0 GPUs" in capsys.readouterr().err
+    for value in ("-1", "0"):
+        with pytest.raises(SystemExit) as stop:
+            main(["batch", str(photos), "-o", str(tmp_path / "o"), "--ray", "--cpus-per-actor", value])
+        assert stop.value.code == 2
+        assert f"argument --cpus-per-actor: {value} is not in (0, 1024]" in capsys.readouterr().err
+    assert main(["batch", str(photos), "-o", str(tmp_path / "o.csv"), "--ray"]) == 2
+    assert "not CSV: give -o a folder name" in capsys.readouterr().err
