@@ -13,12 +13,15 @@ Four graphs, each with a dynamic batch dimension, plus ``runtime.json``:
 ``runtime.json`` holds the vocabulary, decoding defaults, preprocessing constants, class
 names and the opset: with it, beam search as in :mod:`captioner.search` can be rebuilt in
 any language. A model's ``calibration.json`` and the consensus files it reads are copied beside them.
+It is written last and sealed: it lists every other file's SHA-256 and its own content's, and
+a loader refuses an export whose files or description changed since (see :func:`check_seal`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -36,6 +39,7 @@ from captioner.model import CaptionModel
 
 OPSET = 17
 GRAPHS = ("encoder", "classifier", "decoder_start", "decoder_step")
+SEAL_KEYS = ("files", "content_sha256")  # runtime.json's seal (see write_runtime)
 RUNTIME_FILE = "runtime.json"
 
 
@@ -95,16 +99,65 @@ def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str |
     model = model.to("cpu").eval()
     try:
         _export_graphs(model, out)
-        (out / RUNTIME_FILE).write_text(json.dumps(_runtime(model), indent=1), encoding="utf-8")
+        if calibration_from is not None:
+            for name in (CONSENSUS_FILE, CONSENSUS_WEIGHTS, CALIBRATION_FILE):  # reranking's, the calibrator's data
+                if (Path(calibration_from) / name).exists():
+                    shutil.copy(Path(calibration_from) / name, out / name)
+        write_runtime(out, _runtime(model))  # last: an export stopped before it has none, and is refused
     except BaseException:
         for file in out.iterdir():  # no half export left behind to refuse the next try
             file.unlink()
         raise
-    if calibration_from is not None:
-        for name in (CONSENSUS_FILE, CONSENSUS_WEIGHTS, CALIBRATION_FILE):  # reranking's and the calibrator's data
-            if (Path(calibration_from) / name).exists():
-                shutil.copy(Path(calibration_from) / name, out / name)
     return out
+
+
+def write_runtime(out: Path, runtime: dict) -> None:
+    """Write ``runtime.json`` sealed: the checksum of every other file of the export, and of its own content.
+
+    An export is one model: a graph copied in from another export, a file a stopped export
+    never wrote, or an edited vocabulary would caption wrongly without a word, so loading
+    checks the seal (:func:`check_seal`).
+    """
+    runtime = {key: value for key, value in runtime.items() if key not in SEAL_KEYS}
+    runtime["files"] = {p.name: _sha256(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != RUNTIME_FILE}
+    runtime["content_sha256"] = _content_sha256(runtime)
+    (out / RUNTIME_FILE).write_text(json.dumps(runtime, indent=1), encoding="utf-8")
+
+
+def check_seal(folder: Path, runtime: dict) -> None:
+    """The export is as written (exports made before the seal have none, and are not checked).
+
+    Raises:
+        ModelLoadError: a listed file is missing or differs, or runtime.json was edited.
+    """
+    if "content_sha256" not in runtime:
+        return
+    if runtime["content_sha256"] != _content_sha256(runtime):
+        raise ModelLoadError(f"{printable(folder / RUNTIME_FILE)}: edited after the export (its checksum differs); "
+                             "export again (decoding options can be given as flags instead)")
+    files = runtime.get("files")
+    if not isinstance(files, dict):
+        raise ModelLoadError(f"{printable(folder / RUNTIME_FILE)}: bad runtime description: no list of files")
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ModelLoadError(f"{printable(path)}: missing from the export (runtime.json lists it); export again")
+        if _sha256(path) != digest:
+            raise ModelLoadError(f"{printable(path)}: not the file this export wrote (another export's, or changed "
+                                 "since); export again")
+
+
+def _content_sha256(runtime: dict) -> str:
+    rest = {key: value for key, value in runtime.items() if key != "content_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _export_graphs(model: CaptionModel, out: Path) -> None:
@@ -176,7 +229,7 @@ def quantize_int8(out: str | Path) -> None:
         staging.replace(path)
     runtime = json.loads((out / RUNTIME_FILE).read_text(encoding="utf-8"))
     runtime["int8"] = ["decoder_start", "decoder_step", "classifier"]
-    (out / RUNTIME_FILE).write_text(json.dumps(runtime, indent=1), encoding="utf-8")
+    write_runtime(out, runtime)  # sealed again, over the quantized graphs
 
 
 @contextlib.contextmanager

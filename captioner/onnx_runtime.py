@@ -19,7 +19,7 @@ from captioner.decoder import DecoderState
 from captioner.encoders import Preprocess
 from captioner.errors import ModelLoadError, printable, reason
 from captioner.model import CaptionModel, ModelConfig, read_consensus_and_calibrator
-from captioner.onnx_export import GRAPHS, RUNTIME_FILE
+from captioner.onnx_export import GRAPHS, RUNTIME_FILE, check_seal
 from captioner.options import DecoderConfig, DecodingOptions
 from captioner.vocab import SPECIALS, Vocabulary
 
@@ -159,6 +159,7 @@ def load_onnx_model(folder: str | Path) -> CaptionModel:
     """
     folder = Path(folder)
     runtime = _runtime(folder / RUNTIME_FILE)
+    check_seal(folder, runtime)
     try:
         config = ModelConfig(encoder=runtime["encoder"], decoder=DecoderConfig(**runtime["decoder"]),
                              decoding=DecodingOptions.from_dict(runtime["decoding"]))

@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip 
 
 from captioner.api import caption_paths  # noqa: E402
 from captioner.errors import ModelLoadError, OutputError  # noqa: E402
-from captioner.onnx_export import GRAPHS, OPSET, RUNTIME_FILE, export_onnx, quantize_int8  # noqa: E402
+from captioner.onnx_export import GRAPHS, OPSET, RUNTIME_FILE, SEAL_KEYS, export_onnx, quantize_int8  # noqa: E402
 from captioner.onnx_runtime import load_onnx_model  # noqa: E402
 from captioner.pipelines.cli import main  # noqa: E402
 
@@ -67,9 +67,45 @@ def test_int8_weights_still_name_the_cat(exported, tmp_path, caplog):
     assert result.captions[0].text == "a cat is playing with a toy"
 
 
+def _unsealed(folder):
+    """As an export written before runtime.json was sealed: the loader's own checks of each part are what is left."""
+    runtime = json.loads((folder / RUNTIME_FILE).read_text())
+    for key in SEAL_KEYS:
+        del runtime[key]
+    (folder / RUNTIME_FILE).write_text(json.dumps(runtime))
+    return runtime
+
+
+def test_an_export_is_one_model_its_seal_refuses_a_mixed_cut_short_or_edited_one(exported, tmp_path):
+    int8 = tmp_path / "int8"
+    shutil.copytree(exported, int8)
+    quantize_int8(int8)
+    assert load_onnx_model(int8).vocab.itos == load_onnx_model(exported).vocab.itos  # resealed over its new graphs
+    mixed = tmp_path / "mixed"
+    shutil.copytree(exported, mixed)
+    shutil.copy(int8 / "decoder_step.onnx", mixed / "decoder_step.onnx")  # another export's graph
+    with pytest.raises(ModelLoadError, match=rf"^{mixed}/decoder_step.onnx: not the file this export wrote"):
+        load_onnx_model(mixed)
+    short = tmp_path / "short"
+    shutil.copytree(exported, short)
+    (short / "consensus.json").unlink()  # as an export stopped while copying its reranking data once left it
+    with pytest.raises(ModelLoadError, match=rf"^{short}/consensus.json: missing from the export"):
+        load_onnx_model(short)
+    edited = tmp_path / "edited"
+    shutil.copytree(exported, edited)
+    runtime = json.loads((edited / RUNTIME_FILE).read_text())
+    words = runtime["vocabulary"]
+    cat, dog = words.index("cat"), words.index("dog")
+    words[cat], words[dog] = "dog", "cat"  # every "cat" would be written "dog"
+    (edited / RUNTIME_FILE).write_text(json.dumps(runtime))
+    with pytest.raises(ModelLoadError, match=rf"^{edited}/runtime.json: edited after the export"):
+        load_onnx_model(edited)
+
+
 def test_a_missing_or_malformed_graph_is_a_clear_error(exported, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(exported, broken)
+    _unsealed(broken)
     (broken / "decoder_step.onnx").write_bytes(b"not a protobuf at all")
     with pytest.raises(ModelLoadError, match="decoder_step.onnx: cannot load ONNX graph"):
         load_onnx_model(broken)
@@ -105,7 +141,7 @@ def test_a_description_that_does_not_fit_its_graphs_is_refused_at_load_naming_th
                                                                                         message):
     broken = tmp_path / "broken"
     shutil.copytree(exported, broken)
-    runtime = json.loads((broken / RUNTIME_FILE).read_text())
+    runtime = _unsealed(broken)
     edit(runtime)
     (broken / RUNTIME_FILE).write_text(json.dumps(runtime))
     with pytest.raises(ModelLoadError, match=message):
