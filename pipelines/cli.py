@@ -86,17 +86,15 @@ def _load_onnx(args: argparse.Namespace):
                           f"({e.name})") from e
     if args.onnx:
         return load_onnx_model(args.onnx)
-    import atexit
     import tempfile
 
     from captioner.api import load_model
     from captioner.model import DEFAULT_MODEL_DIR
     from captioner.onnx_export import export_onnx
 
-    folder = tempfile.TemporaryDirectory(prefix="captioner-onnx-")
-    atexit.register(folder.cleanup)
-    export_onnx(load_model(args.model), folder.name, calibration_from=args.model or DEFAULT_MODEL_DIR)
-    return load_onnx_model(folder.name)
+    with tempfile.TemporaryDirectory(prefix="captioner-onnx-") as folder:  # gone once loaded, not at exit:
+        export_onnx(load_model(args.model), folder, calibration_from=args.model or DEFAULT_MODEL_DIR)
+        return load_onnx_model(folder)  # a run stopped by a signal left 56 MB behind; sessions hold the graphs
 
 
 def _device(name: str | None) -> str | None:

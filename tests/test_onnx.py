@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tempfile
 
 import pytest
 from conftest import SAMPLES, SHARED_SAMPLES
@@ -148,9 +149,12 @@ def test_a_description_that_does_not_fit_its_graphs_is_refused_at_load_naming_th
         load_onnx_model(broken)
 
 
-def test_the_cli_exports_and_captions_with_onnx_runtime(tmp_path, capsys):
+def test_the_cli_exports_and_captions_with_onnx_runtime(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
     assert main(["caption", "--backend", "onnxruntime", str(SAMPLES / "chelsea.png")]) == 0
     assert capsys.readouterr().out.strip().endswith("\ta cat is playing with a toy")
+    assert not list(tmp_path.glob("captioner-onnx-*"))  # the export made for the run is gone once loaded
     assert main(["export", "-o", str(tmp_path / "x")]) == 0
     assert main(["caption", "--backend", "onnxruntime", "--onnx", str(tmp_path / "x"), "--json",
                  str(SAMPLES / "chelsea.png")]) == 0
