@@ -199,11 +199,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def _batch_with_ray(args: argparse.Namespace) -> int:
     from captioner.confidence import check_min_confidence
-    from captioner.pipelines.ray_batch import run_from_args
+    from captioner.pipelines.ray_batch import check_ray_args, run_from_args
 
     _check_fallback(args)
-    if args.format == "csv":
-        raise OptionError("--ray writes JSONL or Parquet shards, not CSV")
+    check_ray_args(args)
     model, options = _load(args)  # checks the model and the flags before Ray starts
     check_min_confidence(args.min_confidence, model)
     summary = run_from_args(args, args.model, options)

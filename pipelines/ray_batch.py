@@ -567,14 +567,22 @@ def add_ray_flags(parser) -> None:
     group.add_argument("--merge", action="store_true", help=f"also write OUT/{MERGED_NAME}, one record per path")
 
 
-def run_from_args(args, model_dir: str | None, options) -> RaySummary:
-    """The ``batch --ray`` command's work, flags already parsed; the model was checked by the caller."""
+def check_ray_args(args) -> None:
+    """The ``batch --ray`` flags that cannot go together, refused before the model loads (or is exported).
+
+    Raises:
+        OptionError: a flag the Ray path has no use for, or an output it cannot write.
+    """
     if args.html or args.compile or args.backend != "torch":
         raise OptionError("--html, --compile and --backend are not available with --ray")
+    if args.format == "csv" or Path(args.output).suffix.lower() == ".csv":
+        raise OptionError("--ray writes a folder of JSONL or Parquet shards, not CSV: give -o a folder name")
     if args.merge and "://" in local_path(args.output):
         raise OptionError("--merge writes a local captions.jsonl: give a local -o, or merge the shards yourself")
-    if Path(args.output).suffix.lower() == ".csv":
-        raise OptionError("--ray writes a folder of JSONL or Parquet shards, not CSV: give -o a folder name")
+
+
+def run_from_args(args, model_dir: str | None, options) -> RaySummary:
+    """The ``batch --ray`` command's work, flags already parsed and checked (:func:`check_ray_args`)."""
     cpus = args.cpus_per_actor if args.cpus_per_actor is not None else max(1.0, (os.cpu_count() or 1) // args.actors)
     settings = RaySettings(address=None if args.ray == "local" else args.ray, actors=args.actors,
                            cpus_per_actor=cpus, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,

@@ -160,7 +160,16 @@ def test_a_killed_driver_resumes_without_duplicates(photos, tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".part-")]  # a cut-off shard's staging file is gone
 
 
-def test_ray_flags_are_checked_before_ray_starts(photos, tmp_path, capsys):
+def test_ray_flags_are_checked_before_ray_starts(photos, tmp_path, capsys, monkeypatch):
+    import captioner.pipelines.cli as cli
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded (or exported) first"))
+        for flags, message in ((["--backend", "onnxruntime"], "not available with --ray"),
+                               (["--html", str(tmp_path / "r.html")], "not available with --ray"),
+                               (["-o", str(tmp_path / "x.csv")], "not CSV")):
+            assert main(["batch", str(photos), "-o", str(tmp_path / "o"), "--ray", *flags]) == 2
+            assert message in capsys.readouterr().err
     assert main(["batch", str(photos), "-o", str(tmp_path / "o"), "--ray", "--format", "csv"]) == 2
     assert "not CSV" in capsys.readouterr().err
     assert main(["batch", str(photos), "-o", str(tmp_path / "o.jsonl"), "--format", "parquet"]) == 2
