@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -179,10 +180,12 @@ def _export_graphs(model: CaptionModel, out: Path) -> None:
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
+    graph = io.BytesIO()  # written by us: the exporter takes a path as UTF-8 text only
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
-        torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
+        torch.onnx.export(module.eval(), args, graph, input_names=inputs, output_names=outputs,
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    path.write_bytes(graph.getvalue())
 
 
 def _check(out: Path) -> None:
@@ -190,7 +193,7 @@ def _check(out: Path) -> None:
 
     for name in GRAPHS:
         if (out / f"{name}.onnx").exists():  # the classifier only where the encoder has a head
-            onnx.checker.check_model(onnx.load(str(out / f"{name}.onnx")), full_check=True)
+            onnx.checker.check_model(onnx.load_from_string((out / f"{name}.onnx").read_bytes()), full_check=True)
 
 
 def _runtime(model: CaptionModel) -> dict:

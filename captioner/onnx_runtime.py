@@ -41,7 +41,11 @@ def _session(path: Path):
     # and image decoding running in between on the same cores (1.8x the search's speed here)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = path.read_bytes()  # ONNX Runtime takes a path as UTF-8 text only: a folder name that is not fails
+    except OSError as e:
+        raise ModelLoadError(f"{printable(path)}: cannot load ONNX graph: {reason(e)}") from e
+    try:
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 (ONNX Runtime raises its own exception types for bad files)
         raise ModelLoadError(f"{printable(path)}: cannot load ONNX graph: {reason(e)[:300]}") from e
 
