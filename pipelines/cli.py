@@ -466,7 +466,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         from captioner.onnx_export import OPSET, export_onnx
     except ImportError as e:
         raise OptionError(f"export needs the onnx extra: pip install 'captioner[onnx]' ({e.name})") from e
-    out = export_onnx(load_model(args.model), args.out, calibration_from=args.model or DEFAULT_MODEL_DIR)
+    from captioner.errors import ModelLoadError
+
+    folder = args.model or DEFAULT_MODEL_DIR
+    try:
+        out = export_onnx(load_model(args.model), args.out, calibration_from=folder)
+    except ModelLoadError as e:  # the model cannot be exported: the message says which one
+        raise ModelLoadError(f"{printable(folder)}: {e}") from e
     if args.int8:
         from captioner.onnx_export import quantize_int8
 

@@ -184,3 +184,12 @@ def test_a_batch_stops_at_a_broken_export_instead_of_failing_every_photo(exporte
                  "--onnx", str(broken)])
     assert code == 1 and "decoder_step.onnx" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists() or "error" not in (tmp_path / "out.jsonl").read_text()
+
+
+def test_exporting_a_model_that_cannot_be_exported_names_its_folder(default_model, tmp_path, capsys):
+    from captioner.model import ensemble
+
+    ensemble([default_model, default_model]).save(tmp_path / "pair")
+    assert main(["export", "--model", str(tmp_path / "pair"), "-o", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"captioner: error: {tmp_path / 'pair'}: ONNX export covers one "
+                                              "attention decoder")
