@@ -16,6 +16,7 @@ cache while the others wait; rank 0 alone evaluates, logs and writes checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -773,7 +774,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         ImageReadError: a training or dev image cannot be read.
         CheckpointError: ``resume`` found a ``last.pt`` that cannot be continued.
     """
-    trainer = Trainer(cfg, resume=resume)
+    out = Path(cfg.out_dir)
+    made = not os.path.lexists(out)
+    try:
+        trainer = Trainer(cfg, resume=resume)
+    except BaseException:
+        _tidy_unused(out, made)  # a run that could not start (a bad manifest, say) leaves nothing behind
+        raise
     try:
         if resume and _checkpoint_everywhere(trainer):
             trainer.load_checkpoint()
@@ -781,6 +788,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     finally:
         unlock_run_folder(trainer.out)
         leave(trainer.group)
+
+
+def _tidy_unused(out: Path, made: bool) -> None:
+    """After a failed start: a run folder holding only our lock loses it, and goes too if this run made it."""
+    unlock_run_folder(out)
+    with contextlib.suppress(OSError):
+        if {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            if made:
+                out.rmdir()
 
 
 def _checkpoint_everywhere(trainer: Trainer) -> bool:

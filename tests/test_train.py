@@ -585,6 +585,12 @@ def test_a_missing_dev_photo_is_named_before_any_training_feature_is_cached(tiny
     write_manifest(dev, [(str(SHARED_SAMPLES / "chelsea.png"), ["a cat"]), (str(tmp_path / "gone.jpg"), ["a cat"])])
     with pytest.raises(ImageReadError, match=rf"^{tmp_path}/gone\.jpg: No such file"):
         Trainer(dataclasses.replace(tiny_config, dev_manifest=str(dev)))
+    new, given = tmp_path / "new-run", tmp_path / "given"
+    given.mkdir()
+    for out in (new, given):
+        with pytest.raises(ImageReadError):
+            train(dataclasses.replace(tiny_config, dev_manifest=str(dev), out_dir=str(out)))
+    assert not new.exists() and given.is_dir() and not any(given.iterdir())  # made by the run: removed; given: kept
     cache = Path(tiny_config.cache_dir)
     assert not cache.exists() or not any(cache.iterdir())  # the training photos' features were not cached first
 
