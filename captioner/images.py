@@ -40,6 +40,10 @@ def ignore_pillow_noise() -> None:
 
 ignore_pillow_noise()
 
+# The formats a photo is decoded from where its bytes are judged, not its name (an upload; a file
+# given as a video), and what those doors call a photo.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
 )

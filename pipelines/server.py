@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 from captioner.batching import DynamicBatcher
 from captioner.confidence import check_min_confidence
 from captioner.errors import CaptionerError, ImageReadError, OptionError, VideoReadError, printable
-from captioner.images import MAX_PIXELS, bytes_pixels
+from captioner.images import MAX_PIXELS, PHOTO_FORMATS, bytes_pixels
 from captioner.model import CaptionModel
 from captioner.options import DecodingOptions
 from captioner.pipelines.flags import options_from_text
@@ -45,7 +45,6 @@ from captioner.pipelines.record_formats import check_fallback, result_record
 from captioner.pipelines.subtitles import WRITERS, cue_record
 from captioner.pipelines.video_options import VideoOptions
 
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what an upload may be, judged by its bytes
 SUBTITLE_FORMATS = ("vtt", "srt", "json")
 MEDIA_TYPES = {"vtt": "text/vtt", "srt": "application/x-subrip"}
 
@@ -115,7 +114,7 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
                 "decoding": dataclasses.asdict(model.config.decoding), "video": dataclasses.asdict(VideoOptions()),
                 "limits": {"max_image_bytes": settings.max_image_bytes, "max_images": settings.max_images,
                            "max_video_bytes": settings.max_video_bytes, "max_pixels": MAX_PIXELS,
-                           "timeout_seconds": settings.timeout, "image_formats": list(IMAGE_FORMATS)}}
+                           "timeout_seconds": settings.timeout, "image_formats": list(PHOTO_FORMATS)}}
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page() -> str:
@@ -248,7 +247,7 @@ def _number(text: str | None, name: str) -> float | None:
 def _image_pixels(data: bytes, name: str, size: int):
     """Decoded, checked pixels of one upload; 415 for what is not an accepted image, 413 for too many pixels."""
     try:
-        return bytes_pixels(data, name, size, formats=IMAGE_FORMATS)
+        return bytes_pixels(data, name, size, formats=PHOTO_FORMATS)
     except ImageReadError as e:
         message = str(e)
         reason = message.removeprefix(f"{name}: ")  # judged on the reason alone, never on the client's file name

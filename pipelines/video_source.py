@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from captioner.errors import VideoReadError, printable
-from captioner.images import MAX_PIXELS
+from captioner.images import MAX_PIXELS, PHOTO_FORMATS
 from captioner.pipelines.opencv_files import OpenCVName, quiet_ffmpeg
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
@@ -251,10 +251,6 @@ class SeekLedger:
 
     def pays(self) -> bool:
         return self.seeks < SEEK_TRIAL or self.spent <= self.saved
-
-
-# Photo formats FFmpeg would also open, as a video of one frame
-PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
 
 def _refuse_a_photo(path: Path) -> None:
