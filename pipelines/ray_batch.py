@@ -34,6 +34,7 @@ from captioner.images import bytes_pixels, check_image_file, is_image_path
 from captioner.pipelines.flags import bounded_float, bounded_int
 from captioner.pipelines.record_formats import (
     BadRecord,
+    Chunk,
     JsonlRecords,
     checked_record,
     earlier_failures,
@@ -113,9 +114,11 @@ def local_path(uri: str) -> str:
     return uri
 
 
-def record_key(path: str) -> str:
-    """A record's path as this version names it: an older one wrote a ``file://`` source's files as
-    ``file://`` plus the raw path (not an encoded URI, so no unquoting: ``a#1.jpg`` stays itself)."""
+def record_key(record: dict) -> str:
+    """The file a record names, exactly (two names may print alike: a byte 0xff, the text ``\\xff``),
+    as this version names it: an older one wrote a ``file://`` source's files as ``file://`` plus
+    the raw path (not an encoded URI, so no unquoting: ``a#1.jpg`` stays itself)."""
+    path = raw_path(record)
     return path[len("file://"):] if path.startswith("file:///") else path
 
 
@@ -260,7 +263,7 @@ class ShardWriter:
         if any run captioned it (a retry), else its latest error."""
         latest: dict[str, dict] = {}
         for record in self.records():
-            path = record_key(raw_path(record))  # exact: two names may print alike (a byte 0xff, the text \xff)
+            path = record_key(record)
             if "error" not in latest.get(path, {"error": ""}) and "error" in record:
                 continue  # a caption is never superseded by an error
             latest[path] = record
@@ -506,12 +509,10 @@ def _check_merge_target(target: Path) -> None:
     except OSError as e:
         raise OutputError(f"{printable(target)}: cannot read it before --merge rewrites it: {reason(e)}") from e
     try:
-        ours = isinstance(record := json.loads(first), dict) and "path" in record
-    except ValueError:
-        ours = False
-    if first.strip() and not ours:
+        JsonlRecords().parse(Chunk(1, 0, first, True))  # a record of ours, or an empty file
+    except BadRecord as e:
         raise OutputError(f"{printable(target)}: exists and holds no captioner records, and --merge would replace "
-                          "it; move it away or give another -o")
+                          "it; move it away or give another -o") from e
 
 
 def _check_gpus(settings: RaySettings) -> None:
@@ -533,7 +534,7 @@ def _still_to_do(writer: ShardWriter, paths: list[tuple[str, str]],
     """The paths OUT does not hold (with ``retry_errors``: or holds only errors for), and the summary so far."""
     failed: dict[str, bool] = {}  # path -> only errors recorded for it (a retry's caption supersedes them)
     for record in writer.records():
-        path = record_key(raw_path(record))  # exact: two names may print alike (a byte 0xff, the text \xff)
+        path = record_key(record)
         failed[path] = failed.get(path, True) and "error" in record
     todo = [(p, inside) for p, inside in paths if p not in failed or (retry_errors and failed[p])]
     earlier = 0 if retry_errors else sum(failed.get(p, False) for p, _ in paths)

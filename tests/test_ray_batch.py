@@ -113,7 +113,7 @@ def test_file_uris_name_folders_of_this_machine_and_old_uri_records_still_resume
     assert local_path("file:///a%20b/c") == "/a b/c" and local_path("file://localhost/x") == "/x"
     assert local_path("s3://bucket/x") == "s3://bucket/x"
     # old records held file:// plus the raw path, never an encoded URI: nothing is unquoted or cut at '#'
-    assert [record_key(p) for p in ("file:///d/a#1.jpg", "file:///d/a%20b.jpg", "/d/x.jpg", "s3://b/x")] == \
+    assert [record_key({"path": p}) for p in ("file:///d/a#1.jpg", "file:///d/a%20b.jpg", "/d/x.jpg", "s3://b/x")] == \
         ["/d/a#1.jpg", "/d/a%20b.jpg", "/d/x.jpg", "s3://b/x"]
     for uri in ("file://nas/share/photos", "file://"):  # another machine's folder, or none: never the root here
         with pytest.raises(OptionError, match="names a folder on this machine"):
