@@ -8,15 +8,15 @@ PCA-reduced pooled encoder features), with document frequencies of the whole tra
 set. It is one of the calibrator's signals (:mod:`captioner.confidence`).
 
 Stored in the model folder as ``consensus.safetensors`` (feature mean, PCA components,
-the training images' codes) and ``consensus.json`` (their reference captions and the
-n-gram document frequencies, without the n-grams seen in one image only: CIDEr-D gives
-those no weight). A few MB; the n-gram vectors are built on first use.
+the training images' codes) and ``consensus.json`` (their reference captions). A few MB;
+the document frequencies and n-gram vectors are counted from the captions on first use
+(a quarter of a second). Folders written before kept the frequencies in the JSON file
+too; they were counted from the same captions, and are not read.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from captioner.cider import CiderD, ngram_counts
+from captioner.cider import CiderD
 from captioner.errors import ModelLoadError, printable
 from captioner.outputs import save_tensors
 from captioner.scst import reward_tokens
@@ -39,11 +39,11 @@ class Consensus:
     """Nearest training images by pooled feature, and CIDEr-D against their references."""
 
     def __init__(self, mean: torch.Tensor, components: torch.Tensor, codes: torch.Tensor,
-                 references: list[list[str]], frequencies: dict[str, int], images: int, neighbours: int = NEIGHBOURS):
+                 references: list[list[str]], neighbours: int = NEIGHBOURS):
         self.mean, self.components = mean.float(), components.float()  # (C,), (C, k)
         self.codes = torch.nn.functional.normalize(codes.float(), dim=1)  # (N, k)
         self.references = references  # per training image, its captions as space-joined words
-        self.frequencies, self.images, self.neighbours = frequencies, images, neighbours
+        self.neighbours = neighbours
         self._cider: CiderD | None = None
 
     @classmethod
@@ -55,33 +55,26 @@ class Consensus:
         _, _, rows = torch.linalg.svd(pooled - mean, full_matrices=False)  # exact, so a refit gives the same file
         components = rows[: min(dims, rows.shape[0])].T.contiguous()  # (C, k)
         references = [[" ".join(tokenize(c)) for c in caps] for caps in captions]
-        frequency: Counter = Counter()
-        for refs in references:
-            frequency.update({g for r in refs for g in ngram_counts(reward_tokens(r.split()))})
-        kept = {" ".join(g): n for g, n in frequency.items() if n > 1}
-        return cls(mean, components, (pooled - mean) @ components, references, kept, len(references), neighbours)
+        return cls(mean, components, (pooled - mean) @ components, references, neighbours)
 
     def scores(self, pooled: torch.Tensor, captions: Sequence[Sequence[str]]) -> list[list[float]]:
         """(B, C) pooled features and each image's captions -> each caption's consensus CIDEr-D."""
         query = torch.nn.functional.normalize((pooled.float().cpu() - self.mean) @ self.components, dim=1)
         neighbours = (query @ self.codes.T).topk(min(self.neighbours, len(self.codes)), dim=1).indices.tolist()
         cider = self._scorer()
-        return [[cider.mean_score(reward_tokens(tokenize(text)), near) for text in texts]
+        return [cider.mean_scores([reward_tokens(tokenize(text)) for text in texts], near)
                 for near, texts in zip(neighbours, captions, strict=True)]
 
     def _scorer(self) -> CiderD:
         if self._cider is None:
-            frequency = Counter({tuple(g.split(" ")): n for g, n in self.frequencies.items()})
-            tokens = [[reward_tokens(r.split()) for r in refs] for refs in self.references]
-            self._cider = CiderD.from_frequencies(frequency, self.images, tokens)
+            self._cider = CiderD([[reward_tokens(r.split()) for r in refs] for refs in self.references])
         return self._cider
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         save_tensors({"mean": self.mean.contiguous(), "components": self.components.contiguous(),
                    "codes": self.codes.half().contiguous()}, folder / CONSENSUS_WEIGHTS)
-        text = json.dumps({"images": self.images, "neighbours": self.neighbours, "references": self.references,
-                           "frequencies": self.frequencies})
+        text = json.dumps({"neighbours": self.neighbours, "references": self.references})
         (folder / CONSENSUS_FILE).write_text(text, encoding="utf-8")
 
     @classmethod
@@ -104,15 +97,15 @@ class Consensus:
                                  f"{channels} channels, or a value is not finite")
         try:
             raw = json.loads((folder / CONSENSUS_FILE).read_text(encoding="utf-8"))
-            references, frequencies, images = raw["references"], raw["frequencies"], int(raw["images"])
+            references = raw["references"]
             neighbours = int(raw.get("neighbours", NEIGHBOURS))
             if neighbours < 1:
                 raise ValueError(f"neighbours={neighbours} must be at least 1")
             if len(references) != codes.shape[0] or not all(isinstance(r, list) and r for r in references):
                 raise ValueError(f"{len(references)} reference lists for {codes.shape[0]} images")
-            if not all(isinstance(n, int) and n > 1 for n in frequencies.values()) or images < codes.shape[0]:
-                raise ValueError("document frequencies must be whole numbers above 1")
+            if not all(isinstance(caption, str) for r in references for caption in r):
+                raise ValueError("a reference caption is not text")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
                 AttributeError) as e:
             raise ModelLoadError(f"{printable(folder / CONSENSUS_FILE)}: bad consensus data: {e}") from e
-        return cls(mean, components, codes, references, frequencies, images, neighbours)
+        return cls(mean, components, codes, references, neighbours)

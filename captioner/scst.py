@@ -81,11 +81,11 @@ def self_critical_terms(
 ) -> PolicyTerms:
     """Policy-gradient terms for one batch of images (the loss is ``loss_sum / tokens``)."""
     tokens, logprobs = sample_with_logprobs(decoder, grid, vocab, samples, max_length)
+    rows = [reward_tokens(vocab.words(row)) for row in tokens.tolist()]
     rewards = torch.tensor(
-        [cider.score(reward_tokens(vocab.words(row)), image_ids[r // samples])
-         for r, row in enumerate(tokens.tolist())],
+        [cider.mean_scores(rows[b * samples : (b + 1) * samples], [image]) for b, image in enumerate(image_ids)],
         device=grid.device,
-    ).view(-1, samples)  # (B, K)
+    )  # (B, K)
     baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (samples - 1)
     advantage = (rewards - baseline).view(-1, 1)  # (B*K, 1)
     first = torch.ones_like(tokens[:, :1], dtype=torch.bool)

@@ -39,13 +39,11 @@ def test_a_caption_that_agrees_with_similar_photos_scores_higher(pooled, tmp_pat
 def test_the_shipped_model_reads_its_training_photos_consensus(default_model):
     consensus = default_model.consensus
     assert len(consensus.references) == 6000 and consensus.components.shape == (1280, 128)
-    assert all(n > 1 for n in list(consensus.frequencies.values())[:1000])  # n-grams of one image are left out
 
 
 @pytest.mark.parametrize("damage, reason", [
     (lambda folder: (folder / CONSENSUS_FILE).write_text("{"), "bad consensus data"),
-    (lambda folder: (folder / CONSENSUS_FILE).write_text(json.dumps({"images": 1, "references": [],
-                                                                     "frequencies": {}})), "0 reference lists"),
+    (lambda folder: (folder / CONSENSUS_FILE).write_text(json.dumps({"references": []})), "0 reference lists"),
     (lambda folder: (folder / CONSENSUS_WEIGHTS).unlink(), "bad consensus data"),
     (lambda folder: (folder / CONSENSUS_WEIGHTS).write_bytes(b"\x00" * 40), "bad consensus data"),
 ])
