@@ -37,14 +37,17 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | None = No
     """The model in folder ``path``, or the default model shipped with the package, ready for inference.
 
     Also tunes this process's memory allocator for fast inference (:mod:`captioner.allocator`),
-    and folds the encoder's batch norm into its convolutions (about 1.3x the encoder's
-    images/s). A model to train or save comes from :meth:`CaptionModel.load` instead.
+    folds the encoder's batch norm into its convolutions (about 1.3x the encoder's
+    images/s), and starts building the consensus scorer's index in the background. A model
+    to train or save comes from :meth:`CaptionModel.load` instead.
     """
     if device is not None:
         check_device(device, "device")  # "CUDA is not available here; use cpu", not torch's RuntimeError
     keep_freed_memory()
     model = CaptionModel.load(DEFAULT_MODEL_DIR if path is None else path, device=device)
     model.encoder.fold_batch_norm()
+    if model.consensus is not None:
+        model.consensus.prepare()
     return model
 
 

@@ -64,7 +64,7 @@ class CiderD:
         for n in range(2, MAX_N + 1):
             at = np.flatnonzero(left >= n)
             keys = numbers[at] * words + tokens[at + n - 1]
-            level, inverse = np.unique(keys, return_inverse=True)
+            level, _, _, inverse = _unique(keys, inverse=True)
             self._levels.append(level)
             numbers = np.full(len(tokens), -1, dtype=np.int64)
             numbers[at] = inverse
@@ -75,14 +75,14 @@ class CiderD:
 
     def _index_references(self, refs: np.ndarray, grams: np.ndarray, lengths: np.ndarray) -> None:
         """Each reference's distinct n-grams (sorted by number, for matching), their weights and norms."""
-        _, first, tf = np.unique(refs * self._grams + grams, return_index=True, return_counts=True)
+        _, first, tf = _unique(refs * self._grams + grams)
         ref_of, self._gram_of = refs[first], grams[first]
         image_of_ref = np.repeat(np.arange(len(self._image_refs) - 1), np.diff(self._image_refs))
-        in_images = np.sort(image_of_ref[ref_of] * self._grams + self._gram_of)  # np.unique would hash, slowly
-        in_images = in_images[np.concatenate([[True], in_images[1:] != in_images[:-1]])]
+        in_images, _, _ = _unique(image_of_ref[ref_of] * self._grams + self._gram_of)
         self._frequency = np.bincount(in_images % self._grams, minlength=self._grams)
+        self._idf = self.log_images - np.array([math.log(max(1.0, f)) for f in range(int(self._frequency.max()) + 1)])
         self._order_of = np.searchsorted(self._order_starts(), self._gram_of, side="right") - 1
-        self._weight = tf * self._idf(self._frequency[self._gram_of])
+        self._weight = tf * self._idf[self._frequency[self._gram_of]]
         counter = _counter_order(ref_of, first)  # a norm adds its squares in Counter's order
         cells = (ref_of * MAX_N + self._order_of)[counter]
         squares = np.bincount(cells, weights=(self._weight * self._weight)[counter], minlength=len(lengths) * MAX_N)
@@ -95,12 +95,6 @@ class CiderD:
         """The first n-gram number of each order."""
         sizes = [len(self._words)] + [len(level) for level in self._levels]
         return np.cumsum([0] + sizes[:-1])
-
-    def _idf(self, frequency: np.ndarray) -> np.ndarray:
-        """log(images) - log(max(1, df)), with math.log per distinct frequency, as the formula's loops do."""
-        distinct, inverse = np.unique(frequency, return_inverse=True)
-        logs = np.array([math.log(max(1.0, int(f))) for f in distinct])
-        return self.log_images - logs[inverse.reshape(frequency.shape)]
 
     def _candidate_grams(self, candidates: Sequence[Sequence[Token]]) -> tuple[np.ndarray, ...]:
         """Each candidate's distinct n-grams in Counter order: (candidate, order, number or -1, weight).
@@ -123,7 +117,7 @@ class CiderD:
         for n, level in enumerate(self._levels, start=2):
             at = np.flatnonzero(left >= n)
             last = ids[at + n - 1]
-            kinds, inverse = np.unique(identity[at] * span + last, return_inverse=True)
+            kinds, _, _, inverse = _unique(identity[at] * span + last, inverse=True)
             identity = np.full(len(ids), -1, dtype=np.int64)
             identity[at] = inverse
             keys = number[at] * max(1, words) + last
@@ -142,7 +136,7 @@ class CiderD:
         pick, tf = _first_occurrences(owner, kind, offset)
         gram = gram[pick]
         frequency = np.where(gram >= 0, self._frequency[np.maximum(gram, 0)], 0)
-        return owner[pick], order[pick], gram, tf * self._idf(frequency)
+        return owner[pick], order[pick], gram, tf * self._idf[frequency]
 
     def score(self, candidate: Sequence[Token], image: int) -> float:
         """CIDEr-D of one tokenized candidate for image index ``image`` (unscaled, like 0.55)."""
@@ -184,7 +178,7 @@ class CiderD:
                       local: np.ndarray, refs: int, count: int) -> np.ndarray:
         """(candidates, refs, orders) clipped dot products, each added in the candidate's n-gram order."""
         known = np.flatnonzero(gram >= 0)
-        shared, inverse = np.unique(gram[known], return_inverse=True)
+        shared, _, _, inverse = _unique(gram[known], inverse=True)
         if not len(pairs) or not len(shared):
             return np.zeros((count, refs, MAX_N))
         holders = np.full((len(shared), count), -1, dtype=np.int64)  # n-gram, candidate -> its place, or -1
@@ -212,7 +206,7 @@ def _places(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _first_occurrences(sequence: np.ndarray, gram: np.ndarray, grams: int) -> tuple[np.ndarray, np.ndarray]:
     """Each sequence's distinct n-grams as (index of the first occurrence, count), in Counter's order."""
-    unique, first, count = np.unique(sequence * grams + gram, return_index=True, return_counts=True)
+    unique, first, count = _unique(sequence * grams + gram)
     keep = _counter_order(unique // grams, first)
     return first[keep], count[keep]
 
@@ -230,3 +224,22 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """The integers of [starts[i], ends[i]) for each i, laid end to end."""
     sizes = ends - starts
     return np.repeat(starts - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))
+
+
+def _unique(keys: np.ndarray, *, inverse: bool = False) -> tuple[np.ndarray, ...]:
+    """np.unique's (values, first index, counts[, inverse]) from one stable argsort.
+
+    Several times faster than np.unique with indices on a million keys, which is most of
+    building the reference side.
+    """
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.ones(len(keys), dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    at = np.flatnonzero(starts)
+    counts = np.diff(at, append=len(keys))
+    if not inverse:
+        return ordered[at], order[at], counts
+    places = np.empty(len(keys), dtype=np.int64)
+    places[order] = np.cumsum(starts) - 1
+    return ordered[at], order[at], counts, places

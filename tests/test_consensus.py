@@ -69,3 +69,18 @@ def test_an_ensemble_and_its_members_keep_the_consensus_but_not_the_calibrator(t
     again = CaptionModel.load(tmp_path / "pair")
     assert again.calibrator is None and len(again.consensus.references) == 6000
     assert again.config.decoding.consensus_weight > 0
+
+
+def test_scores_asked_from_threads_while_the_index_builds_in_the_background_equal_serial_scores():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from captioner.api import load_model
+
+    texts = [["a dog runs on the grass", "a man rides a bike"], ["two children play in the snow"]]
+    pooled = torch.randn(2, 1280, generator=torch.Generator().manual_seed(0)).abs()
+    model = load_model()  # starts building the index in a background thread
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda _: model.consensus.scores(pooled, texts), range(4)))
+    serial = CaptionModel.load(DEFAULT_MODEL_DIR).consensus.scores(pooled, texts)  # built in this thread
+    assert together == [serial] * 4
+    assert len({s for row in serial for s in row}) == 3
