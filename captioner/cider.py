@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
-from typing import Hashable, Sequence
+from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -33,11 +33,12 @@ class CiderD:
 
     Every reference n-gram gets a number once, at construction, and each reference becomes
     a run of (n-gram, tf-idf weight) pairs, so that scoring is a few array operations per
-    call instead of dictionary walks per reference. The terms are added in the order
-    coco-caption's loops add them (a reference's n-grams in order of first occurrence, the
-    shared n-grams in the candidate's order, the orders 1 to 4 in turn), one after the
-    other, and logarithms and exponentials come from :mod:`math`, so a score is the same
-    float the plain Python formula gives.
+    call instead of dictionary walks per reference. The terms are added one after the other
+    in the order coco-caption's loops add them (``val[n] += ...``: a reference's n-grams in
+    order of first occurrence, the shared n-grams in the candidate's order, the orders 1 to
+    4 in turn), and logarithms and exponentials come from :mod:`math`, so a score is the
+    same float those loops give, on any Python (3.12's ``sum()`` of floats compensates;
+    ``+=`` does not).
     """
 
     def __init__(self, references: Sequence[Sequence[Sequence[Token]]]):
@@ -124,7 +125,7 @@ class CiderD:
             order = np.argsort(keys)  # sorted queries search a large level several times faster
             found = np.empty_like(keys)
             found[order] = np.minimum(np.searchsorted(level, keys[order]), max(0, len(level) - 1))
-            known = (number[at] >= 0) & (last < words)
+            known = (number[at] >= 0) & (last < words) & (len(level) > 0)  # no reference is n words long
             if len(level):
                 known &= level[found] == keys
             number = np.full(len(ids), -1, dtype=np.int64)
@@ -151,6 +152,9 @@ class CiderD:
         if not candidates:
             return []
         count = len(candidates)
+        if any(not isinstance(i, int | np.integer) or isinstance(i, bool) or not 0 <= i < len(self._image_refs) - 1
+               for i in images):
+            raise IndexError(f"image indices must be whole numbers in [0, {len(self._image_refs) - 1}), got {images}")
         owner, order, gram, weight = self._candidate_grams(candidates)
         norms = np.sqrt(np.bincount(owner * MAX_N + order, weights=weight * weight,
                                     minlength=count * MAX_N)).reshape(count, MAX_N)
@@ -172,7 +176,7 @@ class CiderD:
         similarity = (totals / MAX_N).tolist()
         bounds = np.cumsum([0] + [int(self._image_refs[i + 1] - self._image_refs[i]) for i in images]).tolist()
         spans = list(itertools.pairwise(bounds))  # each image's refs, in order
-        return [sum(10.0 * sum(row[a:b]) / (b - a) for a, b in spans) / len(images) for row in similarity]
+        return [_added(10.0 * _added(row[a:b]) / (b - a) for a, b in spans) / len(images) for row in similarity]
 
     def _shared_terms(self, owner: np.ndarray, gram: np.ndarray, weight: np.ndarray, pairs: np.ndarray,
                       local: np.ndarray, refs: int, count: int) -> np.ndarray:
@@ -243,3 +247,11 @@ def _unique(keys: np.ndarray, *, inverse: bool = False) -> tuple[np.ndarray, ...
     places = np.empty(len(keys), dtype=np.int64)
     places[order] = np.cumsum(starts) - 1
     return ordered[at], order[at], counts, places
+
+
+def _added(values: Iterable[float]) -> float:
+    """Floats added one after the other, as on every Python (3.12's sum() compensates)."""
+    total = 0.0
+    for value in values:
+        total += value
+    return total

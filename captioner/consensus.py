@@ -17,7 +17,9 @@ too; they were counted from the same captions, and are not read.
 from __future__ import annotations
 
 import json
+import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -47,6 +49,19 @@ class Consensus:
         self.neighbours = neighbours
         self._cider: CiderD | None = None
         self._cider_lock = threading.Lock()
+        _LIVE.add(self)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the lock and the index behind; the index is rebuilt on first use."""
+        state = dict(self.__dict__)
+        del state["_cider_lock"]
+        state["_cider"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cider_lock = threading.Lock()
+        _LIVE.add(self)
 
     @classmethod
     def build(cls, pooled: torch.Tensor, captions: Sequence[Sequence[str]], *,
@@ -110,14 +125,28 @@ class Consensus:
         try:
             raw = json.loads((folder / CONSENSUS_FILE).read_text(encoding="utf-8"))
             references = raw["references"]
-            neighbours = int(raw.get("neighbours", NEIGHBOURS))
-            if neighbours < 1:
-                raise ValueError(f"neighbours={neighbours} must be at least 1")
-            if len(references) != codes.shape[0] or not all(isinstance(r, list) and r for r in references):
+            neighbours = raw.get("neighbours", NEIGHBOURS)
+            if not isinstance(neighbours, int) or isinstance(neighbours, bool) or neighbours < 1:
+                raise ValueError(f"neighbours={str(neighbours)[:40]} must be a whole number of at least 1")
+            if not isinstance(references, list) or len(references) != codes.shape[0]:
                 raise ValueError(f"{len(references)} reference lists for {codes.shape[0]} images")
+            if not all(isinstance(r, list) and r for r in references):
+                raise ValueError("each image needs a non-empty list of reference captions")
             if not all(isinstance(caption, str) for r in references for caption in r):
                 raise ValueError("a reference caption is not text")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
                 AttributeError) as e:
             raise ModelLoadError(f"{printable(folder / CONSENSUS_FILE)}: bad consensus data: {e}") from e
         return cls(mean, components, codes, references, neighbours)
+
+
+_LIVE: weakref.WeakSet[Consensus] = weakref.WeakSet()
+
+
+def _fresh_locks_in_child() -> None:
+    """A process forked while a background build held a lock gets it free (and builds its own index)."""
+    for consensus in list(_LIVE):
+        consensus._cider_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)

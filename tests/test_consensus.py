@@ -84,3 +84,41 @@ def test_scores_asked_from_threads_while_the_index_builds_in_the_background_equa
     serial = CaptionModel.load(DEFAULT_MODEL_DIR).consensus.scores(pooled, texts)  # built in this thread
     assert together == [serial] * 4
     assert len({s for row in serial for s in row}) == 3
+
+
+def test_a_process_forked_while_the_index_builds_scores_without_waiting_for_ever():
+    import multiprocessing
+    import pickle
+
+    from captioner.api import load_model
+
+    model = load_model()  # the build holds the lock for a few tenths of a second
+    pooled = torch.ones(1, 1280)
+
+    def score_in_child():
+        torch.set_num_threads(1)  # OpenMP's pool does not survive a fork; one thread needs none
+        model.consensus.scores(pooled, [["a dog runs"]])
+
+    child = multiprocessing.get_context("fork").Process(target=score_in_child)
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+    copied = pickle.loads(pickle.dumps(model.consensus))  # the lock and the index are left behind
+    assert copied.scores(pooled, [["a dog runs"]]) == model.consensus.scores(pooled, [["a dog runs"]])
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda raw: raw.update(neighbours=1e400), "neighbours=inf must be a whole number"),
+    (lambda raw: raw["references"].__setitem__(5, []), "each image needs a non-empty list of reference captions"),
+    (lambda raw: raw["references"][5].__setitem__(0, 7), "a reference caption is not text"),
+])
+def test_bad_consensus_fields_are_refused_with_the_reason(tmp_path, edit, reason):
+    folder = tmp_path / "m"
+    shutil.copytree(DEFAULT_MODEL_DIR, folder)
+    raw = json.loads((folder / CONSENSUS_FILE).read_text(encoding="utf-8"))
+    edit(raw)
+    (folder / CONSENSUS_FILE).write_text(json.dumps(raw), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=f"consensus\\.json: bad consensus data: {reason}"):
+        CaptionModel.load(folder)
