@@ -26,7 +26,7 @@ from captioner.pipelines.burn import burn_subtitles
 from captioner.pipelines.cli import main
 from captioner.pipelines.cues import Segment
 from captioner.pipelines.subtitles import WriteSRT, WriteVTT
-from captioner.pipelines.video import SAMPLERS, ShotFrames, _sharing_cores, open_video, subtitle_video
+from captioner.pipelines.video import SAMPLERS, ShotFrames, _sharing_cores, open_video, subtitle_source, subtitle_video
 from captioner.pipelines.video_batch import VideoJob, VideoRun, plan_jobs, prepare_jobs, run_jobs
 from captioner.pipelines.video_options import VideoOptions
 from captioner.pipelines.video_source import MAX_FAILED_GRABS, OPEN_HINT
@@ -196,6 +196,22 @@ def test_uniform_sampling_decodes_on_half_the_cores_and_the_model_takes_the_rest
     assert seen == [max(1, full - 1), full]
     subtitle_video(clips["mp4"], model=default_model, settings=uniform(0.5, batch_size=2))
     assert torch.get_num_threads() == full  # given back after the video
+
+
+def test_frames_are_captioned_in_batches_growing_from_one_so_the_model_starts_with_the_first_frame(
+        clips, default_model):
+    sizes = []
+
+    def recording(pixels, options):
+        sizes.append(len(pixels))
+        return default_model.caption_pixels(pixels, options)
+
+    settings = uniform(0.5, batch_size=4)  # 24 frames of the 12 s clip
+    with open_video(clips["mp4"], settings) as source:
+        recorded = subtitle_source(source, model=default_model, settings=settings, caption=recording)
+    assert sizes == [1, 2, 4, 4, 4, 4, 4, 1]
+    plain = subtitle_video(clips["mp4"], model=default_model, settings=settings)
+    assert [(s.start, s.end, s.text) for s in recorded.segments] == [(s.start, s.end, s.text) for s in plain.segments]
 
 
 def test_the_thread_count_is_given_back_when_captioning_fails(clips, default_model, monkeypatch):
