@@ -130,8 +130,8 @@ def flickr_token_captions(token_file: str | os.PathLike) -> dict[str, list[str]]
 
 def flickr_manifest(
     token_file: str | os.PathLike, split_file: str | os.PathLike, image_dir: str | os.PathLike, out: str | os.PathLike
-) -> int:
-    """Write a manifest for the images named in ``split_file``; returns the number written."""
+) -> Converted:
+    """Write a manifest for the images named in ``split_file`` (see :func:`_write_converted`)."""
     captions = flickr_token_captions(token_file)
     names = [n.strip() for n in Path(split_file).read_text(encoding="utf-8").splitlines() if n.strip()]
     missing = [n for n in names if n not in captions]
@@ -142,8 +142,10 @@ def flickr_manifest(
     return _write_converted(out, records, split_file)
 
 
-def coco_manifest(annotation_file: str | os.PathLike, image_dir: str | os.PathLike, out: str | os.PathLike) -> int:
-    """Write a manifest from a COCO ``captions_*.json`` file; returns the number of images."""
+def coco_manifest(
+    annotation_file: str | os.PathLike, image_dir: str | os.PathLike, out: str | os.PathLike
+) -> Converted:
+    """Write a manifest from a COCO ``captions_*.json`` file (see :func:`_write_converted`)."""
     data = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
     by_id: dict[int, list[str]] = defaultdict(list)
     for ann in data["annotations"]:
@@ -156,7 +158,7 @@ def coco_manifest(annotation_file: str | os.PathLike, image_dir: str | os.PathLi
 
 def karpathy_manifest(
     dataset_file: str | os.PathLike, image_dir: str | os.PathLike, split: str, out: str | os.PathLike
-) -> int:
+) -> Converted:
     """Write a manifest for one split of a Karpathy ``dataset_*.json``.
 
     ``split`` is ``train``, ``val``, ``test`` or ``restval``; COCO entries keep their
@@ -175,19 +177,32 @@ def karpathy_manifest(
     return _write_converted(out, records, dataset_file)
 
 
-def _write_converted(out: Path, records: list[tuple[str, list[str]]], source: str | os.PathLike) -> int:
-    """Write the images that have captions (blank ones dropped); returns how many.
+@dataclass(frozen=True)
+class Converted:
+    """What a caption-file conversion wrote."""
+
+    written: int  # images with captions found in the images folder: the manifest's lines
+    missing: tuple[str, ...]  # images with captions not found there, left out (paths from the manifest's folder)
+
+
+def _write_converted(out: Path, records: list[tuple[str, list[str]]], source: str | os.PathLike) -> Converted:
+    """Write the images that have captions (blank ones dropped) and are in the images folder.
+
+    An image the folder lacks is left out, not written: training refuses a manifest naming
+    a photo that is not there, and an evaluation would skip it. The caller says how many.
 
     Raises:
-        DataError: no image of ``source`` has a caption (for this split): nothing is written.
+        DataError: no image of ``source`` has a caption (for this split), or none of them is
+            in the images folder: nothing is written.
     """
     kept = [(image, [c for c in captions if c.strip()]) for image, captions in records]
     kept = [(image, captions) for image, captions in kept if captions]
     if not kept:
         raise DataError(f"{printable(source)}: no images with captions (for this split); nothing written")
     where = [os.path.normpath(out.parent / image) for image, _ in kept]  # relative paths start at the manifest
-    if not any(os.path.isfile(path) for path in where):
+    found = [os.path.isfile(path) for path in where]
+    if not any(found):
         raise DataError(f"none of the {len(kept)} images is in the images folder, e.g. {printable(where[0])}; "
                         "check --images; nothing written")
-    write_manifest(out, kept)
-    return len(kept)
+    write_manifest(out, [record for record, there in zip(kept, found, strict=True) if there])
+    return Converted(sum(found), tuple(path for path, there in zip(where, found, strict=True) if not there))

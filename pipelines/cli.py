@@ -291,15 +291,20 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         raise OptionError(f"--out {printable(args.out)}: exists and is not a manifest; give a new file name")
     try:
         if args.format == "flickr":
-            count = data.flickr_manifest(args.captions, args.split, args.images, args.out)
+            converted = data.flickr_manifest(args.captions, args.split, args.images, args.out)
         elif args.format == "coco":
-            count = data.coco_manifest(args.captions, args.images, args.out)
+            converted = data.coco_manifest(args.captions, args.images, args.out)
         else:
-            count = data.karpathy_manifest(args.captions, args.images, args.split, args.out)
+            converted = data.karpathy_manifest(args.captions, args.images, args.split, args.out)
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:  # JSON and Unicode errors too
         raise DataError(f"{printable(args.captions)}: not a {args.format} caption file ({type(e).__name__}: "
                         f"{e})") from e
-    _print(f"wrote {count} images to {args.out}")
+    if converted.missing:
+        total = converted.written + len(converted.missing)
+        _print(f"warning: {len(converted.missing)} of {total} images with captions are not in --images "
+               f"{printable(args.images)}, e.g. {printable(converted.missing[0])}; left out of the manifest",
+               err=True)
+    _print(f"wrote {converted.written} images to {printable(args.out)}")
     return EXIT_OK
 
 

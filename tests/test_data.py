@@ -65,7 +65,7 @@ def test_flickr_token_captions_groups_per_image_in_file_order(flickr):
 def test_flickr_manifest_keeps_split_images_in_split_order(flickr, tmp_path):
     tokens, split, images = flickr
     out = tmp_path / "manifests" / "train.jsonl"  # a different folder from the images
-    assert flickr_manifest(tokens, split, images, out) == 2
+    assert flickr_manifest(tokens, split, images, out).written == 2
 
     entries = read_manifest(out)
     assert [e.image.name for e in entries] == ["rocket.jpg", "cat.jpg"]
@@ -136,7 +136,7 @@ def test_coco_manifest(tmp_path):
     annotation_file.write_text(json.dumps(annotations), encoding="utf-8")
     out = tmp_path / "manifests" / "coco_val.jsonl"
 
-    assert coco_manifest(annotation_file, images, out) == 2
+    assert coco_manifest(annotation_file, images, out).written == 2
     entries = read_manifest(out)
     assert [e.image.name for e in entries] == ["COCO_val2014_000000000073.jpg", "COCO_val2014_000000000042.jpg"]
     assert entries[0].captions == ("A cup of coffee on a saucer.",)
@@ -173,6 +173,24 @@ def test_manifest_conversion_replaces_an_earlier_manifest_and_nothing_else(flick
     assert len(read_manifest(tmp_path / "m.jsonl")) == 2
 
 
+def test_images_the_folder_lacks_are_left_out_and_named_once(flickr, tmp_path, capsys):
+    from captioner.pipelines.cli import main
+
+    tokens, split, images = flickr
+    split.write_text("rocket.jpg\ncat.jpg\ncoffee.jpg\n", encoding="utf-8")
+    (images / "cat.jpg").unlink()
+    out = tmp_path / "m.jsonl"
+    converted = flickr_manifest(tokens, split, images, out)
+    assert converted.written == 2 and converted.missing == (str(images / "cat.jpg"),)
+    assert [e.image.name for e in read_manifest(out)] == ["rocket.jpg", "coffee.jpg"]
+    argv = ["manifest", "flickr", "--captions", str(tokens), "--split", str(split), "--images", str(images)]
+    assert main([*argv, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (f"warning: 1 of 3 images with captions are not in --images {images}, "
+                            f"e.g. {images / 'cat.jpg'}; left out of the manifest\n")
+    assert captured.out == f"wrote 2 images to {out}\n"
+
+
 def karpathy_image(filepath, filename, split, *raws):
     image = {"filename": filename, "split": split, "sentences": [{"raw": r, "tokens": r.split()} for r in raws]}
     if filepath is not None:
@@ -202,7 +220,7 @@ def karpathy(tmp_path):
 def test_karpathy_manifest_keeps_filepath_subfolder(karpathy, tmp_path):
     dataset_file, images = karpathy
     out = tmp_path / "manifests" / "test.jsonl"
-    assert karpathy_manifest(dataset_file, images, "test", out) == 1
+    assert karpathy_manifest(dataset_file, images, "test", out).written == 1
     [entry] = read_manifest(out)
     assert entry.image.resolve() == (images / "val2014" / "COCO_val2014_1.jpg").resolve()
     assert entry.image.is_file()
@@ -221,7 +239,7 @@ def test_karpathy_manifest_selects_one_split(karpathy, tmp_path, split, expected
             karpathy_manifest(dataset_file, images, split, out)
         assert not out.exists()
         return
-    assert karpathy_manifest(dataset_file, images, split, out) == len(expected)
+    assert karpathy_manifest(dataset_file, images, split, out).written == len(expected)
     entries = read_manifest(out)
     assert [e.image.resolve() for e in entries] == [(images / p).resolve() for p in expected]
     if split == "restval":
@@ -236,7 +254,7 @@ def test_karpathy_manifest_without_filepath(tmp_path):
     dataset = {"dataset": "flickr8k", "images": [karpathy_image(None, "1000.jpg", "val", "A cat .")]}
     dataset_file.write_text(json.dumps(dataset), encoding="utf-8")
     out = tmp_path / "val.jsonl"
-    assert karpathy_manifest(dataset_file, images, "val", out) == 1
+    assert karpathy_manifest(dataset_file, images, "val", out).written == 1
     [entry] = read_manifest(out)
     assert entry.image.resolve() == (images / "1000.jpg").resolve()
     assert entry.captions == ("A cat .",)
@@ -376,6 +394,6 @@ def test_conversion_drops_blank_captions_and_images_left_without_any(tmp_path):
     (tmp_path / "captions.json").write_text(json.dumps(annotations))
     copy_samples(tmp_path, {"chelsea.png": "b.jpg"})
     out = tmp_path / "m.jsonl"
-    assert coco_manifest(tmp_path / "captions.json", tmp_path, out) == 1
+    assert coco_manifest(tmp_path / "captions.json", tmp_path, out).written == 1
     [entry] = read_manifest(out, require_captions=True)
     assert entry.image.name == "b.jpg" and entry.captions == ("A dog .",)
