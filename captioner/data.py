@@ -137,9 +137,8 @@ def flickr_manifest(
     missing = [n for n in names if n not in captions]
     if missing:
         raise DataError(f"{split_file}: images without captions: {len(missing)}, e.g. {missing[0]}")
-    out = Path(out)
-    records = [(relative_image_path(Path(image_dir) / n, out), captions[n]) for n in names]
-    return _write_converted(out, records, split_file)
+    records = [(Path(image_dir) / n, captions[n]) for n in names]
+    return _write_converted(Path(out), records, split_file)
 
 
 def coco_manifest(
@@ -150,10 +149,8 @@ def coco_manifest(
     by_id: dict[int, list[str]] = defaultdict(list)
     for ann in data["annotations"]:
         by_id[ann["image_id"]].append(ann["caption"].strip())
-    out = Path(out)
-    records = [(relative_image_path(Path(image_dir) / img["file_name"], out), by_id[img["id"]])
-               for img in data["images"]]
-    return _write_converted(out, records, annotation_file)
+    records = [(Path(image_dir) / img["file_name"], by_id[img["id"]]) for img in data["images"]]
+    return _write_converted(Path(out), records, annotation_file)
 
 
 def karpathy_manifest(
@@ -162,19 +159,15 @@ def karpathy_manifest(
     """Write a manifest for one split of a Karpathy ``dataset_*.json``.
 
     ``split`` is ``train``, ``val``, ``test`` or ``restval``; COCO entries keep their
-    ``filepath`` sub-folder. Returns the number of images written.
+    ``filepath`` sub-folder (see :func:`_write_converted`).
     """
     data = json.loads(Path(dataset_file).read_text(encoding="utf-8"))
     if not any("split" in img for img in data["images"]):
         raise DataError(f"{printable(dataset_file)}: not a Karpathy dataset file: no image has a split")
-    out = Path(out)
-    records = []
-    for img in data["images"]:
-        if img.get("split") != split:
-            continue
-        image = Path(image_dir) / img.get("filepath", "") / img["filename"]
-        records.append((relative_image_path(image, out), [s["raw"].strip() for s in img["sentences"]]))
-    return _write_converted(out, records, dataset_file)
+    records = [(Path(image_dir) / img.get("filepath", "") / img["filename"],
+                [sentence["raw"].strip() for sentence in img["sentences"]])
+               for img in data["images"] if img.get("split") == split]
+    return _write_converted(Path(out), records, dataset_file)
 
 
 @dataclass(frozen=True)
@@ -182,27 +175,44 @@ class Converted:
     """What a caption-file conversion wrote."""
 
     written: int  # images with captions found in the images folder: the manifest's lines
-    missing: tuple[str, ...]  # images with captions not found there, left out (paths from the manifest's folder)
+    missing: tuple[str, ...]  # images with captions not found there, left out, as found under the images folder
 
 
-def _write_converted(out: Path, records: list[tuple[str, list[str]]], source: str | os.PathLike) -> Converted:
+def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: str | os.PathLike) -> Converted:
     """Write the images that have captions (blank ones dropped) and are in the images folder.
 
-    An image the folder lacks is left out, not written: training refuses a manifest naming
-    a photo that is not there, and an evaluation would skip it. The caller says how many.
+    ``records`` hold each image's path under the images folder; the manifest holds it
+    relative to its own folder. An image the folder lacks is left out, not written:
+    training refuses a manifest naming a photo that is not there, and an evaluation would
+    skip it. The caller says how many.
 
     Raises:
-        DataError: no image of ``source`` has a caption (for this split), or none of them is
-            in the images folder: nothing is written.
+        DataError: no image of ``source`` has a caption (for this split), none of them is
+            in the images folder, or a found image's name is not UTF-8: nothing is written.
     """
     kept = [(image, [c for c in captions if c.strip()]) for image, captions in records]
     kept = [(image, captions) for image, captions in kept if captions]
     if not kept:
         raise DataError(f"{printable(source)}: no images with captions (for this split); nothing written")
-    where = [os.path.normpath(out.parent / image) for image, _ in kept]  # relative paths start at the manifest
-    found = [os.path.isfile(path) for path in where]
+    found = [image.is_file() for image, _ in kept]
     if not any(found):
-        raise DataError(f"none of the {len(kept)} images is in the images folder, e.g. {printable(where[0])}; "
+        raise DataError(f"none of the {len(kept)} images is in the images folder, e.g. {printable(kept[0][0])}; "
                         "check --images; nothing written")
-    write_manifest(out, [record for record, there in zip(kept, found, strict=True) if there])
-    return Converted(sum(found), tuple(path for path, there in zip(where, found, strict=True) if not there))
+    present = [(image, captions) for (image, captions), there in zip(kept, found, strict=True) if there]
+    written = [(relative_image_path(image, out), captions) for image, captions in present]
+    for (image, _), (stored, _) in zip(present, written, strict=True):
+        if not stored.isascii() and not _is_utf8(stored):
+            raise DataError(f"{printable(image)}: its name is not UTF-8, which a manifest (JSON) cannot hold; "
+                            "rename it; nothing written")
+    write_manifest(out, written)
+    missing = dict.fromkeys(str(image) for (image, _), there in zip(kept, found, strict=True) if not there)
+    return Converted(len(written), tuple(missing))
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a name holding undecodable bytes (surrogate escapes), which JSON cannot store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

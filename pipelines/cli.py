@@ -300,10 +300,10 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         raise DataError(f"{printable(args.captions)}: not a {args.format} caption file ({type(e).__name__}: "
                         f"{e})") from e
     if converted.missing:
-        total = converted.written + len(converted.missing)
-        _print(f"warning: {len(converted.missing)} of {total} images with captions are not in --images "
-               f"{printable(args.images)}, e.g. {printable(converted.missing[0])}; left out of the manifest",
-               err=True)
+        count = len(converted.missing)
+        these = f"{count} images with captions are" if count != 1 else "1 image with captions is"
+        _print(f"warning: {these} not in --images {printable(args.images)}, e.g. "
+               f"{printable(converted.missing[0])}; left out of the manifest", err=True)
     _print(f"wrote {converted.written} images to {printable(args.out)}")
     return EXIT_OK
 

@@ -332,7 +332,10 @@ def subtitle_source(
     # the decoding thread is stopped before the source closes
     frames = sample_frames(source, sampler, seek=settings.seek)
     with cores as caption_batch, closing(in_background(frames, finished=decoded)) as picks:
-        captioned = list(caption_picks(caption_batch, picks, options, settings.batch_size))
+        # on a GPU each new batch size costs a one-off stall, so growing batches pay only where the
+        # server's batcher has warmed every size up (``caption`` given) or on the CPU
+        grow = caption is not None or model.device.type == "cpu"
+        captioned = list(caption_picks(caption_batch, picks, options, settings.batch_size, grow=grow))
     if settings.min_confidence is not None:  # an unsure frame leaves a gap: its stretch gets no cue
         captioned = [replace(f, text="") if f.confidence < settings.min_confidence else f
                      for f in captioned]
@@ -377,19 +380,21 @@ def sample_frames(source: VideoSource, sampler: Sampler, *, seek: bool = True) -
 
 
 def caption_picks(
-    caption: PixelCaptioner, picks: Iterable[Pick], options: DecodingOptions | None, batch_size: int
+    caption: PixelCaptioner, picks: Iterable[Pick], options: DecodingOptions | None, batch_size: int, *,
+    grow: bool = True,
 ) -> Iterator[CaptionedFrame]:
-    """Each picked frame with its best caption, in batches of 1, 2, 4, ... then ``batch_size`` frames.
+    """Each picked frame with its best caption, in batches of ``batch_size`` frames, or with
+    ``grow`` of 1, 2, 4, ... up to ``batch_size``.
 
     ``picks`` come from a background thread (decoding, scene detection, resizing) that
     runs while the previous batch is captioned; only model-size frames are ever batched.
     Growing batches start the model on the first frame decoded, where a first full batch
     left it waiting for ``batch_size`` frames: ``benchmarks/bench_video.py``'s 720p clip ran
-    in 1.48-1.55 s against 1.58-1.71 s. The sizes do not depend on timing, so a video gets
-    the same subtitles every time.
+    in 1.60-1.65 s against 1.71-1.72 s (two interleaved runs each, 3 repeats). The sizes do
+    not depend on timing, so a video gets the same subtitles every time.
     """
     picks = iter(picks)
-    for size in _growing(batch_size):
+    for size in (_growing(batch_size) if grow else itertools.repeat(batch_size)):
         if not (batch := list(itertools.islice(picks, size))):
             break
         pixels = torch.from_numpy(np.stack([p.pixels for p in batch]))  # (B, S, S, 3) uint8

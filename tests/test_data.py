@@ -186,9 +186,27 @@ def test_images_the_folder_lacks_are_left_out_and_named_once(flickr, tmp_path, c
     argv = ["manifest", "flickr", "--captions", str(tokens), "--split", str(split), "--images", str(images)]
     assert main([*argv, "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert captured.err == (f"warning: 1 of 3 images with captions are not in --images {images}, "
+    assert captured.err == (f"warning: 1 image with captions is not in --images {images}, "
                             f"e.g. {images / 'cat.jpg'}; left out of the manifest\n")
     assert captured.out == f"wrote 2 images to {out}\n"
+
+
+def test_a_manifest_written_through_a_linked_folder_checks_the_images_where_they_are(flickr, tmp_path):
+    tokens, split, images = flickr
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "deep")
+    assert flickr_manifest(tokens, split, images, tmp_path / "link" / "m.jsonl").written == 2
+    assert all(e.image.is_file() for e in read_manifest(tmp_path / "real" / "deep" / "m.jsonl"))
+
+
+def test_an_image_name_that_is_not_utf8_is_named_and_nothing_is_written(flickr, tmp_path):
+    tokens, split, images = flickr
+    odd = tmp_path / os.fsdecode(b"im g\xff")
+    shutil.copytree(images, odd)
+    out = tmp_path / "m.jsonl"
+    with pytest.raises(DataError, match=r"rocket\.jpg: its name is not UTF-8, which a manifest \(JSON\) cannot hold"):
+        flickr_manifest(tokens, split, odd, out)
+    assert not out.exists()
 
 
 def karpathy_image(filepath, filename, split, *raws):

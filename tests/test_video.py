@@ -26,7 +26,16 @@ from captioner.pipelines.burn import burn_subtitles
 from captioner.pipelines.cli import main
 from captioner.pipelines.cues import Segment
 from captioner.pipelines.subtitles import WriteSRT, WriteVTT
-from captioner.pipelines.video import SAMPLERS, ShotFrames, _sharing_cores, open_video, subtitle_source, subtitle_video
+from captioner.pipelines.video import (
+    SAMPLERS,
+    ShotFrames,
+    _sharing_cores,
+    caption_picks,
+    open_video,
+    sample_frames,
+    subtitle_source,
+    subtitle_video,
+)
 from captioner.pipelines.video_batch import VideoJob, VideoRun, plan_jobs, prepare_jobs, run_jobs
 from captioner.pipelines.video_options import VideoOptions
 from captioner.pipelines.video_source import MAX_FAILED_GRABS, OPEN_HINT
@@ -212,6 +221,11 @@ def test_frames_are_captioned_in_batches_growing_from_one_so_the_model_starts_wi
     assert sizes == [1, 2, 4, 4, 4, 4, 4, 1]
     plain = subtitle_video(clips["mp4"], model=default_model, settings=settings)
     assert [(s.start, s.end, s.text) for s in recorded.segments] == [(s.start, s.end, s.text) for s in plain.segments]
+    sizes.clear()  # without growing (what a model on a GPU gets: each new size stalls it once there)
+    with open_video(clips["mp4"], settings) as source:
+        frames = sample_frames(source, SAMPLERS["uniform"].from_options(settings, source, 224))
+        list(caption_picks(recording, frames, None, 4, grow=False))
+    assert sizes == [4, 4, 4, 4, 4, 4]
 
 
 def test_the_thread_count_is_given_back_when_captioning_fails(clips, default_model, monkeypatch):
