@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioner.errors import DataError, printable
+from captioner.errors import DataError, is_utf8, printable
 from captioner.outputs import write_atomically
 
 
@@ -201,18 +201,10 @@ def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: s
     present = [(image, captions) for (image, captions), there in zip(kept, found, strict=True) if there]
     written = [(relative_image_path(image, out), captions) for image, captions in present]
     for (image, _), (stored, _) in zip(present, written, strict=True):
-        if not stored.isascii() and not _is_utf8(stored):
+        if not is_utf8(stored):
             raise DataError(f"{printable(image)}: its name is not UTF-8, which a manifest (JSON) cannot hold; "
                             "rename it; nothing written")
     write_manifest(out, written)
     missing = dict.fromkeys(str(image) for (image, _), there in zip(kept, found, strict=True) if not there)
     return Converted(len(written), tuple(missing))
 
-
-def _is_utf8(text: str) -> bool:
-    """False for a name holding undecodable bytes (surrogate escapes), which JSON cannot store."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

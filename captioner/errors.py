@@ -15,6 +15,18 @@ def printable(value: object) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def is_utf8(text: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (lone surrogates, PEP 383).
+
+    UTF-8 files (JSON manifests) cannot store such a name, and OpenCV crashes on one.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
 _CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 

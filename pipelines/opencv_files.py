@@ -9,7 +9,7 @@ from pathlib import Path
 
 import cv2
 
-from captioner.errors import printable
+from captioner.errors import is_utf8, printable
 
 
 def quiet_ffmpeg() -> None:
@@ -22,14 +22,6 @@ def quiet_ffmpeg() -> None:
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
     if "OPENCV_LOG_LEVEL" not in os.environ:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-
-
-def _opencv_safe(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class OpenCVName:
@@ -48,14 +40,14 @@ class OpenCVName:
     def __init__(self, path: str | os.PathLike):
         self._folder: str | None = None
         target = os.path.abspath(path)
-        if _opencv_safe(target):
+        if is_utf8(target):
             self.name = target
             return
         suffix = Path(target).suffix
         self._folder = tempfile.mkdtemp(prefix="captioner-")
-        self.name = os.path.join(self._folder, "link" + (suffix if suffix.isascii() and _opencv_safe(suffix) else ""))
+        self.name = os.path.join(self._folder, "link" + (suffix if suffix.isascii() and is_utf8(suffix) else ""))
         try:
-            if not _opencv_safe(self.name):
+            if not is_utf8(self.name):
                 raise OSError(f"the temporary folder {printable(self._folder)} has a name OpenCV cannot take")
             os.symlink(target, self.name)
         except OSError:

@@ -75,7 +75,7 @@ def test_the_self_critical_phase_runs_on_two_processes_that_stay_in_step(tiny_co
     config.update(epochs=2, batch_size=4, patience=10, scst_epochs=2, scst_batch_images=4, scst_lr=1e-3,
                   out_dir=str(tmp_path / "run"))
     done = run_torchrun(config, tmp_path / "c.json", 2)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-8000:]  # the ranks' own lines come before torchrun's summary
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["phase"] for r in records] == ["xe", "xe", "scst", "scst"]  # rank 0 alone logs
     assert all(0 <= r["train_reward"] for r in records[2:])
