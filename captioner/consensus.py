@@ -25,12 +25,11 @@ from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from captioner.cider import CiderD
 from captioner.errors import ModelLoadError, printable
-from captioner.outputs import save_tensors
 from captioner.scst import reward_tokens
+from captioner.tensor_files import load_tensors, save_tensors
 from captioner.vocab import tokenize
 
 CONSENSUS_WEIGHTS, CONSENSUS_FILE = "consensus.safetensors", "consensus.json"
@@ -113,7 +112,7 @@ class Consensus:
         """
         folder = Path(folder)
         try:
-            tensors = load_file(folder / CONSENSUS_WEIGHTS)
+            tensors = load_tensors(folder / CONSENSUS_WEIGHTS)
             mean, components, codes = tensors["mean"], tensors["components"], tensors["codes"]
         except (OSError, SafetensorError, KeyError) as e:
             raise ModelLoadError(f"{printable(folder / CONSENSUS_WEIGHTS)}: bad consensus data: {e}") from e

@@ -17,15 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.encoders import Encoder
 from captioner.errors import DataError, ImageReadError, printable, reason
 from captioner.images import model_pixels
 from captioner.options import DEFAULT_WORKERS
-from captioner.outputs import save_tensors
 from captioner.progress import progress_bar
+from captioner.tensor_files import load_tensors, save_tensors
 
 
 class ImageFiles(Dataset):
@@ -133,7 +132,7 @@ def read_cache(file: Path, count: int, channels: int) -> torch.Tensor:
         CacheMiss: the file is unreadable, or holds anything but finite features of that shape.
     """
     try:
-        tensors = load_file(file)
+        tensors = load_tensors(file)
     except (OSError, SafetensorError) as e:
         raise CacheMiss(reason(e)) from e
     if set(tensors) != {"features"}:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -32,8 +32,8 @@ from captioner.decoding import Caption, DecodingOptions, decode_grid, rerank, se
 from captioner.encoders import ENCODERS, build_encoder
 from captioner.errors import CaptionerError, ModelLoadError, OptionError, OutputError, printable, reason
 from captioner.options import REQUIRED, Bounds, DecoderConfig, check_fields, option
-from captioner.outputs import save_tensors
 from captioner.tags import Tag, top_tags
+from captioner.tensor_files import open_tensors, save_tensors
 from captioner.vocab import SPECIALS, Vocabulary
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -522,7 +522,7 @@ def _read_weights(path: Path, expected: dict[str, tuple[tuple[int, ...], bool]])
     if not path.is_file():
         raise _load_error(path, "file is missing")
     try:
-        with safe_open(path, framework="pt") as f:
+        with open_tensors(path) as f:
             _check_header(path, {name: f.get_slice(name) for name in f.keys()}, expected)
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (OSError, SafetensorError) as e:

@@ -87,18 +87,6 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
-    """``safetensors.torch.save_file``, with the file readable as any written file is.
-
-    safetensors creates its files private (0600): a model trained on a shared machine could
-    not be loaded by anyone else.
-    """
-    from safetensors.torch import save_file
-
-    save_file(tensors, path)
-    os.chmod(path, new_file_mode())
-
-
 def write_atomically(path: str | os.PathLike, write: Callable[[TextIO], None]) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file, then rename it over ``path``.
 

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -51,9 +50,10 @@ from captioner.features import cached_features
 from captioner.images import check_image_file, model_pixels
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, expected_tensors
 from captioner.options import DecoderConfig, check_device
-from captioner.outputs import check_writable_folder, save_tensors
+from captioner.outputs import check_writable_folder
 from captioner.progress import progress_bar
 from captioner.scst import reward_tokens, self_critical_terms
+from captioner.tensor_files import load_tensors, save_tensors
 from captioner.train_config import TrainConfig
 from captioner.vocab import SPECIALS, Vocabulary, tokenize
 
@@ -558,7 +558,7 @@ class Trainer:
         files = self._snapshots()[-self.cfg.average_last :]
         if len(files) < 2:
             return
-        states = [load_file(f) for f in files]
+        states = [load_tensors(f) for f in files]
         average = {k: torch.stack([s[k] for s in states]).mean(dim=0) for k in states[0]}
         trained = {k: v.clone() for k, v in self.model.decoder.state_dict().items()}
         self.model.decoder.load_state_dict(average)

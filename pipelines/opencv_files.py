@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import cv2
 
-from captioner.errors import is_utf8, printable
+from captioner.utf8_names import Utf8Name
 
 
 def quiet_ffmpeg() -> None:
@@ -24,37 +21,11 @@ def quiet_ffmpeg() -> None:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
-class OpenCVName:
+class OpenCVName(Utf8Name):
     """A ``str`` for ``path`` that OpenCV can be handed without misreading it or crashing.
 
     OpenCV turns the str into UTF-8 and crashes (a segfault, not an exception) on a file
-    name that is not valid UTF-8 (Python hands its bytes over as lone surrogates). Such a
-    path is reached through a symbolic link with an ASCII name in a private temporary
-    folder, removed by :meth:`close`. Paths are made absolute so FFmpeg never reads a name
-    such as ``pipe:0.mp4`` as a protocol (that one would read standard input).
-
-    Raises:
-        OSError: the link cannot be made (no temporary folder, no symlinks on this system).
+    name that is not valid UTF-8: such a path is reached through a link
+    (:class:`captioner.utf8_names.Utf8Name`). Paths are absolute, so FFmpeg never reads a
+    name such as ``pipe:0.mp4`` as a protocol (that one would read standard input).
     """
-
-    def __init__(self, path: str | os.PathLike):
-        self._folder: str | None = None
-        target = os.path.abspath(path)
-        if is_utf8(target):
-            self.name = target
-            return
-        suffix = Path(target).suffix
-        self._folder = tempfile.mkdtemp(prefix="captioner-")
-        self.name = os.path.join(self._folder, "link" + (suffix if suffix.isascii() and is_utf8(suffix) else ""))
-        try:
-            if not is_utf8(self.name):
-                raise OSError(f"the temporary folder {printable(self._folder)} has a name OpenCV cannot take")
-            os.symlink(target, self.name)
-        except OSError:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None

@@ -40,6 +40,20 @@ def test_a_saved_model_is_as_readable_as_any_file_written_here(default_model, tm
     assert len(modes) == 6 and set(modes.values()) == {oct(new_file_mode())}  # safetensors alone makes 0600
 
 
+def test_a_model_in_a_folder_whose_name_is_not_utf8_saves_loads_and_captions(default_model, tmp_path):
+    from captioner.outputs import new_file_mode
+
+    folder = tmp_path / os.fsdecode(b"mod\xe8le")  # Latin-1 bytes, as an older system names it
+    default_model.save(folder)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert len(modes) == 6 and set(modes.values()) == {new_file_mode()}
+    loaded = CaptionModel.load(folder)
+    assert [c.text for c in caption_images(loaded, [SAMPLES / "chelsea.png"])] == \
+        [c.text for c in caption_images(default_model, [SAMPLES / "chelsea.png"])]
+    assert loaded.consensus.references == default_model.consensus.references
+    assert not list(tmp_path.glob(".*"))  # no staging folder left behind
+
+
 def test_a_pickle_in_place_of_safetensors_is_refused(small_model, tmp_path):
     small_model.save(tmp_path / "m")
     with open(tmp_path / "m" / "model.safetensors", "wb") as f:
