@@ -203,11 +203,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        scale = 257.0 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 1.0
-        gray = (np.asarray(image, dtype=np.float64) / scale).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
+        # 16-bit samples span 0-65535, but a picture converted from 8 bits keeps values 0-255
+        # (Pillow's own convert does not scale): scaled down, it would be black
+        values = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if values.size and values.max() > 255 else 1.0
+        return Image.fromarray((values / scale).clip(0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "F":
         values = np.nan_to_num(np.asarray(image), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.max() <= 1.0:  # floats in [0, 1], as image libraries write them
+            values = values * 255.0
         return Image.fromarray(values.clip(0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

@@ -165,6 +165,15 @@ def test_16_bit_grayscale_maps_to_8_bit(tmp_path):
     assert (pixels[:, 20:] == 0).all()
 
 
+def test_8_bit_values_in_a_16_bit_file_and_floats_in_0_1_keep_their_picture(tmp_path, cat):
+    gray = np.asarray(cat.convert("L"))
+    path = tmp_path / "widened.png"
+    cat.convert("L").convert("I;16").save(path)  # Pillow widens without scaling: values stay 0-255
+    assert np.array_equal(np.asarray(load_image(path))[..., 0], gray)
+    floats = Image.fromarray(gray.astype(np.float32) / 255.0, mode="F")
+    assert np.abs(np.asarray(to_rgb(floats))[..., 0].astype(int) - gray).max() <= 1
+
+
 def test_16_bit_photo_keeps_its_picture(tmp_path, cat):
     gray = np.asarray(cat.convert("L"))
     path = tmp_path / "cat16.png"
