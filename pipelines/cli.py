@@ -158,9 +158,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from captioner.pipelines.record_formats import format_for
     from captioner.pipelines.records import RecordFile
     from captioner.pipelines.report import write_contact_sheet
+    from captioner.pipelines.subtitles import STANDARD_OUTPUT
 
     if args.ray is not None:
         return _batch_with_ray(args)
+    if args.output == STANDARD_OUTPUT:  # as `video -o -`: the records go to standard output
+        args.output = "/dev/stdout"
     if not Path(args.folder).is_dir():
         hint = " (a URI source needs --ray)" if "://" in args.folder else ""
         if Path(args.folder).is_file():
@@ -348,7 +351,8 @@ def _batch_parser(sub) -> None:
     p = sub.add_parser("batch", help="caption every image under a folder into JSONL/CSV (resumable)",
                        epilog=SCORE_HELP)
     p.add_argument("folder")
-    p.add_argument("-o", "--output", required=True, help="OUT.jsonl or OUT.csv; re-running resumes it")
+    p.add_argument("-o", "--output", required=True, help="OUT.jsonl or OUT.csv; re-running resumes it; - for "
+                   "standard output")
     p.add_argument("--format", choices=sorted({*RECORD_FORMATS, "parquet"}),
                    help="default: from the output's extension (parquet: with --ray)")
     p.add_argument("--html", help="also write a self-contained contact sheet REPORT.html")

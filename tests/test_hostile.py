@@ -557,6 +557,16 @@ def test_ray_spellings_without_ray_are_refused_instead_of_writing_jsonl(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # nothing written
 
 
+def test_a_dash_for_the_batch_output_means_standard_output_as_for_video(tmp_path):
+    photo(tmp_path / "photos" / "cat.png")
+    command = [sys.executable, "-m", "captioner.pipelines.cli", "batch", str(tmp_path / "photos"), "-o", "-",
+               "--format", "csv", "--quiet"]
+    piped = subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert piped.stdout.decode().splitlines()[0].startswith('"path","caption"')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no file named "-"
+
+
 def test_records_can_be_piped_to_standard_output_and_subtitles_are_refused_naming_it(tmp_path):
     photo(tmp_path / "photos" / "cat.png")
     piped = subprocess.run(f"{sys.executable} -m captioner.pipelines.cli batch {tmp_path / 'photos'} "
