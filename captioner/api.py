@@ -74,10 +74,17 @@ def caption_paths(
     Decoding and resizing happen in DataLoader workers when ``num_workers`` > 0, so the
     encoder and the beam search see full batches while the next ones are read. ``paths`` is
     taken :data:`PATHS_AT_ONCE` at a time: a generator of millions is never held whole.
+    ``options`` replace the model's decoding settings whole; to change one, start from the
+    model's: ``dataclasses.replace(model.config.decoding, n_best=3)``. Arguments are checked
+    at the call, not when the first result is asked for.
     """
     _refuse_one(paths, "paths")
     batch_size, num_workers = _checked_run_args(options, batch_size, num_workers)
-    pending = iter(paths)
+    return _caption_chunks(model, iter(paths), options, batch_size, num_workers)
+
+
+def _caption_chunks(model: CaptionModel, pending: Iterator, options: DecodingOptions | None, batch_size: int,
+                    num_workers: int) -> Iterator[PathResult]:
     while chunk := list(itertools.islice(pending, PATHS_AT_ONCE)):
         yield from _caption_listed_paths(model, chunk, options, batch_size, num_workers)
 
@@ -121,6 +128,8 @@ def caption_images(
     batch_size: int = 32,
 ) -> list[Caption]:
     """Best caption of each image (paths or PIL images), in order.
+
+    ``options`` replace the model's decoding settings whole, as for :func:`caption_paths`.
 
     Raises:
         ImageReadError: a path could not be read (use :func:`caption_paths` to skip bad files).
@@ -177,8 +186,8 @@ def _checked_run_args(options: DecodingOptions | None, batch_size: int, num_work
             (``num_workers``: non-negative) whole number.
     """
     if options is not None and not isinstance(options, DecodingOptions):
-        raise OptionError(f"options must be a DecodingOptions (e.g. DecodingOptions(beam_size=2)), "
-                          f"not {type(options).__name__}")
+        raise OptionError("options must be a DecodingOptions (e.g. dataclasses.replace(model.config.decoding, "
+                          f"beam_size=2)), not {type(options).__name__}")
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:  # numpy ints too
             raise OptionError(f"{name}={value!r} must be a whole number of at least {least}")

@@ -68,12 +68,12 @@ def test_the_front_doors_name_a_wrong_argument_before_any_work(default_model, tm
     with pytest.raises(OptionError, match="images must be a list"):
         captioner.caption_images(default_model, str(cat))  # it would be read letter by letter
     with pytest.raises(OptionError, match="paths must be a list"):
-        list(captioner.caption_paths(default_model, cat))
+        captioner.caption_paths(default_model, cat)  # at the call, not at the first result
     for bad in (0, -1, 2.5):
         with pytest.raises(OptionError, match=f"batch_size={bad!r} must be a whole number of at least 1"):
             captioner.caption_images(default_model, [cat], batch_size=bad)
     with pytest.raises(OptionError, match="num_workers=-1"):
-        list(captioner.caption_paths(default_model, [cat], num_workers=-1))
+        captioner.caption_paths(default_model, [cat], num_workers=-1)
     import numpy as np
 
     assert captioner.caption_images(default_model, [cat], batch_size=np.int64(2))[0].text  # numpy ints are counts
@@ -89,6 +89,16 @@ def test_the_front_doors_name_a_wrong_argument_before_any_work(default_model, tm
     if not torch.cuda.is_available():
         with pytest.raises(OptionError, match="CUDA is not available here"):
             captioner.load_model(device="cuda")
+
+
+def test_options_changed_from_the_models_own_keep_its_caption(default_model):
+    import dataclasses
+
+    cat = SHARED_SAMPLES / "chelsea.png"
+    plain = next(captioner.caption_paths(default_model, [cat])).captions
+    three = dataclasses.replace(default_model.config.decoding, n_best=3)
+    alternatives = next(captioner.caption_paths(default_model, [cat], options=three)).captions
+    assert len(plain) == 1 and len(alternatives) == 3 and alternatives[0].text == plain[0].text
 
 
 def test_odd_pil_images_are_read_errors_or_captioned_never_a_bare_error(default_model):
