@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from captioner.allocator import keep_freed_memory
-from captioner.data import read_manifest
+from captioner.data import check_scorable, read_manifest
 from captioner.decoding import Caption, DecodingOptions
 from captioner.errors import OptionError
 from captioner.evaluation import evaluate_grids, path_grids
@@ -157,11 +157,13 @@ def evaluate(
     """Caption every image of a manifest and score against its references (pycocoevalcap).
 
     Raises:
-        DataError: the manifest is unreadable, empty, or has a line without captions.
+        DataError: the manifest is unreadable, empty, has a line without captions, lists an
+            image twice or only one image (:func:`captioner.data.check_scorable`).
         ImageReadError: an image of the manifest cannot be read (scores would be biased).
     """
     batch_size, num_workers = _checked_run_args(options, batch_size, num_workers)
     entries = read_manifest(manifest, require_captions=True)
+    check_scorable(entries, manifest)
     grids = path_grids(model, [e.image for e in entries], batch_size=batch_size, num_workers=num_workers)
     scores, _ = evaluate_grids(model, grids, [e.captions for e in entries], options, meteor=meteor)
     return scores

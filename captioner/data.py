@@ -93,6 +93,28 @@ def is_manifest(path: str | os.PathLike) -> bool:
     return True
 
 
+def check_scorable(entries: list[ManifestEntry], manifest: str | os.PathLike) -> None:
+    """Refuse a manifest whose CIDEr-D would not mean anything: one image, or an image listed twice.
+
+    CIDEr-D weighs each word by how few of the evaluated images' references use it, so with
+    one image every weight is 0 (a perfect caption scores 0.0), and a repeated line counts
+    its words twice: the first 3 dev lines score 0.4796, the same lines twice 0.3643.
+
+    Raises:
+        DataError: naming the manifest, and the repeated image.
+    """
+    seen: set[Path] = set()
+    for entry in entries:
+        if entry.image in seen:
+            raise DataError(f"{printable(manifest)}: {printable(entry.image)} is listed more than once; CIDEr-D "
+                            "weighs words by how many of the images use them, so a repeated line changes every "
+                            "score")
+        seen.add(entry.image)
+    if len(seen) < 2:
+        raise DataError(f"{printable(manifest)}: 1 image; CIDEr-D weighs words by how many of the images use them, "
+                        "so it needs at least 2 (with 1 it is 0 whatever the caption)")
+
+
 def write_manifest(path: str | os.PathLike, records: list[tuple[str, list[str]]]) -> None:
     """Write ``(image, captions)`` pairs as JSONL, whole or not at all; image paths are written as given.
 

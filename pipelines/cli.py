@@ -225,14 +225,16 @@ def _check_report_path(html: Path, output: Path) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioner.api import evaluate
-    from captioner.data import read_manifest
+    from captioner.data import check_scorable, read_manifest
     from captioner.errors import DataError
 
     entries = read_manifest(args.manifest, require_captions=True)  # a bad manifest fails before the model loads
-    missing = next((e.image for e in entries if not e.image.is_file()), None)
-    if missing is not None:
-        raise DataError(f"{printable(missing)}: no such image file (listed in {printable(args.manifest)}); "
-                        "scores without it would not compare")
+    check_scorable(entries, args.manifest)
+    missing = [e.image for e in entries if not e.image.is_file()]
+    if missing:
+        count = f"{len(missing)} images listed in {printable(args.manifest)} are" if len(missing) > 1 else \
+            f"1 image listed in {printable(args.manifest)} is"
+        raise DataError(f"{count} not a file, e.g. {printable(missing[0])}; scores without them would not compare")
     model, options = _load(args)
     scores = evaluate(model, args.manifest, options=options, meteor=not args.no_meteor, batch_size=args.batch_size)
     for name, value in scores.items():

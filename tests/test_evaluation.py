@@ -59,6 +59,14 @@ def test_evaluate_refuses_a_manifest_line_without_captions_before_captioning(sma
         evaluate(small_model, manifest, meteor=False)
 
 
+def test_evaluate_refuses_a_repeated_image_whose_words_would_count_twice(small_model, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    cat, coffee = str(SAMPLES / "chelsea.png"), str(SAMPLES / "coffee.png")
+    write_manifest(manifest, [(cat, ["a cat"]), (coffee, ["a cup"]), (cat, ["a cat"])])
+    with pytest.raises(DataError, match="chelsea.png is listed more than once"):
+        evaluate(small_model, manifest, meteor=False)
+
+
 def test_evaluate_scores_a_manifest(small_model, tmp_path):
     manifest = tmp_path / "m.jsonl"
     write_manifest(manifest, [(str(SAMPLES / "chelsea.png"), ["a cat on the grass"]),

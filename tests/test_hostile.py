@@ -536,11 +536,23 @@ def test_caption_with_stdout_closed_says_so_instead_of_losing_the_results():
     assert proc.returncode == 1 and b"standard output is closed" in proc.stderr
 
 
-def test_evaluate_names_a_missing_image_before_the_model_loads(tmp_path, capsys):
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"image": str(tmp_path / "gone.jpg"), "captions": ["a cat"]}) + "\n")
-    code, _, err = run(["evaluate", "--manifest", manifest, "--no-meteor"], capsys)
-    assert code == 1 and "gone.jpg: no such image file" in error_line(err)
+def test_evaluate_counts_missing_images_and_refuses_unscorable_manifests_before_the_model_loads(tmp_path, capsys):
+    def manifest_of(*images):
+        lines = "".join(json.dumps({"image": str(image), "captions": ["a cat"]}) + "\n" for image in images)
+        (tmp_path / "m.jsonl").write_text(lines)
+        return tmp_path / "m.jsonl"
+
+    cat = SHARED_SAMPLES / "chelsea.png"
+    code, _, err = run(["evaluate", "--manifest", manifest_of(cat, tmp_path / "gone.jpg", tmp_path / "lost.jpg"),
+                        "--no-meteor"], capsys)
+    assert code == 1 and error_line(err) == (f"captioner: error: 2 images listed in {tmp_path / 'm.jsonl'} are not a "
+                                             f"file, e.g. {tmp_path / 'gone.jpg'}; scores without them would not "
+                                             "compare")
+    code, _, err = run(["evaluate", "--manifest", manifest_of(cat, SHARED_SAMPLES / "coffee.png", cat)], capsys)
+    assert code == 1 and f"{cat} is listed more than once; CIDEr-D weighs words" in error_line(err)
+    code, _, err = run(["evaluate", "--manifest", manifest_of(cat)], capsys)
+    assert code == 1 and "1 image; CIDEr-D weighs words by how many of the images use them, so it needs at least 2" \
+        in error_line(err)
 
 
 @pytest.mark.parametrize("uri, out, message", [
