@@ -170,13 +170,19 @@ def evaluate(
 
 
 def _refuse_one(given: Iterable, what: str) -> None:
-    """One path given alone is refused, not read letter by letter.
+    """One path or picture given alone is refused, not read letter by letter or row by row.
 
     Raises:
-        OptionError: ``given`` is a single path (str, bytes or PathLike) rather than a collection.
+        OptionError: ``given`` is a single path (str, bytes or PathLike), PIL image or array
+            rather than a collection, or not a collection at all.
     """
     if isinstance(given, (str, bytes, os.PathLike)):
         raise OptionError(f"{what} must be a list (or other iterable) of them; for one, pass [{given!r}]")
+    if isinstance(given, Image.Image) or isinstance(given, np.ndarray) and given.ndim <= 3:  # (N, H, W, 3): N frames
+        raise OptionError(f"{what} must be a list (or other iterable) of them; for one {type(given).__name__}, "
+                          "pass [image]")
+    if not isinstance(given, Iterable):
+        raise OptionError(f"{what} must be a list (or other iterable) of them, not {type(given).__name__}")
 
 
 def _checked_run_args(options: DecodingOptions | None, batch_size: int, num_workers: int) -> tuple[int, int]:

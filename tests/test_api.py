@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from conftest import SHARED_SAMPLES
 from PIL import Image
@@ -69,13 +70,20 @@ def test_the_front_doors_name_a_wrong_argument_before_any_work(default_model, tm
         captioner.caption_images(default_model, str(cat))  # it would be read letter by letter
     with pytest.raises(OptionError, match="paths must be a list"):
         captioner.caption_paths(default_model, cat)  # at the call, not at the first result
+    picture = Image.open(cat)
+    for one in (picture, np.asarray(picture.convert("RGB"))):  # it would be walked row by row
+        message = f"images must be a list .* for one {type(one).__name__}, pass \\[image\\]"
+        with pytest.raises(OptionError, match=message):
+            captioner.caption_images(default_model, one)
+    with pytest.raises(OptionError, match="images must be a list .* not NoneType"):
+        captioner.caption_images(default_model, None)
+    frames = np.stack([np.asarray(picture.convert("RGB").resize((64, 48)))] * 2)  # (N, H, W, 3): N frames
+    assert len(captioner.caption_images(default_model, frames)) == 2
     for bad in (0, -1, 2.5):
         with pytest.raises(OptionError, match=f"batch_size={bad!r} must be a whole number of at least 1"):
             captioner.caption_images(default_model, [cat], batch_size=bad)
     with pytest.raises(OptionError, match="num_workers=-1"):
         captioner.caption_paths(default_model, [cat], num_workers=-1)
-    import numpy as np
-
     assert captioner.caption_images(default_model, [cat], batch_size=np.int64(2))[0].text  # numpy ints are counts
     with pytest.raises(OptionError, match="options must be a DecodingOptions"):
         captioner.caption_images(default_model, [cat], options={"beam_size": 2})
