@@ -162,6 +162,8 @@ def evaluate(
         ImageReadError: an image of the manifest cannot be read (scores would be biased).
     """
     batch_size, num_workers = _checked_run_args(options, batch_size, num_workers)
+    if not isinstance(meteor, bool):  # "no" would be true
+        raise OptionError(f"meteor={meteor!r} must be True or False")
     entries = read_manifest(manifest, require_captions=True)
     check_scorable(entries, manifest)
     grids = path_grids(model, [e.image for e in entries], batch_size=batch_size, num_workers=num_workers)

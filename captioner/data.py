@@ -40,7 +40,7 @@ def read_manifest(path: str | os.PathLike, *, require_captions: bool = False) ->
     path = Path(path)
     try:
         base = path.resolve().parent
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Notepad) is not a record
     except UnicodeDecodeError as e:
         raise DataError(f"{printable(path)}: not a manifest: a manifest is UTF-8 text, one JSON object a line "
                         f"(byte {e.start} is not UTF-8)") from e

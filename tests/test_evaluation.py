@@ -67,6 +67,18 @@ def test_evaluate_refuses_a_repeated_image_whose_words_would_count_twice(small_m
         evaluate(small_model, manifest, meteor=False)
 
 
+def test_a_manifest_with_a_byte_order_mark_reads_and_meteor_must_be_a_bool(small_model, tmp_path):
+    from captioner.data import read_manifest
+    from captioner.errors import OptionError
+
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, [(str(SAMPLES / "chelsea.png"), ["a cat"]), (str(SAMPLES / "coffee.png"), ["a cup"])])
+    manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())  # as Windows Notepad saves UTF-8
+    assert [e.captions for e in read_manifest(manifest)] == [("a cat",), ("a cup",)]
+    with pytest.raises(OptionError, match="meteor='no' must be True or False"):
+        evaluate(small_model, manifest, meteor="no")
+
+
 def test_evaluate_scores_a_manifest(small_model, tmp_path):
     manifest = tmp_path / "m.jsonl"
     write_manifest(manifest, [(str(SAMPLES / "chelsea.png"), ["a cat on the grass"]),
