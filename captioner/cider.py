@@ -62,7 +62,9 @@ class CiderD:
         refs, left = _places(lengths)
         numbers, offset = tokens, words
         occurrences = [(refs, tokens)]
+        starts = [0]  # the first n-gram number of each order
         for n in range(2, MAX_N + 1):
+            starts.append(offset)
             at = np.flatnonzero(left >= n)
             keys = numbers[at] * words + tokens[at + n - 1]
             level, _, _, inverse = _unique(keys, inverse=True)
@@ -71,7 +73,7 @@ class CiderD:
             numbers[at] = inverse
             occurrences.append((refs[at], inverse + offset))
             offset += len(level)
-        self._grams = offset
+        self._grams, self._starts = offset, np.array(starts)
         return tuple(np.concatenate(column) for column in zip(*occurrences, strict=True))
 
     def _index_references(self, refs: np.ndarray, grams: np.ndarray, lengths: np.ndarray) -> None:
@@ -82,7 +84,7 @@ class CiderD:
         in_images, _, _ = _unique(image_of_ref[ref_of] * self._grams + self._gram_of)
         self._frequency = np.bincount(in_images % self._grams, minlength=self._grams)
         self._idf = self.log_images - np.array([math.log(max(1.0, f)) for f in range(int(self._frequency.max()) + 1)])
-        self._order_of = np.searchsorted(self._order_starts(), self._gram_of, side="right") - 1
+        self._order_of = np.searchsorted(self._starts, self._gram_of, side="right") - 1
         self._weight = tf * self._idf[self._frequency[self._gram_of]]
         counter = _counter_order(ref_of, first)  # a norm adds its squares in Counter's order
         cells = (ref_of * MAX_N + self._order_of)[counter]
@@ -91,11 +93,6 @@ class CiderD:
         self._ref_lengths = np.maximum(lengths - 1, 0)  # coco-caption measures length in bigrams
         self._ref_pairs = np.searchsorted(ref_of, np.arange(len(lengths) + 1))  # ref r's pairs: [start, end)
         self._gram_of, self._order_of = self._gram_of.astype(np.int32), self._order_of.astype(np.int8)  # memory
-
-    def _order_starts(self) -> np.ndarray:
-        """The first n-gram number of each order."""
-        sizes = [len(self._words)] + [len(level) for level in self._levels]
-        return np.cumsum([0] + sizes[:-1])
 
     def _candidate_grams(self, candidates: Sequence[Sequence[Token]]) -> tuple[np.ndarray, ...]:
         """Each candidate's distinct n-grams in Counter order: (candidate, order, number or -1, weight).
@@ -114,7 +111,7 @@ class CiderD:
         owners, left = _places(lengths)
         identity, number = ids, np.where(ids < words, ids, -1)
         columns = [(owners, np.zeros_like(ids), identity, number)]
-        offset, starts = span, self._order_starts()
+        offset, starts = span, self._starts
         for n, level in enumerate(self._levels, start=2):
             at = np.flatnonzero(left >= n)
             last = ids[at + n - 1]

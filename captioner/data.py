@@ -216,17 +216,20 @@ def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: s
     kept = [(image, captions) for image, captions in kept if captions]
     if not kept:
         raise DataError(f"{printable(source)}: no images with captions (for this split); nothing written")
-    found = [image.is_file() for image, _ in kept]
-    if not any(found):
-        raise DataError(f"none of the {len(kept)} images is in the images folder, e.g. {printable(kept[0][0])}; "
-                        "check --images; nothing written")
-    present = [(image, captions) for (image, captions), there in zip(kept, found, strict=True) if there]
-    written = [(relative_image_path(image, out), captions) for image, captions in present]
-    for (image, _), (stored, _) in zip(present, written, strict=True):
+    written: list[tuple[str, list[str]]] = []
+    missing: dict[str, None] = {}  # in order, each image once
+    for image, captions in kept:
+        if not image.is_file():
+            missing[str(image)] = None
+            continue
+        stored = relative_image_path(image, out)
         if not is_utf8(stored):
             raise DataError(f"{printable(image)}: its name is not UTF-8, which a manifest (JSON) cannot hold; "
                             "rename it; nothing written")
+        written.append((stored, captions))
+    if not written:
+        raise DataError(f"none of the {len(kept)} images is in the images folder, e.g. {printable(kept[0][0])}; "
+                        "check --images; nothing written")
     write_manifest(out, written)
-    missing = dict.fromkeys(str(image) for (image, _), there in zip(kept, found, strict=True) if not there)
     return Converted(len(written), tuple(missing))
 
