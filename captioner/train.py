@@ -784,7 +784,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     try:
         if resume and _checkpoint_everywhere(trainer):
             trainer.load_checkpoint()
-        return trainer.fit()
+        best = trainer.fit()
+        # every process finishes before any tears the group down: a process that left while the
+        # leader still wrote its files sometimes died in gloo's teardown (SIGABRT)
+        trainer.group.barrier()
+        return best
     finally:
         unlock_run_folder(trainer.out)
         leave(trainer.group)

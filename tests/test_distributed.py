@@ -63,7 +63,7 @@ def test_a_distributed_run_resumes_from_its_checkpoint(tiny_config, tmp_path):  
     config.update(epochs=1, batch_size=4, patience=10, out_dir=str(tmp_path / "run"))
     assert run_torchrun(config, tmp_path / "a.json", 2).returncode == 0
     resumed = run_torchrun({**config, "epochs": 2}, tmp_path / "b.json", 2, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, resumed.stderr[-8000:]  # the ranks' own lines come before torchrun's summary
     assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
