@@ -198,6 +198,7 @@ class Converted:
 
     written: int  # images with captions found in the images folder: the manifest's lines
     missing: tuple[str, ...]  # images with captions not found there, left out, as found under the images folder
+    repeated: tuple[str, ...] = ()  # images the source lists more than once, written once with all their captions
 
 
 def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: str | os.PathLike) -> Converted:
@@ -212,8 +213,7 @@ def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: s
         DataError: no image of ``source`` has a caption (for this split), none of them is
             in the images folder, or a found image's name is not UTF-8: nothing is written.
     """
-    kept = [(image, [c for c in captions if c.strip()]) for image, captions in records]
-    kept = [(image, captions) for image, captions in kept if captions]
+    kept, repeated = _once_each(records)
     if not kept:
         raise DataError(f"{printable(source)}: no images with captions (for this split); nothing written")
     written: list[tuple[str, list[str]]] = []
@@ -231,5 +231,18 @@ def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: s
         raise DataError(f"none of the {len(kept)} images is in the images folder, e.g. {printable(kept[0][0])}; "
                         "check --images; nothing written")
     write_manifest(out, written)
-    return Converted(len(written), tuple(missing))
+    return Converted(len(written), tuple(missing), repeated)
+
+
+def _once_each(records: list[tuple[Path, list[str]]]) -> tuple[list[tuple[Path, list[str]]], tuple[str, ...]]:
+    """Each image once, at its first place, with its non-blank captions (each once, in order), and
+    the images listed more than once. ``evaluate`` refuses a manifest naming an image twice (it
+    changes every CIDEr-D weight), and training would see its captions twice as often."""
+    merged: dict[Path, dict[str, None]] = {}
+    repeated: dict[str, None] = {}
+    for image, captions in records:
+        if image in merged:
+            repeated[str(image)] = None
+        merged.setdefault(image, {}).update(dict.fromkeys(c for c in captions if c.strip()))
+    return [(image, list(captions)) for image, captions in merged.items() if captions], tuple(repeated)
 

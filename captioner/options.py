@@ -13,13 +13,15 @@ import math
 import numbers
 import os
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from captioner.errors import OptionError
 
 METHODS = ("beam", "greedy", "sample")
 # The options of method "sample" alone, and the value that leaves each off (required of the other methods).
 SAMPLING_ONLY = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+# Options that one method alone reads: set by name for another method, they would be ignored without a word.
+METHOD_ONLY = {"beam_size": "beam", "seed": "sample", **{name: "sample" for name in SAMPLING_ONLY}}
 
 
 # Image-reading worker processes. On two cores, workers take the cores the encoder's two
@@ -141,6 +143,21 @@ class DecodingOptions:
                 if getattr(self, name) != off:
                     raise OptionError(f"decoding option {name}={getattr(self, name)} applies to method 'sample' "
                                       f"only, not '{self.method}'")
+
+    def check_given(self, names: Iterable[str]) -> None:
+        """Refuse an option the caller set by name that this method does not read.
+
+        A model's tuned defaults carry a beam size whatever the method, so the fields alone
+        cannot tell ``--method greedy --beam-size 4`` (a beam size that would be dropped
+        without a word) from ``--method greedy``: only the names the caller gave can.
+
+        Raises:
+            OptionError: ``decoding option NAME applies to method 'M' only, not 'N'``.
+        """
+        for name in names:
+            method = METHOD_ONLY.get(name)
+            if method is not None and method != self.method:
+                raise OptionError(f"decoding option {name} applies to method '{method}' only, not '{self.method}'")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "DecodingOptions":

@@ -30,8 +30,8 @@ from captioner.pipelines.flags import (
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
 
-# Decoding fields that no subcommand can show the result of yet (one caption per image is printed).
-HIDDEN_DECODING_FIELDS = ("n_best",)
+# Decoding fields whose result only `caption` shows (the other commands write one caption per input).
+CAPTION_ONLY_FIELDS = ("n_best",)
 
 SCORE_HELP = ("score is the caption's mean log-probability per token by the model's own reckoning (closer to 0 is "
               "surer) and min_prob the probability of its least likely word; the search ranks candidate captions "
@@ -39,11 +39,20 @@ SCORE_HELP = ("score is the caption's mean log-probability per token by the mode
               "concept boost")
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+class _CaptionOnly(argparse.Action):
+    """A decoding flag whose result only ``captioner caption`` shows: a usage error elsewhere, saying so."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} is for captioner caption; this command writes one caption per input")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, *, hidden: tuple[str, ...] = CAPTION_ONLY_FIELDS) -> None:
     from captioner.options import DecodingOptions
 
     group = parser.add_argument_group("decoding (defaults come from the model: see its config.json)")
-    add_dataclass_flags(group, DecodingOptions, exclude=HIDDEN_DECODING_FIELDS, show_defaults=False)
+    add_dataclass_flags(group, DecodingOptions, exclude=hidden, show_defaults=False)
+    for name in hidden:  # known, so that giving one is answered with the way on, not "unrecognized arguments"
+        parser.add_argument(flag_name(name), nargs="?", action=_CaptionOnly, help=argparse.SUPPRESS)
     parser.add_argument("--model", help="model folder (default: the model shipped with the package)")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
@@ -62,7 +71,7 @@ def _load(args: argparse.Namespace):
     from captioner.api import load_model
     from captioner.options import DecodingOptions
 
-    dataclass_from_args(args, DecodingOptions(), exclude=HIDDEN_DECODING_FIELDS)
+    dataclass_from_args(args, DecodingOptions())  # a field without a flag on this command is never given
     if getattr(args, "onnx", None) and getattr(args, "backend", "torch") != "onnxruntime":
         raise OptionError("--onnx names an export for ONNX Runtime: add --backend onnxruntime")
     if getattr(args, "backend", "torch") == "onnxruntime":
@@ -74,7 +83,7 @@ def _load(args: argparse.Namespace):
         model = _load_onnx(args)
     else:
         model = load_model(args.model, device=_device(args.device))
-    return model, dataclass_from_args(args, model.config.decoding, exclude=HIDDEN_DECODING_FIELDS)
+    return model, dataclass_from_args(args, model.config.decoding)
 
 
 def _load_onnx(args: argparse.Namespace):
@@ -137,18 +146,26 @@ def cmd_caption(args: argparse.Namespace) -> int:
             _print(f"skipped {one_line(result.error)}{hint}", err=True)
             failed = True
             continue
-        record = result_record(result, min_confidence=args.min_confidence, fallback=args.fallback)
+        record = result_record(result, min_confidence=args.min_confidence, fallback=args.fallback,
+                               n_best=options.n_best > 1)
         if args.json:
             _print(json.dumps(record, ensure_ascii=False))
             continue
-        columns = [one_line(result.path), record["caption"]]
-        if args.tags:
-            columns.append(", ".join(f"{tag.label} {tag.p:.2f}" for tag in result.tags))
-        if args.min_confidence is not None:  # the column is there on every line, empty for a sure caption
-            instead = f"; the model said: {record['model_caption']}" if "model_caption" in record else ""
-            columns.append(f"unsure (confidence {record['confidence']:.2f}{instead})" if record.get("unsure") else "")
-        _print("\t".join(columns))
+        # with --n-best, a line per caption, best first: the first line is the one printed without it
+        for caption in [record, *record.get("n_best", [])[1:]]:
+            _print("\t".join(_caption_columns(args, result, caption)))
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _caption_columns(args: argparse.Namespace, result, caption: dict) -> list[str]:
+    """PATH, caption, [tags], [unsure column] of one caption (a record, or one of its ``n_best``)."""
+    columns = [one_line(result.path), caption["caption"]]
+    if args.tags:
+        columns.append(", ".join(f"{tag.label} {tag.p:.2f}" for tag in result.tags))
+    if args.min_confidence is not None:  # the column is there on every line, empty for a sure caption
+        instead = f"; the model said: {caption['model_caption']}" if "model_caption" in caption else ""
+        columns.append(f"unsure (confidence {caption['confidence']:.2f}{instead})" if caption.get("unsure") else "")
+    return columns
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -309,6 +326,11 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         these = f"{count} images with captions are" if count != 1 else "1 image with captions is"
         _print(f"warning: {these} not in --images {printable(args.images)}, e.g. "
                f"{printable(converted.missing[0])}; left out of the manifest", err=True)
+    if converted.repeated:
+        count = len(converted.repeated)
+        these = f"{count} images are" if count != 1 else "1 image is"
+        _print(f"warning: {these} listed more than once in {printable(args.split or args.captions)}, e.g. "
+               f"{printable(converted.repeated[0])}; written once, with all their captions", err=True)
     _print(f"wrote {converted.written} images to {printable(args.out)}")
     return EXIT_OK
 
@@ -342,7 +364,7 @@ def _caption_parser(sub) -> None:
                    help="also print the encoder's ImageNet labels with their probabilities (PATH<TAB>caption<TAB>tags)")
     _add_min_confidence_flag(p, "adds a column 'unsure (confidence C)'; JSON records get \"unsure\": true")
     p.add_argument("--batch-size", type=bounded_int(1, 1024), default=16)
-    _add_model_flags(p)
+    _add_model_flags(p, hidden=())
     p.set_defaults(run=cmd_caption)
 
 

@@ -89,7 +89,16 @@ def dataclass_from_args(args: argparse.Namespace, defaults: T, *, exclude: tuple
     """``defaults`` with every flag the user gave applied (raises the dataclass's own OptionError)."""
     given = {f.name: getattr(args, f.name) for f in exposed_fields(type(defaults), exclude)
              if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(defaults, **given)
+    return _with_given(defaults, given)
+
+
+def _with_given(defaults: T, given: dict[str, Any]) -> T:
+    """``defaults`` with ``given`` applied, and checked by the class's ``check_given(names)`` where it has one
+    (rules on what a caller may set together that the values alone cannot show)."""
+    options = dataclasses.replace(defaults, **given)
+    if hasattr(options, "check_given"):
+        options.check_given(given)
+    return options
 
 
 def bounded_int(low: int, high: int):
@@ -132,7 +141,7 @@ def options_from_text(defaults: T, given: dict[str, str], *, exclude: tuple[str,
         except ValueError:
             shown = text if len(text) <= 40 else text[:40] + "..."  # an answer never echoes a whole huge value
             raise OptionError(f"{name}={shown!r} is not {KIND_NAMES.get(kind, kind.__name__)}") from None
-    return dataclasses.replace(defaults, **values)
+    return _with_given(defaults, values)
 
 
 KIND_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}

@@ -19,6 +19,7 @@ from captioner.errors import OptionError, OutputError, printable
 
 if TYPE_CHECKING:
     from captioner.api import PathResult
+    from captioner.decoding import Caption
 
 # The record schema: JSONL keys and CSV columns, in this order.
 RECORD_FIELDS = (
@@ -66,12 +67,15 @@ def check_fallback(fallback: str | None, min_confidence: float | None) -> None:
         raise OptionError("fallback replaces unsure captions: give min_confidence too")
 
 
-def result_record(result: PathResult, *, min_confidence: float | None = None, fallback: str | None = None) -> dict:
+def result_record(result: PathResult, *, min_confidence: float | None = None, fallback: str | None = None,
+                  n_best: bool = False) -> dict:
     """The record of one captioned file: its best caption with confidence, or its error.
 
     With ``min_confidence``, a caption whose confidence is lower is kept and marked ``"unsure": true``;
     with ``fallback="tags"`` as well, an unsure caption gives way to a description from the tags
-    ("a photo of an espresso") and moves to ``"model_caption"``.
+    ("a photo of an espresso") and moves to ``"model_caption"``. With ``n_best``, ``"n_best"``
+    lists every caption searched, best first, the model's own (never a fallback), each with its
+    score, confidence and, under ``min_confidence``, its ``"unsure"``.
     """
     record: dict = {"path": printable(result.path)}
     if result.captions is None:
@@ -89,10 +93,19 @@ def result_record(result: PathResult, *, min_confidence: float | None = None, fa
                 description = tag_description(result.tags) if fallback == "tags" else None
                 if description:
                     record.update(caption=description, model_caption=best.text)
+        if n_best:
+            record["n_best"] = [_alternative(caption, min_confidence) for caption in result.captions]
     raw = os.fsencode(result.path)
     if printable(result.path).encode("utf-8") != raw:
         record["path_hex"] = raw.hex()
     return record
+
+
+def _alternative(caption: Caption, min_confidence: float | None) -> dict:
+    entry = {"caption": caption.text, "score": round(caption.score, 6), "confidence": caption.confidence}
+    if min_confidence is not None and caption.confidence is not None and caption.confidence < min_confidence:
+        entry["unsure"] = True
+    return entry
 
 
 def raw_path(record: dict) -> str:

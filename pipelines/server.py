@@ -151,7 +151,8 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
                 gathered.cancel()
                 gathered.add_done_callback(_outcome_seen)
                 state["batcher"].abandon(f for f in futures if not f.done())
-        return {"captions": [_record(r, min_confidence, fallback, options.n_best) for r in results]}
+        return {"captions": [result_record(r, min_confidence=min_confidence, fallback=fallback,
+                                           n_best=options.n_best > 1) for r in results]}
 
     @app.post("/v1/subtitles")
     async def subtitles(request: Request) -> Response:
@@ -253,14 +254,6 @@ def _image_pixels(data: bytes, name: str, size: int):
         reason = message.removeprefix(f"{name}: ")  # judged on the reason alone, never on the client's file name
         status = 415 if reason.startswith("not an image") else 413 if "exceeds" in reason else 400
         raise HTTPError(status, message) from e
-
-
-def _record(result, min_confidence: float | None, fallback: str | None, n_best: int) -> dict:
-    record = result_record(result, min_confidence=min_confidence, fallback=fallback)
-    if n_best > 1:
-        record["n_best"] = [{"caption": c.text, "score": round(c.score, 6), "confidence": c.confidence}
-                            for c in result.captions]
-    return record
 
 
 def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: VideoOptions, name: str,

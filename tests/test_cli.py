@@ -108,25 +108,68 @@ def test_decoding_flags_change_the_search(capsys, default_model):
     assert len(short["caption"].split()) <= 3
 
 
+def test_n_best_prints_the_beams_captions_best_first_and_the_first_is_the_plain_line(capsys, default_model):
+    import dataclasses
+
+    from captioner.api import caption_paths
+
+    photos = [str(SAMPLES / "chelsea.png"), str(SHARED_SAMPLES / "coffee.png")]
+    assert main(["caption", "--min-confidence", "0.3", *photos]) == 0
+    plain = capsys.readouterr().out.splitlines()
+    assert main(["caption", "--min-confidence", "0.3", "--n-best", "3", *photos]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = list(caption_paths(default_model, photos,
+                                  options=dataclasses.replace(default_model.config.decoding, n_best=3)))
+    assert lines[0::3] == plain and len(lines) == 6
+    for result, group in zip(expected, (lines[:3], lines[3:]), strict=True):
+        assert [line.split("\t")[:2] for line in group] == [[str(result.path), c.text] for c in result.captions]
+        assert [line.split("\t")[2] != "" for line in group] == [c.confidence < 0.3 for c in result.captions]
+    assert main(["caption", "--json", "--n-best", "2", "--min-confidence", "0.3", "--fallback", "tags", photos[1]]) == 0
+    record = json.loads(capsys.readouterr().out)
+    alternatives = expected[1].captions[:2]
+    assert record["caption"] == "a photo of an espresso" and record["model_caption"] == alternatives[0].text
+    assert [(a["caption"], a["confidence"], a.get("unsure", False)) for a in record["n_best"]] == \
+        [(c.text, c.confidence, c.confidence < 0.3) for c in alternatives]
+    with pytest.raises(SystemExit) as usage:  # batch writes one caption per input
+        main(["batch", "--n-best", "2", photos[0], "-o", "x.jsonl"])
+    assert usage.value.code == 2
+    assert "--n-best is for captioner caption; this command writes one caption per input" in capsys.readouterr().err
+
+
 def test_every_decoding_option_has_a_flag_that_reaches_the_options():
     """Flags are generated from DecodingOptions, so none can be listed and silently ignored."""
     import dataclasses
 
     from captioner.options import DecodingOptions
-    from captioner.pipelines.cli import HIDDEN_DECODING_FIELDS, build_parser
+    from captioner.pipelines.cli import build_parser
     from captioner.pipelines.flags import dataclass_from_args
 
-    changed = {"method": "sample", "beam_size": 7, "max_length": 9, "min_length": 2, "length_penalty": 0.5,
-               "no_repeat_ngram": 3, "suppress_unk": False, "temperature": 0.7, "top_k": 5, "top_p": 0.8, "seed": 4,
-               "concept_boost": 1.5, "concept_threshold": 0.3, "consensus_weight": 2.5}
-    names = {f.name for f in dataclasses.fields(DecodingOptions)} - set(HIDDEN_DECODING_FIELDS)
-    assert set(changed) == names
-    argv = ["caption", "x.jpg"]
-    for name, value in changed.items():
-        flag = "--" + name.replace("_", "-")
-        argv += [flag.replace("--", "--no-")] if value is False else [flag, str(value)]
-    options = dataclass_from_args(build_parser().parse_args(argv), DecodingOptions(), exclude=HIDDEN_DECODING_FIELDS)
-    assert {name: getattr(options, name) for name in changed} == changed
+    common = {"max_length": 9, "min_length": 2, "length_penalty": 0.5, "no_repeat_ngram": 3, "suppress_unk": False,
+              "concept_boost": 1.5, "concept_threshold": 0.3, "consensus_weight": 2.5, "n_best": 2}
+    per_method = [{"method": "beam", "beam_size": 7},  # each method with the options it alone reads
+                  {"method": "sample", "temperature": 0.7, "top_k": 5, "top_p": 0.8, "seed": 4}]
+    assert set(common).union(*per_method) == {f.name for f in dataclasses.fields(DecodingOptions)}
+    for method in per_method:
+        changed = {**common, **method}
+        argv = ["caption", "x.jpg"]
+        for name, value in changed.items():
+            flag = "--" + name.replace("_", "-")
+            argv += [flag.replace("--", "--no-")] if value is False else [flag, str(value)]
+        options = dataclass_from_args(build_parser().parse_args(argv), DecodingOptions())
+        assert {name: getattr(options, name) for name in changed} == changed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "greedy", "--beam-size", "4"], "option beam_size applies to method 'beam' only, not 'greedy'"),
+    (["--method", "sample", "--beam-size", "4"], "option beam_size applies to method 'beam' only, not 'sample'"),
+    (["--top-k", "5"], "decoding option top_k=5 applies to method 'sample' only, not 'beam'"),
+    (["--seed", "5"], "decoding option seed applies to method 'sample' only, not 'beam'"),
+])
+def test_an_option_the_chosen_method_does_not_read_is_refused_not_ignored(argv, message, capsys):
+    """The model's defaults hold a beam size for every method: only a beam size the user gave is refused."""
+    assert main(["caption", *argv, str(SAMPLES / "chelsea.png")]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["caption", "--method", "greedy", str(SAMPLES / "chelsea.png")]) == 0
 
 
 def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys):

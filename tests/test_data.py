@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from captioner.data import (
+    check_scorable,
     coco_manifest,
     flickr_manifest,
     flickr_token_captions,
@@ -189,6 +190,35 @@ def test_images_the_folder_lacks_are_left_out_and_named_once(flickr, tmp_path, c
     assert captured.err == (f"warning: 1 image with captions is not in --images {images}, "
                             f"e.g. {images / 'cat.jpg'}; left out of the manifest\n")
     assert captured.out == f"wrote 2 images to {out}\n"
+
+
+def test_an_image_the_split_names_twice_is_written_once_so_evaluate_takes_the_manifest(flickr, tmp_path, capsys):
+    from captioner.pipelines.cli import main
+
+    tokens, split, images = flickr
+    split.write_text("rocket.jpg\ncat.jpg\nrocket.jpg\ncoffee.jpg\ncat.jpg\n", encoding="utf-8")
+    out = tmp_path / "m.jsonl"
+    converted = flickr_manifest(tokens, split, images, out)
+    assert converted.written == 3 and converted.repeated == (str(images / "rocket.jpg"), str(images / "cat.jpg"))
+    entries = read_manifest(out)
+    assert [e.image.name for e in entries] == ["rocket.jpg", "cat.jpg", "coffee.jpg"]
+    assert entries[0].captions == ("A rocket stands on its pad .", "A white rocket before launch .")  # not twice
+    check_scorable(entries, out)
+    argv = ["manifest", "flickr", "--captions", str(tokens), "--split", str(split), "--images", str(images)]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert capsys.readouterr().err == (f"warning: 2 images are listed more than once in {split}, e.g. "
+                                       f"{images / 'rocket.jpg'}; written once, with all their captions\n")
+
+
+def test_a_coco_image_listed_twice_keeps_the_captions_of_both_once(tmp_path):
+    copy_samples(tmp_path / "images", {"chelsea.png": "a.png"})
+    annotations = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "a.png"}],
+                   "annotations": [{"image_id": 1, "caption": "A cat ."}, {"image_id": 2, "caption": "A tabby ."},
+                                   {"image_id": 2, "caption": "A cat ."}]}
+    (tmp_path / "captions.json").write_text(json.dumps(annotations), encoding="utf-8")
+    converted = coco_manifest(tmp_path / "captions.json", tmp_path / "images", tmp_path / "m.jsonl")
+    assert converted.written == 1 and converted.repeated == (str(tmp_path / "images" / "a.png"),)
+    assert read_manifest(tmp_path / "m.jsonl")[0].captions == ("A cat .", "A tabby .")
 
 
 def test_a_manifest_written_through_a_linked_folder_checks_the_images_where_they_are(flickr, tmp_path):

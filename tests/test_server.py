@@ -60,6 +60,7 @@ def test_captions_are_the_cli_records_and_decoding_options_apply(client, capsys)
     ("beam_size=" + "9" * 5000, "beam_size='" + "9" * 40 + "...' is not a whole number"),
     ("shoe_size=9", "unknown option 'shoe_size'"),
     ("fallback=tags", "give min_confidence too"),
+    ("method=greedy&beam_size=4", "decoding option beam_size applies to method 'beam' only, not 'greedy'"),
     ("min_confidence=2", "must be a number in [0, 1]"),
 ])
 def test_bad_options_are_422_with_the_reason(client, query, message):
