@@ -19,6 +19,8 @@ from captioner.features import ImageFiles, collate_images
 from captioner.metrics import score_captions
 from captioner.model import CaptionModel
 
+NAMED_ERRORS = 3  # unreadable images named in an evaluation's error; the rest are counted
+
 
 def evaluate_grids(
     model: CaptionModel,
@@ -67,8 +69,12 @@ def path_grids(
 ) -> Iterator[torch.Tensor]:
     """Encoder grids of image files, batch by batch in ``paths`` order (read in DataLoader workers).
 
+    After the first unreadable image nothing more is encoded, but the rest are still read,
+    so that one run names every image to fix rather than one per run.
+
     Raises:
-        ImageReadError: an image cannot be read; scores over the others would be biased.
+        ImageReadError: images cannot be read (all of them counted, the first few named);
+            scores over the others would be biased.
     """
     loader = DataLoader(
         ImageFiles(list(paths), model.encoder.preprocess.size),
@@ -76,7 +82,13 @@ def path_grids(
         num_workers=num_workers,
         collate_fn=collate_images,
     )
+    unreadable: list[str] = []
     for _, pixels, errors in loader:
-        if errors:
-            raise ImageReadError(errors[0][1])
-        yield model.encode(pixels)
+        unreadable += [error for _, error in errors]
+        if not unreadable:
+            yield model.encode(pixels)
+    if len(unreadable) == 1:
+        raise ImageReadError(unreadable[0])
+    if unreadable:
+        more = f" and {len(unreadable) - NAMED_ERRORS} more" if len(unreadable) > NAMED_ERRORS else ""
+        raise ImageReadError(f"{len(unreadable)} images cannot be read: {'; '.join(unreadable[:NAMED_ERRORS])}{more}")

@@ -52,6 +52,24 @@ def test_path_grids_match_the_encoder_and_name_an_unreadable_file(small_model, t
         list(path_grids(small_model, [photos[0], cut], batch_size=2))
 
 
+def test_path_grids_read_on_after_an_unreadable_file_and_name_all_of_them(small_model, tmp_path):
+    """One run names every photo to fix (the first few, and a count), and encodes nothing after the first."""
+    bad = []
+    for i in range(5):
+        bad.append(tmp_path / f"bad{i}.jpg")
+        bad[-1].write_bytes(b"not a photo" * (i + 1))
+    photos = [SAMPLES / "chelsea.png", bad[0], SHARED_SAMPLES / "rocket.jpg", *bad[1:], SAMPLES / "coffee.png"]
+    encoded = []
+    with pytest.raises(ImageReadError) as error:
+        for grids in path_grids(small_model, photos, batch_size=2):
+            encoded.append(grids.shape[0])
+    message = str(error.value)
+    assert message.startswith("5 images cannot be read: ") and message.endswith(" and 2 more")
+    assert [name in message for name in ("bad0.jpg", "bad1.jpg", "bad2.jpg", "bad3.jpg")] == [True] * 3 + [False]
+    assert encoded == []  # the first batch held bad0.jpg
+    assert message.count("\n") == 0
+
+
 def test_evaluate_refuses_a_manifest_line_without_captions_before_captioning(small_model, tmp_path):
     manifest = tmp_path / "m.jsonl"
     write_manifest(manifest, [(str(SAMPLES / "chelsea.png"), ["a cat"]), (str(tmp_path / "missing.jpg"), [])])
