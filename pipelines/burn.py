@@ -6,6 +6,7 @@ the copy has the same frame count; which cue a frame shows follows the frame's s
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from bisect import bisect_right
@@ -144,18 +145,37 @@ class CueTrack:
 
 def draw_caption(bgr: np.ndarray, text: str) -> None:
     """Draw ``text`` centred at the bottom of the (H, W, 3) frame, wrapped to its width, white on a black rim."""
-    height, width = bgr.shape[:2]
+    top, text_alpha, rim_alpha = _caption_overlay(text, bgr.shape[1], bgr.shape[0])
+    band = bgr[top:].astype(np.float32)
+    band *= 1.0 - rim_alpha
+    band += (255.0 - band) * text_alpha
+    bgr[top:] = band.round().astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def _caption_overlay(text: str, width: int, height: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(first row, text opacity, rim opacity) of a caption at the bottom of a ``width`` x ``height`` frame.
+
+    The rim is the text's own shape grown by a few pixels, not the text drawn thicker in black:
+    with OpenCV 5 a thicker stroke also widens each glyph's advance, so a thick black copy ran
+    off to the right of the white text ("toyoy") at 320x240 and vanished at 720p. A cue shows on
+    many frames in a row, so its overlay is drawn once. Opacities are (rows, W, 1) in [0, 1].
+    """
     scale = max(0.4, height / 720)
     thickness = max(1, round(scale * 2))
+    rim = max(1, thickness)
     line_height = int(cv2.getTextSize("Ag", FONT, scale, thickness)[0][1] * 1.8)
     lines = wrap_words(text, int(width * 0.92), scale, thickness)
     y = height - int(line_height * 0.8) - line_height * (len(lines) - 1)
+    top = max(0, y - line_height - rim)
+    mask = np.zeros((height - top, width), np.uint8)
     for line in lines:
         line_width = cv2.getTextSize(line, FONT, scale, thickness)[0][0]
-        origin = (max(0, (width - line_width) // 2), y)
-        cv2.putText(bgr, line, origin, FONT, scale, (0, 0, 0), thickness + 2 * max(1, thickness), cv2.LINE_AA)
-        cv2.putText(bgr, line, origin, FONT, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+        cv2.putText(mask, line, (max(0, (width - line_width) // 2), y - top), FONT, scale, 255, thickness,
+                    cv2.LINE_AA)
         y += line_height
+    grown = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rim + 1, 2 * rim + 1)))
+    return top, (mask / 255.0).astype(np.float32)[..., None], (grown / 255.0).astype(np.float32)[..., None]
 
 
 def wrap_words(text: str, max_width: int, scale: float, thickness: int) -> list[str]:

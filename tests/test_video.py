@@ -427,6 +427,29 @@ def test_burned_copy_of_an_oddly_named_video_keeps_frame_count_and_fps(clips, tm
     assert np.abs(drawn[:100].astype(int) - original[:100]).mean() < 5  # the rest untouched
 
 
+@pytest.mark.parametrize("size", [(320, 240), (1280, 720)])
+@pytest.mark.parametrize("grey", [255, 128])
+def test_burned_text_is_white_on_a_black_rim_that_hugs_it(size, grey):
+    """With OpenCV 5 a thick black copy of the text ran right of the white text at 320x240 and left no rim at 720p."""
+    from captioner.pipelines.burn import draw_caption
+
+    frame = np.full((size[1], size[0], 3), grey, np.uint8)
+    draw_caption(frame, "a cat is playing with a toy")
+    white = (frame >= 200).all(axis=2) if grey != 255 else None
+    dark = (frame <= 40).all(axis=2)
+    assert dark.sum() > size[0] // 4
+    changed = (frame != grey).any(axis=2)
+    columns = np.flatnonzero(changed.any(axis=0))
+    dark_columns = np.flatnonzero(dark.any(axis=0))
+    assert dark_columns.min() >= columns.min() and dark_columns.max() <= columns.max()
+    if white is not None:
+        text_columns = np.flatnonzero(white.any(axis=0))
+        rim = 8 if size[1] == 720 else 4
+        assert text_columns.min() - rim <= dark_columns.min() and dark_columns.max() <= text_columns.max() + rim
+        assert white.sum() > size[0] // 4
+    assert not changed[: size[1] // 2].any()  # the top half untouched
+
+
 def current_umask():
     mask = os.umask(0o022)
     os.umask(mask)
