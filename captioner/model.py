@@ -31,12 +31,11 @@ from captioner.decoder import build_decoder
 from captioner.decoding import Caption, DecodingOptions, decode_grid, rerank, search_width
 from captioner.encoders import ENCODERS, build_encoder
 from captioner.errors import CaptionerError, ModelLoadError, OptionError, OutputError, printable, reason
-from captioner.options import REQUIRED, Bounds, DecoderConfig, check_fields, option
+from captioner.options import DEFAULT_MODEL_DIR, REQUIRED, Bounds, DecoderConfig, check_fields, option
 from captioner.tags import Tag, top_tags
 from captioner.tensor_files import open_tensors, save_tensors
 from captioner.vocab import SPECIALS, Vocabulary
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "model.safetensors"
 MODEL_FILES = {CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, CALIBRATION_FILE, CONSENSUS_FILE, CONSENSUS_WEIGHTS,
                "MODEL_CARD.md"}  # what a model folder may hold

@@ -9,10 +9,12 @@ it in a fraction of a second.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from captioner.errors import OptionError
@@ -20,8 +22,14 @@ from captioner.errors import OptionError
 METHODS = ("beam", "greedy", "sample")
 # The options of method "sample" alone, and the value that leaves each off (required of the other methods).
 SAMPLING_ONLY = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
-# Options that one method alone reads: set by name for another method, they would be ignored without a word.
-METHOD_ONLY = {"beam_size": "beam", "seed": "sample", **{name: "sample" for name in SAMPLING_ONLY}}
+# Options that only some methods read: set by name for another method, they would be ignored without a word.
+# Greedy search has one candidate per image, so there is nothing for a length penalty or consensus to rank.
+METHOD_ONLY = {"beam_size": ("beam",), "seed": ("sample",), **{name: ("sample",) for name in SAMPLING_ONLY},
+               "length_penalty": ("beam", "sample"), "consensus_weight": ("beam", "sample")}
+
+
+# The model shipped inside the package (a folder of config.json, vocab.json, model.safetensors, ...).
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 
 # Image-reading worker processes. On two cores, workers take the cores the encoder's two
@@ -155,9 +163,10 @@ class DecodingOptions:
             OptionError: ``decoding option NAME applies to method 'M' only, not 'N'``.
         """
         for name in names:
-            method = METHOD_ONLY.get(name)
-            if method is not None and method != self.method:
-                raise OptionError(f"decoding option {name} applies to method '{method}' only, not '{self.method}'")
+            methods = METHOD_ONLY.get(name, METHODS)
+            if self.method not in methods:
+                which = " or ".join(f"'{m}'" for m in methods)
+                raise OptionError(f"decoding option {name} applies to method {which} only, not '{self.method}'")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "DecodingOptions":
@@ -248,3 +257,20 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         """Refuse wrong types and sizes before any weight is allocated (a config comes from JSON)."""
         check_fields(self, "decoder option")
+
+
+def declared_decoding(folder: str | os.PathLike) -> DecodingOptions | None:
+    """The decoding defaults a model folder (``config.json``) or an ONNX export (``runtime.json``)
+    declares, read from that JSON alone, without torch: so flags can be checked against the
+    defaults they will change before the model loads. None where they cannot be read; loading
+    the model then says why.
+    """
+    for name in ("config.json", "runtime.json"):
+        try:
+            raw = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+            return DecodingOptions.from_dict(raw["decoding"])
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):  # OptionError too
+            return None
+    return None

@@ -9,6 +9,9 @@ from typing import Callable, TextIO
 
 from captioner.errors import OutputError, printable
 
+# The output name that means standard output (``captioner video clip.mp4 -o - | player``, ``batch -o -``).
+STANDARD_OUTPUT = "-"
+
 
 def _reason(error: OSError) -> str:
     return error.strerror or str(error) or type(error).__name__

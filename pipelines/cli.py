@@ -65,13 +65,17 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, hidden: tuple[str, ...]
 def _load(args: argparse.Namespace):
     """The model and its decoding defaults with the user's flags applied.
 
-    Each flag is checked against the plain defaults before the model loads, so a value out
-    of range costs no waiting; combinations are checked again against the model's defaults.
+    Flags are checked against the decoding defaults the model's JSON declares before torch
+    is imported here and the model loads, so a combination that cannot work (``--n-best 6``
+    with a beam of 5) costs no waiting; after loading they are checked again, against the model itself.
     """
-    from captioner.api import load_model
-    from captioner.options import DecodingOptions
+    from captioner.options import DEFAULT_MODEL_DIR, declared_decoding
 
-    dataclass_from_args(args, DecodingOptions())  # a field without a flag on this command is never given
+    declared = declared_decoding(getattr(args, "onnx", None) or args.model or DEFAULT_MODEL_DIR)
+    if declared is not None:  # a field without a flag on this command is never given
+        dataclass_from_args(args, declared)
+    from captioner.api import load_model
+
     if getattr(args, "onnx", None) and getattr(args, "backend", "torch") != "onnxruntime":
         raise OptionError("--onnx names an export for ONNX Runtime: add --backend onnxruntime")
     if getattr(args, "backend", "torch") == "onnxruntime":
@@ -131,11 +135,11 @@ def _print(text: str, *, err: bool = False) -> None:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    model, options = _load(args)  # first: a bad flag is refused before torch is imported
     from captioner.api import caption_paths
     from captioner.confidence import check_min_confidence
     from captioner.pipelines.record_formats import result_record
 
-    model, options = _load(args)
     check_min_confidence(args.min_confidence, model)
     _check_fallback(args)
     failed = False
@@ -170,17 +174,14 @@ def _caption_columns(args: argparse.Namespace, result, caption: dict) -> list[st
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from captioner.images import IMAGE_EXTENSIONS
-    from captioner.outputs import check_writable_file
+    from captioner.outputs import STANDARD_OUTPUT, check_writable_file
     from captioner.pipelines.folder import caption_folder
     from captioner.pipelines.record_formats import format_for
     from captioner.pipelines.records import RecordFile
     from captioner.pipelines.report import write_contact_sheet
-    from captioner.pipelines.subtitles import STANDARD_OUTPUT
 
     if args.ray is not None:
         return _batch_with_ray(args)
-    if args.output == STANDARD_OUTPUT:  # as `video -o -`: the records go to standard output
-        args.output = "/dev/stdout"
     if not Path(args.folder).is_dir():
         hint = " (a URI source needs --ray)" if "://" in args.folder else ""
         if Path(args.folder).is_file():
@@ -192,7 +193,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise OptionError(f"{printable(args.output)}: names a folder; give a file name (a folder of shards needs "
                           "--ray)")
     if args.html:
-        if Path(args.output).exists() and not Path(args.output).is_file():  # a pipe cannot be read back
+        if args.output == STANDARD_OUTPUT or Path(args.output).exists() and not Path(args.output).is_file():
             raise OptionError(f"{printable(args.output)}: --html reads the records back from the output; "
                               "write them to a regular file")
         _check_report_path(Path(args.html), Path(args.output))

@@ -14,12 +14,14 @@ import fcntl
 import io
 import os
 import stat
+import sys
 import tempfile
 import weakref
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from captioner.errors import OutputError, printable
+from captioner.outputs import STANDARD_OUTPUT
 from captioner.pipelines.record_formats import Chunk, RecordFormat, format_for, format_of_first_line, raw_path
 
 
@@ -48,14 +50,17 @@ class RecordFile:
     """
 
     def __init__(self, path: str | os.PathLike, fmt: RecordFormat | None = None):
-        self.path = Path(path)
+        """``path`` ``-`` is standard output: written, never read back (it may be a file the shell
+        appends to, or a terminal), so it resumes nothing and is never truncated or rewritten."""
+        self._stream = os.fspath(path) == STANDARD_OUTPUT
+        self.path = Path("<standard output>" if self._stream else path)
         self.fmt = fmt or format_for(self.path)
         self._keys = _Keys()
         self._latest: dict[str, tuple[int, bool]] = {}  # key -> (ordinal of its latest record, is it an error)
         self._count = 0  # records in the file, superseded ones included
         self.errors = 0  # paths whose latest record is an error
         self._created = False  # this run made the file: removed again if the run fails before any record
-        self._file = self._open_locked()
+        self._file = open(os.dup(sys.stdout.fileno()), "wb", buffering=0) if self._stream else self._open_locked()  # noqa: SIM115
         _OPEN.add(self)
         try:
             if self._regular:
@@ -109,7 +114,8 @@ class RecordFile:
 
     @property
     def _regular(self) -> bool:
-        return stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
+        """A file that can be read back: not standard output, a pipe or a terminal."""
+        return not self._stream and stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
 
     def _records(self, file: BinaryIO) -> Iterator[dict]:
         """``file``'s records from the start, truncating an incomplete last one; ends positioned at the end."""
@@ -179,6 +185,8 @@ class RecordFile:
         try:
             while data:
                 data = data[file.write(data) :]
+        except BrokenPipeError:  # the reader went away (``| head``): the run stops, as a pipeline's writer does
+            raise
         except OSError as e:
             raise self._fail("cannot write", e) from e
 

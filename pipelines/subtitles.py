@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from captioner.errors import OptionError, printable
-from captioner.outputs import write_atomically
+from captioner.outputs import STANDARD_OUTPUT, write_atomically
 from captioner.pipelines.cues import Segment
 
 
@@ -101,10 +101,6 @@ def writer_for(path: str | os.PathLike | None = None, name: str | None = None) -
     if name not in WRITERS:
         raise OptionError(f"subtitle format {name!r} must be one of {sorted(WRITERS)} (or use --format)")
     return WRITERS[name]()
-
-
-# The output name that means standard output (``captioner video clip.mp4 -o - --format vtt | player``).
-STANDARD_OUTPUT = "-"
 
 
 def write_subtitles(segments: Iterable[Segment], path: str | os.PathLike, writer: CueWriter | WriteJSONL) -> None:

@@ -16,10 +16,10 @@ from tqdm import tqdm
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, OptionError, VideoReadError, one_line, printable
 from captioner.model import CaptionModel
-from captioner.outputs import check_writable_file, check_writable_folder, same_file
+from captioner.outputs import STANDARD_OUTPUT, check_writable_file, check_writable_folder, same_file
 from captioner.pipelines.burn import burn_subtitles, check_burn_target
 from captioner.pipelines.sources import walk_videos
-from captioner.pipelines.subtitles import STANDARD_OUTPUT, CueWriter, WriteJSONL, write_subtitles
+from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
 from captioner.pipelines.video import VideoOptions, open_video, subtitle_source
 from captioner.progress import progress_bar
 
@@ -121,6 +121,8 @@ def run_jobs(
     for job in bar:
         try:
             run.partial += not run_job(job, model=model, writer=writer, options=options, settings=settings)
+        except BrokenPipeError:  # the reader of -o - went away (``| head``): nobody reads the rest either
+            raise
         except (CaptionerError, OSError) as e:
             tqdm.write(f"skipped {one_line(failure_reason(job, e))}", file=sys.stderr)
             run.failed += 1

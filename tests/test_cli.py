@@ -14,6 +14,7 @@ import termios
 import pytest
 from conftest import SAMPLES, SHARED_SAMPLES
 
+from captioner.options import DEFAULT_MODEL_DIR
 from captioner.pipelines.cli import main
 
 
@@ -136,6 +137,24 @@ def test_n_best_prints_the_beams_captions_best_first_and_the_first_is_the_plain_
     assert "--n-best is for captioner caption; this command writes one caption per input" in capsys.readouterr().err
 
 
+def test_flags_are_checked_against_the_models_own_decoding_defaults_before_torch_loads(tmp_path, capsys):
+    """The shipped model searches a beam of 5 (the plain default is 3), and a model may sample by default."""
+    photo = str(SAMPLES / "chelsea.png")
+    assert main(["caption", "--n-best", "5", photo]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 5
+    sampler = tmp_path / "sampler"
+    shutil.copytree(DEFAULT_MODEL_DIR, sampler)
+    config = json.loads((sampler / "config.json").read_text(encoding="utf-8"))
+    config["decoding"].update(method="sample", seed=1)
+    (sampler / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert main(["caption", "--model", str(sampler), "--temperature", "0.5", "--seed", "2", photo]) == 0
+    code = ("import sys; from captioner.pipelines.cli import main; "
+            f"code = main(['caption', '--n-best', '6', {photo!r}]); print(code, 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout == "2 False\n"
+    assert run.stderr == "captioner: error: decoding option n_best=6 must be <= beam_size=5\n"
+
+
 def test_every_decoding_option_has_a_flag_that_reaches_the_options():
     """Flags are generated from DecodingOptions, so none can be listed and silently ignored."""
     import dataclasses
@@ -164,6 +183,10 @@ def test_every_decoding_option_has_a_flag_that_reaches_the_options():
     (["--method", "sample", "--beam-size", "4"], "option beam_size applies to method 'beam' only, not 'sample'"),
     (["--top-k", "5"], "decoding option top_k=5 applies to method 'sample' only, not 'beam'"),
     (["--seed", "5"], "decoding option seed applies to method 'sample' only, not 'beam'"),
+    (["--method", "greedy", "--consensus-weight", "2"],
+     "decoding option consensus_weight applies to method 'beam' or 'sample' only, not 'greedy'"),
+    (["--method", "greedy", "--length-penalty", "0.5"],
+     "decoding option length_penalty applies to method 'beam' or 'sample' only, not 'greedy'"),
 ])
 def test_an_option_the_chosen_method_does_not_read_is_refused_not_ignored(argv, message, capsys):
     """The model's defaults hold a beam size for every method: only a beam size the user gave is refused."""

@@ -579,6 +579,56 @@ def test_a_dash_for_the_batch_output_means_standard_output_as_for_video(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no file named "-"
 
 
+def test_standard_output_is_written_never_read_back_as_an_earlier_run(tmp_path, capsys):
+    """``-o - >> log``: /dev/stdout is then the log file; it was read as records to resume (and refused)."""
+    photo(tmp_path / "photos" / "cat.png")
+    log = tmp_path / "log.txt"
+    log.write_text("log start\n", encoding="utf-8")
+    command = f"{sys.executable} -m captioner.pipelines.cli batch {tmp_path / 'photos'} -o - --quiet >> {log}"
+    for _ in range(2):  # the second run captions again: standard output holds no earlier run to resume
+        appended = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, timeout=300)
+        assert appended.returncode == 0 and appended.stderr.decode() == "1 captioned, 0 failed, 0 already done\n"
+    first, *records = log.read_text(encoding="utf-8").splitlines()
+    assert first == "log start" and [json.loads(r)["caption"] for r in records] == ["a cat is playing with a toy"] * 2
+    code, _, err = run(["batch", str(tmp_path / "photos"), "-o", "-", "--html", str(tmp_path / "r.html")], capsys)
+    assert code == 2 and error_line(err).endswith("-: --html reads the records back from the output; "
+                                                  "write them to a regular file")
+
+
+@pytest.mark.parametrize("out, fmt, message", [
+    ("m.jsonl", "csv", "--format csv would write csv records into {out}, which reads as jsonl: name the file .csv, "
+                       "or leave --format out"),
+    ("m.CSV", "jsonl", "--format jsonl would write jsonl records into {out}, which reads as csv: name the file "
+                       ".jsonl, or leave --format out"),
+])
+def test_a_format_that_contradicts_the_outputs_extension_is_refused(tmp_path, capsys, out, fmt, message):
+    """As ``video`` refuses SRT text in x.vtt; an extension of no record format (``m.txt``) still takes any."""
+    photo(tmp_path / "photos" / "cat.png")
+    code, _, err = run(["batch", str(tmp_path / "photos"), "-o", str(tmp_path / out), "--format", fmt], capsys)
+    assert code == 2 and error_line(err) == "captioner: error: " + message.format(out=tmp_path / out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+    code, _, _ = run(["batch", str(tmp_path / "photos"), "-o", str(tmp_path / "m.txt"), "--format", "csv", "--quiet"],
+                     capsys)
+    assert code == 0 and (tmp_path / "m.txt").read_text(encoding="utf-8").startswith('"path","caption"')
+
+
+def test_a_reader_that_goes_away_stops_the_run_quietly_and_blames_no_input(tmp_path):
+    """``| head``: the next write fails; the run stops (exit 1) without calling the photo or the video bad."""
+    for name in ("a", "b", "c"):
+        photo(tmp_path / "photos" / f"{name}.png")
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for i in range(30):
+        writer.write(np.full((48, 64, 3), i * 8, np.uint8))
+    writer.release()
+    for argv in (["batch", str(tmp_path / "photos"), "-o", "-", "--batch-size", "1"], ["video", str(clip), "-o", "-"]):
+        process = subprocess.Popen([sys.executable, "-m", "captioner.pipelines.cli", *argv, "--quiet"], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process.stdout.close()  # the reader is gone before the first record
+        err = process.stderr.read().decode()
+        assert process.wait(timeout=300) == 1 and err == "", err
+
+
 def test_records_can_be_piped_to_standard_output_and_subtitles_are_refused_naming_it(tmp_path):
     photo(tmp_path / "photos" / "cat.png")
     piped = subprocess.run(f"{sys.executable} -m captioner.pipelines.cli batch {tmp_path / 'photos'} "
