@@ -35,6 +35,21 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
+def make_folder(folder: Path) -> None:
+    """``folder`` and its missing parents, created; where part of the path is a file, the error names it
+    (``mkdir`` says only "File exists", for ``-o notes.txt/out.srt``).
+
+    Raises:
+        OSError: as ``mkdir``; NotADirectoryError naming the part that is a file.
+    """
+    for part in (folder, *folder.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                raise NotADirectoryError(20, f"{printable(part)} is a file, not a folder")
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def check_writable_file(path: str | os.PathLike) -> Path:
     """Fail now, before a model loads, if ``path`` could not be written later.
 
@@ -55,7 +70,7 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     if path.exists() and not path.is_file():
         raise OutputError(f"{printable(path)}: not a regular file (a device, pipe or socket); give a file name")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".captioner-check-"):
             pass
         if path.exists() and not os.access(path, os.W_OK):
@@ -75,7 +90,7 @@ def check_writable_folder(folder: str | os.PathLike) -> Path:
     try:
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(20, "is a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".captioner-check-"):
             pass
     except OSError as e:
@@ -105,7 +120,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[TextIO], None]) -
             raise IsADirectoryError(21, "Is a directory")
         if path.exists() and not path.is_file():
             raise OSError(22, "not a regular file (a device, pipe or socket)")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")
         tmp = Path(name)
         os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a written file gets the usual mode

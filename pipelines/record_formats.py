@@ -102,9 +102,11 @@ def result_record(result: PathResult, *, min_confidence: float | None = None, fa
 
 
 def _alternative(caption: Caption, min_confidence: float | None) -> dict:
-    entry = {"caption": caption.text, "score": round(caption.score, 6), "confidence": caption.confidence}
-    if min_confidence is not None and caption.confidence is not None and caption.confidence < min_confidence:
-        entry["unsure"] = True
+    entry: dict = {"caption": caption.text, "score": round(caption.score, 6)}
+    if caption.confidence is not None:  # as in the record itself: no key where the model gives no confidence
+        entry["confidence"] = caption.confidence
+        if min_confidence is not None and caption.confidence < min_confidence:
+            entry["unsure"] = True
     return entry
 
 

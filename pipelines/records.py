@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from captioner.errors import OutputError, printable
-from captioner.outputs import STANDARD_OUTPUT
+from captioner.outputs import STANDARD_OUTPUT, make_folder
 from captioner.pipelines.record_formats import Chunk, RecordFormat, format_for, format_of_first_line, raw_path
 
 
@@ -88,7 +88,7 @@ class RecordFile:
     def _open_locked(self) -> BinaryIO:
         """Open and lock the file, again if a finishing run renamed a new one over it meanwhile."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path.parent)
         except OSError as e:
             raise self._fail("cannot create its folder", e) from e
         for _ in range(5):

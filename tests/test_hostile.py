@@ -612,6 +612,22 @@ def test_a_format_that_contradicts_the_outputs_extension_is_refused(tmp_path, ca
     assert code == 0 and (tmp_path / "m.txt").read_text(encoding="utf-8").startswith('"path","caption"')
 
 
+def test_an_output_under_a_file_names_the_file_not_file_exists(tmp_path, capsys):
+    photo(tmp_path / "photos" / "cat.png")
+    (tmp_path / "notes.txt").write_text("mine\n", encoding="utf-8")
+    for argv, where in ((["batch", str(tmp_path / "photos"), "-o"], "notes.txt/sub/x.jsonl: cannot create its folder"),
+                        (["video", str(tmp_path / "clip.mp4"), "-o"], "notes.txt/x.srt: cannot write here")):
+        if argv[0] == "video":
+            writer = cv2.VideoWriter(str(tmp_path / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+            writer.write(np.zeros((48, 64, 3), np.uint8))
+            writer.release()
+        out = tmp_path / where.split(":")[0]
+        code, _, err = run([*argv, str(out)], capsys)
+        assert code == 1 and error_line(err) == (f"captioner: error: {tmp_path}/{where}: "
+                                                 f"{tmp_path / 'notes.txt'} is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine\n"
+
+
 def test_a_reader_that_goes_away_stops_the_run_quietly_and_blames_no_input(tmp_path):
     """``| head``: the next write fails; the run stops (exit 1) without calling the photo or the video bad."""
     for name in ("a", "b", "c"):

@@ -110,6 +110,19 @@ def test_csv_has_one_header_across_resumes(tmp_path):
 # 1. One schema; names that are not UTF-8 stay valid UTF-8 in the file and resume exactly.
 
 
+def test_n_best_entries_carry_confidence_only_where_the_record_does():
+    plain = [Caption("a cup", ("a", "cup"), -0.5, 0.2), Caption("a mug", ("a", "mug"), -0.7, 0.1)]
+    record = result_record(PathResult("/p/a.jpg", plain), min_confidence=0.5, n_best=True)
+    assert "confidence" not in record and record["n_best"] == [{"caption": "a cup", "score": -0.5},
+                                                               {"caption": "a mug", "score": -0.7}]
+    calibrated = [Caption("a cup", ("a", "cup"), -0.5, 0.2, confidence=0.6),
+                  Caption("a mug", ("a", "mug"), -0.7, 0.1, confidence=0.4)]
+    record = result_record(PathResult("/p/a.jpg", calibrated), min_confidence=0.5, n_best=True)
+    assert record["n_best"] == [{"caption": "a cup", "score": -0.5, "confidence": 0.6},
+                                {"caption": "a mug", "score": -0.7, "confidence": 0.4, "unsure": True}]
+    assert "n_best" not in result_record(PathResult("/p/a.jpg", calibrated))
+
+
 @pytest.mark.parametrize("name", ["out.jsonl", "out.csv"])
 def test_tags_round_trip_in_both_formats(tmp_path, name):
     path = tmp_path / name
