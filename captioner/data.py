@@ -217,6 +217,7 @@ def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: s
     if not kept:
         raise DataError(f"{printable(source)}: no images with captions (for this split); nothing written")
     written: list[tuple[str, list[str]]] = []
+    found: set[Path] = set()  # the images written
     missing: dict[str, None] = {}  # in order, each image once
     for image, captions in kept:
         if not image.is_file():
@@ -227,22 +228,30 @@ def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: s
             raise DataError(f"{printable(image)}: its name is not UTF-8, which a manifest (JSON) cannot hold; "
                             "rename it; nothing written")
         written.append((stored, captions))
+        found.add(image)
     if not written:
         raise DataError(f"none of the {len(kept)} images is in the images folder, e.g. {printable(kept[0][0])}; "
                         "check --images; nothing written")
     write_manifest(out, written)
-    return Converted(len(written), tuple(missing), repeated)
+    return Converted(len(written), tuple(missing), tuple(str(image) for image in repeated if image in found))
 
 
-def _once_each(records: list[tuple[Path, list[str]]]) -> tuple[list[tuple[Path, list[str]]], tuple[str, ...]]:
-    """Each image once, at its first place, with its non-blank captions (each once, in order), and
-    the images listed more than once. ``evaluate`` refuses a manifest naming an image twice (it
-    changes every CIDEr-D weight), and training would see its captions twice as often."""
-    merged: dict[Path, dict[str, None]] = {}
-    repeated: dict[str, None] = {}
+def _once_each(records: list[tuple[Path, list[str]]]) -> tuple[list[tuple[Path, list[str]]], tuple[Path, ...]]:
+    """Each image once, at its first place, with its non-blank captions, and the images listed more than once.
+
+    A later listing adds only the captions the image does not have yet: a Flickr split that
+    names an image twice repeats the same captions, a COCO file may give each listing its own.
+    Within one listing a caption written twice stays twice (two annotators wrote it; the
+    committed Flickr8k manifests keep 9 such). ``evaluate`` refuses a manifest naming an
+    image twice (it changes every CIDEr-D weight), and training would see its captions twice.
+    """
+    merged: dict[Path, list[str]] = {}
+    repeated: dict[Path, None] = {}
     for image, captions in records:
+        captions = [c for c in captions if c.strip()]
         if image in merged:
-            repeated[str(image)] = None
-        merged.setdefault(image, {}).update(dict.fromkeys(c for c in captions if c.strip()))
-    return [(image, list(captions)) for image, captions in merged.items() if captions], tuple(repeated)
-
+            repeated[image] = None
+            merged[image] += [c for c in dict.fromkeys(captions) if c not in merged[image]]
+        else:
+            merged[image] = captions
+    return [(image, captions) for image, captions in merged.items() if captions], tuple(repeated)

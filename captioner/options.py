@@ -13,9 +13,9 @@ import json
 import math
 import numbers
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from captioner.errors import OptionError
 
@@ -23,9 +23,9 @@ METHODS = ("beam", "greedy", "sample")
 # The options of method "sample" alone, and the value that leaves each off (required of the other methods).
 SAMPLING_ONLY = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 # Options that only some methods read: set by name for another method, they would be ignored without a word.
-# Greedy search has one candidate per image, so there is nothing for a length penalty or consensus to rank.
-METHOD_ONLY = {"beam_size": ("beam",), "seed": ("sample",), **{name: ("sample",) for name in SAMPLING_ONLY},
-               "length_penalty": ("beam", "sample"), "consensus_weight": ("beam", "sample")}
+METHOD_ONLY = {"beam_size": ("beam",), "seed": ("sample",), **{name: ("sample",) for name in SAMPLING_ONLY}}
+# Options that rank an image's candidate captions: they need more than one (see DecodingOptions.candidates).
+RANKING = ("length_penalty", "consensus_weight")
 
 
 # The model shipped inside the package (a folder of config.json, vocab.json, model.safetensors, ...).
@@ -152,21 +152,40 @@ class DecodingOptions:
                     raise OptionError(f"decoding option {name}={getattr(self, name)} applies to method 'sample' "
                                       f"only, not '{self.method}'")
 
-    def check_given(self, names: Iterable[str]) -> None:
-        """Refuse an option the caller set by name that this method does not read.
+    @property
+    def candidates(self) -> int:
+        """Captions searched per image, among which the ranking options choose."""
+        return self.beam_size if self.method == "beam" else self.n_best if self.method == "sample" else 1
 
-        A model's tuned defaults carry a beam size whatever the method, so the fields alone
-        cannot tell ``--method greedy --beam-size 4`` (a beam size that would be dropped
-        without a word) from ``--method greedy``: only the names the caller gave can.
+    def with_given(self, given: Mapping[str, Any]) -> "DecodingOptions":
+        """These options (a model's tuned defaults) with the values a caller named, checked as a whole.
+
+        A named option that the resulting search would not read is refused: a model's defaults
+        carry a beam size whatever the method, so the values alone cannot tell ``--method
+        greedy --beam-size 4`` (a beam size dropped without a word) from ``--method greedy``.
+        An option the caller did not name and the new method does not read goes back to its
+        plain default, so that a model that samples by default can be asked for beam search
+        without unsetting its temperature first.
 
         Raises:
-            OptionError: ``decoding option NAME applies to method 'M' only, not 'N'``.
+            OptionError: a value out of range, a rule across fields broken, or a named option unread.
         """
-        for name in names:
+        changes = dict(given)
+        method = changes.get("method", self.method)
+        for f in fields(self):
+            if f.name in METHOD_ONLY and f.name not in changes and method not in METHOD_ONLY[f.name]:
+                changes[f.name] = f.default
+        options = replace(self, **changes)
+        for name in given:
             methods = METHOD_ONLY.get(name, METHODS)
-            if self.method not in methods:
+            if options.method not in methods:
                 which = " or ".join(f"'{m}'" for m in methods)
-                raise OptionError(f"decoding option {name} applies to method {which} only, not '{self.method}'")
+                raise OptionError(f"decoding option {name} applies to method {which} only, not '{options.method}'")
+            if name in RANKING and options.candidates == 1:
+                one = {"greedy": "method 'greedy' finds one", "sample": "method 'sample' with n_best=1 draws one",
+                       "beam": "method 'beam' with beam_size=1 keeps one"}[options.method]
+                raise OptionError(f"decoding option {name} ranks an image's candidate captions; {one}")
+        return options
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "DecodingOptions":
@@ -268,7 +287,7 @@ def declared_decoding(folder: str | os.PathLike) -> DecodingOptions | None:
     for name in ("config.json", "runtime.json"):
         try:
             raw = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
-            return DecodingOptions.from_dict(raw["decoding"])
+            return DecodingOptions.from_dict(raw.get("decoding", {}))  # none: the plain defaults, as loading reads it
         except FileNotFoundError:
             continue
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):  # OptionError too

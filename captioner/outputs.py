@@ -45,7 +45,8 @@ def make_folder(folder: Path) -> None:
     for part in (folder, *folder.parents):
         if part.exists() or part.is_symlink():
             if not part.is_dir():
-                raise NotADirectoryError(20, f"{printable(part)} is a file, not a folder")
+                kind = "a broken link" if not part.exists() else "a file" if part.is_file() else "something else"
+                raise NotADirectoryError(20, f"{printable(part)} is {kind}, not a folder")
             break
     folder.mkdir(parents=True, exist_ok=True)
 

@@ -330,7 +330,8 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     if converted.repeated:
         count = len(converted.repeated)
         these = f"{count} images are" if count != 1 else "1 image is"
-        _print(f"warning: {these} listed more than once in {printable(args.split or args.captions)}, e.g. "
+        listing = args.split if args.format == "flickr" else args.captions  # karpathy's --split names a split
+        _print(f"warning: {these} listed more than once in {printable(listing)}, e.g. "
                f"{printable(converted.repeated[0])}; written once, with all their captions", err=True)
     _print(f"wrote {converted.written} images to {printable(args.out)}")
     return EXIT_OK

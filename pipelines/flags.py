@@ -93,12 +93,11 @@ def dataclass_from_args(args: argparse.Namespace, defaults: T, *, exclude: tuple
 
 
 def _with_given(defaults: T, given: dict[str, Any]) -> T:
-    """``defaults`` with ``given`` applied, and checked by the class's ``check_given(names)`` where it has one
-    (rules on what a caller may set together that the values alone cannot show)."""
-    options = dataclasses.replace(defaults, **given)
-    if hasattr(options, "check_given"):
-        options.check_given(given)
-    return options
+    """``defaults`` with ``given`` applied: by the class's own ``with_given(given)`` where it has one
+    (rules on what a caller names that the values alone cannot show), else field by field."""
+    if hasattr(defaults, "with_given"):
+        return defaults.with_given(given)
+    return dataclasses.replace(defaults, **given)
 
 
 def bounded_int(low: int, high: int):

@@ -439,8 +439,8 @@ def format_for(path: str | os.PathLike, name: str | None = None) -> RecordFormat
             raise OptionError(f"format: {name!r} is not one of {', '.join(RECORD_FORMATS)}")
         named = next((other for other, fmt in RECORD_FORMATS.items() if fmt.extension == suffix), name)
         if named != name:
-            raise OptionError(f"--format {name} would write {name} records into {printable(path)}, which reads as "
-                              f"{named}: name the file {RECORD_FORMATS[name].extension}, or leave --format out")
+            raise OptionError(f"format {name} would write {name} records into {printable(path)}, which reads as "
+                              f"{named}: name the file {RECORD_FORMATS[name].extension}, or leave the format out")
         return RECORD_FORMATS[name]()
     for fmt in RECORD_FORMATS.values():
         if fmt.extension == suffix:

@@ -60,7 +60,8 @@ class RecordFile:
         self._count = 0  # records in the file, superseded ones included
         self.errors = 0  # paths whose latest record is an error
         self._created = False  # this run made the file: removed again if the run fails before any record
-        self._file = open(os.dup(sys.stdout.fileno()), "wb", buffering=0) if self._stream else self._open_locked()  # noqa: SIM115
+        self._header = ""  # written before the first record (standard output: nothing for a run refused later)
+        self._file = self._standard_output() if self._stream else self._open_locked()
         _OPEN.add(self)
         try:
             if self._regular:
@@ -68,11 +69,22 @@ class RecordFile:
                     self._note(record)
                 if self.fmt.outdated:
                     self._rewrite()
-            if not self._regular or self._file.tell() == 0:  # a pipe cannot tell, and starts empty
+            if self._stream:  # appended to a file that has records already (``>> all.csv``): no second header
+                appended = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode) and os.fstat(self._file.fileno()).st_size
+                self._header = "" if appended else self.fmt.header()
+            elif not self._regular or self._file.tell() == 0:  # a pipe cannot tell, and starts empty
                 self._write(self._file, self.fmt.header())
         except BaseException:
             self.close()
             raise
+
+    def _standard_output(self) -> BinaryIO:
+        """A descriptor of its own on standard output (closing it leaves the process's own open)."""
+        try:
+            return open(os.dup(sys.stdout.fileno()), "wb", buffering=0)  # noqa: SIM115 (closed by close())
+        except (AttributeError, ValueError, OSError) as e:  # None (closed: ``>&-``), or no descriptor (a notebook)
+            raise OutputError("-: standard output is closed or is not a file descriptor here; "
+                              "the records have nowhere to go (give a file name)") from e
 
     def _release_in_child(self) -> None:
         """In a forked child, point our descriptor at /dev/null: the child must not hold the lock."""
@@ -192,7 +204,8 @@ class RecordFile:
 
     def write(self, record: dict) -> None:
         """Append one record and flush it to the OS at once."""
-        self._write(self._file, self.fmt.format(record))
+        header, self._header = self._header, ""
+        self._write(self._file, header + self.fmt.format(record))
         self._note(record)
 
     def holds(self, path: str | os.PathLike, *, retry_errors: bool = False) -> bool:

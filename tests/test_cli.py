@@ -145,9 +145,14 @@ def test_flags_are_checked_against_the_models_own_decoding_defaults_before_torch
     sampler = tmp_path / "sampler"
     shutil.copytree(DEFAULT_MODEL_DIR, sampler)
     config = json.loads((sampler / "config.json").read_text(encoding="utf-8"))
-    config["decoding"].update(method="sample", seed=1)
+    config["decoding"].update(method="sample", seed=1, temperature=0.7)
     (sampler / "config.json").write_text(json.dumps(config), encoding="utf-8")
     assert main(["caption", "--model", str(sampler), "--temperature", "0.5", "--seed", "2", photo]) == 0
+    capsys.readouterr()
+    assert main(["caption", "--model", str(sampler), "--method", "beam", photo]) == 0  # its temperature not read
+    assert main(["caption", photo]) == 0
+    beam, plain = capsys.readouterr().out.splitlines()
+    assert beam == plain  # the same weights, searched as the shipped model searches
     code = ("import sys; from captioner.pipelines.cli import main; "
             f"code = main(['caption', '--n-best', '6', {photo!r}]); print(code, 'torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -184,15 +189,19 @@ def test_every_decoding_option_has_a_flag_that_reaches_the_options():
     (["--top-k", "5"], "decoding option top_k=5 applies to method 'sample' only, not 'beam'"),
     (["--seed", "5"], "decoding option seed applies to method 'sample' only, not 'beam'"),
     (["--method", "greedy", "--consensus-weight", "2"],
-     "decoding option consensus_weight applies to method 'beam' or 'sample' only, not 'greedy'"),
-    (["--method", "greedy", "--length-penalty", "0.5"],
-     "decoding option length_penalty applies to method 'beam' or 'sample' only, not 'greedy'"),
+     "decoding option consensus_weight ranks an image's candidate captions; method 'greedy' finds one"),
+    (["--method", "sample", "--length-penalty", "0.5"],
+     "decoding option length_penalty ranks an image's candidate captions; method 'sample' with n_best=1 draws one"),
+    (["--beam-size", "1", "--consensus-weight", "2"],
+     "decoding option consensus_weight ranks an image's candidate captions; method 'beam' with beam_size=1 keeps one"),
 ])
 def test_an_option_the_chosen_method_does_not_read_is_refused_not_ignored(argv, message, capsys):
     """The model's defaults hold a beam size for every method: only a beam size the user gave is refused."""
     assert main(["caption", *argv, str(SAMPLES / "chelsea.png")]) == 2
     assert message in capsys.readouterr().err
     assert main(["caption", "--method", "greedy", str(SAMPLES / "chelsea.png")]) == 0
+    assert main(["caption", "--method", "sample", "--n-best", "2", "--consensus-weight", "2", "--seed", "1",
+                 str(SAMPLES / "chelsea.png")]) == 0  # two samples to rank
 
 
 def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys):

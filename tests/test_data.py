@@ -210,15 +210,20 @@ def test_an_image_the_split_names_twice_is_written_once_so_evaluate_takes_the_ma
                                        f"{images / 'rocket.jpg'}; written once, with all their captions\n")
 
 
-def test_a_coco_image_listed_twice_keeps_the_captions_of_both_once(tmp_path):
+def test_a_coco_image_listed_twice_gets_the_new_captions_of_the_second_listing(tmp_path):
+    """Within one listing a caption written twice stays twice: two annotators wrote it (the committed
+    Flickr8k manifests hold 9 such images), and dropping one would change the training data."""
     copy_samples(tmp_path / "images", {"chelsea.png": "a.png"})
-    annotations = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "a.png"}],
-                   "annotations": [{"image_id": 1, "caption": "A cat ."}, {"image_id": 2, "caption": "A tabby ."},
-                                   {"image_id": 2, "caption": "A cat ."}]}
+    annotations = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "a.png"},
+                              {"id": 3, "file_name": "gone.png"}, {"id": 4, "file_name": "gone.png"}],
+                   "annotations": [{"image_id": 1, "caption": "A cat ."}, {"image_id": 1, "caption": "A cat ."},
+                                   {"image_id": 2, "caption": "A tabby ."}, {"image_id": 2, "caption": "A cat ."},
+                                   {"image_id": 3, "caption": "Gone ."}, {"image_id": 4, "caption": "Gone ."}]}
     (tmp_path / "captions.json").write_text(json.dumps(annotations), encoding="utf-8")
     converted = coco_manifest(tmp_path / "captions.json", tmp_path / "images", tmp_path / "m.jsonl")
-    assert converted.written == 1 and converted.repeated == (str(tmp_path / "images" / "a.png"),)
-    assert read_manifest(tmp_path / "m.jsonl")[0].captions == ("A cat .", "A tabby .")
+    assert converted.written == 1 and converted.missing == (str(tmp_path / "images" / "gone.png"),)
+    assert converted.repeated == (str(tmp_path / "images" / "a.png"),)  # the missing one is named as missing only
+    assert read_manifest(tmp_path / "m.jsonl")[0].captions == ("A cat .", "A cat .", "A tabby .")
 
 
 def test_a_manifest_written_through_a_linked_folder_checks_the_images_where_they_are(flickr, tmp_path):
@@ -433,6 +438,19 @@ def test_committed_flickr8k_manifests():
         seen[split] = set(names)
         assert len(seen[split]) == count  # no image listed twice
     assert not seen["train"] & seen["dev"]
+
+
+def test_the_readmes_manifest_command_writes_the_committed_manifests_byte_for_byte(tmp_path):
+    """A conversion rule that drops or adds a caption (9 train images hold one written twice) shows here."""
+    if not (FLICKR8K / "images").is_dir():
+        pytest.skip(f"shared Flickr8k images not present at {FLICKR8K.resolve()}")
+    for split in ("train", "dev"):
+        out = MANIFESTS / f".test_{split}.jsonl"  # beside the committed one: image paths are relative to it
+        try:
+            flickr_manifest(FLICKR8K / "captions.txt", FLICKR8K / "splits" / f"{split}.txt", FLICKR8K / "images", out)
+            assert out.read_bytes() == (MANIFESTS / f"flickr8k_{split}.jsonl").read_bytes()
+        finally:
+            out.unlink(missing_ok=True)
 
 
 def test_conversion_drops_blank_captions_and_images_left_without_any(tmp_path):

@@ -590,16 +590,30 @@ def test_standard_output_is_written_never_read_back_as_an_earlier_run(tmp_path, 
         assert appended.returncode == 0 and appended.stderr.decode() == "1 captioned, 0 failed, 0 already done\n"
     first, *records = log.read_text(encoding="utf-8").splitlines()
     assert first == "log start" and [json.loads(r)["caption"] for r in records] == ["a cat is playing with a toy"] * 2
+    table = tmp_path / "all.csv"
+    command = f"{sys.executable} -m captioner.pipelines.cli batch {tmp_path / 'photos'} -o - --format csv --quiet"
+    refused = subprocess.run(f"{command} --method greedy --beam-size 4 >> {table}", shell=True, cwd=ROOT,
+                             capture_output=True, timeout=300)
+    assert refused.returncode == 2 and table.read_bytes() == b""  # no header for a run refused after opening it
+    for _ in range(2):  # the header once, so the file reads back as records
+        assert subprocess.run(f"{command} >> {table}", shell=True, cwd=ROOT, timeout=300).returncode == 0
+    assert table.read_text(encoding="utf-8").count('"path","caption"') == 1
+    code, _, err = run(["batch", str(tmp_path / "photos"), "-o", str(table), "--quiet"], capsys)
+    assert code == 0 and err == "0 captioned, 0 failed, 1 already done\n"
+    closed = subprocess.run(f"{command} >&-", shell=True, cwd=ROOT, capture_output=True, timeout=300)
+    assert closed.returncode == 1 and closed.stderr.decode() == (
+        "captioner: error: -: standard output is closed or is not a file descriptor here; the records have "
+        "nowhere to go (give a file name)\n")
     code, _, err = run(["batch", str(tmp_path / "photos"), "-o", "-", "--html", str(tmp_path / "r.html")], capsys)
     assert code == 2 and error_line(err).endswith("-: --html reads the records back from the output; "
                                                   "write them to a regular file")
 
 
 @pytest.mark.parametrize("out, fmt, message", [
-    ("m.jsonl", "csv", "--format csv would write csv records into {out}, which reads as jsonl: name the file .csv, "
-                       "or leave --format out"),
-    ("m.CSV", "jsonl", "--format jsonl would write jsonl records into {out}, which reads as csv: name the file "
-                       ".jsonl, or leave --format out"),
+    ("m.jsonl", "csv", "format csv would write csv records into {out}, which reads as jsonl: name the file .csv, "
+                       "or leave the format out"),
+    ("m.CSV", "jsonl", "format jsonl would write jsonl records into {out}, which reads as csv: name the file "
+                       ".jsonl, or leave the format out"),
 ])
 def test_a_format_that_contradicts_the_outputs_extension_is_refused(tmp_path, capsys, out, fmt, message):
     """As ``video`` refuses SRT text in x.vtt; an extension of no record format (``m.txt``) still takes any."""

@@ -215,7 +215,7 @@ def test_the_registry_maps_names_and_extensions_to_formats(tmp_path):
         assert isinstance(format_for(tmp_path / "x.txt", name), fmt)
         assert isinstance(format_for(tmp_path / f"x{fmt.extension}", name), fmt)
     assert isinstance(format_for(tmp_path / "x.txt"), JsonlRecords)
-    with pytest.raises(OptionError, match="--format csv would write csv records into .*x.jsonl, which reads as jsonl"):
+    with pytest.raises(OptionError, match="format csv would write csv records into .*x.jsonl, which reads as jsonl"):
         format_for(tmp_path / "x.jsonl", "csv")
     with pytest.raises(OptionError, match="'xml' is not one of jsonl, csv"):
         format_for(tmp_path / "x.xml", "xml")
