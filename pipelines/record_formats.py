@@ -431,7 +431,7 @@ def format_for(path: str | os.PathLike, name: str | None = None) -> RecordFormat
     """The record format named, else the one whose extension ``path`` has (JSONL by default).
 
     Raises:
-        OptionError: ``name`` is not a registered format.
+        OptionError: ``name`` is not a registered format, or ``path``'s extension names another one.
     """
     suffix = Path(path).suffix.lower()
     if name is not None:

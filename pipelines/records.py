@@ -70,8 +70,8 @@ class RecordFile:
                 if self.fmt.outdated:
                     self._rewrite()
             if self._stream:  # appended to a file that has records already (``>> all.csv``): no second header
-                appended = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode) and os.fstat(self._file.fileno()).st_size
-                self._header = "" if appended else self.fmt.header()
+                status = os.fstat(self._file.fileno())
+                self._header = "" if stat.S_ISREG(status.st_mode) and status.st_size else self.fmt.header()
             elif not self._regular or self._file.tell() == 0:  # a pipe cannot tell, and starts empty
                 self._write(self._file, self.fmt.header())
         except BaseException:
