@@ -112,7 +112,8 @@ def decode_image(file: str | os.PathLike | BinaryIO, name: str | os.PathLike, *,
     except ImageReadError:
         raise
     except UnidentifiedImageError as e:
-        raise ImageReadError(f"{printable(name)}: not an image in a format Pillow reads") from e
+        accepted = f"one of {', '.join(formats)}" if formats else "one Pillow reads"
+        raise ImageReadError(f"{printable(name)}: not an image in a format accepted here ({accepted})") from e
     except Image.DecompressionBombError as e:  # Pillow's own guard, at twice its limit: before the size is known
         raise ImageReadError(f"{printable(name)}: the image exceeds the limit of {limit} pixels "
                              "(a decompression bomb guard)") from e

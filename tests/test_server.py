@@ -106,8 +106,10 @@ def test_bad_uploads_are_4xx_json_naming_the_file_never_500(client, tmp_path):
 
     Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
     (tmp_path / "page.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
-    cases = {"notes.jpg": (415, "not an image"), "cut.jpg": (400, "truncated"), "empty.png": (400, "empty file"),
-             "bomb.png": (413, "exceeds"), "page.svg": (415, "not an image")}
+    Image.open(CAT).convert("RGB").resize((64, 64)).save(tmp_path / "icon.ico")  # Pillow reads it; we do not take it
+    accepted = "not an image in a format accepted here (one of JPEG, PNG, WEBP, GIF, BMP, TIFF)"
+    cases = {"notes.jpg": (415, accepted), "cut.jpg": (400, "truncated"), "empty.png": (400, "empty file"),
+             "bomb.png": (413, "exceeds"), "page.svg": (415, "not an image"), "icon.ico": (415, accepted)}
     for name, (status, reason) in cases.items():
         response = client.post("/v1/captions", files=[photo(tmp_path / name, "../../etc/" + name)])
         assert (response.status_code, reason in response.json()["error"]) == (status, True), name
@@ -407,3 +409,36 @@ def test_a_real_server_captions_concurrent_requests_in_shared_batches(live_serve
     cors = httpx.options(live_server + "/v1/captions", headers={"Origin": "http://evil.example",
                                                                "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in cors.headers  # CORS is off unless asked
+
+
+def test_the_pixel_budget_lets_a_large_picture_decode_only_when_it_fits():
+    """Decodes share one budget of pixels: small ones side by side, one too large for what is left waits."""
+    import threading
+    import time
+
+    from captioner.pipelines.server import PixelBudget
+
+    budget, events = PixelBudget(100), []
+    first_in, release_first = threading.Event(), threading.Event()
+
+    def hold(name: str, pixels: int, entered: threading.Event | None = None, leave: threading.Event | None = None):
+        with budget.hold(pixels):
+            events.append(f"{name} in ({budget.used})")
+            if entered is not None:
+                entered.set()
+            if leave is not None:
+                leave.wait(10)
+        events.append(f"{name} out")
+
+    first = threading.Thread(target=hold, args=("a", 60, first_in, release_first))
+    first.start()
+    assert first_in.wait(10)
+    hold("small", 30)  # fits beside a: no wait
+    late = threading.Thread(target=hold, args=("large", 1000))  # more than all: waits until a is done, then alone
+    late.start()
+    time.sleep(0.2)
+    assert events == ["a in (60)", "small in (90)", "small out"]
+    release_first.set()
+    first.join(10)
+    late.join(10)
+    assert events[3:] == ["a out", "large in (100)", "large out"] and budget.used == 0
