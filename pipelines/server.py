@@ -256,8 +256,8 @@ class PixelBudget:
     picture's pixels fit in ``capacity``.
 
     The pixel limit bounds one picture, not the memory of many: a PNG of zeros holding 225
-    million pixels is 656 KB, so a request (32 MB) can carry dozens, and requests decode in a
-    pool of 40 threads. With this, pictures of ordinary size still decode side by side (twenty
+    million pixels is 656 KB, so each of a request's 16 images can be one, and requests decode
+    in a pool of 40 threads. With this, pictures of ordinary size still decode side by side (twenty
     12-megapixel photos at once), while the largest ones take their turn.
     """
 
