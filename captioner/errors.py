@@ -27,6 +27,11 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+def count_of(n: int, noun: str) -> str:
+    """``1 image``, ``3 images``: a count in a message, never "1 images"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 _CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
 _CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 

@@ -44,7 +44,7 @@ from captioner.data import ManifestEntry, read_manifest
 from captioner.decoding import DecodingOptions
 from captioner.distributed import join, leave
 from captioner.encoders import build_encoder
-from captioner.errors import DataError, OptionError, OutputError, printable
+from captioner.errors import DataError, OptionError, OutputError, count_of, printable
 from captioner.evaluation import evaluate_grids, grid_batches
 from captioner.features import cached_features
 from captioner.images import check_image_file, model_pixels
@@ -102,10 +102,6 @@ def _check_distributable(cfg: TrainConfig, world: int) -> None:
     if cfg.finetune_encoder:
         raise OptionError("under torchrun, training runs on cached features: set finetune_encoder false, or "
                           "fine-tune the CNN in one process")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _pick_device(name: str) -> torch.device:
@@ -397,7 +393,7 @@ class Trainer:
             if not self.cfg.finetune_encoder or isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
         total_loss, count = 0.0, 0
-        batches = self._my_share(self._length_bucketed_batches(), _count(len(self.pairs), "caption"))
+        batches = self._my_share(self._length_bucketed_batches(), count_of(len(self.pairs), "caption"))
         bar = progress_bar(batches, show=self.group.leader, desc=f"epoch {self.epoch + 1}", unit="batch")
         for batch_ids in bar:
             batch = [self.pairs[i] for i in batch_ids]
@@ -414,9 +410,9 @@ class Trainer:
             DataError: too few captions (cross-entropy) or images (self-critical) for the processes.
         """
         if len(self.pairs) < self.group.world:
-            raise self._too_few(_count(len(self.pairs), "caption"))
+            raise self._too_few(count_of(len(self.pairs), "caption"))
         if self.cfg.scst_epochs and len(self.train_entries) < self.group.world:
-            raise self._too_few(_count(len(self.train_entries), "image"))
+            raise self._too_few(count_of(len(self.train_entries), "image"))
 
     def _too_few(self, what: str) -> DataError:
         return DataError(f"{printable(self.cfg.train_manifest)}: {what} cannot give each of the "
@@ -623,7 +619,7 @@ class Trainer:
         random.shuffle(order)  # the same order in every process
         size, group = self.cfg.scst_batch_images, self.group
         batches = self._my_share([order[start : start + size] for start in range(0, len(order), size)],
-                                 _count(len(order), "image"))
+                                 count_of(len(order), "image"))
         bar = progress_bar(batches, show=group.leader, desc=f"scst {self.scst_done}", unit="batch")
         reward = torch.zeros(2, dtype=torch.float64)  # summed rewards, samples
         for ids in bar:

@@ -15,7 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
-from captioner.errors import CaptionerError, OptionError, OutputError, one_line, printable
+from captioner.errors import CaptionerError, OptionError, OutputError, count_of, one_line, printable
 from captioner.options import DEFAULT_WORKERS
 from captioner.pipelines.flags import (
     add_dataclass_flags,
@@ -231,6 +231,10 @@ def _batch_with_ray(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if summary.failed or summary.earlier_failed else EXIT_OK
 
 
+def _is_are(count: int) -> str:
+    return "is" if count == 1 else "are"
+
+
 def _check_report_path(html: Path, output: Path) -> None:
     """The report is written whole over ``html``: never over the records, a photo or anything not a page."""
     if html.suffix.lower() not in (".html", ".htm"):
@@ -250,9 +254,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_scorable(entries, args.manifest)
     missing = [e.image for e in entries if not e.image.is_file()]
     if missing:
-        count = f"{len(missing)} images listed in {printable(args.manifest)} are" if len(missing) > 1 else \
-            f"1 image listed in {printable(args.manifest)} is"
-        raise DataError(f"{count} not a file, e.g. {printable(missing[0])}; scores without them would not compare")
+        listed = f"{count_of(len(missing), 'image')} listed in {printable(args.manifest)} {_is_are(len(missing))}"
+        raise DataError(f"{listed} not a file, e.g. {printable(missing[0])}; scores without them would not compare")
     model, options = _load(args)
     scores = evaluate(model, args.manifest, options=options, meteor=not args.no_meteor, batch_size=args.batch_size)
     for name, value in scores.items():
@@ -324,15 +327,14 @@ def cmd_manifest(args: argparse.Namespace) -> int:
                         f"{e})") from e
     if converted.missing:
         count = len(converted.missing)
-        these = f"{count} images with captions are" if count != 1 else "1 image with captions is"
-        _print(f"warning: {these} not in --images {printable(args.images)}, e.g. "
-               f"{printable(converted.missing[0])}; left out of the manifest", err=True)
+        _print(f"warning: {count_of(count, 'image')} with captions {_is_are(count)} not in --images "
+               f"{printable(args.images)}, e.g. {printable(converted.missing[0])}; left out of the manifest", err=True)
     if converted.repeated:
         count = len(converted.repeated)
-        these = f"{count} images are" if count != 1 else "1 image is"
         listing = args.split if args.format == "flickr" else args.captions  # karpathy's --split names a split
-        _print(f"warning: {these} listed more than once in {printable(listing)}, e.g. "
-               f"{printable(converted.repeated[0])}; written once, with all their captions", err=True)
+        _print(f"warning: {count_of(count, 'image')} {_is_are(count)} listed more than once in "
+               f"{printable(listing)}, e.g. {printable(converted.repeated[0])}; written once, with all their captions",
+               err=True)
     _print(f"wrote {converted.written} images to {printable(args.out)}")
     return EXIT_OK
 

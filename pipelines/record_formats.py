@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator, NamedTuple
 
-from captioner.errors import OptionError, OutputError, printable
+from captioner.errors import OptionError, OutputError, count_of, printable
 
 if TYPE_CHECKING:
     from captioner.api import PathResult
@@ -51,8 +51,7 @@ def earlier_failures(count: int) -> str:
     """The end of a batch summary when an output still holds errors from earlier runs (else "")."""
     if not count:
         return ""
-    files = "file" if count == 1 else "files"
-    return f"; {count} {files} failed in an earlier run (use --retry-errors to try again)"
+    return f"; {count_of(count, 'file')} failed in an earlier run (use --retry-errors to try again)"
 
 
 def check_fallback(fallback: str | None, min_confidence: float | None) -> None:
