@@ -13,11 +13,18 @@ second, and how many times each read of the needed frames the full pipeline take
 The pipeline runs once untimed first (the model's first batch pays one-off set-up costs,
 as in the other benchmarks); then the three are timed ``--repeat`` times, interleaved,
 and each figure is the median (min-max), ratios taken within each repeat.
+
+It also times the model alone on the frames the pipeline captions (already decoded and
+resized, in the pipeline's batches), on all torch threads and on one, and the processor
+time of the full run. Those bound the speed on this machine: reading the frames and
+captioning them on one thread (the least processor time they take, with no thread
+waiting on another) spread perfectly over every core is the fastest any schedule could run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -29,7 +36,7 @@ import torch
 from PIL import Image
 
 from captioner.api import load_model
-from captioner.pipelines.video import subtitle_video, uniform_times
+from captioner.pipelines.video import UniformSampler, caption_picks, sample_frames, subtitle_video, uniform_times
 from captioner.pipelines.video_options import SAMPLING_MODES, VideoOptions
 from captioner.pipelines.video_source import FramePicker, OpenCVSource
 
@@ -76,6 +83,30 @@ def read_through_needed_frames(path: Path, every: float) -> int:
     return count
 
 
+def picked_frames(path: Path, every: float, size: int) -> list:
+    """The frames the pipeline captions, decoded and resized (uniform sampling)."""
+    with OpenCVSource(path) as source:
+        return list(sample_frames(source, UniformSampler(every, size)))
+
+
+def caption_alone(model, picks: list, threads: int) -> float:
+    """Seconds the model takes on ``picks`` in the pipeline's batches, on ``threads`` torch threads."""
+    full = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seconds, _ = timed(lambda: list(caption_picks(model.caption_pixels, picks, None, VideoOptions().batch_size)))
+    finally:
+        torch.set_num_threads(full)
+    return seconds
+
+
+def processor_time(function, *args, **kwargs) -> tuple[float, float]:
+    """(wall seconds, processor seconds of this process, all threads) of one call."""
+    cpu = time.process_time()
+    wall, _ = timed(function, *args, **kwargs)
+    return wall, time.process_time() - cpu
+
+
 def timed(function, *args, **kwargs):
     start = time.perf_counter()
     result = function(*args, **kwargs)
@@ -95,7 +126,7 @@ def main() -> None:
 
     model = load_model()
     settings = VideoOptions(mode=args.mode, every=args.every)
-    runs: dict[str, list[float]] = {"decode": [], "through": [], "needed": [], "full": []}
+    runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(args.video) if args.video else Path(folder) / "clip.mp4"
         if not args.video:
@@ -103,14 +134,21 @@ def main() -> None:
             print(f"wrote {args.seconds:g} s of 1280x720 at {args.fps} fps in {write_s:.1f} s "
                   f"({path.stat().st_size / 1e6:.1f} MB)")
         subtitle_video(path, model=model, settings=settings)  # warm-up, untimed
+        picks = picked_frames(path, args.every, model.encoder.preprocess.size) if args.mode == "uniform" else []
+        threads = torch.get_num_threads()
         for _ in range(args.repeat):
             decode_s, frames = timed(decode_every_frame, path)
             through_s, _ = timed(read_through_needed_frames, path, args.every)
-            needed_s, needed = timed(read_needed_frames, path, args.every)
-            total_s, result = timed(subtitle_video, path, model=model, settings=settings)
+            needed_s, needed_cpu = processor_time(read_needed_frames, path, args.every)
+            needed = read_needed_frames(path, args.every)
+            total_s, total_cpu = processor_time(subtitle_video, path, model=model, settings=settings)
             for name, seconds in (("decode", decode_s), ("through", through_s), ("needed", needed_s),
-                                  ("full", total_s)):
-                runs[name].append(seconds)
+                                  ("full", total_s), ("needed cpu", needed_cpu), ("full cpu", total_cpu)):
+                runs.setdefault(name, []).append(seconds)
+            if picks:
+                runs.setdefault("model", []).append(caption_alone(model, picks, threads))
+                runs.setdefault("model 1", []).append(caption_alone(model, picks, 1))
+        result = subtitle_video(path, model=model, settings=settings)
     length = result.duration
     print(f"threads: torch {torch.get_num_threads()}, opencv {cv2.getNumThreads()}; "
           f"{frames} frames, {length:.1f} s of video, --every {args.every:g}: {needed} frames read, "
@@ -129,6 +167,17 @@ def main() -> None:
         ("full / bare read of the needed frames, reading through",
          [full / through for full, through in zip(runs["full"], runs["through"], strict=True)], "x"),
     ]
+    if picks:
+        cores = os.cpu_count() or 1
+        floor = [(read + alone) / cores for read, alone in zip(runs["needed cpu"], runs["model 1"], strict=True)]
+        rows += [
+            (f"processor time of the full run, all threads (machine: {cores} cores)", runs["full cpu"], "s"),
+            (f"model alone on the {len(picks)} captioned frames, {threads} torch threads", runs["model"], "s"),
+            (f"model alone on the {len(picks)} captioned frames, 1 torch thread", runs["model 1"], "s"),
+            ("processor time of the bare read (as the pipeline reads)", runs["needed cpu"], "s"),
+            ("fastest possible: (read + model on 1 thread) / cores", floor, "s"),
+            ("... as speed (video seconds per wall second)", [length / f for f in floor], "x real time"),
+        ]
     width = max(len(name) for name, _, _ in rows)
     for name, values, unit in rows:
         print(f"{name:<{width}}  {statistics.median(values):6.2f} ({min(values):.2f}-{max(values):.2f}) {unit}")
