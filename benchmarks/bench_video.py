@@ -100,11 +100,11 @@ def caption_alone(model, picks: list, threads: int) -> float:
     return seconds
 
 
-def processor_time(function, *args, **kwargs) -> tuple[float, float]:
-    """(wall seconds, processor seconds of this process, all threads) of one call."""
+def processor_time(function, *args, **kwargs):
+    """(wall seconds, processor seconds of this process, all threads, result) of one call."""
     cpu = time.process_time()
-    wall, _ = timed(function, *args, **kwargs)
-    return wall, time.process_time() - cpu
+    wall, result = timed(function, *args, **kwargs)
+    return wall, time.process_time() - cpu, result
 
 
 def timed(function, *args, **kwargs):
@@ -139,16 +139,14 @@ def main() -> None:
         for _ in range(args.repeat):
             decode_s, frames = timed(decode_every_frame, path)
             through_s, _ = timed(read_through_needed_frames, path, args.every)
-            needed_s, needed_cpu = processor_time(read_needed_frames, path, args.every)
-            needed = read_needed_frames(path, args.every)
-            total_s, total_cpu = processor_time(subtitle_video, path, model=model, settings=settings)
+            needed_s, needed_cpu, needed = processor_time(read_needed_frames, path, args.every)
+            total_s, total_cpu, result = processor_time(subtitle_video, path, model=model, settings=settings)
             for name, seconds in (("decode", decode_s), ("through", through_s), ("needed", needed_s),
                                   ("full", total_s), ("needed cpu", needed_cpu), ("full cpu", total_cpu)):
                 runs.setdefault(name, []).append(seconds)
             if picks:
                 runs.setdefault("model", []).append(caption_alone(model, picks, threads))
                 runs.setdefault("model 1", []).append(caption_alone(model, picks, 1))
-        result = subtitle_video(path, model=model, settings=settings)
     length = result.duration
     print(f"threads: torch {torch.get_num_threads()}, opencv {cv2.getNumThreads()}; "
           f"{frames} frames, {length:.1f} s of video, --every {args.every:g}: {needed} frames read, "
