@@ -6,6 +6,12 @@ Prints a Markdown table: images/s of each (median and min-max over interleaved r
 their ratio, whether the captions are the same, and what starting the Ray runtime costs
 once (it is started before the timed runs: a long job pays it once). Images are the
 Flickr8k dev photos when present, else copies of the bundled examples.
+
+Then what a Ray call cannot avoid before its first batch, each part measured alone: Ray
+Data's own start (the same two steps, doing nothing, until their first batch is back), and
+what any fresh process that captions pays (importing torch, loading the model, the first
+batch's one-off set-up). Those plus the images at the steady rate give the best ratio a
+call of this many images could reach here.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +35,7 @@ from bench_pipeline import make_folder  # noqa: E402
 from captioner.api import load_model  # noqa: E402
 from captioner.options import DEFAULT_WORKERS  # noqa: E402
 from captioner.pipelines.folder import caption_folder  # noqa: E402
-from captioner.pipelines.ray_batch import RaySettings, caption_with_ray, iter_records  # noqa: E402
+from captioner.pipelines.ray_batch import RaySettings, _blocks, caption_with_ray, iter_records  # noqa: E402
 
 
 def main() -> None:
@@ -67,6 +74,8 @@ def main() -> None:
             local = {r["path"]: r["caption"] for r in map(json.loads, local_out.read_text().splitlines())}
             remote = {r["path"]: r["caption"] for r in iter_records(str(ray_out))}
             same = same and local == remote
+        noop = [ray_data_start(folder, settings) for _ in range(args.repeat)]
+        fresh = [fresh_process_start(folder, args.batch_size) for _ in range(args.repeat)]
     ray.shutdown()
     ratios = [r / loc for r, loc in zip(ray_rates, local_rates, strict=True)]
     print(f"{args.images} images, batch {args.batch_size}, {cpus} CPUs, {args.repeat} interleaved runs\n")
@@ -79,6 +88,77 @@ def main() -> None:
           f"{_spread(steady_ratios, 2)}x |")
     print(f"\ncaptions identical: {same}; first batch back after {_spread(first)} s of each Ray call; "
           f"starting the local Ray runtime (once per process): {startup:.1f} s")
+    parts = {name: [f[name] for f in fresh] for name in fresh[0]}
+    floor = [n + sum(f.values()) + args.images / r for n, f, r in zip(noop, fresh, steady, strict=True)]
+    best = [args.images / loc / f for loc, f in zip(local_rates, floor, strict=True)]
+    print("\nWhat a Ray call cannot avoid, each part alone (seconds, median (min-max)):\n")
+    print("| part | seconds |")
+    print("|---|---|")
+    print(f"| Ray Data's own start: the same two steps doing nothing, until their first batch | {_spread(noop, 2)} |")
+    for name, values in parts.items():
+        print(f"| a fresh process: {name} | {_spread(values, 2)} |")
+    print(f"| those, plus {args.images} images at the steady rate | {_spread(floor, 2)} |")
+    print(f"\nbest whole-call ratio to the local pipeline a call of {args.images} images could reach here: "
+          f"{_spread(best, 2)}x")
+
+
+class _Nothing:
+    """An actor that does nothing: what Ray Data's start costs without a model."""
+
+    def __call__(self, batch: dict) -> dict:
+        return batch
+
+
+def _no_read(batch: dict) -> dict:
+    return batch
+
+
+def ray_data_start(folder: Path, settings: RaySettings) -> float:
+    """Seconds until the first batch comes back from ``caption_with_ray``'s two steps with nothing in them."""
+    import ray
+
+    items = [{"path": str(p), "inside": str(p)} for p in sorted(folder.iterdir())]
+    started = time.perf_counter()
+    dataset = (ray.data.from_items(items, override_num_blocks=_blocks(len(items), settings))
+               .map_batches(_no_read, batch_size=settings.batch_size, num_cpus=0, concurrency=settings.actors)
+               .map_batches(_Nothing, batch_size=settings.batch_size, concurrency=settings.actors,
+                            num_cpus=settings.cpus_per_actor))
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    next(batches)
+    first = time.perf_counter() - started
+    for _ in batches:
+        pass
+    return first
+
+
+FRESH = """
+import json, sys, time
+import numpy as np
+started = time.perf_counter()
+import torch
+from captioner.api import caption_pixel_batch, load_model
+from captioner.images import bytes_pixels
+imported = time.perf_counter()
+model = load_model()
+loaded = time.perf_counter()
+size = model.encoder.preprocess.size
+paths = sys.argv[1:]
+pixels = torch.from_numpy(np.stack([bytes_pixels(open(p, "rb").read(), p, size) for p in paths]))
+times = []
+for _ in range(3):
+    t = time.perf_counter()
+    caption_pixel_batch(model, paths, pixels)
+    times.append(time.perf_counter() - t)
+print(json.dumps({"importing torch and captioner": imported - started, "loading the model": loaded - imported,
+                  "the first batch's one-off set-up (first batch less the later ones')": times[0] - min(times[1:])}))
+"""
+
+
+def fresh_process_start(folder: Path, batch_size: int) -> dict[str, float]:
+    """What a new process pays before it captions at the steady rate (the actor's own start, without Ray)."""
+    paths = [str(p) for p in sorted(folder.iterdir())[:batch_size]]
+    done = subprocess.run([sys.executable, "-c", FRESH, *paths], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
 
 
 def _spread(values: list[float], digits: int = 1) -> str:
