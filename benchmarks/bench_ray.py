@@ -35,7 +35,7 @@ from bench_pipeline import make_folder  # noqa: E402
 from captioner.api import load_model  # noqa: E402
 from captioner.options import DEFAULT_WORKERS  # noqa: E402
 from captioner.pipelines.folder import caption_folder  # noqa: E402
-from captioner.pipelines.ray_batch import RaySettings, _blocks, caption_with_ray, iter_records  # noqa: E402
+from captioner.pipelines.ray_batch import RaySettings, blocks_for, caption_with_ray, iter_records  # noqa: E402
 
 
 def main() -> None:
@@ -119,7 +119,7 @@ def ray_data_start(folder: Path, settings: RaySettings) -> float:
 
     items = [{"path": str(p), "inside": str(p)} for p in sorted(folder.iterdir())]
     started = time.perf_counter()
-    dataset = (ray.data.from_items(items, override_num_blocks=_blocks(len(items), settings))
+    dataset = (ray.data.from_items(items, override_num_blocks=blocks_for(len(items), settings))
                .map_batches(_no_read, batch_size=settings.batch_size, num_cpus=0, concurrency=settings.actors)
                .map_batches(_Nothing, batch_size=settings.batch_size, concurrency=settings.actors,
                             num_cpus=settings.cpus_per_actor))

@@ -160,7 +160,8 @@ class DecodingOptions:
     def with_given(self, given: Mapping[str, Any]) -> "DecodingOptions":
         """These options (a model's tuned defaults) with the values a caller named, checked as a whole.
 
-        A named option that the resulting search would not read is refused: a model's defaults
+        A named option that the resulting search would not read is refused (a concept threshold
+        with no concept boost too): a model's defaults
         carry a beam size whatever the method, so the values alone cannot tell ``--method
         greedy --beam-size 4`` (a beam size dropped without a word) from ``--method greedy``.
         An option the caller did not name and the new method does not read goes back to its
@@ -181,6 +182,9 @@ class DecodingOptions:
             if options.method not in methods:
                 which = " or ".join(f"'{m}'" for m in methods)
                 raise OptionError(f"decoding option {name} applies to method {which} only, not '{options.method}'")
+            if name == "concept_threshold" and options.concept_boost == 0:
+                raise OptionError("decoding option concept_threshold picks the labels whose words concept_boost "
+                                  "raises; concept_boost is 0")
             if name in RANKING and options.candidates == 1:
                 one = {"greedy": "method 'greedy' finds one", "sample": "method 'sample' with n_best=1 draws one",
                        "beam": "method 'beam' with beam_size=1 keeps one"}[options.method]

@@ -463,7 +463,7 @@ def caption_with_ray(
             threads = max(1, int(settings.cpus_per_actor))
             dataset = (
                 ray.data.from_items([{"path": p, "inside": inside} for p, inside in todo],
-                                    override_num_blocks=_blocks(len(todo), settings))
+                                    override_num_blocks=blocks_for(len(todo), settings))
                 # I/O: no CPUs reserved, so the actors keep them; as many read tasks at a time as actors,
                 # since without a bound Ray starts a worker process per waiting task, and on a small machine
                 # those starts slow the actor's own (the whole call on 256 images: 0.38x -> 0.50x the local pipeline)
@@ -541,7 +541,7 @@ def _still_to_do(writer: ShardWriter, paths: list[tuple[str, str]],
     return todo, RaySummary(already_done=len(paths) - len(todo), earlier_failed=earlier)
 
 
-def _blocks(count: int, settings: RaySettings) -> int:
+def blocks_for(count: int, settings: RaySettings) -> int:
     """Enough blocks for every actor to stay busy, each a few batches long."""
     return max(1, min(count // settings.batch_size + 1, settings.actors * 8))
 

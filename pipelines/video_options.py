@@ -6,7 +6,8 @@ this module imports neither torch, numpy nor OpenCV; the pipeline is in :mod:`.v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
 
 from captioner.errors import OptionError
 from captioner.options import Bounds, check_fields, option
@@ -52,6 +53,17 @@ class VideoOptions:
                         "found and reported")
     # frames per encoder + beam search batch
     batch_size: int = option(16, int, "frames captioned per batch", Bounds(1, 256))
+
+    def with_given(self, given: Mapping[str, Any]) -> VideoOptions:
+        """These options with the values a caller named; one the sampling mode would not read is refused.
+
+        Raises:
+            OptionError: a value out of range, or ``max_per_scene`` named for uniform sampling.
+        """
+        options = replace(self, **given)
+        if "max_per_scene" in given and options.mode != "scenes":
+            raise OptionError(f"video option max_per_scene applies to mode 'scenes' only, not '{options.mode}'")
+        return options
 
     def __post_init__(self) -> None:
         check_fields(self, "video option")

@@ -194,6 +194,8 @@ def test_every_decoding_option_has_a_flag_that_reaches_the_options():
      "decoding option length_penalty ranks an image's candidate captions; method 'sample' with n_best=1 draws one"),
     (["--beam-size", "1", "--consensus-weight", "2"],
      "decoding option consensus_weight ranks an image's candidate captions; method 'beam' with beam_size=1 keeps one"),
+    (["--concept-boost", "0", "--concept-threshold", "0.2"],
+     "decoding option concept_threshold picks the labels whose words concept_boost raises; concept_boost is 0"),
 ])
 def test_an_option_the_chosen_method_does_not_read_is_refused_not_ignored(argv, message, capsys):
     """The model's defaults hold a beam size for every method: only a beam size the user gave is refused."""

@@ -62,10 +62,17 @@ def test_captions_are_the_cli_records_and_decoding_options_apply(client, capsys)
     ("fallback=tags", "give min_confidence too"),
     ("method=greedy&beam_size=4", "decoding option beam_size applies to method 'beam' only, not 'greedy'"),
     ("min_confidence=2", "must be a number in [0, 1]"),
+    ("concept_boost=0&concept_threshold=0.2", "concept_threshold picks the labels whose words concept_boost raises"),
 ])
 def test_bad_options_are_422_with_the_reason(client, query, message):
     response = client.post(f"/v1/captions?{query}", files=[photo(CAT)])
     assert response.status_code == 422 and message in response.json()["error"]
+
+
+def test_a_video_option_the_sampling_mode_does_not_read_is_422(client):
+    response = client.post("/v1/subtitles?max_per_scene=2", files=[("video", ("a.mp4", b"not read", "video/mp4"))])
+    assert response.status_code == 422
+    assert "video option max_per_scene applies to mode 'scenes' only, not 'uniform'" in response.json()["error"]
 
 
 def test_odd_requests_get_json_answers_not_redirects_or_silence(client, tmp_path):

@@ -503,6 +503,11 @@ def test_cli_burned_copy_keeps_frame_count(clips, tmp_path):
     assert cv2.VideoCapture(str(burned)).get(cv2.CAP_PROP_FRAME_COUNT) == 120
 
 
+def test_max_per_scene_without_scenes_mode_is_refused_not_ignored(clips, capsys):
+    assert main(["video", str(clips["avi"]), "--max-per-scene", "1"]) == 2
+    assert "video option max_per_scene applies to mode 'scenes' only, not 'uniform'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--every", "0"], ["--every", "1e-9"], ["--every", "inf"], ["--every", "nan"], ["-o", "out.txt"],
