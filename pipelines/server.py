@@ -317,7 +317,8 @@ def _subtitle(model, upload, path: Path, decoding: DecodingOptions, settings: Vi
             result = subtitle_source(source, model=model, options=decoding, settings=settings, caption=caption)
     except VideoReadError as e:
         why = str(e).split(": ", 1)[-1]
-        raise HTTPError(413 if "exceeds the limit" in why else 415, f"{name}: {why}") from e
+        status = 413 if "exceeds the limit" in why else 400 if why == "empty file" else 415  # as for a photo
+        raise HTTPError(status, f"{name}: {why}") from e
     private = printable(path)  # warnings and notes name the upload, never the server's own file
 
     def named(lines: tuple[str, ...]) -> tuple[str, ...]:

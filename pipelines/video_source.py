@@ -284,6 +284,8 @@ class OpenCVSource:
             reason = ("is a folder, not a video" if self.path.is_dir()
                       else "not a regular file" if self.path.exists() else "no such file")  # a FIFO would block
             raise VideoReadError(f"{printable(self.path)}: {reason}")
+        if self.path.stat().st_size == 0:  # said as for a photo, not as a format OpenCV cannot read
+            raise VideoReadError(f"{printable(self.path)}: empty file")
         _refuse_a_photo(self.path)
         quiet_ffmpeg()
         try:

@@ -144,6 +144,8 @@ def test_subtitles_for_an_uploaded_video_in_each_format(client, tmp_path):
     assert cues and "cat" in cues[0]["text"]
     bad = client.post("/v1/subtitles", files={"video": ("clip.mp4", b"not a video at all", "video/mp4")})
     assert bad.status_code == 415 and bad.json()["error"].startswith("clip.mp4: ")
+    empty = client.post("/v1/subtitles", files={"video": ("clip.mp4", b"", "video/mp4")})
+    assert (empty.status_code, empty.json()["error"]) == (400, "clip.mp4: empty file")  # as for an empty photo
     assert client.post("/v1/subtitles?format=doc", files=upload).status_code == 422
     assert client.post("/v1/subtitles?every=0", files=upload).status_code == 422
     two = client.post("/v1/subtitles", files=[("video", ("a.mp4", clip.read_bytes(), "video/mp4")),

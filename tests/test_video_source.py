@@ -111,13 +111,16 @@ def make_bad_videos(folder):
     for name, fourcc in (("zero.avi", "MJPG"), ("zero.mp4", "mp4v")):
         cv2.VideoWriter(str(folder / name), cv2.VideoWriter_fourcc(*fourcc), 10, (320, 240)).release()
     (folder / "notes.mp4").write_text("this is not a video\n")
+    (folder / "empty.webm").write_bytes(b"")
     (folder / "folder.mp4").mkdir()
     os.mkfifo(folder / "pipe.mkv")
     return {"zero.avi": "no decodable video frames", "zero.mp4": "cannot open", "notes.mp4": "cannot open",
-            "missing.mkv": "no such file", "folder.mp4": "is a folder", "pipe.mkv": "not a regular file"}
+            "empty.webm": "empty file$", "missing.mkv": "no such file", "folder.mp4": "is a folder",
+            "pipe.mkv": "not a regular file"}
 
 
-@pytest.mark.parametrize("name", ["zero.avi", "zero.mp4", "notes.mp4", "missing.mkv", "folder.mp4", "pipe.mkv"])
+@pytest.mark.parametrize("name", ["zero.avi", "zero.mp4", "notes.mp4", "empty.webm", "missing.mkv", "folder.mp4",
+                                  "pipe.mkv"])
 def test_unreadable_videos_raise_an_error_naming_the_file(tmp_path, name):
     reasons = make_bad_videos(tmp_path)
     with pytest.raises(VideoReadError, match=re.escape(str(tmp_path / name)) + ".*" + reasons[name]):
