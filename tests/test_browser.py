@@ -30,6 +30,10 @@ def test_photos_video_and_a_bad_file_through_the_page(live_server, tmp_path):
             page.wait_for_selector("figure.photo .confidence", timeout=60_000)
             assert "cat" in page.inner_text("figure.photo .caption")
             assert "confidence 0." in page.inner_text("figure.photo .confidence")
+            # the thumbnail shows, and the file's object URL was let go once it had loaded
+            assert page.evaluate("document.querySelector('figure.photo img').naturalWidth") == 451
+            assert page.evaluate("fetch(document.querySelector('figure.photo img').src)"
+                                 ".then(() => 'held', () => 'let go')") == "let go"
 
             page.set_input_files("#files", str(clip))
             page.wait_for_function(f"({CUE_COUNT})() > 0", timeout=120_000)
