@@ -131,13 +131,8 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         return await _within(caption_request(request), settings.timeout)  # from the first byte read to the last
 
     async def caption_request(request: Request) -> dict:
-        try:
-            form = await request.form(max_files=settings.max_images + 1)
-        except StarletteHTTPException as e:  # Starlette's 400 for files past max_files: too many images
-            if "Too many files" in str(e.detail):
-                raise HTTPError(413, f"more than {settings.max_images + 1} images in one request; "
-                                     f"at most {settings.max_images}") from e
-            raise
+        form = await _form(request, settings.max_images + 1, HTTPError(
+            413, f"more than {settings.max_images + 1} images in one request; at most {settings.max_images}"))
         uploads = [u for u in form.getlist("images") if isinstance(u, UploadFile)]
         if not uploads:
             raise HTTPError(400, 'no images: send them as multipart/form-data files named "images"')
@@ -169,7 +164,8 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
             return await subtitle_job(request)
 
     async def subtitle_job(request: Request) -> Response:
-        form = await request.form(max_files=2)
+        form = await _form(request, 2, HTTPError(  # a second is read, to be refused by name below
+            400, 'more than 2 files: send one video per request, as a file named "video"'))
         videos = form.getlist("video")
         if len(videos) > 1:
             raise HTTPError(400, f'{len(videos)} videos: send one per request, as a file named "video"')
@@ -287,6 +283,17 @@ def _declared_pixels(data: bytes) -> int:
             return image.width * image.height
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return 0
+
+
+async def _form(request: Request, max_files: int, too_many: HTTPError):
+    """The request's multipart form, with ``too_many`` for more than ``max_files`` files (Starlette's
+    own 400 says only "Too many files", in its words, not the API's)."""
+    try:
+        return await request.form(max_files=max_files)
+    except StarletteHTTPException as e:
+        if "Too many files" in str(e.detail):
+            raise too_many from e
+        raise
 
 
 def _image_pixels(data: bytes, name: str, size: int, budget: PixelBudget):

@@ -151,6 +151,9 @@ def test_subtitles_for_an_uploaded_video_in_each_format(client, tmp_path):
     two = client.post("/v1/subtitles", files=[("video", ("a.mp4", clip.read_bytes(), "video/mp4")),
                                               ("video", ("b.mp4", clip.read_bytes(), "video/mp4"))])
     assert two.status_code == 400 and two.json()["error"].startswith("2 videos: send one per request")
+    three = client.post("/v1/subtitles", files=[("video", (f"{n}.mp4", b"x", "video/mp4")) for n in "abc"])
+    assert (three.status_code, three.json()["error"]) == (
+        400, 'more than 2 files: send one video per request, as a file named "video"')
     assert os.listdir(client.app.state.captioner["folder"]) == []  # every upload gone from the private folder
 
 
