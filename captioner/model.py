@@ -32,6 +32,7 @@ from captioner.decoding import Caption, DecodingOptions, decode_grid, rerank, se
 from captioner.encoders import ENCODERS, build_encoder
 from captioner.errors import CaptionerError, ModelLoadError, OptionError, OutputError, printable, reason
 from captioner.options import DEFAULT_MODEL_DIR, REQUIRED, Bounds, DecoderConfig, check_fields, option
+from captioner.outputs import make_folder
 from captioner.tags import Tag, top_tags
 from captioner.tensor_files import open_tensors, save_tensors
 from captioner.vocab import SPECIALS, Vocabulary
@@ -421,12 +422,10 @@ def check_new_model_folder(directory: str | os.PathLike, *, replace: bool = Fals
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             kind = "a symbolic link" if path.is_symlink() else "not a folder"
             raise OutputError(f"{printable(path)}: exists and is {kind}; give a new folder for the model")
-        if path.parent.exists() and not path.parent.is_dir():
-            raise NotADirectoryError(20, f"{printable(path.parent)} is not a folder")
         entries = {p.name for p in path.iterdir()} if path.exists() else set()
         if entries and not (replace and CONFIG_FILE in entries and entries <= MODEL_FILES):
             raise OutputError(f"{printable(path)}: folder is not empty; give a new or empty folder for the model")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)  # names the part of the path that is a file
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".captioner-check-"):
             pass
     except OSError as e:

@@ -389,8 +389,12 @@ def test_a_failed_save_leaves_nothing_half_written(small_model, tmp_path, monkey
 def test_save_target_is_checked_before_any_work(tmp_path):
     assert check_new_model_folder(tmp_path / "new" / "model") == tmp_path / "new" / "model"
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match=rf"^{tmp_path}/file/model: cannot write a model here: .* is not a folder"):
+    with pytest.raises(OutputError, match=rf"^{tmp_path}/file/model: cannot write a model here: {tmp_path}/file is a "
+                                          "file, not a folder$"):
         check_new_model_folder(tmp_path / "file" / "model")
+    with pytest.raises(OutputError, match=rf"^{tmp_path}/file/a/model: cannot write a model here: {tmp_path}/file is a "
+                                          "file, not a folder$"):  # a file further up is named too
+        check_new_model_folder(tmp_path / "file" / "a" / "model")
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o500)
     try:
