@@ -165,7 +165,7 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
 
     async def subtitle_job(request: Request) -> Response:
         form = await _form(request, 2, HTTPError(  # a second is read, to be refused by name below
-            400, 'more than 2 files: send one video per request, as a file named "video"'))
+            400, 'more than 2 files in one request: send one video, as a file named "video", and no other file'))
         videos = form.getlist("video")
         if len(videos) > 1:
             raise HTTPError(400, f'{len(videos)} videos: send one per request, as a file named "video"')

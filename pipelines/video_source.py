@@ -311,7 +311,8 @@ class OpenCVSource:
         self._primed, failures = self._grab_next()  # fail now, before anyone spends time on a model
         if not self._primed:
             self.close()
-            raise VideoReadError(f"{printable(self.path)}: no decodable video frames (empty file or no video stream)")
+            raise VideoReadError(f"{printable(self.path)}: no decodable video frames (no video stream, or none of its "
+                                 "frames decodes)")
         self._leading_failures = failures
 
     def _open(self) -> cv2.VideoCapture | None:

@@ -130,6 +130,8 @@ def test_bad_uploads_are_4xx_json_naming_the_file_never_500(client, tmp_path):
     response = client.post("/v1/captions", files=[huge])
     assert response.status_code == 413 and "larger than the limit" in response.json()["error"]
     assert client.post("/v1/captions", files=[photo(CAT)] * 17).status_code == 413
+    many = client.post("/v1/captions", files=[photo(tmp_path / "notes.jpg")] * 18)  # past the form parser's limit
+    assert (many.status_code, many.json()["error"]) == (413, "more than 17 images in one request; at most 16")
 
 
 def test_subtitles_for_an_uploaded_video_in_each_format(client, tmp_path):
@@ -153,7 +155,7 @@ def test_subtitles_for_an_uploaded_video_in_each_format(client, tmp_path):
     assert two.status_code == 400 and two.json()["error"].startswith("2 videos: send one per request")
     three = client.post("/v1/subtitles", files=[("video", (f"{n}.mp4", b"x", "video/mp4")) for n in "abc"])
     assert (three.status_code, three.json()["error"]) == (
-        400, 'more than 2 files: send one video per request, as a file named "video"')
+        400, 'more than 2 files in one request: send one video, as a file named "video", and no other file')
     assert os.listdir(client.app.state.captioner["folder"]) == []  # every upload gone from the private folder
 
 
