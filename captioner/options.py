@@ -160,10 +160,10 @@ class DecodingOptions:
     def with_given(self, given: Mapping[str, Any]) -> "DecodingOptions":
         """These options (a model's tuned defaults) with the values a caller named, checked as a whole.
 
-        A named option that the resulting search would not read is refused (a concept threshold
-        with no concept boost too): a model's defaults
-        carry a beam size whatever the method, so the values alone cannot tell ``--method
-        greedy --beam-size 4`` (a beam size dropped without a word) from ``--method greedy``.
+        A named option that the resulting search would not read is refused, as is a concept
+        threshold with no concept boost to apply it. A model's defaults carry a beam size
+        whatever the method, so the values alone cannot tell ``--method greedy --beam-size 4``
+        (a beam size dropped without a word) from ``--method greedy``.
         An option the caller did not name and the new method does not read goes back to its
         plain default, so that a model that samples by default can be asked for beam search
         without unsetting its temperature first.

@@ -31,7 +31,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
@@ -285,7 +285,7 @@ def _declared_pixels(data: bytes) -> int:
         return 0
 
 
-async def _form(request: Request, max_files: int, too_many: HTTPError):
+async def _form(request: Request, max_files: int, too_many: HTTPError) -> FormData:
     """The request's multipart form, with ``too_many`` for more than ``max_files`` files (Starlette's
     own 400 says only "Too many files", in its words, not the API's)."""
     try:
