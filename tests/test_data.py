@@ -172,6 +172,9 @@ def test_manifest_conversion_replaces_an_earlier_manifest_and_nothing_else(flick
     assert "--out " in capsys.readouterr().err
     assert main([*argv, str(tmp_path / "m.jsonl")]) == 0 and main([*argv, str(tmp_path / "m.jsonl")]) == 0
     assert len(read_manifest(tmp_path / "m.jsonl")) == 2
+    os.mkfifo(tmp_path / "pipe.jsonl")  # as /dev/stdout can be: reading it back to check it waited for ever
+    assert main([*argv, str(tmp_path / "pipe.jsonl")]) == 2
+    assert "pipe.jsonl: exists and is not a regular file; give a new file name" in capsys.readouterr().err
 
 
 def test_images_the_folder_lacks_are_left_out_and_named_once(flickr, tmp_path, capsys):
@@ -355,6 +358,7 @@ def test_read_manifest_given_a_relative_path_returns_absolute_images(tmp_path, m
         '{"image": "b.jpg", "captions": ["x", "   "]}',
         '{"image": "b.jpg", "captions": ["x", 3]}',
         '{"image": "b.jpg", "captions": [["nested"]]}',
+        '{"image": "b.jpg", "captions": ["a \\udcff dog"]}',  # a lone surrogate: scoring failed on it, at the end
     ],
 )
 def test_read_manifest_malformed_line_names_file_and_line(tmp_path, bad_line):
