@@ -159,7 +159,10 @@ def flickr_manifest(
 ) -> Converted:
     """Write a manifest for the images named in ``split_file`` (see :func:`_write_converted`)."""
     captions = flickr_token_captions(token_file)
-    names = [n.strip() for n in Path(split_file).read_text(encoding="utf-8").splitlines() if n.strip()]
+    try:
+        names = [n.strip() for n in Path(split_file).read_text(encoding="utf-8").splitlines() if n.strip()]
+    except UnicodeDecodeError as e:  # the caller's own catch-all would blame the caption file
+        raise DataError(f"{printable(split_file)}: not a split file of image names (not UTF-8 text: {e})") from e
     missing = [n for n in names if n not in captions]
     if missing:
         raise DataError(f"{split_file}: images without captions: {len(missing)}, e.g. {missing[0]}")

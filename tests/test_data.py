@@ -172,6 +172,9 @@ def test_manifest_conversion_replaces_an_earlier_manifest_and_nothing_else(flick
     assert "--out " in capsys.readouterr().err
     assert main([*argv, str(tmp_path / "m.jsonl")]) == 0 and main([*argv, str(tmp_path / "m.jsonl")]) == 0
     assert len(read_manifest(tmp_path / "m.jsonl")) == 2
+    split.write_bytes(b"\xff\xfe not text\n")  # the split file is named, not the caption file
+    assert main([*argv, str(tmp_path / "m2.jsonl")]) == 1
+    assert f"{split}: not a split file of image names (not UTF-8 text" in capsys.readouterr().err
     os.mkfifo(tmp_path / "pipe.jsonl")  # as /dev/stdout can be: reading it back to check it waited for ever
     assert main([*argv, str(tmp_path / "pipe.jsonl")]) == 2
     assert "pipe.jsonl: exists and is not a regular file; give a new file name" in capsys.readouterr().err
