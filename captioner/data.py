@@ -77,7 +77,7 @@ def _parse_record(line: str, require_captions: bool) -> tuple[Path, tuple[str, .
     for caption in captions:
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"every caption must be non-empty text, not {caption!r}")
-        if not caption.isascii() and any("\ud800" <= ch <= "\udfff" for ch in caption):
+        if not is_utf8(caption):
             # JSON's "\udcff" escape reads as a lone surrogate: no text, and the scorer's tokenizer fails on it
             # at the very end of an evaluation, after every image was captioned
             raise ValueError(f"caption {caption!r} holds a lone surrogate (a \\udXXX escape), which is not text")
