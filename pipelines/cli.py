@@ -313,10 +313,11 @@ def cmd_manifest(args: argparse.Namespace) -> int:
                               "elsewhere")
     if not os.path.isdir(args.images):
         raise OptionError(f"--images {printable(args.images)}: not a folder (the manifest's image paths start there)")
-    if os.path.exists(args.out) and not os.path.isfile(args.out):  # /dev/stdout: reading it back would wait for ever
-        raise OptionError(f"--out {printable(args.out)}: exists and is not a regular file; give a new file name")
-    if os.path.exists(args.out) and not data.is_manifest(args.out):  # an earlier manifest is replaced, nothing else
-        raise OptionError(f"--out {printable(args.out)}: exists and is not a manifest; give a new file name")
+    if os.path.exists(args.out):  # an earlier manifest is replaced, nothing else
+        if not os.path.isfile(args.out):  # /dev/stdout: reading it back to check would wait for ever
+            raise OptionError(f"--out {printable(args.out)}: exists and is not a regular file; give a new file name")
+        if not data.is_manifest(args.out):
+            raise OptionError(f"--out {printable(args.out)}: exists and is not a manifest; give a new file name")
     try:
         if args.format == "flickr":
             converted = data.flickr_manifest(args.captions, args.split, args.images, args.out)
