@@ -483,7 +483,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-batch-size", type=bounded_int(1, 1024), default=32,
                    help="images from concurrent requests captioned in one batch (default: 32)")
     p.add_argument("--max-wait-ms", type=bounded_int(0, 1000), default=5,
-                   help="how long a batch waits for more images after its first (default: 5)")
+                   help="how long a batch waits for more images after its first (default: 5); for 50 ms "
+                        "after a batch is answered, the next waits for as many images as it held instead")
     p.add_argument("--timeout", type=bounded_int(1, 86400), default=120,
                    help="seconds per request before a 504 (default: 120)")
     p.add_argument("--shutdown-grace", type=bounded_int(0, 86400), default=10,

@@ -373,16 +373,29 @@ def _outcome_seen(future: asyncio.Future) -> None:
         future.exception()
 
 
-async def _unless_gone(request: Request, job: asyncio.Future, every: float = 0.5):
+async def _unless_gone(request: Request, job: asyncio.Future):
     """``job``'s result, unless the client disconnects first: then ClientDisconnect (the caller
-    then abandons its images, or stops its video's frames from reaching the batcher)."""
-    while True:
-        done, _ = await asyncio.wait({job}, timeout=every)
-        if done:
-            return job.result()
-        if await request.is_disconnected():
-            job.cancel()
-            raise ClientDisconnect()
+    then abandons its images, or stops its video's frames from reaching the batcher).
+
+    The request's body is read by now, so the server's next message for it is the disconnect:
+    waiting for it costs nothing until it comes, where asking ``is_disconnected`` every half
+    second took a tenth of the event loop's time with 16 clients waiting.
+    """
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if job in done:
+        return job.result()
+    job.cancel()
+    raise ClientDisconnect()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns once the client has disconnected (any body still unread is skipped)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _within(work, seconds: float):

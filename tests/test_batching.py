@@ -2,6 +2,7 @@
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -63,6 +64,47 @@ def test_threads_submitting_at_once_are_batched_and_close_finishes_what_is_queue
     assert np.mean(list(batcher.batch_sizes)[:-1]) > 2
 
 
+def test_callers_answered_together_are_gathered_together_again_when_they_come_back_spread_out(default_model):
+    """Clients answered together send their next photos over tens of milliseconds; gathering for
+    max_wait after the first alone split them into a batch of 1 and another of the rest."""
+    batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=0.05, return_wait=2.0)
+    photos = {name: pixels(name) for name in PHOTOS}
+    together = threading.Barrier(len(PHOTOS))
+    captions = {}
+
+    def client(i):
+        name = PHOTOS[i]
+        together.wait()
+        first = batcher.submit(name, photos[name]).result(timeout=60)
+        time.sleep(0.2 * i)  # back 0, 0.2, 0.4 and 0.6 s after their answer: far beyond max_wait
+        again = batcher.submit(name, photos[name]).result(timeout=60)
+        captions[name] = (first.captions[0].text, again.captions[0].text)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PHOTOS))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        batcher.close()
+    assert list(batcher.batch_sizes) == [4, 4]
+    assert all(first == again for first, again in captions.values()) and "cat" in captions["chelsea.png"][0]
+
+
+def test_a_caller_answered_alone_is_captioned_on_its_return_without_waiting_for_others(default_model):
+    batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=5.0, return_wait=30.0)
+    try:
+        batcher.submit("chelsea.png", pixels("chelsea.png")).result(timeout=60)  # waits max_wait: nobody was answered
+        back = batcher.submit("coffee.png", pixels("coffee.png"))
+        time.sleep(1.0)
+        other = batcher.submit("rocket.jpg", pixels("rocket.jpg"))  # within max_wait of the one before
+        assert "dog" in back.result(timeout=60).captions[0].text and other.result(timeout=60).captions
+    finally:
+        batcher.close()
+    assert list(batcher.batch_sizes) == [1, 1, 1]
+
+
 def test_a_caller_that_gave_up_does_not_stop_the_worker_and_a_closed_batcher_refuses(default_model):
     batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=0.3)
     try:
@@ -80,8 +122,6 @@ def test_a_caller_that_gave_up_does_not_stop_the_worker_and_a_closed_batcher_ref
 
 
 def test_a_running_batch_whose_callers_all_gave_up_stops_and_one_still_awaited_runs_on(default_model):
-    import time
-
     from captioner.search import SearchStopped
 
     heavy = dataclasses.replace(default_model.config.decoding, beam_size=64, n_best=64, max_length=100,

@@ -301,6 +301,30 @@ def test_photos_past_their_timeout_stop_and_leave_the_batcher_to_the_next_reques
     assert "never retrieved" not in caplog.text
 
 
+def test_photos_whose_client_went_away_stop_at_once_and_leave_the_batcher_to_the_next_request(quick_server):
+    import socket
+    import time
+
+    import httpx
+
+    batcher = quick_server.config.app.state.captioner["batcher"]
+    head = b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n'
+    part = head + CAT.read_bytes() + b"\r\n"
+    body = part * 16 + b"--b--\r\n"
+    heavy = "beam_size=64&n_best=64&max_length=100&min_length=99"  # far over 4 s for 16 photos on 2 cores
+    connection = socket.create_connection(("127.0.0.1", quick_server.config.port))
+    connection.sendall(f"POST /v1/captions?{heavy} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                       f"boundary=b\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    time.sleep(1.0)  # the 16 photos are being captioned
+    before = sum(batcher.batch_sizes)
+    connection.close()
+    started = time.monotonic()
+    after = httpx.post(f"http://127.0.0.1:{quick_server.config.port}/v1/captions", files=[photo(CAT)], timeout=60)
+    assert after.status_code == 200 and "cat" in after.json()["captions"][0]["caption"]
+    assert time.monotonic() - started < 2  # the abandoned search stopped; its timeout was 3 s away
+    assert sum(batcher.batch_sizes) == before + 1 and before >= 16  # the cat's own batch, after the 16
+
+
 def test_a_video_whose_client_went_away_stops_before_its_timeout(quick_server, tmp_path):
     import socket
     import time
@@ -315,7 +339,7 @@ def test_a_video_whose_client_went_away_stops_before_its_timeout(quick_server, t
                        f"boundary=b\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     time.sleep(1.0)  # the job is captioning frames
     connection.close()
-    time.sleep(1.5)  # noticed within 0.5 s; a batch already submitted finishes
+    time.sleep(1.5)  # noticed at once; a batch already submitted finishes
     stopped = sum(batcher.batch_sizes)
     time.sleep(1.5)
     assert before < stopped == sum(batcher.batch_sizes) < before + 600  # nothing more, well before the 4 s timeout
