@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ def read_manifest(path: str | os.PathLike, *, require_captions: bool = False) ->
     path = Path(path)
     try:
         base = path.resolve().parent
+        if stat.S_ISCHR(path.stat().st_mode) or stat.S_ISBLK(path.stat().st_mode):
+            # /dev/zero never ends (reading it ran out of memory); a pipe, as from <(...), still reads
+            raise DataError(f"{printable(path)}: not a manifest: a device, not a file")
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Notepad) is not a record
     except UnicodeDecodeError as e:
         raise DataError(f"{printable(path)}: not a manifest: a manifest is UTF-8 text, one JSON object a line "
@@ -109,11 +113,12 @@ def check_scorable(entries: list[ManifestEntry], manifest: str | os.PathLike) ->
     """
     seen: set[Path] = set()
     for entry in entries:
-        if entry.image in seen:
+        image = entry.image.resolve()  # the file itself: photos/../photos/a.jpg, or a link to a.jpg, is a.jpg
+        if image in seen:
             raise DataError(f"{printable(manifest)}: {printable(entry.image)} is listed more than once; CIDEr-D "
                             "weighs words by how many of the images use them, so a repeated line changes every "
                             "score")
-        seen.add(entry.image)
+        seen.add(image)
     if len(seen) < 2:
         raise DataError(f"{printable(manifest)}: 1 image; CIDEr-D weighs words by how many of the images use them, "
                         "so it needs at least 2 (with 1 it is 0 whatever the caption)")

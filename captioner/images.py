@@ -153,8 +153,12 @@ def model_pixels(image: ImageInput, size: int) -> np.ndarray:
         rgb = _frame_image(image)
     elif isinstance(image, Image.Image):
         rgb = _given_image(image)
-    else:
-        rgb = load_image(image, min_side=REDUCING_GAP * size)
+    elif isinstance(image, (str, bytes, os.PathLike)):
+        rgb = load_image(os.fsdecode(image), min_side=REDUCING_GAP * size)
+    else:  # a read error like a bad file's, so that a list with a None in it still captions the rest
+        shown = repr(image) if len(repr(image)) <= 60 else repr(image)[:60] + "..."
+        raise ImageReadError(f"{printable(shown)}: not a path, a PIL image or an (H, W, 3) array "
+                             f"({type(image).__name__})")
     return _squashed(rgb, size)
 
 

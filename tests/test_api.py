@@ -109,6 +109,17 @@ def test_options_changed_from_the_models_own_keep_its_caption(default_model):
     assert len(plain) == 1 and len(alternatives) == 3 and alternatives[0].text == plain[0].text
 
 
+def test_an_item_that_is_no_picture_is_a_read_error_and_caption_paths_goes_on(default_model):
+    cat, coffee = SHARED_SAMPLES / "chelsea.png", SHARED_SAMPLES / "coffee.png"
+    results = list(captioner.caption_paths(default_model, [cat, None, 123, bytes(coffee)]))
+    assert [r.path for r in results] == [cat, None, 123, bytes(coffee)]
+    assert [r.error for r in results[1:3]] == ["None: not a path, a PIL image or an (H, W, 3) array (NoneType)",
+                                               "123: not a path, a PIL image or an (H, W, 3) array (int)"]
+    assert "cat" in results[0].captions[0].text and "dog" in results[3].captions[0].text  # a bytes path reads
+    with pytest.raises(captioner.CaptionerError, match=r"^123: not a path"):
+        captioner.caption_images(default_model, [cat, 123])
+
+
 def test_odd_pil_images_are_read_errors_or_captioned_never_a_bare_error(default_model):
     from captioner.errors import ImageReadError
 

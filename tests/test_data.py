@@ -414,6 +414,11 @@ def test_read_manifest_missing_file(tmp_path):
         read_manifest(path)
 
 
+def test_a_device_is_refused_as_a_manifest_before_it_is_read():
+    with pytest.raises(DataError, match="^/dev/zero: not a manifest: a device, not a file$"):
+        read_manifest("/dev/zero")  # never ends: reading it whole ran out of memory
+
+
 def test_read_manifest_not_utf8(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"image": "a.jpg", "captions": ["café"]}\n'.encode("latin-1"))

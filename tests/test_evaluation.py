@@ -83,6 +83,12 @@ def test_evaluate_refuses_a_repeated_image_whose_words_would_count_twice(small_m
     write_manifest(manifest, [(cat, ["a cat"]), (coffee, ["a cup"]), (cat, ["a cat"])])
     with pytest.raises(DataError, match="chelsea.png is listed more than once"):
         evaluate(small_model, manifest, meteor=False)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.png").symlink_to(cat)
+    for again in (str(SAMPLES / ".." / SAMPLES.name / "chelsea.png"), "photos/cat.png"):  # the same file, spelled anew
+        write_manifest(manifest, [(cat, ["a cat"]), (coffee, ["a cup"]), (again, ["a cat"])])
+        with pytest.raises(DataError, match=f"{again.split('/')[-1]} is listed more than once"):
+            evaluate(small_model, manifest, meteor=False)
 
 
 def test_a_manifest_with_a_byte_order_mark_reads_and_meteor_must_be_a_bool(small_model, tmp_path):
