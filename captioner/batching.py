@@ -4,10 +4,10 @@ A server answering one photo per request would run the encoder and the beam sear
 batches of one. Here each request's pixels go into a queue; one worker thread takes the
 first waiting item, then gathers more for at most ``max_wait`` seconds or until
 ``max_batch_size`` items, and captions them together (TorchServe's ``batchSize`` and
-``maxBatchDelay``, Triton's dynamic batcher). Callers whose batch was just answered usually
-come back together (a script's threads, each sending its next photo): for a short while
-the next batch waits for as many items as the last one held, and for no more once it has
-them. Items asking for different decoding options
+``maxBatchDelay``, Triton's dynamic batcher). A server also says which requests are on their
+way (:meth:`DynamicBatcher.expecting`: received, their images not yet submitted): a batch
+being gathered waits for those too, up to ``max_wait_coming``, rather than leaving them to
+a second, smaller batch. Items asking for different decoding options
 are never mixed: a batch holds one set of options. A caller that gives up (a timeout, a
 client gone) abandons its items, so that no batch runs on for nobody.
 """
@@ -15,15 +15,14 @@ client gone) abandons its items, so that no batch runs on for nobody.
 from __future__ import annotations
 
 import contextlib
-import math
 import queue
 import threading
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -31,6 +30,8 @@ import torch
 from captioner.api import PathResult, caption_pixel_batch
 from captioner.decoding import DecodingOptions
 from captioner.model import CaptionModel, gpu_batch_shape
+
+_ARRIVED = object()  # queued when a request announced by expecting() has submitted its images, or failed
 
 
 @dataclass(eq=False)  # items are told apart by identity: comparing their pixel arrays would raise
@@ -41,41 +42,33 @@ class _Item:
     future: Future = field(default_factory=Future)
 
 
-RETURN_WAIT = 0.05  # seconds after a batch is answered during which its callers are expected back
-
-
 class DynamicBatcher:
     """Captions submitted images in shared batches on one worker thread; ``close`` stops it."""
 
     def __init__(self, model: CaptionModel, *, max_batch_size: int = 32, max_wait: float = 0.005,
-                 torch_threads: int | None = None, return_wait: float = RETURN_WAIT):
-        """``torch_threads``: the worker thread's torch thread count, given back after
-        :func:`captioner.torch_threads.keep_torch_off_this_thread` (None: leave it as it is).
-
-        ``return_wait``: how long after a batch is answered the next one waits for as many
-        items as that batch held. Sixteen clients answered together send their next photos
-        over 20-30 ms on 2 CPU cores (the server answers them, then reads and decodes the
-        new uploads, one after another); gathering for ``max_wait`` alone split them into
-        two batches of about 8, or 15 and 1, and the model gains less from those than from
-        one of 16. A lone client, answered alone, is expected alone: its next photo is
-        captioned as soon as it comes, without ``max_wait``.
-        """
+                 max_wait_coming: float = 0.05, torch_threads: int | None = None):
+        """``max_wait_coming``: how long after its first item a batch may wait for the images
+        of requests announced by :meth:`expecting` (0: it never does; it never stops a
+        batch that ``max_wait`` would still hold open).
+        ``torch_threads``: the worker thread's torch thread count, given back after
+        :func:`captioner.torch_threads.keep_torch_off_this_thread` (None: leave it as it is)."""
         if torch_threads is not None and torch_threads < 1:
             raise ValueError(f"torch_threads={torch_threads} must be at least 1")
-        if max_batch_size < 1 or max_wait < 0 or return_wait < 0:
+        if max_batch_size < 1 or max_wait < 0 or max_wait_coming < 0:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1, and max_wait={max_wait} and "
-                             f"return_wait={return_wait} not negative")
+                             f"max_wait_coming={max_wait_coming} not negative")
         self.model = model
         self.torch_threads = torch_threads
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
-        self.return_wait = return_wait
-        self._answered = 0  # items in the last batch, if it was answered (0 after a failed one)
-        self._answered_at = -math.inf  # when (time.monotonic())
+        self.max_wait_coming = max_wait_coming
+        # requests announced by expecting() whose images are not submitted yet, per decoding options
+        self._coming: Counter[DecodingOptions | None] = Counter()
+        self._coming_lock = threading.Lock()
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # the latest batches' sizes, for tests and benchmarks
         self._closed = False
         self._closing = threading.Lock()  # no item can be queued behind the worker's stop signal
-        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._queue: queue.Queue[_Item | object | None] = queue.Queue()  # None: stop; _ARRIVED: look again
         self._held: list[_Item] = []  # taken from the queue, waiting for a batch with their options
         self._abandoned: weakref.WeakSet[Future] = weakref.WeakSet()  # running items whose callers gave up
         self.warmed_sizes = self._warm_up()
@@ -101,6 +94,29 @@ class DynamicBatcher:
                 raise RuntimeError("the batcher is closed")
             self._queue.put(item)
         return item.future
+
+    @contextlib.contextmanager
+    def expecting(self, options: DecodingOptions | None = None) -> Iterator[None]:
+        """Around decoding and submitting one received request's images: meanwhile, a batch
+        being gathered with the same ``options`` waits for them (up to ``max_wait_coming``
+        from its first item).
+
+        Sixteen clients answered together send their next photos within a few milliseconds,
+        but the server reads and decodes them one after another, over 20-30 ms on 2 CPU
+        cores: gathering for ``max_wait`` alone split them into two batches of about 8 (or
+        15 and 1), from which the model gains less than from one of 16. Waiting only for
+        requests already received never holds a batch for a client that is not sending.
+        """
+        with self._coming_lock:
+            self._coming[options] += 1
+        try:
+            yield
+        finally:
+            with self._coming_lock:
+                self._coming[options] -= 1
+                if not self._coming[options]:
+                    del self._coming[options]  # clients choose options freely: keep only those on their way
+            self._queue.put(_ARRIVED)  # a batch waiting for this request looks again
 
     def abandon(self, futures: Iterable[Future]) -> None:
         """Callers that gave up (a timeout, a closed connection): their items not started are
@@ -139,40 +155,35 @@ class DynamicBatcher:
         closing = False
         while not closing or self._held:
             first = self._held.pop(0) if self._held else self._queue.get()
+            if first is _ARRIVED:
+                continue
             if first is None:
                 closing = True
                 continue
             batch = [first]
             try:
-                closing = self._gather(batch, closing) or closing
+                closing = self._gather(batch, time.monotonic(), closing) or closing
             except Exception as e:  # noqa: BLE001 (a fault here fails these requests, not every later one)
                 _fail(batch, e)
                 continue
             self._caption(batch)
 
-    def _gather(self, batch: list[_Item], closing: bool) -> bool:
-        """Add waiting items with the first one's options until full or past the deadline; True once closed.
-
-        The deadline is ``max_wait`` after the first item, or, shortly after an answered batch,
-        the end of ``return_wait``; once the batch holds as many items as the answered one did,
-        it takes only what is already queued.
-        """
-        now = time.monotonic()
-        returning = now < self._answered_at + self.return_wait
-        expected = self._answered if returning else 0
-        deadline = max(now + self.max_wait, self._answered_at + self.return_wait if returning else now)
+    def _gather(self, batch: list[_Item], started: float, closing: bool) -> bool:
+        """Add waiting items with the first one's options until full, or past ``max_wait`` from
+        ``started`` (past ``max_wait_coming`` while requests are on their way); True once closed."""
         options = batch[0].options
         for item in list(self._held):
             if len(batch) < self.max_batch_size and item.options == options:
                 self._held.remove(item)
                 batch.append(item)
         while not closing and len(batch) < self.max_batch_size:
-            if expected and len(batch) >= expected:
-                deadline = now  # queue.get(timeout=0) takes an item only if one is waiting
+            wait = max(self.max_wait, self.max_wait_coming) if self._coming[options] > 0 else self.max_wait
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self._queue.get(timeout=max(0.0, started + wait - time.monotonic()))
             except queue.Empty:
                 return False
+            if item is _ARRIVED:
+                continue
             if item is None:
                 return True
             (batch if item.options == options else self._held).append(item)
@@ -184,14 +195,12 @@ class DynamicBatcher:
         if not batch:
             return
         self.batch_sizes.append(len(batch))
-        self._answered = 0
         try:
             pixels = torch.from_numpy(np.stack([item.pixels for item in batch]))
             results = caption_pixel_batch(self.model, [item.name for item in batch], pixels, batch[0].options,
                                           stop=lambda: all(item.future in self._abandoned for item in batch))
             for item, result in zip(batch, results, strict=True):
                 item.future.set_result(result)
-            self._answered, self._answered_at = len(batch), time.monotonic()
         except Exception as e:  # noqa: BLE001 (handed to every waiting caller, who reports it; the worker goes on)
             _fail(batch, e)
 

@@ -113,7 +113,7 @@ def check_scorable(entries: list[ManifestEntry], manifest: str | os.PathLike) ->
     """
     seen: set[Path] = set()
     for entry in entries:
-        image = entry.image.resolve()  # the file itself: photos/../photos/a.jpg, or a link to a.jpg, is a.jpg
+        image = Path(os.path.realpath(entry.image))  # the file itself: a/../a/x.jpg, or a link to x.jpg, is x.jpg
         if image in seen:
             raise DataError(f"{printable(manifest)}: {printable(entry.image)} is listed more than once; CIDEr-D "
                             "weighs words by how many of the images use them, so a repeated line changes every "

@@ -81,6 +81,9 @@ def check_image_file(path: str | os.PathLike) -> Path:
         info = path.stat()
     except OSError as e:
         raise ImageReadError(f"{printable(path)}: {e.strerror or e}") from e
+    except ValueError as e:  # a NUL in the name: no file can have it (as when a photo's bytes are passed as its path)
+        shown = printable(path) if len(str(path)) <= 60 else printable(str(path)[:60]) + "..."
+        raise ImageReadError(f"{shown}: not a file name: it holds a NUL character") from e
     if not stat.S_ISREG(info.st_mode):
         raise ImageReadError(f"{printable(path)}: not a regular file")
     if info.st_size == 0:

@@ -453,7 +453,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     threads = keep_torch_off_this_thread()
     settings = ServerSettings(max_image_bytes=args.max_upload_mb * 2**20, max_video_bytes=args.max_video_mb * 2**20,
                               timeout=args.timeout, max_batch_size=args.max_batch_size,
-                              max_wait=args.max_wait_ms / 1000, cors_origins=tuple(args.cors_origin),
+                              max_wait=args.max_wait_ms / 1000, max_wait_coming=args.max_wait_coming_ms / 1000,
+                              cors_origins=tuple(args.cors_origin),
                               torch_threads=threads)
     model = load_model(args.model, device=_device(args.device))
     # the folder's name, not its path: clients learn nothing of the server's file system
@@ -483,8 +484,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-batch-size", type=bounded_int(1, 1024), default=32,
                    help="images from concurrent requests captioned in one batch (default: 32)")
     p.add_argument("--max-wait-ms", type=bounded_int(0, 1000), default=5,
-                   help="how long a batch waits for more images after its first (default: 5); for 50 ms "
-                        "after a batch is answered, the next waits for as many images as it held instead")
+                   help="how long a batch waits for more images after its first (default: 5)")
+    p.add_argument("--max-wait-coming-ms", type=bounded_int(0, 1000), default=50,
+                   help="how long a batch may wait, after its first image, for those of requests already "
+                        "received and being decoded (default: 50; 0: never)")
     p.add_argument("--timeout", type=bounded_int(1, 86400), default=120,
                    help="seconds per request before a 504 (default: 120)")
     p.add_argument("--shutdown-grace", type=bounded_int(0, 86400), default=10,

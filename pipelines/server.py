@@ -61,6 +61,7 @@ class ServerSettings:
     timeout: float = 120.0  # seconds a request may take before it gets a 504
     max_batch_size: int = 32  # images the dynamic batcher puts in one encoder + search batch
     max_wait: float = 0.005  # seconds the batcher waits for more images after the first
+    max_wait_coming: float = 0.05  # ... and at most for those of requests already received, being decoded
     torch_threads: int | None = None  # the batcher thread's torch threads (see captioner.torch_threads)
     max_video_jobs: int = 4  # videos subtitled at once; more wait (within their timeout)
     # pixels of uploaded photos decoded at once, all requests together; more wait. Decoding holds about
@@ -89,6 +90,7 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         state["video_requests"] = CapacityLimiter(settings.max_video_jobs)
         state["decoding"] = PixelBudget(settings.max_decoding_pixels)
         state["batcher"] = DynamicBatcher(model, max_batch_size=settings.max_batch_size, max_wait=settings.max_wait,
+                                          max_wait_coming=settings.max_wait_coming,
                                           torch_threads=settings.torch_threads)
         try:
             yield
@@ -141,9 +143,10 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
         options, min_confidence, fallback = _caption_options(model, _fields(request, form, "images"))
         size = model.encoder.preprocess.size
         names = [printable(u.filename or f"image {i + 1}") for i, u in enumerate(uploads)]
-        pixels = [await run_in_threadpool(_image_pixels, await u.read(), name, size, state["decoding"])
-                  for u, name in zip(uploads, names, strict=True)]
-        futures = [state["batcher"].submit(name, p, options) for name, p in zip(names, pixels, strict=True)]
+        with state["batcher"].expecting(options):  # received whole, so a slow upload never holds a batch back
+            pixels = [await run_in_threadpool(_image_pixels, await u.read(), name, size, state["decoding"])
+                      for u, name in zip(uploads, names, strict=True)]
+            futures = [state["batcher"].submit(name, p, options) for name, p in zip(names, pixels, strict=True)]
         gathered = asyncio.gather(*map(asyncio.wrap_future, futures))
         try:
             results = await _unless_gone(request, gathered)
@@ -389,6 +392,7 @@ async def _unless_gone(request: Request, job: asyncio.Future):
     if job in done:
         return job.result()
     job.cancel()
+    gone.result()  # what reading the request raised, if it did, rather than a disconnect it was not
     raise ClientDisconnect()
 
 

@@ -116,6 +116,8 @@ def test_an_item_that_is_no_picture_is_a_read_error_and_caption_paths_goes_on(de
     assert [r.error for r in results[1:3]] == ["None: not a path, a PIL image or an (H, W, 3) array (NoneType)",
                                                "123: not a path, a PIL image or an (H, W, 3) array (int)"]
     assert "cat" in results[0].captions[0].text and "dog" in results[3].captions[0].text  # a bytes path reads
+    photo_bytes = next(captioner.caption_paths(default_model, [cat.read_bytes()]))  # the photo, not its path
+    assert photo_bytes.error.endswith(": not a file name: it holds a NUL character") and not photo_bytes.captions
     with pytest.raises(captioner.CaptionerError, match=r"^123: not a path"):
         captioner.caption_images(default_model, [cat, 123])
 

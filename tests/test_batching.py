@@ -64,45 +64,40 @@ def test_threads_submitting_at_once_are_batched_and_close_finishes_what_is_queue
     assert np.mean(list(batcher.batch_sizes)[:-1]) > 2
 
 
-def test_callers_answered_together_are_gathered_together_again_when_they_come_back_spread_out(default_model):
-    """Clients answered together send their next photos over tens of milliseconds; gathering for
-    max_wait after the first alone split them into a batch of 1 and another of the rest."""
-    batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=0.05, return_wait=2.0)
-    photos = {name: pixels(name) for name in PHOTOS}
-    together = threading.Barrier(len(PHOTOS))
-    captions = {}
-
-    def client(i):
-        name = PHOTOS[i]
-        together.wait()
-        first = batcher.submit(name, photos[name]).result(timeout=60)
-        time.sleep(0.2 * i)  # back 0, 0.2, 0.4 and 0.6 s after their answer: far beyond max_wait
-        again = batcher.submit(name, photos[name]).result(timeout=60)
-        captions[name] = (first.captions[0].text, again.captions[0].text)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PHOTOS))]
+def test_a_batch_waits_past_max_wait_for_requests_on_their_way_with_its_options_only(default_model):
+    """Clients answered together send their next photos together, but the server decodes them
+    one after another: gathering for max_wait alone split them into two smaller batches."""
+    greedy = dataclasses.replace(default_model.config.decoding, method="greedy", beam_size=1)
+    batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=0.05, max_wait_coming=30.0)
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with batcher.expecting():  # a request received, its photo still being decoded
+            first = batcher.submit("chelsea.png", pixels("chelsea.png"))
+            time.sleep(0.5)  # ten times max_wait
+            second = batcher.submit("coffee.png", pixels("coffee.png"))
+        assert "cat" in first.result(timeout=60).captions[0].text and second.result(timeout=60).captions
+        with batcher.expecting(greedy):  # on its way, but with options of its own: not waited for
+            alone = batcher.submit("rocket.jpg", pixels("rocket.jpg"))
+            assert alone.result(timeout=10).captions  # well before max_wait_coming
+            batcher.submit("rocket.jpg", pixels("rocket.jpg"), greedy)
     finally:
         batcher.close()
-    assert list(batcher.batch_sizes) == [4, 4]
-    assert all(first == again for first, again in captions.values()) and "cat" in captions["chelsea.png"][0]
+    assert list(batcher.batch_sizes) == [2, 1, 1]
 
 
-def test_a_caller_answered_alone_is_captioned_on_its_return_without_waiting_for_others(default_model):
-    batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=5.0, return_wait=30.0)
+def test_the_wait_for_requests_on_their_way_is_bounded_and_ends_with_a_failed_one(default_model):
+    batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=0.01, max_wait_coming=0.5)
     try:
-        batcher.submit("chelsea.png", pixels("chelsea.png")).result(timeout=60)  # waits max_wait: nobody was answered
-        back = batcher.submit("coffee.png", pixels("coffee.png"))
-        time.sleep(1.0)
-        other = batcher.submit("rocket.jpg", pixels("rocket.jpg"))  # within max_wait of the one before
-        assert "dog" in back.result(timeout=60).captions[0].text and other.result(timeout=60).captions
+        with batcher.expecting():  # never submits before the photo below is answered
+            assert "cat" in batcher.submit("chelsea.png", pixels("chelsea.png")).result(timeout=60).captions[0].text
+        patient = DynamicBatcher(default_model, max_wait=0.01, max_wait_coming=600.0)
+        try:
+            with pytest.raises(ValueError, match="not a photo"), patient.expecting():
+                raise ValueError("not a photo")  # the request fails while being decoded
+            assert patient.submit("coffee.png", pixels("coffee.png")).result(timeout=60).captions  # no 600 s wait
+        finally:
+            patient.close()
     finally:
         batcher.close()
-    assert list(batcher.batch_sizes) == [1, 1, 1]
 
 
 def test_a_caller_that_gave_up_does_not_stop_the_worker_and_a_closed_batcher_refuses(default_model):

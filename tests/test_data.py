@@ -414,6 +414,14 @@ def test_read_manifest_missing_file(tmp_path):
         read_manifest(path)
 
 
+def test_a_link_loop_in_a_manifest_is_left_to_the_image_reader_not_a_crash_of_the_duplicate_check(tmp_path):
+    from captioner.data import ManifestEntry, check_scorable
+
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "b.jpg")
+    (tmp_path / "b.jpg").symlink_to(tmp_path / "a.jpg")
+    check_scorable([ManifestEntry(tmp_path / "a.jpg", ("x",)), ManifestEntry(tmp_path / "b.jpg", ("y",))], "m.jsonl")
+
+
 def test_a_device_is_refused_as_a_manifest_before_it_is_read():
     with pytest.raises(DataError, match="^/dev/zero: not a manifest: a device, not a file$"):
         read_manifest("/dev/zero")  # never ends: reading it whole ran out of memory
