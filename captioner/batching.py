@@ -181,6 +181,8 @@ class DynamicBatcher:
             try:
                 item = self._queue.get(timeout=max(0.0, started + wait - time.monotonic()))
             except queue.Empty:
+                if self._coming[options] > 0 and time.monotonic() < started + self.max_wait_coming:
+                    continue  # a request was received during the short wait: wait for it too
                 return False
             if item is _ARRIVED:
                 continue

@@ -84,6 +84,25 @@ def test_a_batch_waits_past_max_wait_for_requests_on_their_way_with_its_options_
     assert list(batcher.batch_sizes) == [2, 1, 1]
 
 
+def test_a_request_received_during_the_short_wait_is_waited_for_and_its_arrival_ends_the_wait(default_model):
+    batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=0.2, max_wait_coming=30.0)
+    photo = pixels("chelsea.png")
+    try:
+        first = batcher.submit("a.png", photo)
+        time.sleep(0.05)  # the batch has started its 0.2 s wait: nothing was on its way
+        with batcher.expecting():  # then a request comes in
+            time.sleep(0.6)
+            second = batcher.submit("b.png", photo)
+        assert first.result(timeout=10).captions and second.result(timeout=10).captions  # not after 30 s
+        with batcher.expecting():  # the request's images are queued, but it has not left expecting()
+            third = batcher.submit("c.png", photo)
+            time.sleep(0.6)
+        assert third.result(timeout=10).captions  # its leaving wakes the batch, which then goes: not after 30 s
+    finally:
+        batcher.close()
+    assert list(batcher.batch_sizes) == [2, 1]
+
+
 def test_the_wait_for_requests_on_their_way_is_bounded_and_ends_with_a_failed_one(default_model):
     batcher = DynamicBatcher(default_model, max_batch_size=8, max_wait=0.01, max_wait_coming=0.5)
     try:
