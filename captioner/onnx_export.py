@@ -40,6 +40,7 @@ from captioner.model import CaptionModel
 
 OPSET = 17
 GRAPHS = ("encoder", "classifier", "decoder_start", "decoder_step")
+INT8_GRAPHS = ("decoder_start", "decoder_step", "classifier")  # what --int8 quantizes
 SEAL_KEYS = ("files", "content_sha256")  # runtime.json's seal (see write_runtime)
 RUNTIME_FILE = "runtime.json"
 
@@ -81,22 +82,20 @@ class _Step(nn.Module):
         return log_probs, state[0], state[1]
 
 
-def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str | Path | None = None) -> Path:
+def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str | Path | None = None,
+                int8: bool = False) -> Path:
     """Write the four graphs and runtime.json into ``out`` (a new or empty folder); returns it.
+
+    ``int8``: the decoder graphs' and the classifier's weights quantized (:func:`quantize_int8`),
+    before runtime.json is written: an export stopped part-way is never a float one that loads.
 
     Raises:
         ModelLoadError: the model cannot be exported (an ensemble, or a decoder without attention).
-        OutputError: ``out`` cannot be written.
+        OutputError: ``out`` cannot be written, or quantizing a graph failed.
     """
     if model.config.ensemble_size != 1 or not model.config.decoder.attention:
         raise ModelLoadError("ONNX export covers one attention decoder; this model is an ensemble or has none")
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if any(out.iterdir()):
-            raise OutputError(f"{printable(out)}: folder is not empty; give a new or empty folder for the export")
-    except OSError as e:
-        raise OutputError(f"{printable(out)}: cannot write the export: {e.strerror or e}") from e
+    out = check_export_folder(out)
     model = model.to("cpu").eval()
     try:
         _export_graphs(model, out)
@@ -104,11 +103,33 @@ def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str |
             for name in (CONSENSUS_FILE, CONSENSUS_WEIGHTS, CALIBRATION_FILE):  # reranking's, the calibrator's data
                 if (Path(calibration_from) / name).exists():
                     shutil.copy(Path(calibration_from) / name, out / name)
-        write_runtime(out, _runtime(model))  # last: an export stopped before it has none, and is refused
+        runtime = _runtime(model)
+        if int8:
+            _quantize_graphs(out)
+            runtime["int8"] = list(INT8_GRAPHS)
+        write_runtime(out, runtime)  # last: an export stopped before it has none, and is refused
     except BaseException:
         for file in out.iterdir():  # no half export left behind to refuse the next try
             file.unlink()
         raise
+    return out
+
+
+def check_export_folder(out: str | Path) -> Path:
+    """``out`` made if missing and checked empty: before a model loads, and again when exporting.
+
+    Raises:
+        OutputError: ``out`` is not an empty folder, or cannot be made.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if any(out.iterdir()):
+            raise OutputError(f"{printable(out)}: folder is not empty; give a new or empty folder for the export")
+    except FileExistsError as e:
+        raise OutputError(f"{printable(out)}: exists and is not a folder") from e
+    except OSError as e:
+        raise OutputError(f"{printable(out)}: cannot write the export: {e.strerror or e}") from e
     return out
 
 
@@ -214,25 +235,38 @@ def _runtime(model: CaptionModel) -> dict:
 
 
 def quantize_int8(out: str | Path) -> None:
-    """Replace the decoder graphs' and the classifier's float weights with int8 (ONNX Runtime dynamic quantization).
+    """Replace a finished export's decoder graphs' and classifier's float weights with int8, and seal it again.
 
     Their matrix products carry the decoder's cost; the encoder's convolutions would need
     static quantization with calibration images, and stay float.
     """
+    out = Path(out)
+    _quantize_graphs(out)
+    runtime = json.loads((out / RUNTIME_FILE).read_text(encoding="utf-8"))
+    runtime["int8"] = list(INT8_GRAPHS)
+    write_runtime(out, runtime)  # sealed again, over the quantized graphs
+
+
+def _quantize_graphs(out: Path) -> None:
+    """ONNX Runtime dynamic quantization of :data:`INT8_GRAPHS`, each in place.
+
+    Raises:
+        OutputError: the quantizer failed (it reports a full disk as a protobuf error), naming the graph.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out = Path(out)
-    for name in ("decoder_start", "decoder_step", "classifier"):
+    for name in INT8_GRAPHS:
         path = out / f"{name}.onnx"
         if not path.exists():
             continue
         staging = out / f".{name}.int8.onnx"
-        with _root_logger_quiet():
-            quantize_dynamic(str(path), str(staging), weight_type=QuantType.QInt8)
-        staging.replace(path)
-    runtime = json.loads((out / RUNTIME_FILE).read_text(encoding="utf-8"))
-    runtime["int8"] = ["decoder_start", "decoder_step", "classifier"]
-    write_runtime(out, runtime)  # sealed again, over the quantized graphs
+        try:
+            with _root_logger_quiet():
+                quantize_dynamic(str(path), str(staging), weight_type=QuantType.QInt8)
+            staging.replace(path)
+        except Exception as e:  # noqa: BLE001 (onnx and protobuf errors have no common base)
+            staging.unlink(missing_ok=True)
+            raise OutputError(f"{printable(path)}: cannot quantize to int8: {type(e).__name__}: {e}") from e
 
 
 @contextlib.contextmanager

@@ -291,6 +291,8 @@ def declared_decoding(folder: str | os.PathLike) -> DecodingOptions | None:
     for name in ("config.json", "runtime.json"):
         try:
             raw = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):  # loading the model says what is wrong with it
+                return None
             return DecodingOptions.from_dict(raw.get("decoding", {}))  # none: the plain defaults, as loading reads it
         except FileNotFoundError:
             continue

@@ -8,6 +8,7 @@ bad ``-o`` fails in well under a second instead of after the model has loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -507,20 +508,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     from captioner.model import DEFAULT_MODEL_DIR
 
     try:
-        from captioner.onnx_export import OPSET, export_onnx
+        from captioner.onnx_export import OPSET, check_export_folder, export_onnx
     except ImportError as e:
         raise OptionError(f"export needs the onnx extra: pip install 'captioner[onnx]' ({e.name})") from e
     from captioner.errors import ModelLoadError
 
     folder = args.model or DEFAULT_MODEL_DIR
+    made = not os.path.lexists(args.out)
+    out = check_export_folder(args.out)  # before the model loads, as every command checks its outputs
     try:
-        out = export_onnx(load_model(args.model), args.out, calibration_from=folder)
-    except ModelLoadError as e:  # the model cannot be exported: the message says which one
-        raise ModelLoadError(f"{printable(folder)}: {e}") from e
-    if args.int8:
-        from captioner.onnx_export import quantize_int8
-
-        quantize_int8(out)
+        model = load_model(args.model)
+        try:
+            export_onnx(model, out, calibration_from=folder, int8=args.int8)
+        except ModelLoadError as e:  # the model cannot be exported: the message says which one
+            raise ModelLoadError(f"{printable(folder)}: {e}") from e
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # emptied by export_onnx: nothing left of a failed export
+        raise
     _print(f"wrote ONNX graphs (opset {OPSET}{', int8 weights' if args.int8 else ''}) and runtime.json to {out}")
     return EXIT_OK
 

@@ -288,3 +288,15 @@ def test_caption_given_a_folder_points_to_batch(tmp_path, capsys):
     assert main(["batch", str(SAMPLES / "chelsea.png"), "-o", str(tmp_path / "out.jsonl")]) == 2
     assert f"chelsea.png: not a folder (one photo: captioner caption {SAMPLES / 'chelsea.png'})" in \
         capsys.readouterr().err
+
+
+def test_a_model_whose_config_is_json_but_not_an_object_is_one_clear_line(tmp_path, capsys):
+    import shutil
+
+    from captioner.model import DEFAULT_MODEL_DIR
+
+    shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("[1]")
+    assert main(["caption", "--model", str(tmp_path / "m"), "--beam-size", "2", str(SAMPLES / "chelsea.png")]) == 1
+    assert capsys.readouterr().err == (f"captioner: error: {tmp_path / 'm' / 'config.json'}: cannot load model: bad "
+                                       "model config: model config must be a JSON object, not list\n")

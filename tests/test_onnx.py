@@ -164,6 +164,34 @@ def test_the_cli_exports_and_captions_with_onnx_runtime(tmp_path, capsys, monkey
     assert "runtime.json: cannot read" in capsys.readouterr().err
 
 
+def test_export_checks_its_folder_before_the_model_loads_and_leaves_none_when_it_fails(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert main(["export", "-o", str(tmp_path / "file")]) == 1
+    assert capsys.readouterr().err == f"captioner: error: {tmp_path / 'file'}: exists and is not a folder\n"
+    assert main(["export", "-o", str(tmp_path / "new"), "--model", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err == f"captioner: error: {tmp_path / 'nowhere'}: cannot load model: no such folder\n"
+    assert not (tmp_path / "new").exists() and (tmp_path / "file").read_text() == "mine"
+
+
+def test_an_int8_export_whose_quantizer_fails_leaves_no_float_export_behind(tmp_path, capsys, monkeypatch):
+    import onnxruntime.quantization
+    from google.protobuf.message import DecodeError
+
+    real, calls = onnxruntime.quantization.quantize_dynamic, []
+
+    def fails_on_the_second_graph(*args, **kwargs):  # as with a full disk: protobuf cannot read what was cut short
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise DecodeError("Error parsing message with type 'onnx.ModelProto': Wire format was corrupt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", fails_on_the_second_graph)
+    assert main(["export", "--int8", "-o", str(tmp_path / "int8")]) == 1
+    assert capsys.readouterr().err.startswith(f"captioner: error: {tmp_path / 'int8' / 'decoder_step.onnx'}: "
+                                              "cannot quantize to int8: DecodeError")
+    assert not (tmp_path / "int8").exists()  # no float export that would load as if it were int8
+
+
 def test_flags_that_onnx_runtime_would_ignore_are_refused(exported, capsys):
     photo = str(SAMPLES / "chelsea.png")
     assert main(["caption", "--backend", "onnxruntime", "--onnx", str(exported), "--model", str(exported), photo]) == 2
