@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from captioner.decoding import DecodingOptions
-from captioner.errors import CaptionerError, OptionError, VideoReadError, one_line, printable
+from captioner.errors import CaptionerError, OptionError, OutputError, VideoReadError, one_line, printable
 from captioner.model import CaptionModel
 from captioner.outputs import STANDARD_OUTPUT, check_writable_file, check_writable_folder, same_file
 from captioner.pipelines.burn import burn_subtitles, check_burn_target
@@ -64,6 +65,8 @@ def prepare_jobs(
             check_burn_target(job.burn)
         if os.fspath(job.output) != STANDARD_OUTPUT:
             check_writable_file(job.output)
+        elif sys.stdout is None:  # started with its standard output closed (>&-)
+            raise OutputError("-o -: standard output is closed; give a file name")
     return jobs
 
 
@@ -76,7 +79,8 @@ def plan_jobs(
     folder's sub-paths, so equal names in two sub-folders do not collide), else beside
     each video with the format's extension. Two videos of one folder that differ only in
     their extension (``a.mp4``, ``a.avi``) get ``a.mp4.srt`` and ``a.avi.srt`` instead of
-    one overwriting the other. ``burn`` applies to one video only.
+    one overwriting the other, and so does a video whose stem is another's whole name
+    (``a.mp4.mp4`` beside those two gets ``a.mp4.mp4.srt``). ``burn`` applies to one video only.
 
     Raises:
         OptionError: ``output`` or ``burn`` given for a folder, or both ``output`` and ``out_dir``.
@@ -97,7 +101,9 @@ def plan_jobs(
         folder = out_dir / video.parent.relative_to(source) if out_dir else video.parent
         name = video.name if stems[(video.parent, video.stem.casefold())] > 1 else video.stem
         jobs.append(VideoJob(video, folder / f"{name}.{extension}"))
-    return jobs
+    targets = Counter(os.fspath(job.output).casefold() for job in jobs)  # casefold: as a Mac or Windows disk names
+    return [VideoJob(job.video, job.output.with_name(f"{job.video.name}.{extension}"))
+            if targets[os.fspath(job.output).casefold()] > 1 else job for job in jobs]
 
 
 def run_jobs(
@@ -117,9 +123,11 @@ def run_jobs(
     and a ``warning: VIDEO: ...`` line, and counts as subtitled in part.
     """
     run, settings = VideoRun(), settings or VideoOptions()
+    inputs = {identity for job in jobs if (identity := _file_identity(job.video)) is not None}
     bar = progress_bar(jobs, show=progress, desc="subtitling", unit="video")
     for job in bar:
         try:
+            _refuse_writing_over_inputs(job, inputs)
             run.partial += not run_job(job, model=model, writer=writer, options=options, settings=settings)
         except BrokenPipeError:  # the reader of -o - went away (``| head``): nobody reads the rest either
             raise
@@ -127,6 +135,27 @@ def run_jobs(
             tqdm.write(f"skipped {one_line(failure_reason(job, e))}", file=sys.stderr)
             run.failed += 1
     return run
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` leads to, links followed; None where there is none."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _refuse_writing_over_inputs(job: VideoJob, inputs: set[tuple[int, int]]) -> None:
+    """A subtitle file or burned copy that is one of the run's videos (a link to it, say) is not written:
+    writing follows links, and would replace the video.
+
+    Raises:
+        OutputError: naming the output.
+    """
+    for target in (job.output, job.burn):
+        if target is not None and os.fspath(target) != STANDARD_OUTPUT and _file_identity(target) in inputs:
+            raise OutputError(f"{printable(target)}: is a video of this run (or a link to one); not overwritten")
 
 
 @dataclass

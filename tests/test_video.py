@@ -348,6 +348,28 @@ def test_videos_differing_only_in_extension_get_separate_subtitle_files(tmp_path
     assert sorted(j.output.name for j in plan_jobs(tmp_path, "srt")) == ["A.avi.srt", "a.mp4.srt", "b.srt"]
 
 
+def test_a_video_whose_stem_is_another_videos_name_gets_its_own_subtitle_file(tmp_path):
+    for name in ("x.mp4", "x.avi", "x.mp4.mp4"):  # x.mp4.mp4's stem is x.mp4, whose subtitles are x.mp4.srt
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(j.output.name for j in plan_jobs(tmp_path, "srt")) == ["x.avi.srt", "x.mp4.mp4.srt", "x.mp4.srt"]
+
+
+def test_a_subtitle_file_that_links_to_a_video_of_the_run_is_not_written_through(clips, tmp_path, capsys,
+                                                                                  default_model):
+    root = tmp_path / "videos"
+    root.mkdir()
+    shutil.copy(clips["mp4"], root / "clip.mp4")
+    shutil.copy(clips["mp4"], root / "other.mp4")
+    (root / "other.srt").symlink_to(root / "clip.mp4")
+    before = (root / "clip.mp4").read_bytes()
+    jobs = prepare_jobs(root, "srt")
+    assert run_jobs(jobs, model=default_model, writer=WriteSRT(), settings=uniform(4.0), progress=False) \
+        == VideoRun(failed=1)
+    assert (root / "clip.mp4").read_bytes() == before and len(list(srt.parse((root / "clip.srt").read_text()))) == 3
+    assert capsys.readouterr().err == (f"skipped {root / 'other.mp4'}: {root / 'other.srt'}: is a video of this run "
+                                       "(or a link to one); not overwritten\n")
+
+
 def folder_of_videos(root, clips):
     (root / "sub").mkdir(parents=True)
     shutil.copy(clips["mp4"], root / "a.mp4")
@@ -546,3 +568,13 @@ def test_subtitles_go_to_standard_output_for_a_dash(clips, tmp_path, capsys, mon
     cues = webvtt.from_string(capsys.readouterr().out)
     assert len(cues) == 3 and cues[-1].end == "00:00:12.000"
     assert list(tmp_path.iterdir()) == []  # no file named "-"
+
+
+def test_a_dash_with_standard_output_closed_is_one_line_before_the_model_loads(clips):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "captioner.pipelines.cli", "video", str(clips["mp4"]), "-o", "-"]
+    done = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert done.stderr == "captioner: error: -o -: standard output is closed; give a file name\n"
+    assert done.returncode == 1
