@@ -30,6 +30,25 @@ from captioner.pipelines.flags import (
 # Exit codes: 0 all good, 1 some input failed, 2 bad arguments (argparse's own convention).
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process ended by it
+
+
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a service manager), raised where the command is so that
+    its cleanups run as for Ctrl-C: a temporary export or a half-burned copy is removed."""
+
+
+_COMMAND_PROCESS: list[int] = []  # the process whose main() set the handler below
+
+
+def _terminate(signum, frame) -> None:
+    import signal
+
+    if os.getpid() in _COMMAND_PROCESS:
+        raise _Terminated
+    # a forked helper (a DataLoader worker) inherited the handler: end as the signal would have ended it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 # Decoding fields whose result only `caption` shows (the other commands write one caption per input).
 CAPTION_ONLY_FIELDS = ("n_best",)
@@ -626,9 +645,20 @@ def _silence_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure ends as one ``captioner: error: ...`` line and an exit code."""
     args = build_parser().parse_args(argv)
+    import signal
+    import threading
+
+    on_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.getsignal(signal.SIGTERM)
+    if on_main_thread:
+        _COMMAND_PROCESS[:] = [os.getpid()]
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         _reject_empty_paths(args)
         return args.run(args)
+    except _Terminated:
+        _error("terminated")
+        return EXIT_TERMINATED
     except OptionError as e:  # a value out of range: a usage error, like argparse's own
         _error(str(e))
         return EXIT_USAGE
@@ -649,6 +679,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(f"unexpected {type(e).__name__}: {e} (a bug; set CAPTIONER_DEBUG=1 for the traceback and report it)")
         return EXIT_SOME_FAILED
+    finally:
+        if on_main_thread:
+            # a caller's own handler (main() called from Python) is back; None: one set outside Python
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,26 @@ def test_an_int8_export_whose_quantizer_fails_leaves_no_float_export_behind(tmp_
     assert not (tmp_path / "int8").exists()  # no float export that would load as if it were int8
 
 
+def test_sigterm_during_a_run_removes_its_temporary_export_and_says_so(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "captioner.pipelines.cli", "caption", "--backend", "onnxruntime",
+               str(SAMPLES / "chelsea.png")]
+    run = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("captioner-onnx-*")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)  # while it exports (about 2 s), as `timeout` or a service manager would
+    out, err = run.communicate(timeout=120)
+    assert (run.returncode, out, err) == (143, "", "captioner: error: terminated\n")
+    assert list(tmp_path.iterdir()) == []  # 13 to 56 MB of graphs were left behind by a run ended this way
+
+
 def test_flags_that_onnx_runtime_would_ignore_are_refused(exported, capsys):
     photo = str(SAMPLES / "chelsea.png")
     assert main(["caption", "--backend", "onnxruntime", "--onnx", str(exported), "--model", str(exported), photo]) == 2
