@@ -50,6 +50,7 @@ def _terminate(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
 
+
 # Decoding fields whose result only `caption` shows (the other commands write one caption per input).
 CAPTION_ONLY_FIELDS = ("n_best",)
 
