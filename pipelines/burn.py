@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from captioner.errors import OptionError, VideoWriteError, printable
+from captioner.errors import OptionError, VideoReadError, VideoWriteError, printable
 from captioner.outputs import check_writable_file, new_file_mode
 from captioner.pipelines.cues import Segment
 from captioner.pipelines.opencv_files import OpenCVName
@@ -24,6 +24,8 @@ from captioner.pipelines.video_source import OpenCVSource
 FONT = cv2.FONT_HERSHEY_SIMPLEX  # Hershey fonts draw ASCII only; other characters show as '?'
 # Containers the copy can be written in, with the codec OpenCV's FFmpeg writer uses for each:
 # MPEG-4 part 2 (which every OpenCV build writes) except AVI, which gets Motion JPEG.
+NO_FRAME_RATE = ("cannot burn a copy that keeps time: OpenCV reports no frame rate for this video, or one of 1000 "
+                 "per second or more")  # any rate guessed would make the copy play too fast or too slow
 FOURCC_BY_EXTENSION = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 
 
@@ -38,6 +40,23 @@ def check_burn_target(out: str | os.PathLike) -> Path:
     if out.suffix.lower() not in FOURCC_BY_EXTENSION:
         raise OptionError(f"{printable(out)}: --burn writes {', '.join(sorted(FOURCC_BY_EXTENSION))} files")
     return check_writable_file(out)
+
+
+def check_burn_source(video: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Fail now, before a model loads, if ``video``'s copy could not keep time (see :data:`NO_FRAME_RATE`).
+
+    A video that cannot be opened passes: the run reports it as it reports any unreadable video.
+
+    Raises:
+        VideoWriteError: OpenCV gives the video no usable frame rate.
+    """
+    try:
+        with OpenCVSource(video) as source:
+            fps = source.fps
+    except VideoReadError:
+        return
+    if not fps:
+        raise VideoWriteError(f"{printable(out)}: {NO_FRAME_RATE}")
 
 
 def burn_subtitles(video: str | os.PathLike, segments: list[Segment], out: str | os.PathLike) -> int:
@@ -66,8 +85,7 @@ def burn_subtitles(video: str | os.PathLike, segments: list[Segment], out: str |
 def _copy_with_cues(source: OpenCVSource, segments: list[Segment], name: str, out: Path) -> int:
     """Write the copy to ``name`` (OpenCV-safe); ``out`` is the file it becomes, for formats and messages."""
     if not source.fps:  # any rate guessed here would make the copy play too fast or too slow
-        raise VideoWriteError(f"{printable(out)}: cannot burn a copy that keeps time: OpenCV reports no frame "
-                              "rate for this video, or one of 1000 per second or more")
+        raise VideoWriteError(f"{printable(out)}: {NO_FRAME_RATE}")
     fourcc = cv2.VideoWriter_fourcc(*FOURCC_BY_EXTENSION.get(out.suffix.lower(), "mp4v"))
     try:
         writer = cv2.VideoWriter(name, fourcc, source.fps, source.size)

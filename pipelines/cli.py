@@ -380,6 +380,11 @@ def cmd_video(args: argparse.Namespace) -> int:
                    progress=source.is_dir() and not args.quiet)
     if source.is_dir():
         _print(run.summary(len(jobs)), err=True)
+        if not jobs:
+            from captioner.pipelines.video_source import VIDEO_EXTENSIONS
+
+            _print(f"warning: no videos under {printable(source)} (files named {', '.join(sorted(VIDEO_EXTENSIONS))})",
+                   err=True)
     return EXIT_OK if run.complete else EXIT_SOME_FAILED
 
 

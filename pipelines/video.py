@@ -344,6 +344,10 @@ def subtitle_source(
                           min_duration=settings.min_duration, max_duration=settings.max_duration, video_end=end)
     name = printable(source.path)
     notes = [f"{name}: {note}" for note in sampler.notes] + retime_notes(source)
+    thresholds = [flag for flag, value in (("--min-confidence", settings.min_confidence),
+                                           ("--min-score", settings.min_score)) if value is not None]
+    if captioned and not segments and thresholds:  # an empty file is written: say why, rather than leave a puzzle
+        notes.append(f"{name}: no cue left: every caption was below {' or '.join(thresholds)}")
     return VideoSubtitles(source.path, segments, end, len(captioned), source.stopped_at, tuple(source.skipped),
                           tuple(decode_warnings(source)), tuple(notes))
 

@@ -18,7 +18,7 @@ from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, OptionError, OutputError, VideoReadError, one_line, printable
 from captioner.model import CaptionModel
 from captioner.outputs import STANDARD_OUTPUT, check_writable_file, check_writable_folder, same_file
-from captioner.pipelines.burn import burn_subtitles, check_burn_target
+from captioner.pipelines.burn import burn_subtitles, check_burn_source, check_burn_target
 from captioner.pipelines.sources import walk_videos
 from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
 from captioner.pipelines.video import VideoOptions, open_video, subtitle_source
@@ -62,6 +62,7 @@ def prepare_jobs(
         if job.burn is not None:
             if same_file(job.burn, job.output):
                 raise OptionError(f"{printable(job.burn)}: --burn and the subtitle file are the same file")
+            check_burn_source(job.video, job.burn)  # before check_burn_target makes the copy's folder
             check_burn_target(job.burn)
         if os.fspath(job.output) != STANDARD_OUTPUT:
             check_writable_file(job.output)

@@ -430,6 +430,19 @@ def test_a_burn_of_a_video_whose_frame_rate_is_unknown_is_refused_not_mistimed(t
     assert sorted(os.listdir(tmp_path)) == ["fast.mp4"]
 
 
+def test_a_burn_that_cannot_keep_time_is_refused_before_captioning_and_writes_nothing(tmp_path, capsys):
+    fast = tmp_path / "fast.mp4"
+    writer = cv2.VideoWriter(str(fast), cv2.VideoWriter_fourcc(*"mp4v"), 1000, (64, 48))
+    for i in range(30):
+        writer.write(np.full((48, 64, 3), i * 8, np.uint8))
+    writer.release()
+    out = tmp_path / "new" / "burned.mp4"
+    assert main(["video", str(fast), "-o", str(tmp_path / "a.srt"), "--burn", str(out)]) == 1
+    assert capsys.readouterr().err == (f"captioner: error: {out}: cannot burn a copy that keeps time: OpenCV reports "
+                                       "no frame rate for this video, or one of 1000 per second or more\n")
+    assert sorted(os.listdir(tmp_path)) == ["fast.mp4"]  # no subtitles, no folder for the copy
+
+
 def test_burned_copy_of_an_oddly_named_video_keeps_frame_count_and_fps(clips, tmp_path):
     odd = tmp_path / os.fsdecode(b"\xe9t\xe9")
     odd.mkdir()
@@ -568,6 +581,21 @@ def test_subtitles_go_to_standard_output_for_a_dash(clips, tmp_path, capsys, mon
     cues = webvtt.from_string(capsys.readouterr().out)
     assert len(cues) == 3 and cues[-1].end == "00:00:12.000"
     assert list(tmp_path.iterdir()) == []  # no file named "-"
+
+
+def test_a_threshold_that_drops_every_cue_says_so(clips, tmp_path, capsys):
+    out = tmp_path / "none.vtt"
+    assert main(["video", str(clips["mp4"]), "-o", str(out), "--min-confidence", "1.0"]) == 0
+    assert out.read_text() == "WEBVTT\n\n"
+    assert capsys.readouterr().err == (f"note: {clips['mp4']}: no cue left: every caption was below "
+                                       "--min-confidence\n")
+
+
+def test_a_folder_without_videos_is_named_with_the_extensions_looked_for(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("no video here\n")
+    assert main(["video", str(tmp_path), "--quiet"]) == 0
+    assert capsys.readouterr().err == ("0 subtitled, 0 failed\nwarning: no videos under "
+                                       f"{tmp_path} (files named .avi, .m4v, .mkv, .mov, .mp4, .webm)\n")
 
 
 def test_a_dash_with_standard_output_closed_is_one_line_before_the_model_loads(clips):
