@@ -41,7 +41,8 @@ def read_manifest(path: str | os.PathLike, *, require_captions: bool = False) ->
     path = Path(path)
     try:
         base = path.resolve().parent
-        if stat.S_ISCHR(path.stat().st_mode) or stat.S_ISBLK(path.stat().st_mode):
+        mode = path.stat().st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             # /dev/zero never ends (reading it ran out of memory); a pipe, as from <(...), still reads
             raise DataError(f"{printable(path)}: not a manifest: a device, not a file")
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Notepad) is not a record

@@ -27,6 +27,11 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+def shortened(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters and marked ``...``: a message never echoes a whole huge value."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def count_of(n: int, noun: str) -> str:
     """``1 image``, ``3 images``: a count in a message, never "1 images"."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -12,7 +12,7 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from captioner.errors import ImageReadError, printable, reason
+from captioner.errors import ImageReadError, printable, reason, shortened
 
 # Refuse images above this many pixels (a decompression bomb guard; 10x a 24 MP photo).
 MAX_PIXELS = 240_000_000
@@ -82,8 +82,7 @@ def check_image_file(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise ImageReadError(f"{printable(path)}: {e.strerror or e}") from e
     except ValueError as e:  # a NUL in the name: no file can have it (as when a photo's bytes are passed as its path)
-        shown = printable(path) if len(str(path)) <= 60 else printable(str(path)[:60]) + "..."
-        raise ImageReadError(f"{shown}: not a file name: it holds a NUL character") from e
+        raise ImageReadError(f"{printable(shortened(str(path), 60))}: not a file name: it holds a NUL character") from e
     if not stat.S_ISREG(info.st_mode):
         raise ImageReadError(f"{printable(path)}: not a regular file")
     if info.st_size == 0:
@@ -159,8 +158,7 @@ def model_pixels(image: ImageInput, size: int) -> np.ndarray:
     elif isinstance(image, (str, bytes, os.PathLike)):
         rgb = load_image(os.fsdecode(image), min_side=REDUCING_GAP * size)
     else:  # a read error like a bad file's, so that a list with a None in it still captions the rest
-        shown = repr(image) if len(repr(image)) <= 60 else repr(image)[:60] + "..."
-        raise ImageReadError(f"{printable(shown)}: not a path, a PIL image or an (H, W, 3) array "
+        raise ImageReadError(f"{printable(shortened(repr(image), 60))}: not a path, a PIL image or an (H, W, 3) array "
                              f"({type(image).__name__})")
     return _squashed(rgb, size)
 

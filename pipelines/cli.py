@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -38,13 +39,11 @@ class _Terminated(BaseException):
     its cleanups run as for Ctrl-C: a temporary export or a half-burned copy is removed."""
 
 
-_COMMAND_PROCESS: list[int] = []  # the process whose main() set the handler below
-
-
-def _terminate(signum, frame) -> None:
+def _terminate(command_process: int, signum, frame) -> None:
+    """SIGTERM's handler, set by ``main()`` in ``command_process``."""
     import signal
 
-    if os.getpid() in _COMMAND_PROCESS:
+    if os.getpid() == command_process:
         raise _Terminated
     # a forked helper (a DataLoader worker) inherited the handler: end as the signal would have ended it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -657,8 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     on_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.getsignal(signal.SIGTERM)
     if on_main_thread:
-        _COMMAND_PROCESS[:] = [os.getpid()]
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, functools.partial(_terminate, os.getpid()))
     try:
         _reject_empty_paths(args)
         return args.run(args)

@@ -133,7 +133,7 @@ def options_from_text(defaults: T, given: dict[str, str], *, exclude: tuple[str,
     Raises:
         OptionError: an unknown name, a value that is not of the field's type, or one out of range.
     """
-    from captioner.errors import OptionError
+    from captioner.errors import OptionError, shortened
 
     cls = type(defaults)
     hints = _type_hints(cls)
@@ -146,8 +146,7 @@ def options_from_text(defaults: T, given: dict[str, str], *, exclude: tuple[str,
         try:
             values[name] = _parse_text(kind, text)
         except ValueError:
-            shown = text if len(text) <= 40 else text[:40] + "..."  # an answer never echoes a whole huge value
-            raise OptionError(f"{name}={shown!r} is not {KIND_NAMES.get(kind, kind.__name__)}") from None
+            raise OptionError(f"{name}={shortened(text, 40)!r} is not {KIND_NAMES.get(kind, kind.__name__)}") from None
     return _with_given(defaults, values)
 
 
