@@ -88,6 +88,8 @@ def main() -> None:
         print(f"| {clients} | {statistics.median(rates):.1f} ({min(rates):.1f}-{max(rates):.1f}) | "
               f"{statistics.median(rates) / one:.2f}x | {statistics.median(rates) / folder_rate:.2f}x | "
               f"{p50 * 1000:.0f} ms | {p95 * 1000:.0f} ms | {alone[clients]:.1f}, {alone[clients] / alone[1]:.2f}x |")
+    print("\nimages/s of each run, in the order they ran: "
+          + "; ".join(f"{clients} clients " + ", ".join(f"{r[0]:.1f}" for r in runs) for clients, runs in rows.items()))
 
 
 def model_rate(model, pixels: torch.Tensor, batch: int) -> float:

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_video.py --seconds 20   # quick
     python benchmarks/bench_video.py                                   # 2 minutes of 720p, 25 fps
     python benchmarks/bench_video.py --mode scenes                     # with scene detection (same one pass)
+    python benchmarks/bench_video.py --device cuda                     # the model on a GPU
 
 The clip holds a few sample photos for ``--hold`` seconds each (mp4v, written with
 cv2.VideoWriter into a temporary folder, deleted afterwards). One run prints a table:
@@ -20,6 +21,7 @@ processor time of the full run and of the pipeline's own decoding thread's work 
 with the pipeline's FFmpeg threads, and resizing to the model's size). Those bound the speed
 on this machine: that decoding work and the model on one thread (the least processor time
 it takes) spread perfectly over every core is about the fastest any schedule could run.
+With ``--device cuda`` the model alone is timed on the GPU, and that CPU bound is not printed.
 """
 
 from __future__ import annotations
@@ -130,9 +132,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=SAMPLING_MODES, default="uniform", help="frame sampling mode")
     parser.add_argument("--video", help="benchmark this file instead of generating a clip")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each figure (default: 3)")
+    parser.add_argument("--device", help="torch device for the model, e.g. cuda (default: cpu)")
     args = parser.parse_args()
 
-    model = load_model()
+    model = load_model(device=args.device)
+    on_cpu = model.device.type == "cpu"
     settings = VideoOptions(mode=args.mode, every=args.every)
     runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -157,9 +161,10 @@ def main() -> None:
                 _, picks_cpu, _ = processor_time(picked_frames, path, settings, size)
                 runs.setdefault("picks cpu", []).append(picks_cpu)
                 runs.setdefault("model", []).append(caption_alone(model, picks, threads))
-                runs.setdefault("model 1", []).append(caption_alone(model, picks, 1))
+                if on_cpu:
+                    runs.setdefault("model 1", []).append(caption_alone(model, picks, 1))
     length = result.duration
-    print(f"threads: torch {torch.get_num_threads()}, opencv {cv2.getNumThreads()}; "
+    print(f"model on {model.device}; threads: torch {torch.get_num_threads()}, opencv {cv2.getNumThreads()}; "
           f"{frames} frames, {length:.1f} s of video, --every {args.every:g}: {needed} frames read, "
           f"{result.frames_captioned} captioned; median (min-max) of {args.repeat} runs")
     rows = [
@@ -177,15 +182,19 @@ def main() -> None:
          [full / through for full, through in zip(runs["full"], runs["through"], strict=True)], "x"),
     ]
     if picks:
-        cores = os.cpu_count() or 1
-        floor = [(read + alone) / cores for read, alone in zip(runs["picks cpu"], runs["model 1"], strict=True)]
         rows += [
-            (f"processor time of the full run, all threads (machine: {cores} cores)", runs["full cpu"], "s"),
-            (f"model alone on the {len(picks)} captioned frames, {threads} torch threads", runs["model"], "s"),
-            (f"model alone on the {len(picks)} captioned frames, 1 torch thread", runs["model 1"], "s"),
+            (f"processor time of the full run, all threads (machine: {os.cpu_count()} cores)", runs["full cpu"], "s"),
+            (f"model alone on the {len(picks)} captioned frames, on {model.device}, {threads} torch threads",
+             runs["model"], "s"),
             ("processor time of the bare read (as the pipeline reads)", runs["needed cpu"], "s"),
             ("processor time of the pipeline's decoding thread's work (its FFmpeg threads, resizing)",
              runs["picks cpu"], "s"),
+        ]
+    if picks and on_cpu:
+        cores = os.cpu_count() or 1
+        floor = [(read + alone) / cores for read, alone in zip(runs["picks cpu"], runs["model 1"], strict=True)]
+        rows += [
+            (f"model alone on the {len(picks)} captioned frames, 1 torch thread", runs["model 1"], "s"),
             ("fastest possible, about: (that work + model on 1 thread) / cores", floor, "s"),
             ("... as speed (video seconds per wall second)", [length / f for f in floor], "x real time"),
         ]
