@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 
 from captioner.decoding import Caption
-from captioner.errors import ModelLoadError, OptionError, printable, reason
+from captioner.errors import ModelLoadError, OptionError, printable, reason, shortened
 
 CALIBRATION_FILE = "calibration.json"
 ACCEPTABLE_CIDER = 0.5  # a caption is acceptable when its per-image CIDEr-D reaches this
@@ -42,6 +42,7 @@ SIGNS = {"mean_logprob": 1, "min_logprob": 1, "words": 0, "class_entropy": 0, "t
          "feature_distance": -1, "named_class_p": 1, "unnamed_class_p": -1, "consensus": 1}
 NAMED_CLASSES = 5  # the likeliest classes whose naming by the caption is checked
 MIN_PROB = 1e-12  # floor before taking the log of a caption's least likely token
+MAX_SHARE = 1e3  # the most one signal adds to or takes from the logit (sigmoid(37) is already 1 in float64)
 
 
 def check_min_confidence(min_confidence: float | None, model) -> None:
@@ -157,9 +158,18 @@ class Calibrator:
     signals: tuple[str, ...] = SIGNALS
 
     def confidence(self, signals: torch.Tensor) -> torch.Tensor:
-        """(N, len(SIGNALS)) raw signals -> (N,) probabilities in [0, 1]."""
+        """(N, len(SIGNALS)) raw signals -> (N,) probabilities in [0, 1].
+
+        Each signal's share of the logit is bounded by :data:`MAX_SHARE`, so that a calibrator
+        of finite but extreme numbers (weights near 1e308, a scale near 1e-300) cannot add
+        two opposite infinities into NaN, a confidence every threshold would let through.
+        A share that large already decides the probability; bounding keeps confidence
+        monotone in each signal.
+        """
         z = (signals.double() - torch.tensor(self.center)) / torch.tensor(self.scale)
-        return torch.sigmoid(z @ torch.tensor(self.weights, dtype=torch.float64) + self.bias)
+        weights = torch.tensor(self.weights, dtype=torch.float64)
+        shares = torch.where(weights == 0, 0.0, z * weights).clamp(-MAX_SHARE, MAX_SHARE)
+        return torch.sigmoid(shares.sum(dim=1) + self.bias)
 
     @classmethod
     def fit(cls, signals: torch.Tensor, acceptable: torch.Tensor, features: FeatureStats, *,
@@ -229,24 +239,28 @@ def _logistic_regression(z: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[t
 def _from_dict(raw: dict) -> Calibrator:
     if not isinstance(raw, dict):
         raise TypeError("not a JSON object")
-    if tuple(raw["signals"]) != SIGNALS:
-        raise ValueError(f"signals {raw['signals']!r} are not {list(SIGNALS)!r}")
+    if raw["signals"] != list(SIGNALS):
+        raise ValueError(f"signals {shortened(repr(raw['signals']), 80)} are not {list(SIGNALS)!r}")
     n = len(SIGNALS)
     center, scale, weights = (_numbers(raw, name, n) for name in ("center", "scale", "weights"))
     if min(scale) <= 0:
         raise ValueError("scale must be positive")
     features = raw["features"]
+    if not isinstance(features, dict):
+        raise ValueError('features must be an object with "mean" and "std"')
     mean = _numbers(features, "mean", None)
     std = _numbers(features, "std", len(mean))
     if min(std) <= 0:
         raise ValueError("feature std must be positive")
+    if not isinstance(raw["acceptable"], str):
+        raise ValueError("acceptable must be text saying what the probability is of")
     return Calibrator(center, scale, weights, _numbers({"bias": [raw["bias"]]}, "bias", 1)[0],
-                      FeatureStats(mean, std), str(raw["acceptable"]))
+                      FeatureStats(mean, std), raw["acceptable"])
 
 
 def _numbers(raw: dict, name: str, length: int | None) -> tuple[float, ...]:
     values = raw[name]
-    if not isinstance(values, list) or (length is not None and len(values) != length):
+    if not isinstance(values, list) or not values or (length is not None and len(values) != length):
         raise ValueError(f"{name} must be a list of {length or 'some'} numbers")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         raise ValueError(f"{name} holds a value that is not a finite number")

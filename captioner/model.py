@@ -201,12 +201,18 @@ class CaptionModel(nn.Module):
 
     def _with_confidence(self, grid: torch.Tensor, captions: list[list[Caption]], probs: torch.Tensor | None,
                          agreement: list[list[float]] | None) -> list[list[Caption]]:
-        """The captions with the calibrator's confidence filled in (as they are, for a model without one)."""
+        """The captions with the calibrator's confidence filled in (as they are, for a model without one).
+
+        A caption the length limit cut off gets confidence 0: it is not a whole sentence, and
+        the calibrator only ever saw whole ones (it would rate "a", cut at one word, above
+        the full caption, since shorter captions have likelier words).
+        """
         if self.calibrator is None or self.consensus is None:
             return captions
         rows = self.confidence_signals(grid, captions, probs, self.calibrator.features, self.consensus, agreement)
         confidences = [self.calibrator.confidence(row).tolist() for row in rows]
-        return [[dataclasses.replace(c, confidence=round(p, 4)) for c, p in zip(n_best, ps, strict=True)]
+        return [[dataclasses.replace(c, confidence=round(p, 4) if c.finished else 0.0)
+                 for c, p in zip(n_best, ps, strict=True)]
                 for n_best, ps in zip(captions, confidences, strict=True)]
 
     def confidence_signals(self, grid: torch.Tensor, captions: list[list[Caption]], probs: torch.Tensor | None,

@@ -17,10 +17,11 @@ from torch import nn
 
 from captioner.decoder import DecoderState
 from captioner.encoders import Preprocess
-from captioner.errors import ModelLoadError, printable, reason
+from captioner.errors import ModelLoadError, printable, reason, shortened
 from captioner.model import CaptionModel, ModelConfig, read_consensus_and_calibrator
 from captioner.onnx_export import GRAPHS, RUNTIME_FILE, check_seal
 from captioner.options import DecoderConfig, DecodingOptions
+from captioner.tags import label_problem
 from captioner.vocab import SPECIALS, Vocabulary
 
 
@@ -87,6 +88,9 @@ class OnnxEncoder(nn.Module):
         names = runtime["class_names"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("class_names must be a list of names")
+        for i, name in enumerate(names):
+            if problem := label_problem(name):
+                raise ValueError(f"class_names[{i}] {shortened(repr(name), 60)} {problem}")
         self.class_names = tuple(names) or None
         self._paths = {"encoder": folder / "encoder.onnx", "classifier": folder / "classifier.onnx"}
         self._encoder = _session(self._paths["encoder"])

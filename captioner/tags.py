@@ -14,6 +14,22 @@ import torch
 
 TAG_THRESHOLD = 0.1  # a label is a tag when the classifier gives it at least this probability
 MAX_TAGS = 5
+TAG_SEPARATOR = "; "  # between "label:p" parts where tags share one text field (a CSV cell)
+
+
+def label_problem(label: str) -> str | None:
+    """Why ``label`` cannot name a class whose tags every output can hold and read back (None: it can).
+
+    ImageNet's labels all pass; a label from an edited export might not, and a CSV batch
+    output holding it could then not be resumed.
+    """
+    if not label.strip():
+        return "is empty"
+    if TAG_SEPARATOR.strip() in label:
+        return f"holds {TAG_SEPARATOR.strip()!r}, which separates tags in a CSV cell"
+    if not label.isprintable():
+        return "holds a control character"
+    return None
 
 
 @dataclass(frozen=True)

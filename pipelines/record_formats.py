@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator, NamedTuple
 
 from captioner.errors import OptionError, OutputError, count_of, printable
+from captioner.tags import TAG_SEPARATOR
 
 if TYPE_CHECKING:
     from captioner.api import PathResult
@@ -42,7 +44,6 @@ FALLBACKS = ("tags",)  # what may stand in for an unsure caption (--fallback)
 UNTAGGED_CSV_FIELDS = RECORD_FIELDS[:6]
 # The columns written by versions before path_hex; such files are read without CSV escapes and upgraded.
 LEGACY_CSV_FIELDS = RECORD_FIELDS[:5]
-TAG_SEPARATOR = "; "  # between tags in a CSV cell; no ImageNet label holds it, or a ":"
 # A text cell starting with one of these is a formula to a spreadsheet; "'" is escaped too so any text round-trips.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
@@ -154,8 +155,11 @@ def _are_tags(value: object) -> bool:
 
 
 def is_number(value: object) -> bool:
-    """A JSON number (true and false are not numbers here, though Python's bool is an int)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number (true and false are not numbers here, though Python's bool is an int).
+
+    Python's json reads NaN and Infinity, which are not JSON: a record holding one is not ours.
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Chunk(NamedTuple):
@@ -342,7 +346,7 @@ class CsvRecords(RecordFormat):
                     record[name] = _number(name, cell)
             elif name == "tags":
                 if cell:  # an empty cell: no tag, or a record from before tags
-                    record[name] = _tags(cell)
+                    record[name] = _tags(cell[1:] if cell.startswith("'") else cell)
             elif name == "unsure":
                 if cell not in ("", "true"):
                     raise BadRecord('"unsure" cell must be empty or true')
@@ -365,13 +369,14 @@ class CsvRecords(RecordFormat):
     def _cell(name: str, value: object) -> object:
         if value is None:
             return ""
-        if name == "tags":
-            return TAG_SEPARATOR.join(f"{tag['label']}:{tag['p']}" for tag in value)  # type: ignore[union-attr]
         if name == "unsure":
             return "true" if value is True else ""
         if name in NUMERIC_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
             return value
-        text = str(value)
+        if name == "tags":
+            text = TAG_SEPARATOR.join(f"{tag['label']}:{tag['p']}" for tag in value)  # type: ignore[union-attr]
+        else:
+            text = str(value)
         return "'" + text if text.startswith(FORMULA_STARTS) else text
 
     @staticmethod

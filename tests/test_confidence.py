@@ -1,5 +1,6 @@
 """Calibrated confidence: the shipped calibrator on real photos, its fit, its file, and --min-confidence."""
 
+import dataclasses
 import json
 import shutil
 
@@ -72,6 +73,10 @@ def test_the_calibrator_round_trips_through_the_model_folder_as_json(default_mod
     (lambda text: text.replace('"bias": ', '"bias": NaN, "x": '), "bias holds a value that is not a finite number"),
     (lambda text: json.dumps({**json.loads(text), "weights": [1.0]}), "weights must be a list of 9 numbers"),
     (lambda text: json.dumps({**json.loads(text), "features": {"mean": [0.0], "std": [1.0]}}), "1 channels"),
+    (lambda text: json.dumps({**json.loads(text), "features": {"mean": [], "std": []}}), "mean must be a list"),
+    (lambda text: json.dumps({**json.loads(text), "features": [1, 2]}), 'features must be an object'),
+    (lambda text: json.dumps({**json.loads(text), "signals": 5}), "signals 5 are not"),
+    (lambda text: json.dumps({**json.loads(text), "acceptable": None}), "acceptable must be text"),
 ])
 def test_a_damaged_calibration_file_is_refused_naming_it(tmp_path, damage, reason):
     folder = tmp_path / "m"
@@ -80,6 +85,25 @@ def test_a_damaged_calibration_file_is_refused_naming_it(tmp_path, damage, reaso
     path.write_text(damage(path.read_text()))
     with pytest.raises(ModelLoadError, match=f"{CALIBRATION_FILE}: bad calibration: .*{reason}"):
         CaptionModel.load(folder)
+
+
+def test_a_calibrator_of_extreme_finite_numbers_gives_no_nan():
+    """Shares of the logit as large as floats go, of opposite signs, would add up to inf - inf."""
+    n = len(SIGNALS)
+    extreme = Calibrator(center=(0.0,) * n, scale=(1e-300,) * n, weights=(1e308,) + (0.0,) * (n - 2) + (-1e308,),
+                         bias=0.0, features=FeatureStats((0.0,), (1.0,)))
+    signals = torch.ones(3, n, dtype=torch.float64)
+    signals[1, 0] = -1.0
+    signals[2, -1] = -1.0
+    assert extreme.confidence(signals).tolist() == [0.5, 0.0, 1.0]
+
+
+def test_a_caption_the_length_limit_cut_off_gets_confidence_0(default_model):
+    cut = caption_images(default_model, PHOTOS[:2], options=dataclasses.replace(default_model.config.decoding,
+                                                                                max_length=3))
+    assert [c.finished for c in cut] == [False, False]
+    assert [c.confidence for c in cut] == [0.0, 0.0]
+    assert all(c.confidence > 0 for c in caption_images(default_model, PHOTOS[:2]))
 
 
 def test_caption_min_confidence_marks_unsure_captions(capsys):

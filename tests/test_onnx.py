@@ -136,6 +136,8 @@ def _edited(r, **changes):
     (lambda r: _edited(r, vocabulary=list(range(10))), "must be a list of words"),
     (lambda r: _edited(r, class_names=r["class_names"][:10]), "classifier.onnx: does not fit .* gives 1000 classes"),
     (lambda r: _edited(r, class_names=[1, 2]), "class_names must be a list of names"),
+    (lambda r: r["class_names"].__setitem__(5, "cat; tabby:0.5"), r"class_names\[5\] 'cat; tabby:0.5' holds ';'"),
+    (lambda r: r["class_names"].__setitem__(7, " "), r"class_names\[7\] ' ' is empty"),
     (lambda r: _edited(r, grid_channels=1000), "encoder.onnx: does not fit .* grid of 1280 channels"),
 ])
 def test_a_description_that_does_not_fit_its_graphs_is_refused_at_load_naming_the_file(exported, tmp_path, edit,

