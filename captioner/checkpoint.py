@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from captioner.errors import CheckpointError, printable
-from captioner.train_config import MODEL_FIELDS, TrainConfig
+from captioner.train_config import MODEL_FIELDS, RESTORED_FIELDS, TrainConfig
 from captioner.vocab import SPECIALS, Vocabulary
 
 CHECKPOINT_ENTRIES = {  # key -> type every checkpoint holds
@@ -73,6 +73,12 @@ def check_fits(path: Path, state: dict, cfg: TrainConfig, vocab: Vocabulary, exp
         if saved.get(name) != getattr(cfg, name):
             raise resume_error(path, f"it was saved with {name}={saved.get(name)!r}, this run has "
                                       f"{name}={getattr(cfg, name)!r}")
+    for name in RESTORED_FIELDS:
+        if name in saved and saved[name] != getattr(cfg, name):
+            raise CheckpointError(f"{printable(path)}: cannot resume with {name}={getattr(cfg, name)!r}: the run was "
+                                  f"saved with {name}={saved[name]!r}, and a resumed run keeps its optimizer and "
+                                  f"random state; resume with {name}={saved[name]!r}, or start over in another "
+                                  "folder")
     if words is not None and words != vocab.itos[len(SPECIALS):]:
         count = len(words) if isinstance(words, list) else "?"
         raise resume_error(path, f"it was saved with another vocabulary ({count} words, this run has "

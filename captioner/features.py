@@ -92,9 +92,23 @@ def extract_features(
 
 
 def cache_key(encoder_name: str, paths: list[Path], flip: bool) -> str:
-    """Stable name for a feature cache: encoder plus the exact image list."""
-    digest = hashlib.sha1(json.dumps([encoder_name, flip, [str(p) for p in paths]]).encode()).hexdigest()[:16]
+    """Stable name for a feature cache: the encoder, the exact image list and each file's size and modification time.
+
+    The sizes and times make a photo replaced under the same name a new cache, encoded
+    again, instead of a run silently training on the old photo's features.
+    """
+    files = [[str(p), *_stamp(p)] for p in paths]
+    digest = hashlib.sha1(json.dumps([encoder_name, flip, files]).encode()).hexdigest()[:16]
     return f"{encoder_name}{'-flip' if flip else ''}-{digest}"
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(size, modification time in ns) of ``path``; (-1, -1) when it cannot be read (encoding it will say why)."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return -1, -1
+    return info.st_size, info.st_mtime_ns
 
 
 def cached_features(

@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from captioner.allocator import keep_freed_memory
 from captioner.augment import crop_grids, drop_words
 from captioner.checkpoint import check_fits, read_checkpoint, resume_error
 from captioner.cider import CiderD
-from captioner.data import ManifestEntry, read_manifest
+from captioner.data import ManifestEntry, check_scorable, read_manifest
 from captioner.decoding import DecodingOptions
 from captioner.distributed import join, leave
 from captioner.encoders import build_encoder
@@ -118,8 +119,10 @@ LOCK_FILE = ".lock"  # held by the process training into the folder
 IN_PLACE_FILES = ("metrics.jsonl", "curves.png")  # appended to or rewritten, not renamed into place
 
 
-def prepare_output(out: Path, *, resume: bool) -> Path:
+def prepare_output(out: Path, *, resume: bool, averaging: bool = False) -> Path:
     """Fail at the start, not after an epoch, if the run's outputs could not be written.
+
+    ``averaging``: the run keeps epoch snapshots in ``out/epochs`` and saves their average to ``out/averaged``.
 
     Raises:
         OutputError: ``out`` cannot be created or written, or holds an earlier run that is not being resumed.
@@ -135,6 +138,11 @@ def prepare_output(out: Path, *, resume: bool) -> Path:
         raise OutputError(f"{printable(out)}: holds an earlier run but no last.pt to resume it from; "
                           "choose another folder to start over")
     check_new_model_folder(out / "best", replace=True)
+    if averaging:
+        epochs = out / "epochs"
+        if epochs.is_symlink() or (epochs.exists() and not (epochs.is_dir() and os.access(epochs, os.W_OK | os.X_OK))):
+            raise OutputError(f"{printable(epochs)}: cannot keep epoch snapshots here: not a writable folder")
+        check_new_model_folder(out / "averaged", replace=True)
     return out
 
 
@@ -263,13 +271,15 @@ class Trainer:
             _check_distributable(cfg, self.group.world)
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.group.local_rank)
-        self.out = prepare_output(Path(cfg.out_dir), resume=resume)
+        self.out = prepare_output(Path(cfg.out_dir), resume=resume, averaging=cfg.average_last > 1)
         if self.group.leader:  # the one process that writes there
             lock_run_folder(self.out)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.train_entries = read_manifest(cfg.train_manifest, require_captions=True)
         self.dev_entries = read_manifest(cfg.dev_manifest, require_captions=True)
+        # the best epoch is the one with the highest dev CIDEr-D: a dev set it cannot score picks epoch 1
+        check_scorable(self.dev_entries[: cfg.dev_limit or None], cfg.dev_manifest)
         for entry in (*self.train_entries, *self.dev_entries):  # a missing dev photo, now: not after minutes of caching
             check_image_file(entry.image)
         self.init_model = CaptionModel.load(cfg.init_from) if cfg.init_from else None
@@ -714,12 +724,17 @@ class Trainer:
             "dev": self._dev_fingerprint(),
         }
         tmp = self.out / "last.pt.tmp"
+        # serialized in memory first: torch writing a file reports a full disk as "enforce fail at
+        # inline_container.cc ... unexpected pos", where Python's own write says "No space left on device"
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
         try:
-            torch.save(state, tmp)
+            with open(tmp, "wb") as file:
+                file.write(buffer.getbuffer())
             os.replace(tmp, self.out / "last.pt")
-        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
+        except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise OutputError(f"{printable(self.out / 'last.pt')}: cannot write checkpoint: {e}") from e
+            raise OutputError(f"{printable(self.out / 'last.pt')}: cannot write checkpoint: {e.strerror or e}") from e
 
     def load_checkpoint(self) -> None:
         """Continue the run saved in ``last.pt``.
@@ -791,13 +806,20 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
 
 def _tidy_unused(out: Path, made: bool) -> None:
-    """After a failed start: a run folder holding only our lock loses it, and goes too if this run made it."""
-    unlock_run_folder(out)
+    """After a failed start: a run folder holding only this run's lock loses it, and goes too if this run made it.
+
+    A lock file this process does not hold stays: another run is writing there (refusing
+    this one), and without its file a third run could lock a new one beside it.
+    """
+    held = out.resolve() in _RUN_LOCKS
     with contextlib.suppress(OSError):
-        if {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-            (out / LOCK_FILE).unlink(missing_ok=True)
-            if made:
-                out.rmdir()
+        names = {p.name for p in out.iterdir()}
+        if held and names == {LOCK_FILE}:
+            (out / LOCK_FILE).unlink()  # while still held, so no other run has taken it meanwhile
+            names = set()
+        if made and not names:
+            out.rmdir()
+    unlock_run_folder(out)
 
 
 def _checkpoint_everywhere(trainer: Trainer) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from captioner.options import MAX_DIM, REQUIRED, Bounds, check_device, check_fie
 
 MODEL_FIELDS = ("encoder", "finetune_encoder", "embed_dim", "hidden_dim", "attention", "attention_dim")
 """Fields that shape the model: a checkpoint saved with other values cannot be resumed."""
+RESTORED_FIELDS = ("lr", "encoder_lr", "weight_decay", "seed")
+"""Fields a resumed run takes from its checkpoint (the optimizer's rates and decay, the random state):
+resuming with other values is refused, since they would not take effect."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class TrainConfig:
         if self.epochs == 0 and (self.init_from is None or self.scst_epochs == 0):
             raise OptionError("epochs=0 skips cross-entropy training: it needs init_from (the decoder to continue) "
                               "and scst_epochs > 0 (the only phase left)")
+        if self.encoder_lr is not None and not self.finetune_encoder:
+            raise OptionError("encoder_lr needs finetune_encoder=true: the CNN stays frozen, so no rate of its own "
+                              "would take effect")
         if self.average_last == 1:
             raise OptionError("average_last=1 would average one epoch with itself: give 0 (off) or at least 2")
         _check_encoder(self.encoder)
@@ -138,6 +145,9 @@ def _check_device(name: str) -> None:
 
 def _read_json_object(path: Path) -> dict:
     try:
+        if stat.S_ISCHR(path.stat().st_mode) or stat.S_ISBLK(path.stat().st_mode):
+            # /dev/zero never ends: read whole, it would take all the memory there is
+            raise OptionError(f"{printable(path)}: not a training config: a device, not a file")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise OptionError(f"{printable(path)}: cannot read training config: {e.strerror or e}") from e

@@ -1,5 +1,7 @@
 """The feature cache: computed once, and a cache file that cannot serve is a miss, not a crash."""
 
+import shutil
+
 import pytest
 import torch
 from conftest import SAMPLES, SHARED_SAMPLES
@@ -32,6 +34,17 @@ def test_features_are_cached_and_read_back(encoder, cache, capsys):
     assert torch.equal(again, features)
     assert capsys.readouterr().err == ""
     assert [p.name for p in folder.iterdir()] == [file.name]  # no temporary file left behind
+
+
+def test_a_photo_replaced_under_the_same_name_is_encoded_again(encoder, tmp_path):
+    photos = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    for source, photo in zip(PHOTOS, photos, strict=True):
+        shutil.copy(source, photo)
+    first = cached_features(encoder, photos, tmp_path / "cache", num_workers=0, progress=False)
+    shutil.copy(SHARED_SAMPLES / "coffee.png", photos[0])  # another picture, same name
+    second = cached_features(encoder, photos, tmp_path / "cache", num_workers=0, progress=False)
+    assert not torch.equal(second[0], first[0]) and torch.equal(second[1], first[1])
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def _garbage(file, features):

@@ -178,6 +178,7 @@ def test_encoder_fine_tuning_updates_and_saves_the_cnn_but_keeps_its_batch_norm_
         ("epochs", -1, r"epochs=-1 must be a whole number in \[0, "),
         ("epochs", 0, "epochs=0 skips cross-entropy training: it needs init_from"),
         ("average_last", 1, "average_last=1 would average one epoch with itself"),
+        ("encoder_lr", 1e-4, "encoder_lr needs finetune_encoder=true: the CNN stays frozen"),
         ("batch_size", 4.0, "batch_size=4.0 must be a whole number"),
         ("dropout", float("nan"), r"dropout=nan must be a number in \[0, 1\)"),
         ("lr", 0, r"lr=0 must be a number in \(0, 10\]"),
@@ -216,6 +217,11 @@ def test_train_config_file_errors_name_the_file_and_field(tmp_path, content, mes
     path.write_text(content, encoding="utf-8")
     with pytest.raises(OptionError, match=rf"^{path}: {message}"):
         TrainConfig.from_file(path)
+
+
+def test_a_device_as_train_config_is_refused_not_read_forever():
+    with pytest.raises(OptionError, match="^/dev/zero: not a training config: a device, not a file"):
+        TrainConfig.from_file("/dev/zero")
 
 
 def test_train_config_file_with_overrides(tmp_path):
@@ -352,6 +358,15 @@ def test_resume_from_a_checkpoint_of_another_run_is_a_clear_error(tiny_config, s
     torch.save(state, saved_run / "last.pt")
     with pytest.raises(CheckpointError, match=rf"^{saved_run}/last.pt: cannot resume: {message}.*; start over"):
         _resume(tiny_config)
+
+
+@pytest.mark.parametrize("field, value", [("lr", 5.0), ("weight_decay", 0.5), ("seed", 99)])
+def test_resume_with_a_setting_the_checkpoint_restores_is_refused(tiny_config, saved_run, field, value):
+    saved = getattr(tiny_config, field)
+    with pytest.raises(CheckpointError, match=rf"^{saved_run}/last.pt: cannot resume with {field}={value!r}: the run "
+                                              rf"was saved with {field}={saved!r}"):
+        _resume(dataclasses.replace(tiny_config, **{field: value}))
+    assert _resume(tiny_config).epoch == 0
 
 
 def test_resume_with_another_model_shape_or_vocabulary_is_refused(tiny_config, saved_run):
@@ -495,6 +510,57 @@ def test_a_second_process_training_into_the_same_folder_is_refused(tiny_config):
         holder.kill()
         holder.wait()
     assert Trainer(tiny_config).epoch == 0  # a killed run leaves no lock behind
+
+
+def test_a_run_refused_by_anothers_lock_leaves_that_lock_in_place(tiny_config):
+    out = Path(tiny_config.out_dir)
+    out.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from captioner.train import lock_run_folder; lock_run_folder(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        for _ in range(2):  # the second try meets the same lock: the first left it in place
+            with pytest.raises(OutputError, match=rf"^{out}: another training run is writing to this folder"):
+                train(tiny_config)
+        assert (out / ".lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_dev_set_that_cider_cannot_score_is_refused_at_the_start(tiny_config, tmp_path):
+    entries = read_manifest(tiny_config.dev_manifest)
+    one = tmp_path / "one.jsonl"
+    write_manifest(one, [(str(entries[0].image), entries[0].captions)])
+    with pytest.raises(DataError, match=rf"^{one}: 1 image; CIDEr-D .* needs at least 2"):
+        train(dataclasses.replace(tiny_config, dev_manifest=str(one)))
+    with pytest.raises(DataError, match="1 image; CIDEr-D"):
+        train(dataclasses.replace(tiny_config, dev_limit=1))
+    assert not Path(tiny_config.out_dir).exists()  # refused before any output
+
+
+def test_averaging_outputs_that_cannot_be_written_are_refused_at_the_start(tiny_config):
+    out = Path(tiny_config.out_dir)
+    out.mkdir(parents=True)
+    (out / "epochs").write_text("not a folder")
+    averaging = dataclasses.replace(tiny_config, average_last=2)
+    with pytest.raises(OutputError, match=rf"^{out}/epochs: cannot keep epoch snapshots here: not a writable folder"):
+        Trainer(averaging)
+    (out / "epochs").unlink()
+    (out / "averaged").write_text("not a folder")
+    with pytest.raises(OutputError, match=rf"^{out}/averaged: exists and is not a folder"):
+        Trainer(averaging)
+    assert Trainer(tiny_config).epoch == 0  # without averaging neither name is used
+
+
+def test_a_full_disk_is_named_as_such_when_the_checkpoint_is_written(tiny_config):
+    trainer = Trainer(tiny_config)
+    (trainer.out / "last.pt.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    with pytest.raises(OutputError, match=rf"^{trainer.out}/last.pt: cannot write checkpoint: No space left on"):
+        trainer.save_checkpoint()
+    assert not (trainer.out / "last.pt").exists() and not os.path.lexists(trainer.out / "last.pt.tmp")
 
 
 @pytest.mark.slow
