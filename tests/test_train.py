@@ -1,5 +1,6 @@
 """A real (tiny) training run: cached features, epochs, checkpoint, resume, metrics log, plot."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -495,8 +496,9 @@ def test_checkpoint_averaging_leaves_the_last_epochs_weights_to_resume_from_and_
     assert phases == [(1, "xe"), (2, "xe"), (3, "xe"), (3, "average"), (4, "xe"), (4, "average")]
 
 
-def test_a_second_process_training_into_the_same_folder_is_refused(tiny_config):
-    out = Path(tiny_config.out_dir)
+@contextlib.contextmanager
+def locked_by_another_process(out: Path):
+    """``out`` made and locked by another process (a training run's lock), until the block ends."""
     out.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from captioner.train import lock_run_folder; lock_run_folder(Path(sys.argv[1])); "
@@ -504,30 +506,27 @@ def test_a_second_process_training_into_the_same_folder_is_refused(tiny_config):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(OutputError, match=rf"^{out}: another training run is writing to this folder"):
-            Trainer(tiny_config)
+        yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(tiny_config):
+    out = Path(tiny_config.out_dir)
+    with locked_by_another_process(out):
+        with pytest.raises(OutputError, match=rf"^{out}: another training run is writing to this folder"):
+            Trainer(tiny_config)
     assert Trainer(tiny_config).epoch == 0  # a killed run leaves no lock behind
 
 
 def test_a_run_refused_by_anothers_lock_leaves_that_lock_in_place(tiny_config):
     out = Path(tiny_config.out_dir)
-    out.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from captioner.train import lock_run_folder; lock_run_folder(Path(sys.argv[1])); "
-                               "print('locked', flush=True); time.sleep(60)", str(out)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with locked_by_another_process(out):
         for _ in range(2):  # the second try meets the same lock: the first left it in place
             with pytest.raises(OutputError, match=rf"^{out}: another training run is writing to this folder"):
                 train(tiny_config)
         assert (out / ".lock").exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_dev_set_that_cider_cannot_score_is_refused_at_the_start(tiny_config, tmp_path):
