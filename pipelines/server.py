@@ -456,12 +456,17 @@ class _BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                raise HTTPError(413, f"the upload is larger than the limit of {limit} bytes")
+                raise HTTPError(413, _too_large_text(limit))
             return message
 
         await self.app(scope, counted, send)
 
 
 async def _too_large(send, limit: int) -> None:
-    response = JSONResponse({"error": f"the upload is larger than the limit of {limit} bytes"}, status_code=413)
+    response = JSONResponse({"error": _too_large_text(limit)}, status_code=413)
     await response({"type": "http"}, None, send)
+
+
+def _too_large_text(limit: int) -> str:
+    """The whole request is refused before any file in it is named, so the message names the limit."""
+    return f"the upload is larger than the limit of {limit / 2**20:.4g} MiB ({limit} bytes)"

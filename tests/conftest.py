@@ -1,3 +1,4 @@
+import contextlib
 import socket
 import subprocess
 import sys
@@ -42,21 +43,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live_server():
-    """``captioner serve`` as users start it: a real uvicorn process on loopback."""
+@contextlib.contextmanager
+def serving(*flags: str):
+    """``captioner serve FLAGS`` as users start it: a real uvicorn process on loopback; yields (url, process)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "captioner.pipelines.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "captioner.pipelines.cli", "serve", "--port", str(port), *flags],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + "/healthz", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live_server():
+    """``captioner serve`` with its defaults."""
+    with serving() as (url, _):
+        yield url

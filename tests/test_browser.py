@@ -2,9 +2,12 @@
 
 import os
 import shutil
+import signal
 
+import numpy as np
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, serving
+from PIL import Image
 from test_video_source import write_video
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -52,5 +55,89 @@ def test_photos_video_and_a_bad_file_through_the_page(live_server, tmp_path):
             assert shot.read_bytes()[:4] == b"\x89PNG"
             if os.environ.get("CAPTIONER_SCREENSHOT"):  # keep a copy where the caller asks (docs, CI artifacts)
                 shutil.copy(shot, os.environ["CAPTIONER_SCREENSHOT"])
+        finally:
+            browser.close()
+
+
+NEWEST = "() => document.querySelector('#items figure')"
+
+
+def _newest_text(page, selector: str) -> str:
+    script = f"() => {{ const e = ({NEWEST})().querySelector({selector!r}); return e ? e.textContent : '' }}"
+    return page.evaluate(script)
+
+
+def test_the_page_is_keyboard_usable_marks_unsure_captions_and_routes_files_by_content(live_server, tmp_path):
+    unplayable = write_video(tmp_path / "shots.mp4", [("chelsea.png", 2), ("rocket.jpg", 2)])  # mp4v: Chromium won't
+    nameless = write_video(tmp_path / "clip.webm", [("chelsea.png", 2)], fourcc="VP80").rename(tmp_path / "clip")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            # a listener from the start: Playwright turns on catching file choosers when the first is added,
+            # and one added just before the key press could miss the chooser the key opens
+            page.on("filechooser", lambda chooser: None)
+            page.goto(live_server)
+            page.wait_for_selector("#min-confidence", state="visible")  # the default model is calibrated
+            for _ in range(3):
+                if page.evaluate("document.activeElement.id") == "pick":
+                    break
+                page.keyboard.press("Tab")
+            with page.expect_file_chooser(timeout=10_000) as chooser:
+                page.keyboard.press("Enter")
+            chooser.value.set_files(str(SAMPLES / "chelsea.png"))
+            page.wait_for_selector("figure.photo .confidence", timeout=60_000)
+            assert "unsure" not in page.inner_text("figure.photo .confidence")  # the cat's 0.35 is above 0.2
+
+            page.fill("#min-confidence", "1")
+            page.set_input_files("#files", str(SAMPLES / "chelsea.png"))
+            page.wait_for_function(f"() => ({NEWEST})().querySelector('.confidence') !== null", timeout=60_000)
+            assert page.evaluate(f"({NEWEST})().classList.contains('unsure')")
+            assert "unsure" in _newest_text(page, ".confidence")
+
+            page.set_input_files("#files", str(nameless))  # no extension, no type: its bytes say it is no picture
+            page.wait_for_function(f"() => ({NEWEST})().querySelector('track') !== null", timeout=120_000)
+            assert _newest_text(page, ".caption").endswith("subtitle cue")
+
+            page.set_input_files("#files", str(unplayable))
+            page.wait_for_function(f"() => ({NEWEST})().querySelector('.playback') !== null", timeout=120_000)
+            page.wait_for_function(f"() => ({NEWEST})().querySelector('.save a') !== null", timeout=120_000)
+            assert _newest_text(page, ".caption") == "2 subtitle cues"
+            assert "cannot play this video" in _newest_text(page, ".playback")
+            assert page.evaluate(f"({NEWEST})().querySelector('.save a').download") == "shots.vtt"
+        finally:
+            browser.close()
+
+
+def test_every_failure_on_the_page_names_its_file_and_a_silent_server_is_given_up_on(tmp_path):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)).save(big)
+    with serving("--max-upload-mb", "1", "--timeout", "2") as (url, server), \
+            sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("#min-confidence", state="visible")  # the server's limits are read
+            page.set_input_files("#files", str(big))
+            page.wait_for_selector("figure.photo .caption.error", timeout=30_000)
+            assert _newest_text(page, ".caption") == \
+                "big.png: the upload is larger than the limit of 1 MiB (1048576 bytes)"
+
+            os.kill(server.pid, signal.SIGSTOP)  # a server that takes the upload and never answers
+            try:
+                page.set_input_files("#files", str(SAMPLES / "chelsea.png"))
+                page.wait_for_function(f"() => ({NEWEST})().querySelector('.caption').textContent.includes(':')",
+                                       timeout=60_000)
+                assert _newest_text(page, ".caption") == \
+                    "chelsea.png: no answer from the server in 17 s: it may have stopped"
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            server.kill()
+            server.wait()
+            page.set_input_files("#files", str(SAMPLES / "coffee.png"))
+            page.wait_for_function(f"() => ({NEWEST})().querySelector('.caption.error') !== null", timeout=30_000)
+            assert _newest_text(page, ".caption") == \
+                "coffee.png: could not reach the server: it stopped, or the connection broke"
         finally:
             browser.close()
