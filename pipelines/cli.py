@@ -193,7 +193,6 @@ def _caption_columns(args: argparse.Namespace, result, caption: dict) -> list[st
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from captioner.images import IMAGE_EXTENSIONS
     from captioner.outputs import STANDARD_OUTPUT, check_writable_file
     from captioner.pipelines.folder import caption_folder
     from captioner.pipelines.record_formats import format_for
@@ -226,11 +225,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
         model, options = _load(args)
         if args.compile:
             model.compile_encoder()
+        workers = DEFAULT_WORKERS if args.workers is None else args.workers
         summary = caption_folder(args.folder, records, model=model, options=options, batch_size=args.batch_size,
-                                 num_workers=args.workers, progress=not args.quiet, retry_errors=args.retry_errors,
+                                 num_workers=workers, progress=not args.quiet, retry_errors=args.retry_errors,
                                  min_confidence=args.min_confidence, fallback=args.fallback)
     if args.html:
         write_contact_sheet(args.output, args.html, fmt)
+    return _batch_ended(args, summary)
+
+
+def _batch_ended(args: argparse.Namespace, summary) -> int:
+    """Print a batch's summary (local or Ray), warn when SOURCE held no image; the exit code."""
+    from captioner.images import IMAGE_EXTENSIONS
+
     _print(summary.describe(), err=True)
     if not (summary.captioned or summary.failed or summary.already_done):
         _print(f"warning: no images under {printable(args.folder)} (files named {', '.join(sorted(IMAGE_EXTENSIONS))})",
@@ -247,8 +254,7 @@ def _batch_with_ray(args: argparse.Namespace) -> int:
     model, options = _load(args)  # checks the model and the flags before Ray starts
     check_min_confidence(args.min_confidence, model)
     summary = run_from_args(args, args.model, options)
-    _print(summary.describe(), err=True)
-    return EXIT_SOME_FAILED if summary.failed or summary.earlier_failed else EXIT_OK
+    return _batch_ended(args, summary)
 
 
 def _is_are(count: int) -> str:
@@ -415,7 +421,7 @@ def _batch_parser(sub) -> None:
     p.add_argument("--retry-errors", action="store_true",
                    help="caption again the files the output holds errors for; each path keeps one record")
     p.add_argument("--batch-size", type=bounded_int(1, 1024), default=32)
-    p.add_argument("--workers", type=bounded_int(0, 64), default=DEFAULT_WORKERS,
+    p.add_argument("--workers", type=bounded_int(0, 64),
                    help=f"processes decoding images (default {DEFAULT_WORKERS}: none on 2 cores, where they slow "
                         "the encoder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

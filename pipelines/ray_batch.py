@@ -20,7 +20,9 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ SHARD_FORMATS = ("jsonl", "parquet")
 MERGED_NAME = "captions.jsonl"
 LOCK_NAME = ".captioner.lock"  # held by the run writing a local OUT
 REMOTE_READS = 8  # files fetched at once by one read task from a URI source
+GCS_RETRY_SECONDS = 15  # how long an unreachable Google Cloud Storage is retried (pyarrow's own default: 15 minutes)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,10 @@ def filesystem(uri: str):
 
     if "://" not in uri:
         return fs.LocalFileSystem(), os.path.realpath(uri)
+    if uri.split("://", 1)[0] in ("gs", "gcs") and "retry_limit_seconds=" not in uri:
+        # pyarrow retries an unreachable Google Cloud Storage for 15 minutes by default, deaf to
+        # SIGTERM and Ctrl-C meanwhile; a URI that sets its own limit keeps it
+        uri += ("&" if "?" in uri else "?") + f"retry_limit_seconds={GCS_RETRY_SECONDS:g}"
     try:
         return fs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as e:
@@ -301,8 +308,13 @@ def _read_parquet(fs, name: str) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     with fs.open_input_file(name) as file:
-        for text in pq.read_table(file).column("record").to_pylist():
-            yield checked_record(json.loads(text))
+        table = pq.read_table(file)
+    if "record" not in table.column_names:
+        raise BadRecord(f'no "record" column (its columns: {", ".join(table.column_names)})')
+    for text in table.column("record").to_pylist():
+        if not isinstance(text, str):
+            raise BadRecord(f'a "record" cell holds {type(text).__name__}, not JSON text')
+        yield checked_record(json.loads(text))
 
 
 def read_bytes(batch: dict[str, np.ndarray], source: str) -> dict[str, list]:
@@ -339,7 +351,7 @@ class Captioner:
     """A Ray actor: loads the model once, then captions batches of image bytes into JSON records."""
 
     def __init__(self, model_dir: str | None, options, min_confidence: float | None, fallback: str | None,
-                 threads: int):
+                 threads: int, device: str | None = None):
         import torch
 
         from captioner.api import load_model
@@ -348,7 +360,7 @@ class Captioner:
         # Ray Data calls __call__ on a thread of its own, not on this one: see captioner.torch_threads
         keep_torch_off_this_thread()
         self.threads = max(1, threads)
-        self.model = load_model(model_dir, device="cuda" if torch.cuda.is_available() else None)
+        self.model = load_model(model_dir, device=device or ("cuda" if torch.cuda.is_available() else None))
         self.options, self.min_confidence, self.fallback = options, min_confidence, fallback
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -393,6 +405,9 @@ def start_ray(address: str | None, cpus: float | None = None, *, quiet: bool = F
     if ray.is_initialized():
         return
     level = logging.ERROR if quiet else logging.INFO
+    # ray.init puts in its own SIGTERM handler (exit code 15, and a C-level stack dump): the
+    # command's own, which runs its cleanups and says "terminated" (exit 143), is put back after
+    terminate = signal.getsignal(signal.SIGTERM)
     try:
         if address is None:
             # Ray runs its workers at nice 15 by default, behind everything else on the machine;
@@ -403,6 +418,9 @@ def start_ray(address: str | None, cpus: float | None = None, *, quiet: bool = F
             ray.init(address=address, log_to_driver=False, logging_level=level)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise OptionError(f"--ray {address or ''}: cannot start or join Ray: {e}".replace("  ", " ")) from e
+    finally:
+        if terminate is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, terminate)
 
 
 def quiet_ray() -> None:
@@ -431,6 +449,7 @@ def caption_with_ray(
     merge: bool = False,
     retry_errors: bool = False,
     progress: bool = True,
+    device: str | None = None,
 ) -> RaySummary:
     """Caption every image under ``source`` into shards in ``out`` with Ray Data; resumable.
 
@@ -440,6 +459,7 @@ def caption_with_ray(
         merge: also write ``out/captions.jsonl`` with one record per path (local outputs).
         retry_errors: caption again the files whose record in ``out`` is an error.
         progress: Ray Data's progress bars and Ray's notes (off: errors only, and the skipped files).
+        device: the torch device each actor captions on (None: a GPU where its machine has one, else the CPU).
 
     Raises:
         OptionError: bad source, format or Ray address.
@@ -459,7 +479,7 @@ def caption_with_ray(
             start_ray(settings.address, quiet=not progress)
             if not progress:
                 quiet_ray()
-            _check_gpus(settings)
+            _check_resources(settings)
             threads = max(1, int(settings.cpus_per_actor))
             dataset = (
                 ray.data.from_items([{"path": p, "inside": inside} for p, inside in todo],
@@ -473,7 +493,7 @@ def caption_with_ray(
                              num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor or None,
                              fn_constructor_kwargs={"model_dir": model_dir, "options": options,
                                                     "min_confidence": min_confidence, "fallback": fallback,
-                                                    "threads": threads})
+                                                    "threads": threads, "device": device})
             )
             try:
                 for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -515,18 +535,23 @@ def _check_merge_target(target: Path) -> None:
                           "it; move it away or give another -o") from e
 
 
-def _check_gpus(settings: RaySettings) -> None:
-    """A local runtime with fewer GPUs than an actor reserves would wait for them for ever.
+def _check_resources(settings: RaySettings) -> None:
+    """A local runtime with fewer CPUs or GPUs than an actor reserves would wait for them for ever.
 
     Raises:
-        OptionError: ``--gpus-per-actor`` asks for more GPUs than this machine's Ray runtime has.
+        OptionError: ``--cpus-per-actor`` or ``--gpus-per-actor`` asks for more than this machine's Ray runtime has.
     """
     import ray
 
-    have = ray.cluster_resources().get("GPU", 0)
-    if settings.address is None and settings.gpus_per_actor > have:
-        raise OptionError(f"--gpus-per-actor {settings.gpus_per_actor:g}: the local Ray runtime has {have:g} GPUs; "
-                          "an actor would wait for them for ever")
+    if settings.address is not None:  # a cluster may grow (autoscaling) to what an actor asks for
+        return
+    resources = ray.cluster_resources()
+    for flag, kind, wanted in (("--cpus-per-actor", "CPU", settings.cpus_per_actor),
+                               ("--gpus-per-actor", "GPU", settings.gpus_per_actor)):
+        have = resources.get(kind, 0)
+        if wanted > have:
+            raise OptionError(f"{flag} {wanted:g}: the local Ray runtime has {have:g} {kind}s; an actor would wait "
+                              "for them for ever")
 
 
 def _still_to_do(writer: ShardWriter, paths: list[tuple[str, str]],
@@ -576,6 +601,9 @@ def check_ray_args(args) -> None:
     """
     if args.html or args.compile or args.backend != "torch":
         raise OptionError("--html, --compile and --backend are not available with --ray")
+    if args.workers is not None:
+        raise OptionError("--workers sets the local pipeline's reading processes; with --ray, Ray's read tasks read "
+                          "the files (as many at a time as --actors)")
     if args.format == "csv" or Path(args.output).suffix.lower() == ".csv":
         raise OptionError("--ray writes a folder of JSONL or Parquet shards, not CSV: give -o a folder name")
     if args.merge and "://" in local_path(args.output):
@@ -591,4 +619,5 @@ def run_from_args(args, model_dir: str | None, options) -> RaySummary:
     return caption_with_ray(args.folder, args.output, model_dir=model_dir, options=options, settings=settings,
                             fmt=args.format or ("parquet" if args.output.endswith(".parquet") else "jsonl"),
                             min_confidence=args.min_confidence, fallback=args.fallback,
-                            merge=args.merge, retry_errors=args.retry_errors, progress=not args.quiet)
+                            merge=args.merge, retry_errors=args.retry_errors, progress=not args.quiet,
+                            device=args.device)

@@ -160,6 +160,50 @@ def test_a_killed_driver_resumes_without_duplicates(photos, tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".part-")]  # a cut-off shard's staging file is gone
 
 
+def test_sigterm_ends_a_ray_run_as_it_ends_any_command_and_keeps_what_came_back(photos, tmp_path):
+    out = tmp_path / "termed"
+    proc = subprocess.Popen([sys.executable, "-m", "captioner.pipelines.cli", "batch", str(photos), "-o", str(out),
+                             "--ray", "auto", "--shard-size", "4", "--batch-size", "4", "--quiet"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("part-*.jsonl"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)  # after ray.init, which puts in a handler of its own
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "captioner: error: terminated" and "SIGTERM received" not in err
+    kept = [r["path"] for r in iter_records(str(out))]
+    assert len(kept) >= 8 and len(kept) == len(set(kept))
+
+
+def test_a_parquet_shard_that_is_not_ours_is_named_in_one_line(photos, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for columns, reason in (({"id": [1, 2]}, 'no "record" column (its columns: id)'),
+                            ({"record": [1, 2]}, 'a "record" cell holds int, not JSON text')):
+        out = tmp_path / f"foreign-{reason[:5]}"
+        out.mkdir()
+        pq.write_table(pa.table(columns), out / "part-00000.parquet")
+        assert main(["batch", str(photos), "-o", str(out), "--ray", "--format", "parquet", "--quiet"]) == 1
+        assert capsys.readouterr().err.strip() == \
+            f"captioner: error: {out}/part-00000.parquet: not a readable shard of captioner records: {reason}"
+
+
+def test_an_empty_source_is_warned_about_and_gs_gives_up_in_seconds_not_minutes(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["batch", str(tmp_path / "empty"), "-o", str(tmp_path / "o"), "--ray", "--quiet"]) == 0
+    assert "warning: no images under" in capsys.readouterr().err
+    # no network to Google Cloud Storage here: pyarrow's default would retry for 15 minutes, deaf to SIGTERM
+    started = time.monotonic()
+    assert main(["batch", "gs://captioner-no-such-bucket/photos", "-o", str(tmp_path / "g"), "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("captioner: error: gs://captioner-no-such-bucket/photos: cannot list: ")
+    assert err.count("\n") == 1
+    assert time.monotonic() - started < 120
+
+
 def test_ray_flags_are_checked_before_ray_starts(photos, tmp_path, capsys, monkeypatch):
     import captioner.pipelines.cli as cli
 
@@ -167,7 +211,8 @@ def test_ray_flags_are_checked_before_ray_starts(photos, tmp_path, capsys, monke
         patch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded (or exported) first"))
         for flags, message in ((["--backend", "onnxruntime"], "not available with --ray"),
                                (["--html", str(tmp_path / "r.html")], "not available with --ray"),
-                               (["-o", str(tmp_path / "x.csv")], "not CSV")):
+                               (["-o", str(tmp_path / "x.csv")], "not CSV"),
+                               (["--workers", "8"], "--workers sets the local pipeline's reading processes")):
             assert main(["batch", str(photos), "-o", str(tmp_path / "o"), "--ray", *flags]) == 2
             assert message in capsys.readouterr().err
     assert main(["batch", str(photos), "-o", str(tmp_path / "o"), "--ray", "--format", "csv"]) == 2
@@ -205,6 +250,8 @@ def test_ray_refuses_what_would_hang_or_clobber_before_captioning(photos, tmp_pa
     assert (out / "captions.jsonl").read_text() == "my notes\n" and not list(out.glob("part-*"))
     assert main(["batch", str(photos), "-o", str(tmp_path / "gpu"), "--ray", "--gpus-per-actor", "1"]) == 2
     assert "--gpus-per-actor 1: the local Ray runtime has 0 GPUs" in capsys.readouterr().err
+    assert main(["batch", str(photos), "-o", str(tmp_path / "cpu"), "--ray", "--cpus-per-actor", "4"]) == 2
+    assert "--cpus-per-actor 4: the local Ray runtime has 2 CPUs; an actor would wait" in capsys.readouterr().err
     for value in ("-1", "0"):
         with pytest.raises(SystemExit) as stop:
             main(["batch", str(photos), "-o", str(tmp_path / "o"), "--ray", "--cpus-per-actor", value])
