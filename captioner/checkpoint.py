@@ -74,6 +74,8 @@ def check_fits(path: Path, state: dict, cfg: TrainConfig, vocab: Vocabulary, exp
             raise resume_error(path, f"it was saved with {name}={saved.get(name)!r}, this run has "
                                       f"{name}={getattr(cfg, name)!r}")
     for name in RESTORED_FIELDS:
+        if name == "encoder_lr" and not cfg.finetune_encoder:
+            continue  # a frozen CNN has no rate (older versions saved one they then ignored)
         if name in saved and saved[name] != getattr(cfg, name):
             raise CheckpointError(f"{printable(path)}: cannot resume with {name}={getattr(cfg, name)!r}: the run was "
                                   f"saved with {name}={saved[name]!r}, and a resumed run keeps its optimizer and "

@@ -139,8 +139,8 @@ def prepare_output(out: Path, *, resume: bool, averaging: bool = False) -> Path:
                           "choose another folder to start over")
     check_new_model_folder(out / "best", replace=True)
     if averaging:
-        epochs = out / "epochs"
-        if epochs.is_symlink() or (epochs.exists() and not (epochs.is_dir() and os.access(epochs, os.W_OK | os.X_OK))):
+        epochs = out / "epochs"  # a link to a folder elsewhere (another disk) will do
+        if os.path.lexists(epochs) and not (epochs.is_dir() and os.access(epochs, os.W_OK | os.X_OK)):
             raise OutputError(f"{printable(epochs)}: cannot keep epoch snapshots here: not a writable folder")
         check_new_model_folder(out / "averaged", replace=True)
     return out
@@ -162,19 +162,33 @@ def lock_run_folder(out: Path) -> None:
     key = out.resolve()
     if key in _RUN_LOCKS:
         return
-    try:
-        fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise OutputError(f"{printable(out / LOCK_FILE)}: cannot lock the run folder: {e.strerror or e}") from e
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+    while True:
+        try:
+            fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise OutputError(f"{printable(out / LOCK_FILE)}: cannot lock the run folder: {e.strerror or e}") from e
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"{printable(out)}: another training run is writing to this folder; wait for it "
+                                  "to end or choose another folder") from e
+            raise OutputError(f"{printable(out / LOCK_FILE)}: cannot lock the run folder: {e.strerror or e}") from e
+        if _same_file(fd, key / LOCK_FILE):
+            break
+        # a run that failed to start removed the file between our open and our lock: the lock
+        # we hold is on a file no other run will see, so take the one now at that path
         os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise OutputError(f"{printable(out)}: another training run is writing to this folder; wait for it "
-                              "to end or choose another folder") from e
-        raise OutputError(f"{printable(out / LOCK_FILE)}: cannot lock the run folder: {e.strerror or e}") from e
     _RUN_LOCKS[key] = fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        mine, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def unlock_run_folder(out: Path) -> None:
@@ -815,7 +829,7 @@ def _tidy_unused(out: Path, made: bool) -> None:
     with contextlib.suppress(OSError):
         names = {p.name for p in out.iterdir()}
         if held and names == {LOCK_FILE}:
-            (out / LOCK_FILE).unlink()  # while still held, so no other run has taken it meanwhile
+            (out / LOCK_FILE).unlink()  # while still held: a run that opened it meanwhile sees it gone and retries
             names = set()
         if made and not names:
             out.rmdir()

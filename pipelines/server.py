@@ -469,4 +469,6 @@ async def _too_large(send, limit: int) -> None:
 
 def _too_large_text(limit: int) -> str:
     """The whole request is refused before any file in it is named, so the message names the limit."""
-    return f"the upload is larger than the limit of {limit / 2**20:.4g} MiB ({limit} bytes)"
+    mib = limit / 2**20
+    shown = f"{mib:.0f}" if mib.is_integer() else f"{mib:.2f}"
+    return f"the upload is larger than the limit of {shown} MiB ({limit} bytes)"

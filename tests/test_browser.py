@@ -99,6 +99,18 @@ def test_the_page_is_keyboard_usable_marks_unsure_captions_and_routes_files_by_c
             page.wait_for_function(f"() => ({NEWEST})().querySelector('track') !== null", timeout=120_000)
             assert _newest_text(page, ".caption").endswith("subtitle cue")
 
+            folder = tmp_path / "a folder"  # a file the browser cannot read, picked before one it can
+            folder.mkdir()
+            cdp = page.context.new_cdp_session(page)
+            root = cdp.send("DOM.getDocument")["root"]["nodeId"]
+            node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": "#files"})["nodeId"]
+            cdp.send("DOM.setFileInputFiles", {"nodeId": node, "files": [str(folder), str(SAMPLES / "coffee.png")]})
+            page.wait_for_function(f"() => ({NEWEST})().querySelector('.confidence') !== null", timeout=60_000)
+            assert "coffee.png" in _newest_text(page, ".meta")
+            before = page.evaluate("document.querySelectorAll('#items figure')[1]"
+                                   ".querySelector('.caption').textContent")
+            assert before == "a folder: cannot be read here: a folder, or a file that is gone"
+
             page.set_input_files("#files", str(unplayable))
             page.wait_for_function(f"() => ({NEWEST})().querySelector('.playback') !== null", timeout=120_000)
             page.wait_for_function(f"() => ({NEWEST})().querySelector('.save a') !== null", timeout=120_000)

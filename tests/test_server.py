@@ -11,7 +11,7 @@ from test_video_source import damage_middle, write_video
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'captioner[serve]')")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from captioner.pipelines.server import ServerSettings, create_app  # noqa: E402
+from captioner.pipelines.server import ServerSettings, _too_large_text, create_app  # noqa: E402
 
 CAT = SAMPLES / "chelsea.png"
 
@@ -130,6 +130,7 @@ def test_bad_uploads_are_4xx_json_naming_the_file_never_500(client, tmp_path):
     response = client.post("/v1/captions", files=[huge])
     assert (response.status_code, response.json()["error"]) == (413, "the upload is larger than the limit of 4 MiB "
                                                                      "(4194304 bytes)")
+    assert _too_large_text(65536 * 2**20) == "the upload is larger than the limit of 65536 MiB (68719476736 bytes)"
     assert client.post("/v1/captions", files=[photo(CAT)] * 17).status_code == 413
     many = client.post("/v1/captions", files=[photo(tmp_path / "notes.jpg")] * 18)  # past the form parser's limit
     assert (many.status_code, many.json()["error"]) == (413, "more than 17 images in one request; at most 16")

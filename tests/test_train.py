@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -370,6 +371,13 @@ def test_resume_with_a_setting_the_checkpoint_restores_is_refused(tiny_config, s
     assert _resume(tiny_config).epoch == 0
 
 
+def test_a_run_saved_with_an_ignored_encoder_lr_still_resumes(tiny_config, saved_run):
+    state = torch.load(saved_run / "last.pt", weights_only=True)
+    state["config"] = json.dumps({**json.loads(state["config"]), "encoder_lr": 1e-4})  # older versions took it
+    torch.save(state, saved_run / "last.pt")
+    assert _resume(tiny_config).epoch == 0
+
+
 def test_resume_with_another_model_shape_or_vocabulary_is_refused(tiny_config, saved_run):
     wider = dataclasses.replace(tiny_config, hidden_dim=48)
     with pytest.raises(CheckpointError, match="it was saved with hidden_dim=32, this run has hidden_dim=48"):
@@ -529,6 +537,31 @@ def test_a_run_refused_by_anothers_lock_leaves_that_lock_in_place(tiny_config):
         assert (out / ".lock").exists()
 
 
+def test_a_lock_file_removed_between_open_and_lock_is_not_trusted(tmp_path, monkeypatch):
+    import captioner.train as training
+
+    out = tmp_path / "run"
+    out.mkdir()
+    real, calls = fcntl.lockf, []
+
+    def removed_first(fd, operation):
+        if not calls:  # a run that failed to start tidies its lock away between this run's open and lock
+            (out / ".lock").unlink()
+        calls.append(fd)
+        return real(fd, operation)
+
+    monkeypatch.setattr(training.fcntl, "lockf", removed_first)
+    training.lock_run_folder(out)
+    try:
+        assert len(calls) == 2 and (out / ".lock").exists()
+        other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                "from captioner.train import lock_run_folder; lock_run_folder(Path(sys.argv[1]))",
+                                str(out)], capture_output=True, text=True)
+        assert "another training run is writing to this folder" in other.stderr
+    finally:
+        training.unlock_run_folder(out)
+
+
 def test_a_dev_set_that_cider_cannot_score_is_refused_at_the_start(tiny_config, tmp_path):
     entries = read_manifest(tiny_config.dev_manifest)
     one = tmp_path / "one.jsonl"
@@ -552,6 +585,15 @@ def test_averaging_outputs_that_cannot_be_written_are_refused_at_the_start(tiny_
     with pytest.raises(OutputError, match=rf"^{out}/averaged: exists and is not a folder"):
         Trainer(averaging)
     assert Trainer(tiny_config).epoch == 0  # without averaging neither name is used
+    (out / "averaged").unlink()
+    elsewhere = out.parent / "snapshots"  # a link to a folder on another disk, say
+    elsewhere.mkdir()
+    (out / "epochs").symlink_to(elsewhere)
+    assert Trainer(averaging).epoch == 0
+    (out / "epochs").unlink()
+    (out / "epochs").symlink_to(out.parent / "gone")
+    with pytest.raises(OutputError, match="epochs: cannot keep epoch snapshots here: not a writable folder"):
+        Trainer(averaging)
 
 
 def test_a_full_disk_is_named_as_such_when_the_checkpoint_is_written(tiny_config):
