@@ -35,6 +35,18 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
+def descriptor_is_at(fd: int, path: str | os.PathLike) -> bool:
+    """The file open as ``fd`` is still the one at ``path``: a lock taken on it guards that path.
+
+    Another process may have removed or replaced the file between our open and our lock.
+    """
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 def make_folder(folder: Path) -> None:
     """``folder`` and its missing parents, created; where part of the path is a file, the error names it
     (``mkdir`` says only "File exists", for ``-o notes.txt/out.srt``).

@@ -51,7 +51,7 @@ from captioner.features import cached_features
 from captioner.images import check_image_file, model_pixels
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, expected_tensors
 from captioner.options import DecoderConfig, check_device
-from captioner.outputs import check_writable_folder
+from captioner.outputs import check_writable_folder, descriptor_is_at
 from captioner.progress import progress_bar
 from captioner.scst import reward_tokens, self_critical_terms
 from captioner.tensor_files import load_tensors, save_tensors
@@ -175,20 +175,12 @@ def lock_run_folder(out: Path) -> None:
                 raise OutputError(f"{printable(out)}: another training run is writing to this folder; wait for it "
                                   "to end or choose another folder") from e
             raise OutputError(f"{printable(out / LOCK_FILE)}: cannot lock the run folder: {e.strerror or e}") from e
-        if _same_file(fd, key / LOCK_FILE):
+        if descriptor_is_at(fd, key / LOCK_FILE):
             break
         # a run that failed to start removed the file between our open and our lock: the lock
         # we hold is on a file no other run will see, so take the one now at that path
         os.close(fd)
     _RUN_LOCKS[key] = fd
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        mine, there = os.fstat(fd), os.stat(path)
-    except OSError:
-        return False
-    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def unlock_run_folder(out: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from captioner.errors import OutputError, printable
-from captioner.outputs import STANDARD_OUTPUT, make_folder
+from captioner.outputs import STANDARD_OUTPUT, descriptor_is_at, make_folder
 from captioner.pipelines.record_formats import Chunk, RecordFormat, format_for, format_of_first_line, raw_path
 
 
@@ -119,7 +119,7 @@ class RecordFile:
             except OSError as e:
                 os.close(fd)
                 raise self._fail("cannot use as an output", e) from e
-            if _same_file(fd, self.path):
+            if descriptor_is_at(fd, self.path):
                 return file
             file.close()
         raise OutputError(f"{printable(self.path)}: replaced by another run while opening; try again")
@@ -295,14 +295,6 @@ def _create_or_open(path: Path) -> tuple[int, bool]:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
     except FileExistsError:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        here, there = os.fstat(fd), os.stat(path)
-    except OSError:
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def lock_file(fd: int) -> None:
