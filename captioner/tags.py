@@ -8,9 +8,10 @@ where the caption, bound to its training vocabulary, cannot.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:  # the CLI reads TAG_SEPARATOR before it decides to load torch (a refused flag never does)
+    import torch
 
 TAG_THRESHOLD = 0.1  # a label is a tag when the classifier gives it at least this probability
 MAX_TAGS = 5
