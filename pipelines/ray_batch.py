@@ -405,8 +405,8 @@ def start_ray(address: str | None, cpus: float | None = None, *, quiet: bool = F
     if ray.is_initialized():
         return
     level = logging.ERROR if quiet else logging.INFO
-    # ray.init puts in its own SIGTERM handler (exit code 15, and a C-level stack dump): the
-    # command's own, which runs its cleanups and says "terminated" (exit 143), is put back after
+    # ray.init puts in its own SIGTERM handler (exit code 15, and a C-level stack dump): a handler
+    # of the caller's own, as the command's (its cleanups, "terminated", exit 143), is put back after
     terminate = signal.getsignal(signal.SIGTERM)
     try:
         if address is None:
@@ -419,7 +419,7 @@ def start_ray(address: str | None, cpus: float | None = None, *, quiet: bool = F
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise OptionError(f"--ray {address or ''}: cannot start or join Ray: {e}".replace("  ", " ")) from e
     finally:
-        if terminate is not None and threading.current_thread() is threading.main_thread():
+        if callable(terminate) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, terminate)
 
 
