@@ -159,7 +159,9 @@ def is_number(value: object) -> bool:
 
     Python's json reads NaN and Infinity, which are not JSON: a record holding one is not ours.
     """
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)  # an int of 400 digits is finite, and too big for a float
 
 
 class Chunk(NamedTuple):
