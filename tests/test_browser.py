@@ -62,6 +62,16 @@ def test_photos_video_and_a_bad_file_through_the_page(live_server, tmp_path):
 NEWEST = "() => document.querySelector('#items figure')"
 
 
+def _sent(page, send, files: int = 1) -> None:
+    """Call ``send()``, then wait until the page shows a figure for each file: the page reads a file's
+    first bytes (and the server's settings) before its figure appears, so the newest figure is the old
+    one for a moment."""
+    shown = page.evaluate("document.querySelectorAll('#items figure').length")
+    send()
+    page.wait_for_function(f"() => document.querySelectorAll('#items figure').length >= {shown + files}",
+                           timeout=30_000)
+
+
 def _newest_text(page, selector: str) -> str:
     script = f"() => {{ const e = ({NEWEST})().querySelector({selector!r}); return e ? e.textContent : '' }}"
     return page.evaluate(script)
@@ -85,17 +95,17 @@ def test_the_page_is_keyboard_usable_marks_unsure_captions_and_routes_files_by_c
                 page.keyboard.press("Tab")
             with page.expect_file_chooser(timeout=10_000) as chooser:
                 page.keyboard.press("Enter")
-            chooser.value.set_files(str(SAMPLES / "chelsea.png"))
+            _sent(page, lambda: chooser.value.set_files(str(SAMPLES / "chelsea.png")))
             page.wait_for_selector("figure.photo .confidence", timeout=60_000)
             assert "unsure" not in page.inner_text("figure.photo .confidence")  # the cat's 0.35 is above 0.2
 
             page.fill("#min-confidence", "1")
-            page.set_input_files("#files", str(SAMPLES / "chelsea.png"))
+            _sent(page, lambda: page.set_input_files("#files", str(SAMPLES / "chelsea.png")))
             page.wait_for_function(f"() => ({NEWEST})().querySelector('.confidence') !== null", timeout=60_000)
             assert page.evaluate(f"({NEWEST})().classList.contains('unsure')")
             assert "unsure" in _newest_text(page, ".confidence")
 
-            page.set_input_files("#files", str(nameless))  # no extension, no type: its bytes say it is no picture
+            _sent(page, lambda: page.set_input_files("#files", str(nameless)))  # no extension or type: no picture
             page.wait_for_function(f"() => ({NEWEST})().querySelector('track') !== null", timeout=120_000)
             assert _newest_text(page, ".caption").endswith("subtitle cue")
 
@@ -104,14 +114,15 @@ def test_the_page_is_keyboard_usable_marks_unsure_captions_and_routes_files_by_c
             cdp = page.context.new_cdp_session(page)
             root = cdp.send("DOM.getDocument")["root"]["nodeId"]
             node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": "#files"})["nodeId"]
-            cdp.send("DOM.setFileInputFiles", {"nodeId": node, "files": [str(folder), str(SAMPLES / "coffee.png")]})
+            files = [str(folder), str(SAMPLES / "coffee.png")]
+            _sent(page, lambda: cdp.send("DOM.setFileInputFiles", {"nodeId": node, "files": files}), files=2)
             page.wait_for_function(f"() => ({NEWEST})().querySelector('.confidence') !== null", timeout=60_000)
             assert "coffee.png" in _newest_text(page, ".meta")
             before = page.evaluate("document.querySelectorAll('#items figure')[1]"
                                    ".querySelector('.caption').textContent")
             assert before == "a folder: cannot be read here: a folder, or a file that is gone"
 
-            page.set_input_files("#files", str(unplayable))
+            _sent(page, lambda: page.set_input_files("#files", str(unplayable)))
             page.wait_for_function(f"() => ({NEWEST})().querySelector('.playback') !== null", timeout=120_000)
             page.wait_for_function(f"() => ({NEWEST})().querySelector('.save a') !== null", timeout=120_000)
             assert _newest_text(page, ".caption") == "2 subtitle cues"
@@ -131,23 +142,22 @@ def test_every_failure_on_the_page_names_its_file_and_a_silent_server_is_given_u
             page = browser.new_page()
             page.goto(url)
             page.wait_for_selector("#min-confidence", state="visible")  # the server's limits are read
-            page.set_input_files("#files", str(big))
+            _sent(page, lambda: page.set_input_files("#files", str(big)))
             page.wait_for_selector("figure.photo .caption.error", timeout=30_000)
             assert _newest_text(page, ".caption") == \
                 "big.png: the upload is larger than the limit of 1 MiB (1048576 bytes)"
 
             os.kill(server.pid, signal.SIGSTOP)  # a server that takes the upload and never answers
             try:
-                page.set_input_files("#files", str(SAMPLES / "chelsea.png"))
-                page.wait_for_function(f"() => ({NEWEST})().querySelector('.caption').textContent.includes(':')",
-                                       timeout=60_000)
+                _sent(page, lambda: page.set_input_files("#files", str(SAMPLES / "chelsea.png")))
+                page.wait_for_function(f"() => ({NEWEST})().querySelector('.caption.error') !== null", timeout=60_000)
                 assert _newest_text(page, ".caption") == \
                     "chelsea.png: no answer from the server in 17 s: it may have stopped"
             finally:
                 os.kill(server.pid, signal.SIGCONT)
             server.kill()
             server.wait()
-            page.set_input_files("#files", str(SAMPLES / "coffee.png"))
+            _sent(page, lambda: page.set_input_files("#files", str(SAMPLES / "coffee.png")))
             page.wait_for_function(f"() => ({NEWEST})().querySelector('.caption.error') !== null", timeout=30_000)
             assert _newest_text(page, ".caption") == \
                 "coffee.png: could not reach the server: it stopped, or the connection broke"
