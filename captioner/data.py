@@ -41,9 +41,7 @@ def read_manifest(path: str | os.PathLike, *, require_captions: bool = False) ->
     path = Path(path)
     try:
         base = path.resolve().parent
-        mode = path.stat().st_mode
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            # /dev/zero never ends (reading it ran out of memory); a pipe, as from <(...), still reads
+        if is_device(path):
             raise DataError(f"{printable(path)}: not a manifest: a device, not a file")
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Notepad) is not a record
     except UnicodeDecodeError as e:
@@ -100,6 +98,18 @@ def is_manifest(path: str | os.PathLike) -> bool:
     except DataError:
         return False
     return True
+
+
+def is_device(path: Path) -> bool:
+    """``path`` is a character or block device, which a file we read whole must not be.
+
+    /dev/zero never ends: reading it whole ran out of memory. A pipe, as from ``<(...)``, still reads.
+
+    Raises:
+        OSError: ``path`` cannot be looked at.
+    """
+    mode = path.stat().st_mode
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
 def check_scorable(entries: list[ManifestEntry], manifest: str | os.PathLike) -> None:

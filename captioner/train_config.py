@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from captioner.data import is_device
 from captioner.errors import OptionError, printable
 from captioner.options import MAX_DIM, REQUIRED, Bounds, check_device, check_fields, option
 
@@ -145,8 +145,7 @@ def _check_device(name: str) -> None:
 
 def _read_json_object(path: Path) -> dict:
     try:
-        if stat.S_ISCHR(path.stat().st_mode) or stat.S_ISBLK(path.stat().st_mode):
-            # /dev/zero never ends: read whole, it would take all the memory there is
+        if is_device(path):
             raise OptionError(f"{printable(path)}: not a training config: a device, not a file")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:

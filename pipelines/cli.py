@@ -240,9 +240,13 @@ def _batch_ended(args: argparse.Namespace, summary) -> int:
 
     _print(summary.describe(), err=True)
     if not (summary.captioned or summary.failed or summary.already_done):
-        _print(f"warning: no images under {printable(args.folder)} (files named {', '.join(sorted(IMAGE_EXTENSIONS))})",
-               err=True)
+        _warn_none_under(args.folder, "images", IMAGE_EXTENSIONS)
     return EXIT_SOME_FAILED if summary.failed or summary.earlier_failed else EXIT_OK
+
+
+def _warn_none_under(folder, kind: str, extensions) -> None:
+    """A folder that held nothing to work on says so, naming the extensions looked for."""
+    _print(f"warning: no {kind} under {printable(folder)} (files named {', '.join(sorted(extensions))})", err=True)
 
 
 def _batch_with_ray(args: argparse.Namespace) -> int:
@@ -388,8 +392,7 @@ def cmd_video(args: argparse.Namespace) -> int:
         if not jobs:
             from captioner.pipelines.video_source import VIDEO_EXTENSIONS
 
-            _print(f"warning: no videos under {printable(source)} (files named {', '.join(sorted(VIDEO_EXTENSIONS))})",
-                   err=True)
+            _warn_none_under(source, "videos", VIDEO_EXTENSIONS)
     return EXIT_OK if run.complete else EXIT_SOME_FAILED
 
 

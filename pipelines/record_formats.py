@@ -348,15 +348,19 @@ class CsvRecords(RecordFormat):
                     record[name] = _number(name, cell)
             elif name == "tags":
                 if cell:  # an empty cell: no tag, or a record from before tags
-                    record[name] = _tags(cell[1:] if cell.startswith("'") else cell)
+                    record[name] = _tags(self._text(cell))
             elif name == "unsure":
                 if cell not in ("", "true"):
                     raise BadRecord('"unsure" cell must be empty or true')
                 if cell:
                     record[name] = True
             elif cell or (name == "caption" and not cells.get("error")):
-                record[name] = cell[1:] if cell.startswith("'") and not self._unescaped else cell
+                record[name] = self._text(cell)
         return record
+
+    def _text(self, cell: str) -> str:
+        """A text cell as written, less the quote that kept it from reading as a formula (see ``_cell``)."""
+        return cell[1:] if cell.startswith("'") and not self._unescaped else cell
 
     def header(self) -> str:
         return self._row(list(RECORD_FIELDS))
