@@ -31,6 +31,7 @@ import torch
 
 from captioner.decoding import Caption
 from captioner.errors import ModelLoadError, OptionError, printable, reason, shortened
+from captioner.finite import is_finite_number
 
 CALIBRATION_FILE = "calibration.json"
 ACCEPTABLE_CIDER = 0.5  # a caption is acceptable when its per-image CIDEr-D reaches this
@@ -262,7 +263,7 @@ def _numbers(raw: dict, name: str, length: int | None) -> tuple[float, ...]:
     values = raw[name]
     if not isinstance(values, list) or not values or (length is not None and len(values) != length):
         raise ValueError(f"{name} must be a list of {length or 'some'} numbers")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+    if not all(is_finite_number(v) for v in values):
         raise ValueError(f"{name} holds a value that is not a finite number")
     return tuple(float(v) for v in values)
 

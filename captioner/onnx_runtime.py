@@ -18,6 +18,7 @@ from torch import nn
 from captioner.decoder import DecoderState
 from captioner.encoders import Preprocess
 from captioner.errors import ModelLoadError, printable, reason, shortened
+from captioner.finite import is_finite_number
 from captioner.model import CaptionModel, ModelConfig, read_consensus_and_calibrator
 from captioner.onnx_export import GRAPHS, RUNTIME_FILE, check_seal
 from captioner.options import DecoderConfig, DecodingOptions
@@ -79,7 +80,7 @@ class OnnxEncoder(nn.Module):
         size, mean, std = pre["size"], pre["mean"], pre["std"]
         if not _positive_int(size) or not _numbers(mean, 3) or not _numbers(std, 3) or min(std) <= 0:
             raise ValueError("preprocess needs a positive whole size and three means and standard deviations "
-                             f"(std above 0), not {size!r}, {mean!r}, {std!r}")
+                             f"(std above 0), not {shortened(repr((size, mean, std)), 120)}")
         self.preprocess = Preprocess(size, tuple(mean), tuple(std))
         self.name = runtime["encoder"]
         self.out_channels = runtime["grid_channels"]
@@ -205,7 +206,7 @@ def _positive_int(value: object) -> bool:
 
 def _numbers(values: object, count: int) -> bool:
     return (isinstance(values, list) and len(values) == count
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values))
+            and all(is_finite_number(v) for v in values))
 
 
 def _runtime(path: Path) -> dict:

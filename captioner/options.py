@@ -10,7 +10,6 @@ it in a fraction of a second.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from captioner.errors import OptionError
+from captioner.finite import is_finite_number
 
 METHODS = ("beam", "greedy", "sample")
 # The options of method "sample" alone, and the value that leaves each off (required of the other methods).
@@ -234,7 +234,7 @@ def _checked(name: str, value: Any, metadata: Mapping[str, Any], default: Any) -
     elif kind is int:
         ok, rule = isinstance(value, numbers.Integral) and not isinstance(value, bool), "a whole number"
     elif kind is float:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        ok = is_finite_number(value)
         rule = "a number"
     elif choices is not None:
         ok, rule = isinstance(value, str) and value in choices, f"one of {', '.join(sorted(choices))}"

@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator, NamedTuple
 
 from captioner.errors import OptionError, OutputError, count_of, printable
+from captioner.finite import is_finite_number
 from captioner.tags import TAG_SEPARATOR
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def checked_record(record: object) -> dict:
     if "caption" not in record and "error" not in record:
         raise BadRecord('neither "caption" nor "error"')
     for name in NUMERIC_FIELDS & record.keys():
-        if not is_number(record[name]):
+        if not is_finite_number(record[name]):
             raise BadRecord(f'"{name}" is not a number')
     if not _are_tags(record.get("tags", [])):
         raise BadRecord('"tags" must be a list of {"label": text, "p": number}')
@@ -151,17 +151,7 @@ def checked_record(record: object) -> dict:
 
 def _are_tags(value: object) -> bool:
     return isinstance(value, list) and all(
-        isinstance(tag, dict) and isinstance(tag.get("label"), str) and is_number(tag.get("p")) for tag in value)
-
-
-def is_number(value: object) -> bool:
-    """A finite JSON number (true and false are not numbers here, though Python's bool is an int).
-
-    Python's json reads NaN and Infinity, which are not JSON: a record holding one is not ours.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return isinstance(value, int) or math.isfinite(value)  # an int of 400 digits is finite, and too big for a float
+        isinstance(tag, dict) and isinstance(tag.get("label"), str) and is_finite_number(tag.get("p")) for tag in value)
 
 
 class Chunk(NamedTuple):

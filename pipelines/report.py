@@ -16,9 +16,10 @@ import math
 import os
 
 from captioner.errors import printable
+from captioner.finite import is_finite_number
 from captioner.images import load_image
 from captioner.outputs import write_atomically
-from captioner.pipelines.record_formats import RecordFormat, is_number, raw_path
+from captioner.pipelines.record_formats import RecordFormat, raw_path
 
 THUMB_SIDE = 192  # longest thumbnail side in pixels
 
@@ -98,7 +99,7 @@ def _tags(tags: object) -> str:
 
 
 def _probability(value: object) -> str:
-    return f"{value:.2f}" if is_number(value) else "?"
+    return f"{value:.2f}" if is_finite_number(value) else "?"
 
 
 def _shown(value: object) -> str:

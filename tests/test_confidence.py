@@ -71,6 +71,7 @@ def test_the_calibrator_round_trips_through_the_model_folder_as_json(default_mod
 @pytest.mark.parametrize("damage, reason", [
     (lambda text: text[: len(text) // 2], "Expecting"),
     (lambda text: text.replace('"bias": ', '"bias": NaN, "x": '), "bias holds a value that is not a finite number"),
+    (lambda text: text.replace('"bias": ', '"bias": ' + "9" * 400 + ', "x": '), "bias holds a value that is not a fin"),
     (lambda text: json.dumps({**json.loads(text), "weights": [1.0]}), "weights must be a list of 9 numbers"),
     (lambda text: json.dumps({**json.loads(text), "features": {"mean": [0.0], "std": [1.0]}}), "1 channels"),
     (lambda text: json.dumps({**json.loads(text), "features": {"mean": [], "std": []}}), "mean must be a list"),

@@ -128,6 +128,7 @@ def _edited(r, **changes):
     (lambda r: r["preprocess"].update(size=300), r"encoder.onnx: does not fit the export's runtime.json: it takes"),
     (lambda r: r["preprocess"].update(size=0), "runtime.json: bad runtime description: .*positive whole size"),
     (lambda r: r["preprocess"].update(size="224"), "runtime.json: bad runtime description: .*positive whole size"),
+    (lambda r: r["preprocess"].update(mean=[int("9" * 400), 0, 0]), "bad runtime description: .*three means"),
     (lambda r: _edited(r, vocabulary=r["vocabulary"][:2000]), "runtime.json: bad runtime description: vocabulary "
                                                               "has 2000 words, config expects 2540"),
     (lambda r: _edited(r, vocabulary=r["vocabulary"][:2000], decoder={**r["decoder"], "vocab_size": 2000}),

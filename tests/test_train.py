@@ -183,6 +183,8 @@ def test_encoder_fine_tuning_updates_and_saves_the_cnn_but_keeps_its_batch_norm_
         ("encoder_lr", 1e-4, "encoder_lr needs finetune_encoder=true: the CNN stays frozen"),
         ("batch_size", 4.0, "batch_size=4.0 must be a whole number"),
         ("dropout", float("nan"), r"dropout=nan must be a number in \[0, 1\)"),
+        pytest.param("dropout", int("9" * 400), r"dropout=9{400} must be a number in \[0, 1\)",
+                     id="dropout-int-no-float-holds"),
         ("lr", 0, r"lr=0 must be a number in \(0, 10\]"),
         ("scst_samples", 1, r"scst_samples=1 must be a whole number in \[2, 64\]"),
         ("encoder", "vgg16", "encoder='vgg16' must be one of"),
