@@ -79,7 +79,7 @@ def caption_paths(
     at the call, not when the first result is asked for.
     """
     _refuse_one(paths, "paths")
-    batch_size, num_workers = _checked_run_args(options, batch_size, num_workers)
+    batch_size, num_workers = _checked_run_args(model, options, batch_size, num_workers)
     return _caption_chunks(model, iter(paths), options, batch_size, num_workers)
 
 
@@ -136,7 +136,7 @@ def caption_images(
     """
     _refuse_one(images, "images")
     images = list(images)
-    batch_size, _ = _checked_run_args(options, batch_size, 0)
+    batch_size, _ = _checked_run_args(model, options, batch_size, 0)
     captions: list[Caption] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -161,7 +161,7 @@ def evaluate(
             image twice or only one image (:func:`captioner.data.check_scorable`).
         ImageReadError: an image of the manifest cannot be read (scores would be biased).
     """
-    batch_size, num_workers = _checked_run_args(options, batch_size, num_workers)
+    batch_size, num_workers = _checked_run_args(model, options, batch_size, num_workers)
     if not isinstance(meteor, bool):  # "no" would be true
         raise OptionError(f"meteor={meteor!r} must be True or False")
     entries = read_manifest(manifest, require_captions=True)
@@ -187,17 +187,21 @@ def _refuse_one(given: Iterable, what: str) -> None:
         raise OptionError(f"{what} must be a list (or other iterable) of them, not {type(given).__name__}")
 
 
-def _checked_run_args(options: DecodingOptions | None, batch_size: int, num_workers: int) -> tuple[int, int]:
+def _checked_run_args(model: CaptionModel, options: DecodingOptions | None, batch_size: int,
+                      num_workers: int) -> tuple[int, int]:
     """The front doors' own arguments, checked before any work, each named when wrong; the two
     counts returned as plain ints (numpy ones are accepted; DataLoader takes only plain ones).
 
     Raises:
-        OptionError: ``options`` is not a :class:`DecodingOptions`, or a count is not a positive
-            (``num_workers``: non-negative) whole number.
+        OptionError: ``options`` is not a :class:`DecodingOptions` or asks for what the model lacks
+            (:meth:`CaptionModel.check_decoding`), or a count is not a positive (``num_workers``:
+            non-negative) whole number.
     """
     if options is not None and not isinstance(options, DecodingOptions):
         raise OptionError("options must be a DecodingOptions (e.g. dataclasses.replace(model.config.decoding, "
                           f"beam_size=2)), not {type(options).__name__}")
+    if options is not None:
+        model.check_decoding(options)
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:  # numpy ints too
             raise OptionError(f"{name}={value!r} must be a whole number of at least {least}")

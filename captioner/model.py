@@ -158,6 +158,26 @@ class CaptionModel(nn.Module):
         with _float32_convolutions():
             return self.encoder.encode(pixels)[:count]
 
+    def check_decoding(self, options: DecodingOptions) -> None:
+        """Refuse options that ask this model for what it lacks, where its own defaults do not.
+
+        A model fresh from ``captioner train`` has no consensus data (tools/fit_calibrator.py
+        builds it), and a torchvision backbone keeps no classifier head: a consensus weight or
+        a concept boost would change no caption there, and say nothing.
+
+        Raises:
+            OptionError: a consensus weight without consensus data, or a concept boost without a classifier.
+        """
+        own = self.config.decoding
+        asked = {name for name in ("consensus_weight", "concept_boost")
+                 if getattr(options, name) > 0 and getattr(options, name) != getattr(own, name)}
+        if "consensus_weight" in asked and self.consensus is None:
+            raise OptionError(f"decoding option consensus_weight reranks by the captions of the nearest training "
+                              f"photos; this model has no {CONSENSUS_FILE} (tools/fit_calibrator.py builds one)")
+        if "concept_boost" in asked and self.encoder.class_names is None:
+            raise OptionError("decoding option concept_boost raises the words of what the encoder's classifier sees; "
+                              f"this model's encoder ({self.config.encoder}) keeps no classifier")
+
     def compile_encoder(self) -> None:
         """Compile the CNN with torch.compile: about 1.4x the images/s on CPU once compiled,
         at a one-off cost of tens of seconds, so it pays off for folders, not single photos.

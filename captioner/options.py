@@ -135,7 +135,7 @@ class DecodingOptions:
     consensus_weight: float = option(0.0, float, "rerank the beam's captions by the search's own ranking key (length "
                                      "penalty and concept boost included) plus this weight times their CIDEr-D "
                                      "against the nearest training photos' captions "
-                                     "(0: off; a model without consensus data keeps the search's order)",
+                                     "(0: off; refused for a model without consensus data)",
                                      Bounds(0, 50))
 
     def __post_init__(self) -> None:

@@ -107,7 +107,9 @@ def _load(args: argparse.Namespace):
         model = _load_onnx(args)
     else:
         model = load_model(args.model, device=_device(args.device))
-    return model, dataclass_from_args(args, model.config.decoding)
+    options = dataclass_from_args(args, model.config.decoding)
+    model.check_decoding(options)
+    return model, options
 
 
 def _load_onnx(args: argparse.Namespace):
@@ -162,6 +164,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     check_min_confidence(args.min_confidence, model)
     _check_fallback(args)
+    if args.tags and model.encoder.class_names is None:
+        raise OptionError(f"--tags lists what the encoder's classifier sees; this model's encoder "
+                          f"({model.config.encoder}) keeps no classifier")
     failed = False
     for result in caption_paths(model, [Path(p) for p in args.images], options=options, batch_size=args.batch_size):
         if result.captions is None:

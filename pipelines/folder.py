@@ -76,7 +76,8 @@ def caption_folder(
     stderr; the run goes on.
 
     Raises:
-        OptionError: ``root`` is not a folder, or ``min_confidence`` is given for a model without calibration.
+        OptionError: ``root`` is not a folder, ``min_confidence`` is given for a model without
+            calibration, or ``options`` ask for what the model lacks (:meth:`CaptionModel.check_decoding`).
         OutputError: the output cannot be opened, read back or written.
     """
     if not isinstance(records, RecordFile):
@@ -88,6 +89,8 @@ def caption_folder(
         raise OptionError(f"{printable(root)}: not a folder")
     check_fallback(fallback, min_confidence)
     check_min_confidence(min_confidence, model)
+    if options is not None:
+        model.check_decoding(options)
     bar = progress_bar(show=progress, desc="captioning", unit="img")
     run = _Run(records, retry_errors, min_confidence, fallback, bar)
     try:

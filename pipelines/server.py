@@ -223,8 +223,9 @@ def _caption_options(model: CaptionModel, fields: dict[str, str]):
     try:
         check_fallback(fallback, min_confidence)
         check_min_confidence(min_confidence, model)
-        return (options_from_text(model.config.decoding, fields, others=("min_confidence", "fallback")),
-                min_confidence, fallback)
+        decoding = options_from_text(model.config.decoding, fields, others=("min_confidence", "fallback"))
+        model.check_decoding(decoding)
+        return decoding, min_confidence, fallback
     except OptionError as e:
         raise HTTPError(422, str(e)) from e
 
@@ -235,6 +236,7 @@ def _video_options(model: CaptionModel, fields: dict[str, str]) -> tuple[VideoOp
         video = options_from_text(VideoOptions(), {k: v for k, v in fields.items() if k in video_names})
         decoding = options_from_text(model.config.decoding, {k: v for k, v in fields.items() if k not in video_names},
                                      exclude=("n_best",), others=(*video_names, "format"))
+        model.check_decoding(decoding)
         check_min_confidence(video.min_confidence, model)
     except OptionError as e:
         raise HTTPError(422, str(e)) from e

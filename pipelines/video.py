@@ -325,6 +325,8 @@ def subtitle_source(
     """
     settings = settings or VideoOptions()
     check_min_confidence(settings.min_confidence, model)
+    if options is not None:
+        model.check_decoding(options)
     sampler = SAMPLERS[settings.mode].from_options(settings, source, model.encoder.preprocess.size)
     decoded = threading.Event()
     cores = nullcontext(caption) if caption else _sharing_cores(model.caption_pixels, decoded,

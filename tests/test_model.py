@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import resource
 
 import pytest
@@ -431,3 +432,42 @@ def test_gpu_batches_are_padded_to_a_few_shapes():
 
     counts = [1, 2, 3, 5, 17, 32, 33, 64, 65, 130, 1024]
     assert [gpu_batch_shape(n) for n in counts] == [1, 2, 4, 8, 32, 32, 64, 64, 128, 192, 1024]
+
+
+@pytest.fixture(scope="module")
+def headless_model_dir(tmp_path_factory):
+    """A tiny model on a torchvision trunk, which keeps no classifier head (its own weights: nothing downloads)."""
+    torch.manual_seed(0)
+    vocab = Vocabulary(["a", "cat", "on", "the", "grass"])
+    config = ModelConfig("efficientnet_b0", DecoderConfig(len(vocab), 1280, 16, 16, True, 16, 0.0),
+                         DecodingOptions(beam_size=2, max_length=6), encoder_weights_stored=True)
+    folder = tmp_path_factory.mktemp("models") / "headless"
+    CaptionModel(config, vocab, pretrained_encoder=False).save(folder)
+    return folder
+
+
+def test_options_asking_a_model_for_what_it_lacks_are_refused(small_model, default_model, headless_model_dir):
+    own = small_model.config.decoding
+    small_model.check_decoding(own)
+    with pytest.raises(OptionError, match="consensus_weight reranks .* this model has no consensus.json"):
+        small_model.check_decoding(dataclasses.replace(own, consensus_weight=1.0))
+    headless = CaptionModel.load(headless_model_dir)
+    with pytest.raises(OptionError, match=r"concept_boost .* this model's encoder \(efficientnet_b0\) keeps no "):
+        headless.check_decoding(dataclasses.replace(headless.config.decoding, concept_boost=2.0))
+    default_model.check_decoding(dataclasses.replace(default_model.config.decoding, consensus_weight=3.0,
+                                                     concept_boost=1.0))  # it has both
+    with pytest.raises(OptionError, match="consensus_weight"):
+        caption_images(small_model, [SAMPLES / "chelsea.png"], options=dataclasses.replace(own, consensus_weight=1.0))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--consensus-weight", "1"], "decoding option consensus_weight reranks"),
+    (["--concept-boost", "2"], "decoding option concept_boost raises"),
+    (["--tags"], r"--tags lists what the encoder's classifier sees; this model's encoder \(efficientnet_b0\)"),
+])
+def test_the_cli_refuses_flags_the_model_cannot_act_on(headless_model_dir, capsys, flags, message):
+    from captioner.pipelines.cli import main
+
+    assert main(["caption", "--model", str(headless_model_dir), *flags, str(SAMPLES / "chelsea.png")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err)

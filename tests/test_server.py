@@ -69,6 +69,15 @@ def test_bad_options_are_422_with_the_reason(client, query, message):
     assert response.status_code == 422 and message in response.json()["error"]
 
 
+def test_options_the_model_cannot_act_on_are_422(small_model):
+    with TestClient(create_app(small_model)) as bare:  # a model as trained here: no consensus data
+        response = bare.post("/v1/captions?consensus_weight=1", files=[photo(CAT)])
+        assert response.status_code == 422 and "this model has no consensus.json" in response.json()["error"]
+        response = bare.post("/v1/subtitles?consensus_weight=1", files=[("video", ("a.mp4", b"not read", "video/mp4"))])
+        assert response.status_code == 422 and "this model has no consensus.json" in response.json()["error"]
+        assert bare.post("/v1/captions", files=[photo(CAT)]).status_code == 200
+
+
 def test_a_video_option_the_sampling_mode_does_not_read_is_422(client):
     response = client.post("/v1/subtitles?max_per_scene=2", files=[("video", ("a.mp4", b"not read", "video/mp4"))])
     assert response.status_code == 422
