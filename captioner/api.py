@@ -23,7 +23,7 @@ from captioner.allocator import keep_freed_memory
 from captioner.data import check_scorable, read_manifest
 from captioner.decoding import Caption, DecodingOptions
 from captioner.errors import OptionError
-from captioner.evaluation import evaluate_grids, path_grids
+from captioner.evaluation import check_references, evaluate_grids, path_grids
 from captioner.features import ImageFiles, collate_images
 from captioner.images import model_pixels
 from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
@@ -158,7 +158,8 @@ def evaluate(
 
     Raises:
         DataError: the manifest is unreadable, empty, has a line without captions, lists an
-            image twice or only one image (:func:`captioner.data.check_scorable`).
+            image twice or only one image (:func:`captioner.data.check_scorable`), or an image
+            whose references hold no word the scorer reads (:func:`captioner.evaluation.check_references`).
         ImageReadError: an image of the manifest cannot be read (scores would be biased).
     """
     batch_size, num_workers = _checked_run_args(model, options, batch_size, num_workers)
@@ -166,6 +167,7 @@ def evaluate(
         raise OptionError(f"meteor={meteor!r} must be True or False")
     entries = read_manifest(manifest, require_captions=True)
     check_scorable(entries, manifest)
+    check_references(entries, manifest)
     grids = path_grids(model, [e.image for e in entries], batch_size=batch_size, num_workers=num_workers)
     scores, _ = evaluate_grids(model, grids, [e.captions for e in entries], options, meteor=meteor)
     return scores

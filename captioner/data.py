@@ -11,11 +11,12 @@ import json
 import os
 import stat
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
-from captioner.errors import DataError, is_utf8, printable
-from captioner.outputs import write_atomically
+from captioner.errors import DataError, OptionError, is_utf8, printable, shortened
+from captioner.outputs import file_identity, same_file, write_atomically
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,25 @@ def is_manifest(path: str | os.PathLike) -> bool:
     return True
 
 
+def check_new_manifest(out: str | os.PathLike, *, inputs: Sequence[str | os.PathLike | None]) -> None:
+    """Refuse, before any work, a manifest to write that would replace an input or a file that is not a manifest.
+
+    An earlier manifest is replaced, nothing else: a conversion or a tool given its own input
+    as ``--out`` would lose the references for good.
+
+    Raises:
+        OptionError: naming ``--out`` and why.
+    """
+    for source in inputs:
+        if source and same_file(out, source):
+            raise OptionError(f"--out {printable(out)} is an input of this run; write the manifest elsewhere")
+    if os.path.exists(out):
+        if not os.path.isfile(out):  # /dev/stdout: reading it back to check would wait for ever
+            raise OptionError(f"--out {printable(out)}: exists and is not a regular file; give a new file name")
+        if not is_manifest(out):
+            raise OptionError(f"--out {printable(out)}: exists and is not a manifest; give a new file name")
+
+
 def is_device(path: Path) -> bool:
     """``path`` is a character or block device, which a file we read whole must not be.
 
@@ -122,9 +142,9 @@ def check_scorable(entries: list[ManifestEntry], manifest: str | os.PathLike) ->
     Raises:
         DataError: naming the manifest, and the repeated image.
     """
-    seen: set[Path] = set()
+    seen: set[tuple[int, int] | str] = set()
     for entry in entries:
-        image = Path(os.path.realpath(entry.image))  # the file itself: a/../a/x.jpg, or a link to x.jpg, is x.jpg
+        image = file_identity(entry.image) or os.path.realpath(entry.image)  # a link to x.jpg, or a/../x.jpg, is x.jpg
         if image in seen:
             raise DataError(f"{printable(manifest)}: {printable(entry.image)} is listed more than once; CIDEr-D "
                             "weighs words by how many of the images use them, so a repeated line changes every "
@@ -157,16 +177,33 @@ def relative_image_path(image: Path, manifest: Path) -> str:
         return str(image.resolve())
 
 
+def _source_text(path: str | os.PathLike, what: str) -> str:
+    """A conversion's input file, whole; a device (``/dev/zero`` never ends) is refused before reading.
+
+    Raises:
+        DataError: ``path`` is a device, or not UTF-8 text.
+        OSError: it cannot be read.
+    """
+    if is_device(Path(path)):
+        raise DataError(f"{printable(path)}: a device, not a file")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{printable(path)}: not {what} (not UTF-8 text: byte {e.start})") from e
+
+
 def flickr_token_captions(token_file: str | os.PathLike) -> dict[str, list[str]]:
     """Parse a Flickr8k/30k token file (``NAME.jpg#N<TAB>caption``) into name -> captions."""
     captions: dict[str, list[str]] = defaultdict(list)
-    for number, line in enumerate(Path(token_file).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_source_text(token_file, "a Flickr token file").splitlines(), start=1):
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
         if not sep:
             raise DataError(f"{token_file}:{number}: expected NAME#N<TAB>caption")
         captions[key.rsplit("#", 1)[0]].append(caption.strip())
+    if not captions:
+        raise DataError(f"{printable(token_file)}: no captions in it (expected NAME#N<TAB>caption lines)")
     return dict(captions)
 
 
@@ -175,27 +212,27 @@ def flickr_manifest(
 ) -> Converted:
     """Write a manifest for the images named in ``split_file`` (see :func:`_write_converted`)."""
     captions = flickr_token_captions(token_file)
-    try:
-        names = [n.strip() for n in Path(split_file).read_text(encoding="utf-8").splitlines() if n.strip()]
-    except UnicodeDecodeError as e:  # the caller's own catch-all would blame the caption file
-        raise DataError(f"{printable(split_file)}: not a split file of image names (not UTF-8 text: {e})") from e
+    names = [n.strip() for n in _source_text(split_file, "a split file of image names").splitlines() if n.strip()]
     missing = [n for n in names if n not in captions]
     if missing:
-        raise DataError(f"{split_file}: images without captions: {len(missing)}, e.g. {missing[0]}")
+        raise DataError(f"{printable(split_file)}: images without captions in {printable(token_file)}: "
+                        f"{len(missing)}, e.g. {printable(missing[0])}")
     records = [(Path(image_dir) / n, captions[n]) for n in names]
-    return _write_converted(Path(out), records, split_file)
+    return _write_converted(Path(out), records, split_file, Path(image_dir))
 
 
 def coco_manifest(
     annotation_file: str | os.PathLike, image_dir: str | os.PathLike, out: str | os.PathLike
 ) -> Converted:
     """Write a manifest from a COCO ``captions_*.json`` file (see :func:`_write_converted`)."""
-    data = json.loads(Path(annotation_file).read_text(encoding="utf-8"))
+    data = json.loads(_source_text(annotation_file, "a COCO captions file"))
     by_id: dict[int, list[str]] = defaultdict(list)
     for ann in data["annotations"]:
-        by_id[ann["image_id"]].append(ann["caption"].strip())
-    records = [(Path(image_dir) / img["file_name"], by_id[img["id"]]) for img in data["images"]]
-    return _write_converted(Path(out), records, annotation_file)
+        by_id[ann["image_id"]].append(_text(ann, "caption").strip())
+    listed = {img["id"] for img in data["images"]}
+    records = [(Path(image_dir) / _text(img, "file_name"), by_id[img["id"]]) for img in data["images"]]
+    unlisted = sum(len(captions) for image_id, captions in by_id.items() if image_id not in listed)
+    return replace(_write_converted(Path(out), records, annotation_file, Path(image_dir)), unlisted_captions=unlisted)
 
 
 def karpathy_manifest(
@@ -206,13 +243,21 @@ def karpathy_manifest(
     ``split`` is ``train``, ``val``, ``test`` or ``restval``; COCO entries keep their
     ``filepath`` sub-folder (see :func:`_write_converted`).
     """
-    data = json.loads(Path(dataset_file).read_text(encoding="utf-8"))
+    data = json.loads(_source_text(dataset_file, "a Karpathy dataset file"))
     if not any("split" in img for img in data["images"]):
         raise DataError(f"{printable(dataset_file)}: not a Karpathy dataset file: no image has a split")
-    records = [(Path(image_dir) / img.get("filepath", "") / img["filename"],
-                [sentence["raw"].strip() for sentence in img["sentences"]])
+    records = [(Path(image_dir) / _text(img, "filepath", "") / _text(img, "filename"),
+                [_text(sentence, "raw").strip() for sentence in img["sentences"]])
                for img in data["images"] if img.get("split") == split]
-    return _write_converted(Path(out), records, dataset_file)
+    return _write_converted(Path(out), records, dataset_file, Path(image_dir))
+
+
+def _text(record: dict, key: str, default: str | None = None) -> str:
+    """``record[key]``, which must be text (a JSON null or number in a file name would become a path)."""
+    value = record[key] if default is None else record.get(key, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be text, not {shortened(repr(value), 40)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -222,9 +267,12 @@ class Converted:
     written: int  # images with captions found in the images folder: the manifest's lines
     missing: tuple[str, ...]  # images with captions not found there, left out, as found under the images folder
     repeated: tuple[str, ...] = ()  # images the source lists more than once, written once with all their captions
+    captionless: tuple[str, ...] = ()  # images the source lists with no caption (or only blank ones), left out
+    unlisted_captions: int = 0  # captions naming an image the source does not list (COCO), left out
 
 
-def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: str | os.PathLike) -> Converted:
+def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: str | os.PathLike,
+                     images: Path) -> Converted:
     """Write the images that have captions (blank ones dropped) and are in the images folder.
 
     ``records`` hold each image's path under the images folder; the manifest holds it
@@ -234,9 +282,15 @@ def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: s
 
     Raises:
         DataError: no image of ``source`` has a caption (for this split), none of them is
-            in the images folder, or a found image's name is not UTF-8: nothing is written.
+            in the images folder, a name leads outside it (``/etc/x``, ``../x``), or a found
+            image's name is not UTF-8: nothing is written.
     """
-    kept, repeated = _once_each(records)
+    inside = os.path.abspath(images)
+    for image, _ in records:
+        if os.path.commonpath([inside, os.path.abspath(image)]) != inside:
+            raise DataError(f"{printable(source)}: the image {printable(image)} is not under --images "
+                            f"{printable(images)}; nothing written")
+    kept, repeated, captionless = _once_each(records)
     if not kept:
         raise DataError(f"{printable(source)}: no images with captions (for this split); nothing written")
     written: list[tuple[str, list[str]]] = []
@@ -256,11 +310,15 @@ def _write_converted(out: Path, records: list[tuple[Path, list[str]]], source: s
         raise DataError(f"none of the {len(kept)} images is in the images folder, e.g. {printable(kept[0][0])}; "
                         "check --images; nothing written")
     write_manifest(out, written)
-    return Converted(len(written), tuple(missing), tuple(str(image) for image in repeated if image in found))
+    return Converted(len(written), tuple(missing), tuple(str(image) for image in repeated if image in found),
+                     tuple(str(image) for image in captionless))
 
 
-def _once_each(records: list[tuple[Path, list[str]]]) -> tuple[list[tuple[Path, list[str]]], tuple[Path, ...]]:
-    """Each image once, at its first place, with its non-blank captions, and the images listed more than once.
+def _once_each(
+    records: list[tuple[Path, list[str]]]
+) -> tuple[list[tuple[Path, list[str]]], tuple[Path, ...], tuple[Path, ...]]:
+    """Each image once, at its first place, with its non-blank captions; the images listed more than once;
+    and those left with no caption.
 
     A later listing adds only the captions the image does not have yet: a Flickr split that
     names an image twice repeats the same captions, a COCO file may give each listing its own.
@@ -277,4 +335,5 @@ def _once_each(records: list[tuple[Path, list[str]]]) -> tuple[list[tuple[Path, 
             merged[image] += [c for c in dict.fromkeys(captions) if c not in merged[image]]
         else:
             merged[image] = captions
-    return [(image, captions) for image, captions in merged.items() if captions], tuple(repeated)
+    return ([(image, captions) for image, captions in merged.items() if captions], tuple(repeated),
+            tuple(image for image, captions in merged.items() if not captions))

@@ -7,19 +7,40 @@ differ only in where the encoder grids come from.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
+from captioner.data import ManifestEntry
 from captioner.decoding import DecodingOptions
-from captioner.errors import CaptionerError, ImageReadError
+from captioner.errors import CaptionerError, DataError, ImageReadError, printable
 from captioner.features import ImageFiles, collate_images
-from captioner.metrics import score_captions
+from captioner.metrics import score_captions, tokenize_for_scoring
 from captioner.model import CaptionModel
 
 NAMED_ERRORS = 3  # unreadable images named in an evaluation's error; the rest are counted
+
+
+def check_references(entries: Sequence[ManifestEntry], manifest: str | os.PathLike) -> None:
+    """Refuse, before any captioning, an image whose references the scorer would find no word in.
+
+    :func:`captioner.data.read_manifest` refuses captions without a letter or digit, but the
+    scorer's PTB tokenizer also drops what it cannot tokenize (emoji, a Roman numeral ⅷ,
+    zero-width spaces), and only running it tells which. Scoring would otherwise fail after
+    every image had been captioned.
+
+    Raises:
+        DataError: naming the manifest and the image.
+    """
+    tokenized = tokenize_for_scoring({str(i): list(entry.captions) for i, entry in enumerate(entries)})
+    for i, entry in enumerate(entries):
+        if not any(reference.strip() for reference in tokenized[str(i)]):
+            raise DataError(f"{printable(manifest)}: {printable(entry.image)}: its reference captions have no word "
+                            "the scorer reads (it drops punctuation, and characters its tokenizer cannot read, such "
+                            "as emoji)")
 
 
 def evaluate_grids(

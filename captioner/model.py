@@ -404,7 +404,7 @@ def ensemble(models: Sequence[CaptionModel], names: Sequence[str] | None = None)
             if field.name != "dropout" and mine != theirs:
                 raise ModelLoadError(f"{name}: its decoder has {field.name}={mine}, {names[0]}'s {theirs}; "
                                      "ensemble members must be trained alike")
-    decoders = [d for m in models for d in (m.decoder.members if m.config.ensemble_size > 1 else [m.decoder])]
+    decoders = [d for m in models for d in _decoders(m)]
     if len(decoders) > MAX_ENSEMBLE:
         raise ModelLoadError(f"an ensemble holds at most {MAX_ENSEMBLE} decoders; these models hold {len(decoders)}")
     config = dataclasses.replace(first.config, ensemble_size=len(decoders))
@@ -416,6 +416,33 @@ def ensemble(models: Sequence[CaptionModel], names: Sequence[str] | None = None)
     combined.consensus = first.consensus
     combined.encoder.to(memory_format=torch.channels_last)
     return combined.to(first.device).eval()
+
+
+def _decoders(model: CaptionModel) -> list[nn.Module]:
+    return list(model.decoder.members) if model.config.ensemble_size > 1 else [model.decoder]
+
+
+def check_distinct_decoders(models: Sequence[CaptionModel], names: Sequence[str]) -> None:
+    """Refuse members that share a decoder's weights: a copy of a folder, or a member given again
+    beside an ensemble holding it, would count that decoder twice in the average.
+
+    (:func:`ensemble` itself takes any members: a model averaged with itself is how the tests
+    check that averaging keeps a model's captions.)
+
+    Raises:
+        ModelLoadError: naming the two members.
+    """
+    owned = [(decoder, name) for model, name in zip(models, names, strict=True) for decoder in _decoders(model)]
+    for i, (decoder, name) in enumerate(owned):
+        for earlier, earlier_name in owned[:i]:
+            if _same_weights(decoder, earlier):
+                raise ModelLoadError(f"{name}: holds a decoder with the same weights as one of {earlier_name}'s; "
+                                     "the ensemble would weigh it twice")
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    theirs = b.state_dict()
+    return all(torch.equal(tensor, theirs[key]) for key, tensor in a.state_dict().items())
 
 
 def member(model: CaptionModel, index: int) -> CaptionModel:

@@ -35,6 +35,18 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` leads to, links followed; None where there is none.
+
+    Two paths with one identity are one file, whether by ``..``, a symbolic link or a hard link.
+    """
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
 def descriptor_is_at(fd: int, path: str | os.PathLike) -> bool:
     """The file open as ``fd`` is still the one at ``path``: a lock taken on it guards that path.
 

@@ -46,7 +46,7 @@ from captioner.decoding import DecodingOptions
 from captioner.distributed import join, leave
 from captioner.encoders import build_encoder
 from captioner.errors import DataError, OptionError, OutputError, count_of, printable
-from captioner.evaluation import evaluate_grids, grid_batches
+from captioner.evaluation import check_references, evaluate_grids, grid_batches
 from captioner.features import cached_features
 from captioner.images import check_image_file, model_pixels
 from captioner.model import CaptionModel, ModelConfig, check_new_model_folder, expected_tensors
@@ -286,6 +286,7 @@ class Trainer:
         self.dev_entries = read_manifest(cfg.dev_manifest, require_captions=True)
         # the best epoch is the one with the highest dev CIDEr-D: a dev set it cannot score picks epoch 1
         check_scorable(self.dev_entries[: cfg.dev_limit or None], cfg.dev_manifest)
+        check_references(self.dev_entries[: cfg.dev_limit or None], cfg.dev_manifest)
         for entry in (*self.train_entries, *self.dev_entries):  # a missing dev photo, now: not after minutes of caching
             check_image_file(entry.image)
         self.init_model = CaptionModel.load(cfg.init_from) if cfg.init_from else None

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from captioner.errors import ModelLoadError
+from captioner.errors import ModelLoadError, printable
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -134,4 +134,10 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """Raises: ModelLoadError naming the file (not UTF-8, not a JSON list of words); OSError (unreadable)."""
+        try:
+            return cls.from_json(Path(path).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ModelLoadError(f"{printable(path)}: vocabulary is not UTF-8 text (byte {e.start})") from e
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{printable(path)}: {e}") from e

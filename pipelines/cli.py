@@ -16,6 +16,7 @@ import shlex
 import socket
 import sys
 from pathlib import Path
+from typing import Callable
 
 from captioner.errors import CaptionerError, OptionError, OutputError, count_of, one_line, printable
 from captioner.options import DEFAULT_WORKERS
@@ -319,7 +320,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from captioner.model import CaptionModel, check_new_model_folder, ensemble
+    from captioner.model import CaptionModel, check_distinct_decoders, check_new_model_folder, ensemble
     from captioner.outputs import same_file
 
     if len(args.models) < 2:
@@ -329,7 +330,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         if any(same_file(folder, earlier) for earlier in args.models[:i]):
             raise OptionError(f"{printable(folder)} is given twice: a model averaged with itself only costs time")
     members = [CaptionModel.load(folder) for folder in args.models]
-    combined = ensemble(members, names=[printable(folder) for folder in args.models])
+    names = [printable(folder) for folder in args.models]
+    check_distinct_decoders(members, names)
+    combined = ensemble(members, names=names)
     combined.save(args.out)
     _print(f"wrote an ensemble of {combined.config.ensemble_size} decoders to {args.out}")
     return EXIT_OK
@@ -338,21 +341,15 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_manifest(args: argparse.Namespace) -> int:
     from captioner import data
     from captioner.errors import DataError
-    from captioner.outputs import same_file
 
     if args.format in ("flickr", "karpathy") and not args.split:
         raise OptionError(f"manifest {args.format} needs --split")
-    for source in (args.captions, args.split):
-        if source and same_file(args.out, source):
-            raise OptionError(f"--out {printable(args.out)} is an input of this conversion; write the manifest "
-                              "elsewhere")
+    if args.format == "coco" and args.split:
+        raise OptionError("manifest coco converts every image of the captions file; --split is for flickr and "
+                          "karpathy (convert each COCO captions_*.json on its own)")
+    data.check_new_manifest(args.out, inputs=(args.captions, args.split))
     if not os.path.isdir(args.images):
         raise OptionError(f"--images {printable(args.images)}: not a folder (the manifest's image paths start there)")
-    if os.path.exists(args.out):  # an earlier manifest is replaced, nothing else
-        if not os.path.isfile(args.out):  # /dev/stdout: reading it back to check would wait for ever
-            raise OptionError(f"--out {printable(args.out)}: exists and is not a regular file; give a new file name")
-        if not data.is_manifest(args.out):
-            raise OptionError(f"--out {printable(args.out)}: exists and is not a manifest; give a new file name")
     try:
         if args.format == "flickr":
             converted = data.flickr_manifest(args.captions, args.split, args.images, args.out)
@@ -367,6 +364,13 @@ def cmd_manifest(args: argparse.Namespace) -> int:
         count = len(converted.missing)
         _print(f"warning: {count_of(count, 'image')} with captions {_is_are(count)} not in --images "
                f"{printable(args.images)}, e.g. {printable(converted.missing[0])}; left out of the manifest", err=True)
+    if converted.captionless:
+        count = len(converted.captionless)
+        _print(f"warning: {count_of(count, 'image')} {_is_are(count)} listed without a caption (or only blank "
+               f"ones), e.g. {printable(converted.captionless[0])}; left out of the manifest", err=True)
+    if converted.unlisted_captions:
+        _print(f"warning: {count_of(converted.unlisted_captions, 'caption')} in {printable(args.captions)} "
+               "name an image id its images do not list; left out of the manifest", err=True)
     if converted.repeated:
         count = len(converted.repeated)
         listing = args.split if args.format == "flickr" else args.captions  # karpathy's --split names a split
@@ -379,6 +383,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 def cmd_video(args: argparse.Namespace) -> int:
     from captioner.confidence import check_min_confidence
+    from captioner.pipelines.sources import unlisted_line
     from captioner.pipelines.subtitles import writer_for
     from captioner.pipelines.video_batch import prepare_jobs, run_jobs
     from captioner.pipelines.video_options import VideoOptions
@@ -386,14 +391,19 @@ def cmd_video(args: argparse.Namespace) -> int:
     source = Path(args.input)
     settings = dataclass_from_args(args, VideoOptions())
     writer = writer_for(args.output, args.format)
+    unlisted: list[str] = []  # folders whose videos cannot be found: each a failure of the run
     jobs = prepare_jobs(source, writer.extension, output=args.output and Path(args.output),
-                        out_dir=args.out_dir and Path(args.out_dir), burn=args.burn and Path(args.burn))
+                        out_dir=args.out_dir and Path(args.out_dir), burn=args.burn and Path(args.burn),
+                        on_error=lambda folder, error: unlisted.append(unlisted_line(folder, error)))
+    for line in unlisted:
+        _print(line, err=True)
     model, options = _load(args)
     check_min_confidence(settings.min_confidence, model)  # once, not as a failure of every video
     run = run_jobs(jobs, model=model, writer=writer, options=options, settings=settings,
                    progress=source.is_dir() and not args.quiet)
+    run.failed += len(unlisted)
     if source.is_dir():
-        _print(run.summary(len(jobs)), err=True)
+        _print(run.summary(len(jobs) + len(unlisted)), err=True)
         if not jobs:
             from captioner.pipelines.video_source import VIDEO_EXTENSIONS
 
@@ -643,9 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error(message: str) -> None:
+def _error(program: str, message: str) -> None:
     if sys.stderr is not None:  # closed on purpose (2>&-): nowhere to report to
-        print(f"captioner: error: {one_line(message)}", file=sys.stderr, flush=True)
+        print(f"{program}: error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def _os_error_message(error: OSError) -> str:
@@ -664,6 +674,20 @@ def _silence_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure ends as one ``captioner: error: ...`` line and an exit code."""
     args = build_parser().parse_args(argv)
+
+    def command() -> int:
+        _reject_empty_paths(args)
+        return args.run(args)
+
+    return run_command("captioner", command)
+
+
+def run_command(program: str, command: Callable[[], int | None]) -> int:
+    """``command()``'s exit code, every failure ending as one ``PROGRAM: error: ...`` line; for the
+    tools in tools/ too, so that they meet the same bar as the CLI.
+
+    SIGTERM ends it as Ctrl-C does: the command's cleanups run.
+    """
     import signal
     import threading
 
@@ -672,30 +696,30 @@ def main(argv: list[str] | None = None) -> int:
     if on_main_thread:
         signal.signal(signal.SIGTERM, functools.partial(_terminate, os.getpid()))
     try:
-        _reject_empty_paths(args)
-        return args.run(args)
+        return command() or EXIT_OK
     except _Terminated:
-        _error("terminated")
+        _error(program, "terminated")
         return EXIT_TERMINATED
     except OptionError as e:  # a value out of range: a usage error, like argparse's own
-        _error(str(e))
+        _error(program, str(e))
         return EXIT_USAGE
     except CaptionerError as e:
-        _error(str(e))
+        _error(program, str(e))
         return EXIT_SOME_FAILED
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_SOME_FAILED
     except OSError as e:
-        _error(_os_error_message(e))
+        _error(program, _os_error_message(e))
         return EXIT_SOME_FAILED
     except KeyboardInterrupt:
-        _error("interrupted")
+        _error(program, "interrupted")
         return EXIT_INTERRUPTED
     except Exception as e:  # a bug of ours: still one line, with a way to see more
         if os.environ.get("CAPTIONER_DEBUG"):
             raise
-        _error(f"unexpected {type(e).__name__}: {e} (a bug; set CAPTIONER_DEBUG=1 for the traceback and report it)")
+        _error(program, f"unexpected {type(e).__name__}: {e} (a bug; set CAPTIONER_DEBUG=1 for the traceback and "
+                        "report it)")
         return EXIT_SOME_FAILED
     finally:
         if on_main_thread:

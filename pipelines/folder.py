@@ -20,7 +20,7 @@ from captioner.options import DEFAULT_WORKERS
 from captioner.outputs import same_file
 from captioner.pipelines.record_formats import check_fallback, earlier_failures, format_for, result_record
 from captioner.pipelines.records import RecordFile
-from captioner.pipelines.sources import walk_images
+from captioner.pipelines.sources import unlisted_line, walk_images
 from captioner.progress import progress_bar
 
 __all__ = ["FolderSummary", "caption_folder"]
@@ -131,7 +131,7 @@ class _Run:
     def unlisted(self, folder: Path, error: OSError) -> None:
         """A folder that cannot be listed: its files cannot be captioned, and the run says so."""
         self.failed += 1
-        tqdm.write(f"skipped {one_line(folder)}: cannot list this folder: {error.strerror or error}", file=sys.stderr)
+        tqdm.write(unlisted_line(folder, error), file=sys.stderr)
 
     def add(self, result: PathResult) -> None:
         record = result_record(result, min_confidence=self.min_confidence, fallback=self.fallback)

@@ -6,9 +6,15 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+from captioner.errors import one_line
 from captioner.images import is_image_path
 
 OnError = Callable[[Path, OSError], None]
+
+
+def unlisted_line(folder: Path, error: OSError) -> str:
+    """The ``skipped`` line of a folder that cannot be listed: its files cannot be captioned, and the run says so."""
+    return f"skipped {one_line(folder)}: cannot list this folder: {error.strerror or error}"
 
 
 def walk_images(root: str | os.PathLike, on_error: OnError | None = None) -> Iterator[Path]:
@@ -16,11 +22,11 @@ def walk_images(root: str | os.PathLike, on_error: OnError | None = None) -> Ite
     return walk_files(root, is_image_path, on_error)
 
 
-def walk_videos(root: str | os.PathLike) -> Iterator[Path]:
+def walk_videos(root: str | os.PathLike, on_error: OnError | None = None) -> Iterator[Path]:
     """Video files under ``root`` (.mp4 .avi .mov .mkv .webm .m4v, any case); see :func:`walk_files`."""
     from captioner.pipelines.video_source import is_video_path
 
-    return walk_files(root, is_video_path)
+    return walk_files(root, is_video_path, on_error)
 
 
 def walk_files(

@@ -17,9 +17,9 @@ from tqdm import tqdm
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, OptionError, OutputError, VideoReadError, one_line, printable
 from captioner.model import CaptionModel
-from captioner.outputs import STANDARD_OUTPUT, check_writable_file, check_writable_folder, same_file
+from captioner.outputs import STANDARD_OUTPUT, check_writable_file, check_writable_folder, file_identity, same_file
 from captioner.pipelines.burn import burn_subtitles, check_burn_source, check_burn_target
-from captioner.pipelines.sources import walk_videos
+from captioner.pipelines.sources import OnError, walk_videos
 from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
 from captioner.pipelines.video import VideoOptions, open_video, subtitle_source
 from captioner.progress import progress_bar
@@ -35,7 +35,8 @@ class VideoJob:
 
 
 def prepare_jobs(
-    source: Path, extension: str, *, output: Path | None = None, out_dir: Path | None = None, burn: Path | None = None
+    source: Path, extension: str, *, output: Path | None = None, out_dir: Path | None = None, burn: Path | None = None,
+    on_error: OnError | None = None,
 ) -> list[VideoJob]:
     """:func:`plan_jobs`, then every output location checked, in well under a second: call it before the model loads.
 
@@ -51,7 +52,7 @@ def prepare_jobs(
     """
     if not source.exists():
         raise VideoReadError(f"{printable(source)}: no such file or folder")
-    jobs = plan_jobs(source, extension, output=output, out_dir=out_dir, burn=burn)
+    jobs = plan_jobs(source, extension, output=output, out_dir=out_dir, burn=burn, on_error=on_error)
     if out_dir is not None:
         check_writable_folder(out_dir)
     if not source.is_dir():
@@ -72,7 +73,8 @@ def prepare_jobs(
 
 
 def plan_jobs(
-    source: Path, extension: str, *, output: Path | None = None, out_dir: Path | None = None, burn: Path | None = None
+    source: Path, extension: str, *, output: Path | None = None, out_dir: Path | None = None, burn: Path | None = None,
+    on_error: OnError | None = None,
 ) -> list[VideoJob]:
     """Jobs for one video or for every video under a folder (recursive, sorted).
 
@@ -81,7 +83,9 @@ def plan_jobs(
     each video with the format's extension. Two videos of one folder that differ only in
     their extension (``a.mp4``, ``a.avi``) get ``a.mp4.srt`` and ``a.avi.srt`` instead of
     one overwriting the other, and so does a video whose stem is another's whole name
-    (``a.mp4.mp4`` beside those two gets ``a.mp4.mp4.srt``). ``burn`` applies to one video only.
+    (``a.mp4.mp4`` beside those two gets ``a.mp4.mp4.srt``), until no two share a name; whole
+    names equal but for case (``A.mp4``, ``a.mp4``) are numbered (``a.mp4.2.srt``). ``burn``
+    applies to one video only. ``on_error``: see :func:`captioner.pipelines.sources.walk_files`.
 
     Raises:
         OptionError: ``output`` or ``burn`` given for a folder, or both ``output`` and ``out_dir``.
@@ -92,19 +96,28 @@ def plan_jobs(
         raise OptionError("-o names the subtitle file and --out-dir a folder for it: give one of them")
     if not source.is_dir():
         return [VideoJob(source, output or (out_dir or source.parent) / f"{source.stem}.{extension}", burn)]
-    videos = list(walk_videos(source))
-    stems: dict[tuple[Path, str], int] = {}
-    for video in videos:
-        key = (video.parent, video.stem.casefold())
-        stems[key] = stems.get(key, 0) + 1
-    jobs = []
-    for video in videos:
-        folder = out_dir / video.parent.relative_to(source) if out_dir else video.parent
-        name = video.name if stems[(video.parent, video.stem.casefold())] > 1 else video.stem
-        jobs.append(VideoJob(video, folder / f"{name}.{extension}"))
-    targets = Counter(os.fspath(job.output).casefold() for job in jobs)  # casefold: as a Mac or Windows disk names
-    return [VideoJob(job.video, job.output.with_name(f"{job.video.name}.{extension}"))
-            if targets[os.fspath(job.output).casefold()] > 1 else job for job in jobs]
+    videos = list(walk_videos(source, on_error))
+    folders = [out_dir / video.parent.relative_to(source) if out_dir else video.parent for video in videos]
+    names = [video.stem for video in videos]
+    while True:  # a name shared by two videos becomes the video's whole name, until none is shared
+        taken = Counter(_disk_name(folder / name) for folder, name in zip(folders, names, strict=True))
+        renamed = [video.name if taken[_disk_name(folder / name)] > 1 else name
+                   for video, folder, name in zip(videos, folders, names, strict=True)]
+        if renamed == names:
+            break
+        names = renamed
+    seen: Counter[str] = Counter()  # whole names equal but for case (A.mp4, a.mp4) are numbered, in walk order
+    for i, (folder, name) in enumerate(zip(folders, names, strict=True)):
+        seen[_disk_name(folder / name)] += 1
+        if taken[_disk_name(folder / name)] > 1:
+            names[i] = f"{name}.{seen[_disk_name(folder / name)]}"
+    return [VideoJob(video, folder / f"{name}.{extension}") for video, folder, name in zip(videos, folders, names,
+                                                                                           strict=True)]
+
+
+def _disk_name(path: Path) -> str:
+    """A path as a Mac or Windows disk tells names apart: without case."""
+    return os.fspath(path).casefold()
 
 
 def run_jobs(
@@ -124,7 +137,7 @@ def run_jobs(
     and a ``warning: VIDEO: ...`` line, and counts as subtitled in part.
     """
     run, settings = VideoRun(), settings or VideoOptions()
-    inputs = {identity for job in jobs if (identity := _file_identity(job.video)) is not None}
+    inputs = {identity for job in jobs if (identity := file_identity(job.video)) is not None}
     bar = progress_bar(jobs, show=progress, desc="subtitling", unit="video")
     for job in bar:
         try:
@@ -138,15 +151,6 @@ def run_jobs(
     return run
 
 
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file ``path`` leads to, links followed; None where there is none."""
-    try:
-        info = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return info.st_dev, info.st_ino
-
-
 def _refuse_writing_over_inputs(job: VideoJob, inputs: set[tuple[int, int]]) -> None:
     """A subtitle file or burned copy that is one of the run's videos (a link to it, say) is not written:
     writing follows links, and would replace the video.
@@ -155,7 +159,7 @@ def _refuse_writing_over_inputs(job: VideoJob, inputs: set[tuple[int, int]]) -> 
         OutputError: naming the output.
     """
     for target in (job.output, job.burn):
-        if target is not None and os.fspath(target) != STANDARD_OUTPUT and _file_identity(target) in inputs:
+        if target is not None and os.fspath(target) != STANDARD_OUTPUT and file_identity(target) in inputs:
             raise OutputError(f"{printable(target)}: is a video of this run (or a link to one); not overwritten")
 
 

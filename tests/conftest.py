@@ -70,3 +70,24 @@ def live_server():
     """``captioner serve`` with its defaults."""
     with serving() as (url, _):
         yield url
+
+
+def bury_too_deep(root: Path, name: str, content: bytes) -> Path:
+    """Write ``content`` as ``name`` in a folder whose path is longer than the system lets anyone list by name.
+
+    Made step by step from inside, as a user's unpacked archive can be; returns the deepest folder's path.
+    """
+    import os
+
+    start = os.getcwd()
+    os.makedirs(root, exist_ok=True)
+    os.chdir(root)
+    try:
+        for _ in range(18):  # 18 x 244 characters: past PATH_MAX (4096)
+            os.mkdir("d" * 243)
+            os.chdir("d" * 243)
+        with open(name, "wb") as f:
+            f.write(content)
+    finally:
+        os.chdir(start)
+    return root.joinpath(*["d" * 243] * 18)

@@ -234,6 +234,12 @@ def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys)
     assert f"{a} is given twice" in capsys.readouterr().err
     assert main(["ensemble", a, "--out", str(tmp_path / "a")]) == 2  # a usage error, before any model loads
     assert "an ensemble combines at least 2 model folders, got 1" in capsys.readouterr().err
+    shutil.copytree(a, tmp_path / "a_copy")
+    assert main(["ensemble", a, str(tmp_path / "a_copy"), "--out", str(tmp_path / "aa")]) == 1
+    assert f"{tmp_path / 'a_copy'}: holds a decoder with the same weights as one of {a}'s" in capsys.readouterr().err
+    assert main(["ensemble", str(tmp_path / "ab"), b, "--out", str(tmp_path / "abb")]) == 1  # b is in ab already
+    assert f"{b}: holds a decoder with the same weights as one of {tmp_path / 'ab'}'s" in capsys.readouterr().err
+    assert not (tmp_path / "aa").exists() and not (tmp_path / "abb").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -100,7 +100,7 @@ def test_flickr_manifest_refuses_split_images_without_captions(flickr, tmp_path)
     tokens, split, images = flickr
     split.write_text("cat.jpg\nunknown.jpg\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    with pytest.raises(DataError, match="images without captions: 1, e.g. unknown.jpg"):
+    with pytest.raises(DataError, match=rf"^{split}: images without captions in {tokens}: 1, e.g. unknown.jpg$"):
         flickr_manifest(tokens, split, images, out)
     assert not out.exists()
 
@@ -483,3 +483,57 @@ def test_conversion_drops_blank_captions_and_images_left_without_any(tmp_path):
     assert coco_manifest(tmp_path / "captions.json", tmp_path, out).written == 1
     [entry] = read_manifest(out, require_captions=True)
     assert entry.image.name == "b.jpg" and entry.captions == ("A dog .",)
+
+
+def test_what_a_conversion_leaves_out_is_counted_and_said(tmp_path, capsys):
+    from captioner.pipelines.cli import main
+
+    annotations = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+                   "annotations": [{"image_id": 1, "caption": " "}, {"image_id": 2, "caption": "A dog ."},
+                                   {"image_id": 7, "caption": "A cat ."}, {"image_id": 8, "caption": "A cup ."}]}
+    (tmp_path / "captions.json").write_text(json.dumps(annotations))
+    copy_samples(tmp_path, {"chelsea.png": "b.jpg", "coffee.png": "a.jpg"})
+    converted = coco_manifest(tmp_path / "captions.json", tmp_path, tmp_path / "m.jsonl")
+    assert (converted.written, converted.captionless, converted.unlisted_captions) == (1, (str(tmp_path / "a.jpg"),), 2)
+    assert main(["manifest", "coco", "--captions", str(tmp_path / "captions.json"), "--images", str(tmp_path),
+                 "--out", str(tmp_path / "m.jsonl")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: 1 image is listed without a caption (or only blank ones), e.g. {tmp_path}/a.jpg; left "
+                   "out of the manifest",
+                   f"warning: 2 captions in {tmp_path}/captions.json name an image id its images do not list; left "
+                   "out of the manifest"]
+    assert main(["manifest", "coco", "--captions", str(tmp_path / "captions.json"), "--images", str(tmp_path),
+                 "--split", "x.txt", "--out", str(tmp_path / "m.jsonl")]) == 2
+    assert "--split is for flickr and karpathy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../outside.jpg", "sub/../../outside.jpg"])
+def test_an_image_name_leading_outside_the_images_folder_is_refused(tmp_path, name):
+    images = tmp_path / "images"
+    copy_samples(images, {"chelsea.png": "a.jpg"})
+    dataset = {"images": [{"filename": "a.jpg", "split": "test", "sentences": [{"raw": "A cat ."}]},
+                          {"filename": name, "split": "test", "sentences": [{"raw": "A host ."}]}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(DataError, match=r"dataset.json: the image .* is not under --images .*images; nothing written"):
+        karpathy_manifest(tmp_path / "dataset.json", images, "test", tmp_path / "m.jsonl")
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_a_device_or_an_empty_caption_file_is_named_not_read_for_ever(flickr, tmp_path):
+    tokens, split, images = flickr
+    for convert in (lambda: flickr_manifest("/dev/zero", split, images, tmp_path / "m.jsonl"),
+                    lambda: flickr_manifest(tokens, "/dev/zero", images, tmp_path / "m.jsonl"),
+                    lambda: coco_manifest("/dev/urandom", images, tmp_path / "m.jsonl"),
+                    lambda: karpathy_manifest("/dev/zero", images, "test", tmp_path / "m.jsonl")):
+        with pytest.raises(DataError, match=r"^/dev/\w+: a device, not a file$"):
+            convert()
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match=r"empty.txt: no captions in it \(expected NAME#N<TAB>caption lines\)"):
+        flickr_manifest(tmp_path / "empty.txt", split, images, tmp_path / "m.jsonl")
+
+
+def test_a_file_name_that_is_not_text_is_named(tmp_path):
+    dataset = {"images": [{"filename": "a.jpg", "filepath": None, "split": "test", "sentences": [{"raw": "A cat"}]}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ValueError, match="filepath must be text, not None"):
+        karpathy_manifest(tmp_path / "dataset.json", tmp_path, "test", tmp_path / "m.jsonl")

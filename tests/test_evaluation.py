@@ -1,5 +1,7 @@
 """The one "caption in batches, then score" loop, from grids and from image files."""
 
+import os
+
 import pytest
 import torch
 from conftest import SAMPLES, SHARED_SAMPLES
@@ -89,6 +91,26 @@ def test_evaluate_refuses_a_repeated_image_whose_words_would_count_twice(small_m
         write_manifest(manifest, [(cat, ["a cat"]), (coffee, ["a cup"]), (again, ["a cat"])])
         with pytest.raises(DataError, match=f"{again.split('/')[-1]} is listed more than once"):
             evaluate(small_model, manifest, meteor=False)
+
+
+def test_a_hard_link_to_a_listed_image_is_the_same_image(small_model, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    cat = tmp_path / "cat.png"
+    cat.write_bytes((SAMPLES / "chelsea.png").read_bytes())
+    os.link(cat, tmp_path / "also.png")
+    write_manifest(manifest, [(str(cat), ["a cat"]), (str(SAMPLES / "coffee.png"), ["a cup"]), ("also.png", ["a cat"])])
+    with pytest.raises(DataError, match="also.png is listed more than once"):
+        evaluate(small_model, manifest, meteor=False)
+
+
+def test_references_the_scorer_finds_no_word_in_are_refused_before_any_captioning(small_model, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    unreadable = tmp_path / "broken.jpg"  # captioning first would fail on it instead
+    unreadable.write_bytes(b"not a photo")
+    write_manifest(manifest, [(str(SAMPLES / "chelsea.png"), ["a cat"]), (str(unreadable), ["a broken photo"]),
+                              (str(SAMPLES / "coffee.png"), ["ⅷ", "..."])])  # a letter to Python
+    with pytest.raises(DataError, match=rf"^{manifest}: .*coffee.png: its reference captions have no word the "):
+        evaluate(small_model, manifest, meteor=False)
 
 
 def test_a_manifest_with_a_byte_order_mark_reads_and_meteor_must_be_a_bool(small_model, tmp_path):

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, SHARED_SAMPLES
+from conftest import ROOT, SHARED_SAMPLES, bury_too_deep
 from PIL import Image
 
 from captioner.pipelines.cli import main
@@ -70,6 +70,15 @@ def test_bad_files_get_error_records_and_the_batch_goes_on(tmp_path, capsys):
         assert f"skipped {tmp_path / 'photos' / 'bad' / name}: " in err
     good = [r for r in records if "caption" in r]
     assert len(good) == 6 and all(r["caption"] and r["score"] < 0 for r in good)
+
+
+def test_a_folder_too_deep_to_list_is_a_failure_named_in_one_line(tmp_path, capsys):
+    root = tmp_path / "photos"
+    shutil.copy(SHARED_SAMPLES / "coffee.png", bury_too_deep(root, "x.png", b"").parents[17] / "near.png")
+    assert main(["batch", str(root), "-o", str(tmp_path / "out.jsonl"), "--quiet", "--workers", "0"]) == 1
+    assert [r["path"].endswith("near.png") for r in read_jsonl(tmp_path / "out.jsonl")] == [True]
+    skipped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and skipped[0].endswith(": cannot list this folder: File name too long")
 
 
 @pytest.mark.slow

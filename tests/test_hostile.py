@@ -516,7 +516,7 @@ def test_manifest_conversion_never_writes_over_its_own_inputs(tmp_path, capsys, 
     before = {name: (tmp_path / name).read_text() for name in ("tok.txt", "split.txt")}
     code, _, err = run(["manifest", "flickr", "--captions", tmp_path / "tok.txt", "--images", tmp_path,
                         "--split", tmp_path / "split.txt", "--out", tmp_path / out], capsys)
-    assert code == 2 and "is an input of this conversion" in error_line(err)
+    assert code == 2 and "is an input of this run; write the manifest elsewhere" in error_line(err)
     assert {name: (tmp_path / name).read_text() for name in before} == before
     code, _, err = run(["manifest", "flickr", "--captions", tmp_path / "tok.txt", "--images", tmp_path / "nowhere",
                         "--split", tmp_path / "split.txt", "--out", tmp_path / "m.jsonl"], capsys)

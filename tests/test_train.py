@@ -572,6 +572,10 @@ def test_a_dev_set_that_cider_cannot_score_is_refused_at_the_start(tiny_config, 
         train(dataclasses.replace(tiny_config, dev_manifest=str(one)))
     with pytest.raises(DataError, match="1 image; CIDEr-D"):
         train(dataclasses.replace(tiny_config, dev_limit=1))
+    wordless = tmp_path / "wordless.jsonl"  # a letter to Python, nothing to the scorer's tokenizer
+    write_manifest(wordless, [(str(e.image), e.captions) for e in entries[:2]] + [(str(entries[2].image), ["ⅷ"])])
+    with pytest.raises(DataError, match=rf"^{wordless}: {entries[2].image}: its reference captions have no word"):
+        train(dataclasses.replace(tiny_config, dev_manifest=str(wordless)))
     assert not Path(tiny_config.out_dir).exists()  # refused before any output
 
 

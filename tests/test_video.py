@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import srt
 import webvtt
+from conftest import bury_too_deep
 from test_video_source import PHOTOS, assert_near, count_opencv_calls, damage_middle, write_video
 
 from captioner.errors import OptionError, OutputError, VideoReadError, VideoWriteError
@@ -352,6 +353,26 @@ def test_a_video_whose_stem_is_another_videos_name_gets_its_own_subtitle_file(tm
     for name in ("x.mp4", "x.avi", "x.mp4.mp4"):  # x.mp4.mp4's stem is x.mp4, whose subtitles are x.mp4.srt
         (tmp_path / name).write_bytes(b"")
     assert sorted(j.output.name for j in plan_jobs(tmp_path, "srt")) == ["x.avi.srt", "x.mp4.mp4.srt", "x.mp4.srt"]
+
+
+def test_subtitle_names_stay_apart_however_video_names_overlap(tmp_path):
+    for name in ("a.mp4", "a.mkv", "a.mkv.mp4", "a.mkv.mp4.avi", "A.mov", "a.mov", "b.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    names = [j.output.name for j in plan_jobs(tmp_path, "jsonl")]
+    assert len({n.casefold() for n in names}) == 7  # as a Mac or Windows disk tells them apart
+    assert sorted(names) == ["A.mov.1.jsonl", "a.mkv.jsonl", "a.mkv.mp4.avi.jsonl", "a.mkv.mp4.jsonl",
+                             "a.mov.2.jsonl", "a.mp4.jsonl", "b.jsonl"]
+
+
+def test_a_folder_too_deep_to_list_fails_the_folder_run_in_one_line(clips, tmp_path, capsys):
+    root = tmp_path / "videos"
+    shutil.copy(clips["mp4"], bury_too_deep(root, "deep.mp4", clips["mp4"].read_bytes()).parents[17] / "top.mp4")
+    assert main(["video", str(root), "--quiet"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    skipped = [line for line in err if line.startswith("skipped ")]
+    assert len(skipped) == 1 and skipped[0].endswith(": cannot list this folder: File name too long")
+    assert err[-1] == "1 subtitled, 1 failed"
+    assert [p.name for p in root.glob("*.srt")] == ["top.srt"]
 
 
 def test_a_subtitle_file_that_links_to_a_video_of_the_run_is_not_written_through(clips, tmp_path, capsys,

@@ -24,11 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from captioner.data import read_manifest, relative_image_path, write_manifest  # noqa: E402
-from captioner.errors import CaptionerError  # noqa: E402
+from captioner.data import check_new_manifest, read_manifest, relative_image_path, write_manifest  # noqa: E402
 from captioner.evaluation import grid_batches  # noqa: E402
 from captioner.features import cached_features  # noqa: E402
 from captioner.model import CaptionModel  # noqa: E402
+from captioner.pipelines.cli import run_command  # noqa: E402
+from captioner.pipelines.flags import bounded_int  # noqa: E402
 
 
 def main() -> None:
@@ -36,18 +37,16 @@ def main() -> None:
     parser.add_argument("--teacher", required=True, help="model folder whose beam captions are the extra targets")
     parser.add_argument("--manifest", required=True, help="training manifest (images and reference captions)")
     parser.add_argument("--out", required=True, help="manifest to write: references plus teacher captions")
-    parser.add_argument("--copies", type=int, default=1, help="times each teacher caption is added")
+    parser.add_argument("--copies", type=bounded_int(1, 100), default=1, help="times each teacher caption is added")
     parser.add_argument("--teacher-only", action="store_true",
                         help="drop the references: the teacher's captions alone (to fine-tune a trained student)")
     parser.add_argument("--cache-dir", default="cache")
     args = parser.parse_args()
-    try:
-        distill(args)
-    except CaptionerError as e:
-        sys.exit(f"distill_captions: error: {e}")
+    sys.exit(run_command("distill_captions", lambda: distill(args)))
 
 
 def distill(args: argparse.Namespace) -> None:
+    check_new_manifest(args.out, inputs=(args.manifest,))
     teacher = CaptionModel.load(args.teacher)
     entries = read_manifest(args.manifest, require_captions=True)
     grids = cached_features(teacher.encoder, [e.image for e in entries], args.cache_dir)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +36,16 @@ from captioner.confidence import (  # noqa: E402
 )
 from captioner.consensus import Consensus  # noqa: E402
 from captioner.data import read_manifest  # noqa: E402
-from captioner.errors import CaptionerError  # noqa: E402
+from captioner.errors import DataError, OptionError, printable  # noqa: E402
 from captioner.evaluation import index_batches  # noqa: E402
 from captioner.features import cached_features  # noqa: E402
 from captioner.metrics import per_image_cider, score_captions  # noqa: E402
 from captioner.model import CaptionModel  # noqa: E402
+from captioner.pipelines.cli import run_command  # noqa: E402
 from captioner.tags import tag_description  # noqa: E402
 
 FALLBACK_THRESHOLDS = (0.0, 0.1, 0.2, 0.3)  # 0: no fallback
+MIN_PER_CLASS = 10  # acceptable and unacceptable captions each, at least, in the fitting half
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 BINS = 10
 
@@ -72,20 +76,22 @@ def main() -> None:
     parser.add_argument("--report", help="folder for report.json and the reliability diagram")
     parser.add_argument("--save", action="store_true", help=f"write {CALIBRATION_FILE} into the model folder")
     args = parser.parse_args()
-    try:
-        run(args)
-    except CaptionerError as e:
-        sys.exit(f"fit_calibrator: error: {e}")
+    sys.exit(run_command("fit_calibrator", lambda: run(args)))
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
+        raise OptionError(f"--report {printable(args.report)}: exists and is not a folder")
     model = CaptionModel.load(args.model)
     model.calibrator = None  # raw signals, whatever the folder holds
     stats, consensus = training_statistics(model, args.train, args.cache_dir)
     model.consensus = consensus  # what reranking (if the decoding asks for it) and the consensus signal read
-    sets = [score_manifest(model, m, stats, args.cache_dir) for m in args.manifest]
+    sets = [score_manifest(model, m, stats, args.cache_dir, name)
+            for m, name in zip(args.manifest, set_names(args.manifest), strict=True)]
     fit = [s.half(0).signals for s in sets], [s.half(0).cider for s in sets]
-    calibrator = Calibrator.fit(torch.cat(fit[0]), (torch.cat(fit[1]) >= ACCEPTABLE_CIDER).double(), stats)
+    acceptable = torch.cat(fit[1]) >= ACCEPTABLE_CIDER
+    check_fittable(int(acceptable.sum()), int((~acceptable).sum()))
+    calibrator = Calibrator.fit(torch.cat(fit[0]), acceptable.double(), stats)
     print("weights (standardized signals):", dict(zip(SIGNALS, (round(w, 3) for w in calibrator.weights),
                                                       strict=True)), "bias", round(calibrator.bias, 3))
     held_out = [s.half(1) for s in sets]
@@ -103,6 +109,24 @@ def run(args: argparse.Namespace) -> None:
         print(f"saved {Path(args.model) / CALIBRATION_FILE} and the consensus files beside it")
 
 
+def set_names(manifests: list[str]) -> list[str]:
+    """Each manifest's name in the report: its file's stem, or its path where two stems are equal."""
+    stems = [Path(m).stem for m in manifests]
+    return [stem if stems.count(stem) == 1 else m for m, stem in zip(manifests, stems, strict=True)]
+
+
+def check_fittable(acceptable: int, unacceptable: int) -> None:
+    """Refuse a fitting half a calibrator cannot learn from, before anything is saved.
+
+    With one class (every caption acceptable, or none) the weights go to 0 and the bias to
+    an extreme: every caption would read as confidence 0 (or 1), whatever it says.
+    """
+    if min(acceptable, unacceptable) < MIN_PER_CLASS:
+        raise DataError(f"the fitting half holds {acceptable} acceptable and {unacceptable} unacceptable captions "
+                        f"(per-image CIDEr-D >= {ACCEPTABLE_CIDER}); a calibrator needs at least {MIN_PER_CLASS} of "
+                        "each: give more images")
+
+
 def training_statistics(model: CaptionModel, manifest: str, cache_dir: str) -> tuple[FeatureStats, Consensus]:
     """The training images' feature statistics and consensus data (pooled features, references)."""
     entries = read_manifest(manifest, require_captions=True)
@@ -111,7 +135,7 @@ def training_statistics(model: CaptionModel, manifest: str, cache_dir: str) -> t
     return FeatureStats.of(pooled), Consensus.build(pooled, [e.captions for e in entries])
 
 
-def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, cache_dir: str) -> Scored:
+def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, cache_dir: str, name: str) -> Scored:
     entries = read_manifest(manifest, require_captions=True)
     grids = cached_features(model.encoder, [e.image for e in entries], cache_dir)
     rows, captions, descriptions = [], [], []
@@ -124,7 +148,7 @@ def score_manifest(model: CaptionModel, manifest: str, stats: FeatureStats, cach
         descriptions.extend(tag_description(tags) for tags in model.tags(grid))
     cider = per_image_cider({str(i): e.captions for i, e in enumerate(entries)},
                             {str(i): c for i, c in enumerate(captions)})
-    return Scored(Path(manifest).stem, torch.cat(rows), torch.tensor([cider[str(i)] for i in range(len(entries))]),
+    return Scored(name, torch.cat(rows), torch.tensor([cider[str(i)] for i in range(len(entries))]),
                   captions, [e.captions for e in entries], descriptions)
 
 
@@ -181,6 +205,15 @@ def reliability(confidence: torch.Tensor, acceptable: torch.Tensor) -> list[dict
     return rows
 
 
+def _no_nan(value):
+    """``value`` with NaN (an AUROC of a set with one class) as null: NaN is not JSON."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def expected_calibration_error(confidence: torch.Tensor, acceptable: torch.Tensor) -> float:
     rows = reliability(confidence, acceptable)
     return sum(r["count"] * abs(r["confidence"] - r["acceptable"]) for r in rows) / len(confidence)
@@ -206,13 +239,17 @@ def print_report(report: dict) -> None:
         base = r["selective_mean_logprob"][4]["mean_cider"]
         print(f"| {name} | {r['images']} | {r['acceptable_share']:.2f} | {r['auroc']:.3f} | "
               f"{r['auroc_mean_logprob']:.3f} | {r['ece']:.3f} | {half:.3f} / {everything:.3f} "
-              f"({half / everything:.2f}x) | {base:.3f} ({base / everything:.2f}x) |")
+              f"({_ratio(half, everything)}) | {base:.3f} ({_ratio(base, everything)}) |")
     print("\n| check set | --min-confidence with --fallback tags | captions replaced | BLEU-4 | CIDEr-D |")
     print("|---|---|---|---|---|")
     for name, rows in report["fallback"].items():
         for r in rows:
             print(f"| {name} | {r['min_confidence'] or 'none'} | {r['replaced']:.0%} | {r['BLEU-4']:.4f} | "
                   f"{r['CIDEr-D']:.4f} |")
+
+
+def _ratio(part: float, whole: float) -> str:
+    return f"{part / whole:.2f}x" if whole else "-"
 
 
 def write_report(report: dict, folder: Path) -> None:
@@ -222,7 +259,7 @@ def write_report(report: dict, folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    (folder / "report.json").write_text(json.dumps(_no_nan(report), indent=1, allow_nan=False), encoding="utf-8")
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     left.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
     for name, r in report["check"].items():

@@ -29,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from captioner.concepts import GROUNDING_FILE, head_noun  # noqa: E402
 from captioner.encoders import imagenet_classes  # noqa: E402
+from captioner.outputs import write_atomically  # noqa: E402
+from captioner.pipelines.cli import run_command  # noqa: E402
+from captioner.vocab import Vocabulary  # noqa: E402
 
 # (first label, last label, words): ranges of ImageNet classes (WordNet order) that caption writers name alike.
 # Not the 118 dog breeds: Flickr8k's decoder says "dog" unprompted, and boosting it cost dev
@@ -212,8 +215,12 @@ def main() -> None:
                         help="list only words this vocabulary holds (a JSON list of words)")
     parser.add_argument("--list", action="store_true", help="print every class with its words, for review")
     args = parser.parse_args()
+    sys.exit(run_command("ground_classes", lambda: write_grounding(args)))
+
+
+def write_grounding(args: argparse.Namespace) -> None:
     classes = imagenet_classes()
-    vocab = set(json.loads(Path(args.vocab).read_text(encoding="utf-8")))
+    vocab = set(Vocabulary.load(args.vocab).itos)
     entries = [{"class": i, "label": label, "words": words}
                for i, (label, words) in enumerate(zip(classes, grounding(classes), strict=True))]
     if args.list:
@@ -221,7 +228,7 @@ def main() -> None:
             kept = [w for w in entry["words"] if w in vocab]
             print(f"{entry['class']:4d} {entry['label']:35s} -> {' '.join(kept) or '-'}")
     lines = ",\n".join(json.dumps(entry) for entry in entries)  # one class per line: reviewable diffs
-    GROUNDING_FILE.write_text(f"[\n{lines}\n]\n", encoding="utf-8")
+    write_atomically(GROUNDING_FILE, lambda f: f.write(f"[\n{lines}\n]\n"))
     grounded = sum(1 for entry in entries if any(w in vocab for w in entry["words"]))
     print(f"{GROUNDING_FILE.relative_to(ROOT)}: all {len(classes)} classes; {grounded} grounded in "
           f"{Path(args.vocab).name}'s words", file=sys.stderr)

@@ -21,11 +21,13 @@ sys.path.insert(0, str(ROOT))
 
 from captioner import concepts  # noqa: E402
 from captioner.data import read_manifest  # noqa: E402
-from captioner.errors import CaptionerError  # noqa: E402
+from captioner.decoding import DecodingOptions  # noqa: E402
 from captioner.evaluation import evaluate_grids, grid_batches  # noqa: E402
 from captioner.features import cached_features  # noqa: E402
 from captioner.model import CONFIG_FILE, CaptionModel  # noqa: E402
+from captioner.options import declared_decoding  # noqa: E402
 from captioner.outputs import write_atomically  # noqa: E402
+from captioner.pipelines.cli import run_command  # noqa: E402
 from captioner.quantize import int8_decoder  # noqa: E402
 
 
@@ -46,16 +48,26 @@ def main() -> None:
                         help="concept boost from class labels' head nouns alone, without the grounding map")
     parser.add_argument("--save", action="store_true", help="write the best options into the model's config.json")
     args = parser.parse_args()
-    try:
-        tune(args)
-    except CaptionerError as e:
-        sys.exit(f"tune_decoding: error: {e}")
+    sys.exit(run_command("tune_decoding", lambda: tune(args)))
+
+
+def grid(args: argparse.Namespace, decoding: DecodingOptions) -> list[DecodingOptions]:
+    """Every setting to score, each checked as the CLI checks options: a bad value is refused before any work."""
+    return [dataclasses.replace(decoding, method="beam" if beam > 1 else "greedy", beam_size=beam,
+                                length_penalty=alpha, no_repeat_ngram=ngram, n_best=1, concept_boost=boost,
+                                consensus_weight=weight)
+            for beam, alpha, ngram, boost, weight in itertools.product(args.beams, args.alphas, args.no_repeat,
+                                                                       args.boosts, args.consensus_weights)]
 
 
 def tune(args: argparse.Namespace) -> None:
+    declared = declared_decoding(args.model)
+    if declared is not None:
+        grid(args, declared)  # before the model and its features load
     model = CaptionModel.load(args.model)
-    if model.consensus is None and any(args.consensus_weights):
-        raise CaptionerError(f"{args.model}: no consensus data to rerank with; fit it with tools/fit_calibrator.py")
+    settings = grid(args, model.config.decoding)
+    for options in settings:
+        model.check_decoding(options)
     if args.int8:
         model.decoder = int8_decoder(model.decoder)
     if args.head_nouns_only:
@@ -67,17 +79,14 @@ def tune(args: argparse.Namespace) -> None:
     print("| beam | length penalty | no-repeat n-gram | concept boost | consensus weight | BLEU-1 | BLEU-4 | "
           "ROUGE-L | CIDEr-D | words |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    settings = itertools.product(args.beams, args.alphas, args.no_repeat, args.boosts, args.consensus_weights)
-    for beam, alpha, ngram, boost, weight in settings:
-        options = dataclasses.replace(model.config.decoding, method="beam" if beam > 1 else "greedy",
-                                      beam_size=beam, length_penalty=alpha, no_repeat_ngram=ngram, n_best=1,
-                                      concept_boost=boost, consensus_weight=weight)
+    for options in settings:
         batches = grid_batches(lambda ids: grids[ids].float(), len(entries))
         scores, texts = evaluate_grids(model, batches, references, options)
         words = sum(len(t.split()) for t in texts) / len(texts)
         results.append((scores["CIDEr-D"], scores["BLEU-4"], options))
-        print(f"| {beam} | {alpha} | {ngram} | {boost} | {weight} | {scores['BLEU-1']:.4f} | {scores['BLEU-4']:.4f} | "
-              f"{scores['ROUGE-L']:.4f} | {scores['CIDEr-D']:.4f} | {words:.1f} |", flush=True)
+        print(f"| {options.beam_size} | {options.length_penalty} | {options.no_repeat_ngram} | "
+              f"{options.concept_boost} | {options.consensus_weight} | {scores['BLEU-1']:.4f} | "
+              f"{scores['BLEU-4']:.4f} | {scores['ROUGE-L']:.4f} | {scores['CIDEr-D']:.4f} | {words:.1f} |", flush=True)
     cider, bleu4, best = max(results, key=lambda r: (r[0], r[1]))
     print(f"\nbest: beam {best.beam_size}, length penalty {best.length_penalty}, no-repeat {best.no_repeat_ngram}, "
           f"concept boost {best.concept_boost}, consensus weight {best.consensus_weight}: CIDEr-D {cider:.4f}, "
