@@ -88,6 +88,14 @@ class ProcessGroup:
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         return bool(torch.equal(low, high))
 
+    def gather(self, value: object) -> list[object]:
+        """Every process's ``value`` (picklable), in rank order, on every process."""
+        if not self.distributed:
+            return [value]
+        values: list[object] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
     def share(self, value: object) -> object:
         """Rank 0's ``value`` on every process (a picklable Python object: a scores dict, say)."""
         if not self.distributed:
@@ -97,8 +105,8 @@ class ProcessGroup:
         return box[0]
 
 
-def join(device_type: str) -> ProcessGroup:
-    """The group torchrun's environment describes, joined (gloo on CPU, nccl on CUDA); a group of one without it.
+def described() -> ProcessGroup:
+    """The group torchrun's environment describes, not joined: who this process will be.
 
     Raises:
         OptionError: torchrun's variables are malformed.
@@ -109,14 +117,39 @@ def join(device_type: str) -> ProcessGroup:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError as e:
         raise OptionError(f"torchrun's RANK, LOCAL_RANK and WORLD_SIZE must be whole numbers ({e})") from e
-    if world <= 1:
-        return ProcessGroup()
-    if not dist.is_initialized():
+    return ProcessGroup(rank, local_rank, world) if world > 1 else ProcessGroup()
+
+
+def join(device_type: str) -> ProcessGroup:
+    """The group torchrun's environment describes, joined (gloo on CPU, nccl on CUDA); a group of one without it.
+
+    Raises:
+        OptionError: torchrun's variables are malformed, or name a rendezvous that cannot be made
+            (no MASTER_ADDR, a port in use): a process started by hand, not by torchrun.
+    """
+    group = described()
+    if group.distributed and not dist.is_initialized():
         if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        # gloo for the small CPU tensors (token counts, shared scores), nccl for the gradients on GPUs
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
-    return ProcessGroup(rank, local_rank, world)
+            torch.cuda.set_device(group.local_rank)
+        try:  # gloo for the small CPU tensors (token counts, shared scores), nccl for the gradients on GPUs
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
+        except (ValueError, RuntimeError) as e:  # DistNetworkError is a RuntimeError
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise OptionError(f"cannot join the training processes that RANK={group.rank} and "
+                              f"WORLD_SIZE={group.world} describe ({reason}); start a run on several processes "
+                              "with torchrun") from e
+    return group
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process of the run went away.
+
+    That process printed its own reason (a bad photo, a full disk, a kill); this one only lost it.
+    """
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                  "Connection refused", "remote worker"))
 
 
 def leave(group: ProcessGroup) -> None:

@@ -31,6 +31,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,9 +44,9 @@ from captioner.checkpoint import check_fits, read_checkpoint, resume_error
 from captioner.cider import CiderD
 from captioner.data import ManifestEntry, check_scorable, read_manifest
 from captioner.decoding import DecodingOptions
-from captioner.distributed import join, leave
+from captioner.distributed import ProcessGroup, described, join, leave, peer_lost
 from captioner.encoders import build_encoder
-from captioner.errors import DataError, OptionError, OutputError, count_of, printable
+from captioner.errors import CaptionerError, DataError, OptionError, OutputError, count_of, printable
 from captioner.evaluation import check_references, evaluate_grids, grid_batches
 from captioner.features import cached_features
 from captioner.images import check_image_file, model_pixels
@@ -55,7 +56,7 @@ from captioner.outputs import check_writable_folder, descriptor_is_at
 from captioner.progress import progress_bar
 from captioner.scst import reward_tokens, self_critical_terms
 from captioner.tensor_files import load_tensors, save_tensors
-from captioner.train_config import TrainConfig
+from captioner.train_config import PER_MACHINE_FIELDS, TrainConfig
 from captioner.vocab import SPECIALS, Vocabulary, tokenize
 
 __all__ = ["TrainConfig", "Trainer", "train"]
@@ -85,6 +86,25 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _check_same_settings(cfg: TrainConfig, group: ProcessGroup) -> None:
+    """Refuse, in every process alike, settings that differ between the processes of one run.
+
+    Each process applies its own: a different batch size or epoch count runs the collectives
+    out of step (the run hangs), a different learning rate or seed trains the decoders apart.
+
+    Raises:
+        OptionError: naming each field that differs and its value in each process.
+    """
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_MACHINE_FIELDS}
+    everyone = group.gather(settings)
+    differing = [name for name in settings if len({json.dumps(s[name]) for s in everyone}) > 1]
+    if differing:
+        shown = "; ".join(f"{name}: " + ", ".join(f"{s[name]!r} on rank {rank}" for rank, s in enumerate(everyone))
+                          for name in differing)
+        raise OptionError(f"the processes of this run were given different settings ({shown}); give every "
+                          "process the same")
 
 
 def _check_distributable(cfg: TrainConfig, world: int) -> None:
@@ -274,6 +294,7 @@ class Trainer:
         self.device = _pick_device(cfg.device)
         self.group = join(self.device.type)
         if self.group.distributed:
+            _check_same_settings(cfg, self.group)
             _check_distributable(cfg, self.group.world)
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.group.local_rank)
@@ -324,6 +345,7 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.group.rank)  # now that the weights are shared; one process: as before
         # a drawn input word is never padding, <start> or <end>: search never feeds those mid-caption
         self._never_drawn = torch.tensor([self.vocab.pad, self.vocab.start, self.vocab.end], device=self.device)
+        self.rank_random_states: list[torch.Tensor] = []  # under torchrun: every process's, at the last epoch's end
         self.epoch = 0
         self.best_cider = -1.0
         self.stale_epochs = 0
@@ -519,6 +541,7 @@ class Trainer:
         started = time.time()
         value = run()
         scores = self.group.share(self.evaluate_dev() if self.group.leader else None)  # rank 0's, everywhere
+        self._gather_random_states()
         self.epoch += 1
         record = {"epoch": self.epoch, "phase": phase, measured: value,
                   "seconds": round(time.time() - started, 1), **scores}
@@ -607,6 +630,7 @@ class Trainer:
             return  # resumed before the first self-critical epoch ended: the start is scored, kept and logged
         # the starting point: an SCST epoch must beat it to become best
         baseline = self.group.share(self.evaluate_dev() if self.group.leader else None)
+        self._gather_random_states()
         self.best_cider = max(self.best_cider, baseline["CIDEr-D"])
         if not self.cfg.epochs and self.group.leader:
             # no cross-entropy epoch left a best: the starting model is it until an SCST epoch beats it
@@ -710,6 +734,15 @@ class Trainer:
             staging.unlink(missing_ok=True)
             raise OutputError(f"{printable(path)}: cannot write the metrics log: {e.strerror or e}") from e
 
+    def _gather_random_states(self) -> None:
+        """Every process's torch random state, for the leader's checkpoint (all processes call this).
+
+        Each process draws from its own stream (dropped words, self-critical samples): a run
+        resumed with every stream where it was continues as if it had not stopped.
+        """
+        if self.group.distributed:
+            self.rank_random_states = self.group.gather(torch.get_rng_state())
+
     def save_checkpoint(self) -> None:
         """Atomically replace ``last.pt`` (tensors and plain values only: loads with weights_only)."""
         state = {
@@ -725,6 +758,8 @@ class Trainer:
             "config": json.dumps(dataclasses.asdict(self.cfg)),
             "vocab": self.vocab.to_json(),
             "rng": torch.get_rng_state(),
+            # each process's own stream, under torchrun (rank order)
+            "rank_rng": torch.stack(self.rank_random_states) if self.rank_random_states else torch.empty(0),
             # Python's generator (batch order, views, self-critical order): its 624 words and position
             # (its cached gauss value is not used here)
             "py_rng": torch.tensor(random.getstate()[1], dtype=torch.int64),
@@ -778,8 +813,12 @@ class Trainer:
         if self.group.leader:
             self._rewrite_log()
             self._complete_last_epoch()
-        if self.group.distributed:  # the checkpoint holds rank 0's torch stream: give each process its own
-            torch.manual_seed(self.cfg.seed + self.epoch * self.group.world + self.group.rank)
+        if self.group.distributed:
+            saved = state.get("rank_rng")
+            if isinstance(saved, torch.Tensor) and saved.dim() == 2 and len(saved) == self.group.world:
+                torch.set_rng_state(saved[self.group.rank].clone())  # where it was (a row, a view, crashes torch)
+            else:  # saved by another number of processes, or by an older version: a stream of its own for each
+                torch.manual_seed(self.cfg.seed + self.epoch * self.group.world + self.group.rank)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
@@ -795,21 +834,47 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     out = Path(cfg.out_dir)
     made = not os.path.lexists(out)
     try:
-        trainer = Trainer(cfg, resume=resume)
+        with _peers_watched():
+            trainer = Trainer(cfg, resume=resume)
     except BaseException:
-        _tidy_unused(out, made)  # a run that could not start (a bad manifest, say) leaves nothing behind
+        if described().leader:  # the folder is the leader's: another process tidying it could pull it from under it
+            _tidy_unused(out, made)  # a run that could not start (a bad manifest, say) leaves nothing behind
         raise
     try:
-        if resume and _checkpoint_everywhere(trainer):
-            trainer.load_checkpoint()
-        best = trainer.fit()
-        # every process finishes before any tears the group down: a process that left while the
-        # leader still wrote its files sometimes died in gloo's teardown (SIGABRT)
-        trainer.group.barrier()
+        with _peers_watched():
+            if resume and _checkpoint_everywhere(trainer):
+                trainer.load_checkpoint()
+            best = trainer.fit()
+            # every process finishes before any tears the group down: a process that left while the
+            # leader still wrote its files sometimes died in gloo's teardown (SIGABRT)
+            trainer.group.barrier()
         return best
     finally:
         unlock_run_folder(trainer.out)
         leave(trainer.group)
+
+
+@contextlib.contextmanager
+def _peers_watched() -> Iterator[None]:
+    """A collective that fails because another process of the run stopped becomes one plain error.
+
+    That process said why (a bad photo, a full disk, a kill); gloo's own message here,
+    "Connection closed by peer" with a source line, would read as a bug of this one.
+
+    Raises:
+        TrainingStopped: in place of such a failure.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if not peer_lost(e):
+            raise
+        raise TrainingStopped("another process of this training run stopped (its own message says why); this one "
+                              "stops too") from e
+
+
+class TrainingStopped(CaptionerError):
+    """Another process of a torchrun job stopped, so this one cannot go on."""
 
 
 def _tidy_unused(out: Path, made: bool) -> None:

@@ -22,6 +22,10 @@ MODEL_FIELDS = ("encoder", "finetune_encoder", "embed_dim", "hidden_dim", "atten
 RESTORED_FIELDS = ("lr", "encoder_lr", "weight_decay", "seed")
 """Fields a resumed run takes from its checkpoint (the optimizer's rates and decay, the random state):
 resuming with other values is refused, since they would not take effect."""
+PER_MACHINE_FIELDS = ("train_manifest", "dev_manifest", "out_dir", "cache_dir", "init_from", "teacher", "num_workers",
+                      "device")
+"""Fields each machine of a torchrun job may spell or choose for itself (its paths, its loader threads);
+every other field must be the same in every process."""
 
 
 @dataclass(frozen=True)

@@ -654,8 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(program: str, message: str) -> None:
+    """One line, in one write: the processes of a torchrun job share the terminal, and print()'s
+    separate write of the newline let another process's line run into this one."""
     if sys.stderr is not None:  # closed on purpose (2>&-): nowhere to report to
-        print(f"{program}: error: {one_line(message)}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"{program}: error: {one_line(message)}\n")
+        sys.stderr.flush()
 
 
 def _os_error_message(error: OSError) -> str:

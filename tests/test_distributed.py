@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -148,11 +149,17 @@ def test_without_torchrun_the_group_is_this_process_alone(monkeypatch):
     assert group.share({"CIDEr-D": 0.5}) == {"CIDEr-D": 0.5}
 
 
+def _as_rank_1_of_2(monkeypatch) -> None:
+    """This process as rank 1 of 2 whose other process was given the same settings (no real group)."""
+    monkeypatch.setattr("captioner.train.join", lambda device: ProcessGroup(rank=1, local_rank=1, world=2))
+    monkeypatch.setattr(ProcessGroup, "gather", lambda self, value: [value] * self.world)
+
+
 def test_a_phase_too_small_for_the_processes_is_refused_before_any_work(tiny_config, tmp_path,  # noqa: F811
                                                                         monkeypatch):
     from captioner.errors import DataError
 
-    monkeypatch.setattr("captioner.train.join", lambda device: ProcessGroup(rank=1, local_rank=1, world=2))
+    _as_rank_1_of_2(monkeypatch)
     entry = json.loads(open(tiny_config.train_manifest).readline())
     (tmp_path / "one.jsonl").write_text(json.dumps(entry) + "\n")  # one image, its captions
     one_image = dataclasses.replace(tiny_config, train_manifest=str(tmp_path / "one.jsonl"), min_word_count=1,
@@ -162,10 +169,98 @@ def test_a_phase_too_small_for_the_processes_is_refused_before_any_work(tiny_con
 
 
 def test_phases_that_cannot_run_data_parallel_are_refused_at_start(tiny_config, monkeypatch):  # noqa: F811
-    monkeypatch.setattr("captioner.train.join", lambda device: ProcessGroup(rank=1, local_rank=1, world=2))
+    _as_rank_1_of_2(monkeypatch)
     with pytest.raises(OptionError, match="under torchrun.*finetune_encoder false"):
         Trainer(dataclasses.replace(tiny_config, finetune_encoder=True))
     with pytest.raises(OptionError, match="scst_batch_images=1 is the global batch"):
         Trainer(dataclasses.replace(tiny_config, scst_epochs=1, scst_batch_images=1))
     with pytest.raises(OptionError, match="batch_size=1 is the global batch"):
         Trainer(dataclasses.replace(tiny_config, batch_size=1))
+
+
+def _ranks_of_one_run(rank: int, init: str, lr: float, results) -> None:
+    """Rank ``rank`` of a real 2-process gloo group: the settings check, then a peer that goes away."""
+    import torch.distributed as dist
+
+    from captioner.train import TrainConfig, TrainingStopped, _check_same_settings, _peers_watched
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    group = ProcessGroup(rank, rank, 2)
+    config = TrainConfig(train_manifest="t.jsonl", dev_manifest="d.jsonl", out_dir=f"machine-{rank}", lr=lr,
+                         cache_dir=f"/cache/{rank}")  # paths may differ per machine
+    try:
+        _check_same_settings(config, group)
+        outcome = "same"
+    except OptionError as e:
+        outcome = str(e)
+    if rank == 1:
+        os._exit(0)  # as a process killed, or stopped by its own error
+    try:
+        with _peers_watched():
+            group.barrier()
+            group.barrier()
+        stopped = "nothing"
+    except TrainingStopped as e:
+        stopped = str(e)
+    results.put((outcome, stopped))
+
+
+@pytest.mark.parametrize("rates", [(1e-3, 1e-3), (1e-3, 1e-2)])
+def test_settings_that_differ_between_processes_are_refused_alike_and_a_lost_peer_is_one_line(tmp_path, rates):
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    processes = [context.Process(target=_ranks_of_one_run, args=(rank, init, rates[rank], results))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    outcome, stopped = results.get(timeout=120)  # rank 0's
+    for process in processes:
+        process.join(timeout=120)
+    if rates[0] == rates[1]:
+        assert outcome == "same"
+    else:
+        assert outcome == ("the processes of this run were given different settings (lr: 0.001 on rank 0, 0.01 on "
+                           "rank 1); give every process the same")
+    assert stopped.startswith("another process of this training run stopped (its own message says why)")
+
+
+def test_a_process_started_by_hand_without_a_rendezvous_is_told_to_use_torchrun(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    message = r"^cannot join the training processes that RANK=0 and WORLD_SIZE=2 describe \(.*MASTER_ADDR.*\); start"
+    with pytest.raises(OptionError, match=message + " a run on several processes with torchrun"):
+        join("cpu")
+
+
+def test_a_follower_that_cannot_start_leaves_the_run_folder_to_the_leader(tiny_config, tmp_path,  # noqa: F811
+                                                                           monkeypatch):
+    from captioner.errors import DataError
+    from captioner.train import train
+
+    _as_rank_1_of_2(monkeypatch)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DataError):
+        train(dataclasses.replace(tiny_config, train_manifest=str(tmp_path / "missing.jsonl")))
+    assert Path(tiny_config.out_dir).is_dir()  # the leader locks it, and tidies it if the run cannot start
+
+
+@pytest.mark.slow
+def test_a_distributed_run_resumed_continues_as_if_it_had_not_stopped(tiny_config, tmp_path):  # noqa: F811
+    """Each process's own random stream (its self-critical samples) is where it was."""
+    config = {k: v for k, v in dataclasses.asdict(tiny_config).items() if v is not None}
+    config.update(epochs=1, batch_size=4, patience=10, scst_batch_images=4, scst_lr=1e-3, scst_samples=2)
+    whole = run_torchrun({**config, "scst_epochs": 2, "out_dir": str(tmp_path / "whole")}, tmp_path / "w.json", 2)
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    first = run_torchrun({**config, "scst_epochs": 1, "out_dir": str(tmp_path / "cut")}, tmp_path / "c.json", 2)
+    assert first.returncode == 0, first.stderr[-4000:]
+    rest = run_torchrun({**config, "scst_epochs": 2, "out_dir": str(tmp_path / "cut")}, tmp_path / "r.json", 2,
+                        "--resume")
+    assert rest.returncode == 0, rest.stderr[-4000:]
+    records = [[json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("whole", "cut")]
+    assert [r["phase"] for r in records[1]] == ["xe", "scst", "scst"]
+    assert [r["train_reward"] for r in records[1][1:]] == [r["train_reward"] for r in records[0][1:]]
