@@ -816,7 +816,7 @@ class Trainer:
         if self.group.distributed:
             saved = state.get("rank_rng")
             if isinstance(saved, torch.Tensor) and saved.dim() == 2 and len(saved) == self.group.world:
-                torch.set_rng_state(saved[self.group.rank].clone())  # where it was (a row, a view, crashes torch)
+                torch.set_rng_state(saved[self.group.rank].cpu().clone())  # where it was (a view crashes torch)
             else:  # saved by another number of processes, or by an older version: a stream of its own for each
                 torch.manual_seed(self.cfg.seed + self.epoch * self.group.world + self.group.rank)
 
