@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from captioner.errors import OptionError
+from captioner.errors import CaptionerError, OptionError
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,9 @@ def join(device_type: str) -> ProcessGroup:
     """The group torchrun's environment describes, joined (gloo on CPU, nccl on CUDA); a group of one without it.
 
     Raises:
-        OptionError: torchrun's variables are malformed, or name a rendezvous that cannot be made
-            (no MASTER_ADDR, a port in use): a process started by hand, not by torchrun.
+        OptionError: torchrun's variables are malformed.
+        CaptionerError: the rendezvous they name cannot be made (no MASTER_ADDR, a port in use,
+            the others never came).
     """
     group = described()
     if group.distributed and not dist.is_initialized():
@@ -135,21 +136,24 @@ def join(device_type: str) -> ProcessGroup:
             dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
         except (ValueError, RuntimeError) as e:  # DistNetworkError is a RuntimeError
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise OptionError(f"cannot join the training processes that RANK={group.rank} and "
-                              f"WORLD_SIZE={group.world} describe ({reason}); start a run on several processes "
-                              "with torchrun") from e
+            raise CaptionerError(f"cannot join the training processes that RANK={group.rank} and "
+                                 f"WORLD_SIZE={group.world} describe ({reason}); start them with torchrun (and "
+                                 "check its --master-addr and --master-port), or unset RANK and WORLD_SIZE for "
+                                 "one process") from e
     return group
 
 
 def peer_lost(error: BaseException) -> bool:
     """Whether ``error`` is a collective failing because another process of the run went away.
 
-    That process printed its own reason (a bad photo, a full disk, a kill); this one only lost it.
+    That process printed its own reason (a bad photo, a full disk, a kill); this one only lost
+    it. gloo raises a plain RuntimeError naming the closed connection; nccl a DistBackendError.
     """
-    text = str(error)
+    if isinstance(error, dist.DistError):
+        return True
     return isinstance(error, RuntimeError) and any(
-        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                                  "Connection refused", "remote worker"))
+        sign in str(error) for sign in ("Connection closed by peer", "Connection reset by peer",
+                                        "remote process exited"))
 
 
 def leave(group: ProcessGroup) -> None:

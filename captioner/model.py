@@ -441,8 +441,9 @@ def check_distinct_decoders(models: Sequence[CaptionModel], names: Sequence[str]
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
-    theirs = b.state_dict()
-    return all(torch.equal(tensor, theirs[key]) for key, tensor in a.state_dict().items())
+    mine, theirs = a.state_dict(), b.state_dict()
+    return mine.keys() == theirs.keys() and all(
+        tensor.shape == theirs[key].shape and torch.equal(tensor, theirs[key]) for key, tensor in mine.items())
 
 
 def member(model: CaptionModel, index: int) -> CaptionModel:

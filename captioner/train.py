@@ -307,7 +307,7 @@ class Trainer:
         self.dev_entries = read_manifest(cfg.dev_manifest, require_captions=True)
         # the best epoch is the one with the highest dev CIDEr-D: a dev set it cannot score picks epoch 1
         check_scorable(self.dev_entries[: cfg.dev_limit or None], cfg.dev_manifest)
-        check_references(self.dev_entries[: cfg.dev_limit or None], cfg.dev_manifest)
+        self._check_dev_references()
         for entry in (*self.train_entries, *self.dev_entries):  # a missing dev photo, now: not after minutes of caching
             check_image_file(entry.image)
         self.init_model = CaptionModel.load(cfg.init_from) if cfg.init_from else None
@@ -734,6 +734,23 @@ class Trainer:
             staging.unlink(missing_ok=True)
             raise OutputError(f"{printable(path)}: cannot write the metrics log: {e.strerror or e}") from e
 
+    def _check_dev_references(self) -> None:
+        """:func:`check_references` on the dev set, by the leader, which alone scores it (and needs
+        Java for it); every process raises its verdict alike.
+
+        Raises:
+            DataError: a dev image whose references hold no word the scorer reads.
+        """
+        problem = None
+        if self.group.leader:
+            try:
+                check_references(self.dev_entries[: self.cfg.dev_limit or None], self.cfg.dev_manifest)
+            except DataError as e:
+                problem = str(e)
+        problem = self.group.share(problem)
+        if problem:
+            raise DataError(problem)
+
     def _gather_random_states(self) -> None:
         """Every process's torch random state, for the leader's checkpoint (all processes call this).
 
@@ -867,7 +884,7 @@ def _peers_watched() -> Iterator[None]:
     try:
         yield
     except RuntimeError as e:
-        if not peer_lost(e):
+        if not (described().distributed and peer_lost(e)):
             raise
         raise TrainingStopped("another process of this training run stopped (its own message says why); this one "
                               "stops too") from e

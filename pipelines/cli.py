@@ -331,8 +331,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             raise OptionError(f"{printable(folder)} is given twice: a model averaged with itself only costs time")
     members = [CaptionModel.load(folder) for folder in args.models]
     names = [printable(folder) for folder in args.models]
+    combined = ensemble(members, names=names)  # first: members that do not fit together are named as such
     check_distinct_decoders(members, names)
-    combined = ensemble(members, names=names)
     combined.save(args.out)
     _print(f"wrote an ensemble of {combined.config.ensemble_size} decoders to {args.out}")
     return EXIT_OK

@@ -83,9 +83,10 @@ def plan_jobs(
     each video with the format's extension. Two videos of one folder that differ only in
     their extension (``a.mp4``, ``a.avi``) get ``a.mp4.srt`` and ``a.avi.srt`` instead of
     one overwriting the other, and so does a video whose stem is another's whole name
-    (``a.mp4.mp4`` beside those two gets ``a.mp4.mp4.srt``), until no two share a name; whole
-    names equal but for case (``A.mp4``, ``a.mp4``) are numbered (``a.mp4.2.srt``). ``burn``
-    applies to one video only. ``on_error``: see :func:`captioner.pipelines.sources.walk_files`.
+    (``a.mp4.mp4`` beside those two gets ``a.mp4.mp4.srt``), until no two share a name; of
+    whole names equal but for case (``A.mp4``, ``a.mp4``), the later ones in walk order get the
+    first number no other subtitle file has (``a.mp4.2.srt``). ``burn`` applies to one video
+    only. ``on_error``: see :func:`captioner.pipelines.sources.walk_files`.
 
     Raises:
         OptionError: ``output`` or ``burn`` given for a folder, or both ``output`` and ``out_dir``.
@@ -106,11 +107,16 @@ def plan_jobs(
         if renamed == names:
             break
         names = renamed
-    seen: Counter[str] = Counter()  # whole names equal but for case (A.mp4, a.mp4) are numbered, in walk order
+    used = set(taken)  # whole names equal but for case (A.mp4, a.mp4): the later ones get the first free number
+    kept: set[str] = set()
     for i, (folder, name) in enumerate(zip(folders, names, strict=True)):
-        seen[_disk_name(folder / name)] += 1
-        if taken[_disk_name(folder / name)] > 1:
-            names[i] = f"{name}.{seen[_disk_name(folder / name)]}"
+        if _disk_name(folder / name) in kept:
+            number = 2
+            while _disk_name(folder / f"{name}.{number}") in used:
+                number += 1
+            names[i] = f"{name}.{number}"
+            used.add(_disk_name(folder / names[i]))
+        kept.add(_disk_name(folder / names[i]))
     return [VideoJob(video, folder / f"{name}.{extension}") for video, folder, name in zip(videos, folders, names,
                                                                                            strict=True)]
 

@@ -213,9 +213,9 @@ def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys)
     from captioner.options import DecoderConfig
     from captioner.vocab import Vocabulary
 
-    def save(name: str, words: list[str]) -> str:
+    def save(name: str, words: list[str], attention: bool = True) -> str:
         vocab = Vocabulary(words)
-        config = ModelConfig("efficientnet_lite0", DecoderConfig(len(vocab), 1280, 16, 16, True, 16, 0.0))
+        config = ModelConfig("efficientnet_lite0", DecoderConfig(len(vocab), 1280, 16, 16, attention, 16, 0.0))
         CaptionModel(config, vocab, pretrained_encoder=False).save(tmp_path / name)
         return str(tmp_path / name)
 
@@ -240,6 +240,10 @@ def test_ensemble_combines_model_folders_and_refuses_strangers(tmp_path, capsys)
     assert main(["ensemble", str(tmp_path / "ab"), b, "--out", str(tmp_path / "abb")]) == 1  # b is in ab already
     assert f"{b}: holds a decoder with the same weights as one of {tmp_path / 'ab'}'s" in capsys.readouterr().err
     assert not (tmp_path / "aa").exists() and not (tmp_path / "abb").exists()
+    torch.manual_seed(0)  # as a was made: the weights the two share are equal, the rest are not there
+    plain = save("plain", ["a", "cat"], attention=False)
+    assert main(["ensemble", plain, a, "--out", str(tmp_path / "pa")]) == 1
+    assert f"{a}: its decoder has attention=True, {plain}'s False" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -153,6 +153,7 @@ def _as_rank_1_of_2(monkeypatch) -> None:
     """This process as rank 1 of 2 whose other process was given the same settings (no real group)."""
     monkeypatch.setattr("captioner.train.join", lambda device: ProcessGroup(rank=1, local_rank=1, world=2))
     monkeypatch.setattr(ProcessGroup, "gather", lambda self, value: [value] * self.world)
+    monkeypatch.setattr(ProcessGroup, "share", lambda self, value: value)  # the leader found nothing to refuse
 
 
 def test_a_phase_too_small_for_the_processes_is_refused_before_any_work(tiny_config, tmp_path,  # noqa: F811
@@ -184,6 +185,7 @@ def _ranks_of_one_run(rank: int, init: str, lr: float, results) -> None:
 
     from captioner.train import TrainConfig, TrainingStopped, _check_same_settings, _peers_watched
 
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # as torchrun sets them
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     group = ProcessGroup(rank, rank, 2)
     config = TrainConfig(train_manifest="t.jsonl", dev_manifest="d.jsonl", out_dir=f"machine-{rank}", lr=lr,
@@ -231,8 +233,10 @@ def test_a_process_started_by_hand_without_a_rendezvous_is_told_to_use_torchrun(
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
+    from captioner.errors import CaptionerError
+
     message = r"^cannot join the training processes that RANK=0 and WORLD_SIZE=2 describe \(.*MASTER_ADDR.*\); start"
-    with pytest.raises(OptionError, match=message + " a run on several processes with torchrun"):
+    with pytest.raises(CaptionerError, match=message + " them with torchrun"):
         join("cpu")
 
 
@@ -264,3 +268,31 @@ def test_a_distributed_run_resumed_continues_as_if_it_had_not_stopped(tiny_confi
     records = [[json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("whole", "cut")]
     assert [r["phase"] for r in records[1]] == ["xe", "scst", "scst"]
     assert [r["train_reward"] for r in records[1][1:]] == [r["train_reward"] for r in records[0][1:]]
+
+
+def test_a_lost_connection_in_a_run_of_one_process_is_not_blamed_on_another(monkeypatch):
+    from captioner.train import _peers_watched
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="Connection reset by peer"), _peers_watched():
+        raise RuntimeError("a DataLoader worker's socket: Connection reset by peer")
+
+
+def test_only_the_leader_checks_the_dev_references_which_need_java(tiny_config, tmp_path, monkeypatch):  # noqa: F811
+    import types
+
+    from captioner.data import read_manifest, write_manifest
+    from captioner.errors import DataError
+
+    _as_rank_1_of_2(monkeypatch)  # the leader's verdict (share) is that there is nothing to refuse
+    monkeypatch.setattr("captioner.train.check_references", lambda *_: pytest.fail("a follower ran the tokenizer"))
+    entries = read_manifest(tiny_config.dev_manifest)
+    wordless = tmp_path / "wordless.jsonl"
+    write_manifest(wordless, [(str(e.image), e.captions) for e in entries[:2]] + [(str(entries[2].image), ["ⅷ"])])
+    follower = types.SimpleNamespace(group=ProcessGroup(rank=1, local_rank=1, world=2), cfg=tiny_config,
+                                     dev_entries=read_manifest(wordless))
+    Trainer._check_dev_references(follower)  # the leader's verdict, shared: nothing to refuse
+    monkeypatch.setattr(ProcessGroup, "share", lambda self, value: "wordless.jsonl: the leader's refusal")
+    with pytest.raises(DataError, match="^wordless.jsonl: the leader's refusal$"):
+        Trainer._check_dev_references(follower)  # raised alike in every process

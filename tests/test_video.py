@@ -360,8 +360,12 @@ def test_subtitle_names_stay_apart_however_video_names_overlap(tmp_path):
         (tmp_path / name).write_bytes(b"")
     names = [j.output.name for j in plan_jobs(tmp_path, "jsonl")]
     assert len({n.casefold() for n in names}) == 7  # as a Mac or Windows disk tells them apart
-    assert sorted(names) == ["A.mov.1.jsonl", "a.mkv.jsonl", "a.mkv.mp4.avi.jsonl", "a.mkv.mp4.jsonl",
+    assert sorted(names) == ["A.mov.jsonl", "a.mkv.jsonl", "a.mkv.mp4.avi.jsonl", "a.mkv.mp4.jsonl",
                              "a.mov.2.jsonl", "a.mp4.jsonl", "b.jsonl"]
+    for name in ("A.mp4", "a.mp4.2.mp4"):  # a number must not take another video's name
+        (tmp_path / name).write_bytes(b"")
+    names = [j.output.name for j in plan_jobs(tmp_path, "jsonl")]
+    assert len({n.casefold() for n in names}) == 9 and {"a.mp4.2.jsonl", "a.mp4.3.jsonl"} <= set(names)
 
 
 def test_a_folder_too_deep_to_list_fails_the_folder_run_in_one_line(clips, tmp_path, capsys):
