@@ -26,8 +26,8 @@ from captioner.errors import OptionError
 from captioner.evaluation import check_references, evaluate_grids, path_grids
 from captioner.features import ImageFiles, collate_images
 from captioner.images import model_pixels
-from captioner.model import DEFAULT_MODEL_DIR, CaptionModel
-from captioner.options import DEFAULT_WORKERS, check_device
+from captioner.model import DEFAULT_MODEL_DIR, CaptionModel, check_model
+from captioner.options import DEFAULT_WORKERS, check_device, check_path
 from captioner.tags import Tag
 
 PATHS_AT_ONCE = 4096  # paths :func:`caption_paths` lists, and hands one DataLoader, at a time
@@ -41,6 +41,8 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | None = No
     images/s), and starts building the consensus scorer's index in the background. A model
     to train or save comes from :meth:`CaptionModel.load` instead.
     """
+    if path is not None:
+        check_path(path, "path")
     if device is not None:
         check_device(device, "device")  # "CUDA is not available here; use cpu", not torch's RuntimeError
     keep_freed_memory()
@@ -163,6 +165,7 @@ def evaluate(
         ImageReadError: an image of the manifest cannot be read (scores would be biased).
     """
     batch_size, num_workers = _checked_run_args(model, options, batch_size, num_workers)
+    check_path(manifest, "manifest")
     if not isinstance(meteor, bool):  # "no" would be true
         raise OptionError(f"meteor={meteor!r} must be True or False")
     entries = read_manifest(manifest, require_captions=True)
@@ -195,13 +198,11 @@ def _checked_run_args(model: CaptionModel, options: DecodingOptions | None, batc
     counts returned as plain ints (numpy ones are accepted; DataLoader takes only plain ones).
 
     Raises:
-        OptionError: ``options`` is not a :class:`DecodingOptions` or asks for what the model lacks
-            (:meth:`CaptionModel.check_decoding`), or a count is not a positive (``num_workers``:
-            non-negative) whole number.
+        OptionError: ``model`` is not a model, ``options`` is not a :class:`DecodingOptions` or asks
+            for what the model lacks (:meth:`CaptionModel.check_decoding`), or a count is not a
+            positive (``num_workers``: non-negative) whole number.
     """
-    if options is not None and not isinstance(options, DecodingOptions):
-        raise OptionError("options must be a DecodingOptions (e.g. dataclasses.replace(model.config.decoding, "
-                          f"beam_size=2)), not {type(options).__name__}")
+    check_model(model)
     if options is not None:
         model.check_decoding(options)
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):

@@ -166,8 +166,12 @@ class CaptionModel(nn.Module):
         a concept boost would change no caption there, and say nothing.
 
         Raises:
-            OptionError: a consensus weight without consensus data, or a concept boost without a classifier.
+            OptionError: ``options`` is not a DecodingOptions, or asks for a consensus weight without
+                consensus data, or a concept boost without a classifier.
         """
+        if not isinstance(options, DecodingOptions):
+            raise OptionError("options must be a DecodingOptions (e.g. dataclasses.replace(model.config.decoding, "
+                              f"beam_size=2)), not {type(options).__name__}")
         own = self.config.decoding
         asked = {name for name in ("consensus_weight", "concept_boost")
                  if getattr(options, name) > 0 and getattr(options, name) != getattr(own, name)}
@@ -339,6 +343,16 @@ class CaptionModel(nn.Module):
         model.consensus, model.calibrator = read_consensus_and_calibrator(directory, model.encoder.out_channels)
         model.encoder.to(memory_format=torch.channels_last)
         return model.to(device or "cpu").eval()
+
+
+def check_model(model: object) -> None:
+    """The front doors' ``model`` argument is a model, checked at the call rather than deep inside.
+
+    Raises:
+        OptionError: naming what was given.
+    """
+    if not isinstance(model, CaptionModel):
+        raise OptionError(f"model must be a CaptionModel (captioner.load_model()), not {type(model).__name__}")
 
 
 def gpu_batch_shape(count: int) -> int:

@@ -21,9 +21,9 @@ from captioner.finite import is_finite_number
 
 METHODS = ("beam", "greedy", "sample")
 # The options of method "sample" alone, and the value that leaves each off (required of the other methods).
-SAMPLING_ONLY = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+SAMPLING_ONLY = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": None}
 # Options that only some methods read: set by name for another method, they would be ignored without a word.
-METHOD_ONLY = {"beam_size": ("beam",), "seed": ("sample",), **{name: ("sample",) for name in SAMPLING_ONLY}}
+METHOD_ONLY = {"beam_size": ("beam",), **{name: ("sample",) for name in SAMPLING_ONLY}}
 # Options that rank an image's candidate captions: they need more than one (see DecodingOptions.candidates).
 RANKING = ("length_penalty", "consensus_weight")
 
@@ -74,6 +74,18 @@ def check_device(name: str, label: str, *, available: bool = True) -> None:
         raise OptionError(f"{label}={name!r}: captioner runs on cpu or cuda")
     if available and device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"{label}={name!r}: CUDA is not available here; use cpu")
+
+
+def check_path(value: object, label: str) -> None:
+    """``value`` is one path (a str or an os.PathLike), as the Python front doors take them.
+
+    Raises:
+        OptionError: ``LABEL must be ...`` naming what was given instead (a list, bytes, None).
+    """
+    if isinstance(value, bytes):
+        raise OptionError(f"{label} must be a path as str or os.PathLike, not bytes (os.fsdecode turns bytes into one)")
+    if not isinstance(value, (str, os.PathLike)):
+        raise OptionError(f"{label} must be one path (str or os.PathLike), not {type(value).__name__}")
 
 
 REQUIRED: Any = MISSING  # the default of an option that has none: it must be given

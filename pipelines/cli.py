@@ -20,6 +20,7 @@ from typing import Callable
 
 from captioner.errors import CaptionerError, OptionError, OutputError, count_of, one_line, printable
 from captioner.options import DEFAULT_WORKERS
+from captioner.pipelines.extras import require_extra
 from captioner.pipelines.flags import (
     add_dataclass_flags,
     bounded_int,
@@ -115,11 +116,9 @@ def _load(args: argparse.Namespace):
 
 def _load_onnx(args: argparse.Namespace):
     """The model's ONNX export in ONNX Runtime: ``--onnx DIR``, or exported now into a temporary folder."""
-    try:
-        from captioner.onnx_runtime import load_onnx_model
-    except ImportError as e:
-        raise OptionError(f"--backend onnxruntime needs the onnx extra: pip install 'captioner[onnx]' "
-                          f"({e.name})") from e
+    require_extra("onnx", "--backend onnxruntime")
+    from captioner.onnx_runtime import load_onnx_model
+
     if args.onnx:
         return load_onnx_model(args.onnx)
     import tempfile
@@ -488,13 +487,11 @@ def _train_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
+    require_extra("serve", "serve")
+    import uvicorn
 
-        from captioner.pipelines.server import ServerSettings, create_app
-    except ImportError as e:
-        raise OptionError(f"serve needs the serve extra: pip install 'captioner[serve]' ({e.name} is missing)") from e
     from captioner.api import load_model
+    from captioner.pipelines.server import ServerSettings, create_app
     from captioner.torch_threads import keep_torch_off_this_thread
 
     _check_port_free(args.host, args.port)  # before the model loads, not after
@@ -555,11 +552,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from captioner.api import load_model
     from captioner.model import DEFAULT_MODEL_DIR
 
-    try:
-        from captioner.onnx_export import OPSET, check_export_folder, export_onnx
-    except ImportError as e:
-        raise OptionError(f"export needs the onnx extra: pip install 'captioner[onnx]' ({e.name})") from e
+    require_extra("onnx", "export")
     from captioner.errors import ModelLoadError
+    from captioner.onnx_export import OPSET, check_export_folder, export_onnx
 
     folder = args.model or DEFAULT_MODEL_DIR
     made = not os.path.lexists(args.out)

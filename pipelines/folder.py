@@ -9,14 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import torch
 from tqdm import tqdm
 
 from captioner.api import PathResult, caption_paths
 from captioner.confidence import check_min_confidence
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, OptionError, one_line, printable
-from captioner.model import CaptionModel
-from captioner.options import DEFAULT_WORKERS
+from captioner.model import CaptionModel, check_model
+from captioner.options import DEFAULT_WORKERS, check_path
 from captioner.outputs import same_file
 from captioner.pipelines.record_formats import check_fallback, earlier_failures, format_for, result_record
 from captioner.pipelines.records import RecordFile
@@ -80,7 +81,13 @@ def caption_folder(
             calibration, or ``options`` ask for what the model lacks (:meth:`CaptionModel.check_decoding`).
         OutputError: the output cannot be opened, read back or written.
     """
+    check_model(model)
+    check_path(root, "root")
+    for name, flag in (("retry_errors", retry_errors), ("progress", progress)):
+        if not isinstance(flag, bool):  # "no" would be true
+            raise OptionError(f"{name}={flag!r} must be True or False")
     if not isinstance(records, RecordFile):
+        check_path(records, "records")
         with RecordFile(records, format_for(records, record_format)) as opened:
             return caption_folder(root, opened, model=model, options=options, batch_size=batch_size,
                                   num_workers=num_workers, progress=progress, retry_errors=retry_errors,
@@ -162,13 +169,35 @@ def _caption_chunk(
         raise
     except Exception:  # noqa: BLE001 (an unforeseen failure: find the file that causes it)
         pass
+    model_checked = False
     for path in paths[done:]:
         try:
             yield from caption_paths(model, [path], options=options, batch_size=1, num_workers=0)
         except CaptionerError:
             raise
         except Exception as e:  # noqa: BLE001 (reported on this file's record; the batch goes on)
+            if not model_checked:
+                _check_model_captions(model, options)
+                model_checked = True
             yield PathResult(path, None, f"{path}: {type(e).__name__}: {e}")
+
+
+def _check_model_captions(model: CaptionModel, options: DecodingOptions | None) -> None:
+    """A file failed in a way we did not foresee: make sure it is the file, not the model.
+
+    A model that fails on every picture (cast to half precision, say) would otherwise give
+    every photo an error record, which a plain rerun then keeps as done.
+
+    Raises:
+        CaptionerError: a blank picture fails too.
+    """
+    size = model.encoder.preprocess.size
+    try:
+        model.caption_pixels(torch.zeros((1, size, size, 3), dtype=torch.uint8), options)
+    except Exception as e:  # noqa: BLE001 (whatever it is, it is not about a file)
+        raise CaptionerError(f"the model fails to caption any picture, a blank one too ({type(e).__name__}: "
+                             f"{one_line(e)}); the files it failed on have no record, so a rerun with a working "
+                             "model captions them") from e
 
 
 def _chunks(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:

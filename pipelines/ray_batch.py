@@ -33,6 +33,7 @@ import numpy as np
 
 from captioner.errors import ImageReadError, OptionError, OutputError, one_line, printable, reason
 from captioner.images import bytes_pixels, check_image_file, is_image_path
+from captioner.pipelines.extras import require_extra
 from captioner.pipelines.flags import bounded_float, bounded_int
 from captioner.pipelines.record_formats import (
     BadRecord,
@@ -398,10 +399,8 @@ def start_ray(address: str | None, cpus: float | None = None, *, quiet: bool = F
     Raises:
         OptionError: Ray is not installed, or the cluster cannot be reached.
     """
-    try:
-        import ray
-    except ImportError as e:
-        raise OptionError("--ray needs Ray Data: pip install 'captioner[ray]'") from e
+    require_extra("ray", "--ray")
+    import ray
     if ray.is_initialized():
         return
     level = logging.ERROR if quiet else logging.INFO
@@ -462,9 +461,10 @@ def caption_with_ray(
         device: the torch device each actor captions on (None: a GPU where its machine has one, else the CPU).
 
     Raises:
-        OptionError: bad source, format or Ray address.
+        OptionError: Ray is not installed; bad source, format or Ray address.
         OutputError: the output cannot be read back or written.
     """
+    require_extra("ray", "--ray")
     import ray
 
     started = time.time()

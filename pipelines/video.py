@@ -33,9 +33,10 @@ import torch
 
 from captioner.confidence import check_min_confidence
 from captioner.decoding import Caption, DecodingOptions
-from captioner.errors import printable
+from captioner.errors import OptionError, printable
 from captioner.images import model_pixels
-from captioner.model import CaptionModel
+from captioner.model import CaptionModel, check_model
+from captioner.options import check_path
 from captioner.pipelines.cues import CaptionedFrame, Segment, Span, frame_samples, merge_samples, shape_cues
 from captioner.pipelines.prefetch import in_background
 from captioner.pipelines.video_options import SAMPLING_MODES, VideoOptions
@@ -283,11 +284,25 @@ def subtitle_video(
         ``warnings``, so check it.
 
     Raises:
+        OptionError: an argument of the wrong type, or options the model cannot act on.
         VideoReadError: the file is missing, not a video, or has no decodable frame.
     """
-    settings = settings or VideoOptions()
+    check_path(path, "path")
+    check_model(model)
+    settings = _checked_settings(settings)
+    if options is not None:  # before the file is opened: an argument's fault is named as such
+        model.check_decoding(options)
     with open_video(path, settings) as source:
         return subtitle_source(source, model=model, options=options, settings=settings)
+
+
+def _checked_settings(settings: object) -> VideoOptions:
+    if settings is None:
+        return VideoOptions()
+    if not isinstance(settings, VideoOptions):
+        raise OptionError(f"settings must be a VideoOptions (e.g. VideoOptions(every=1.0)), not "
+                          f"{type(settings).__name__}")
+    return settings
 
 
 def open_video(path: str | os.PathLike, settings: VideoOptions) -> OpenCVSource:
@@ -323,7 +338,8 @@ def subtitle_source(
     passes its dynamic batcher here, so video frames share its thread and batches, and a
     request past its timeout stops at its next batch (the function raises).
     """
-    settings = settings or VideoOptions()
+    check_model(model)
+    settings = _checked_settings(settings)
     check_min_confidence(settings.min_confidence, model)
     if options is not None:
         model.check_decoding(options)

@@ -99,6 +99,56 @@ def test_the_front_doors_name_a_wrong_argument_before_any_work(default_model, tm
             captioner.load_model(device="cuda")
 
 
+def test_every_front_door_names_a_wrong_model_path_or_options_argument(default_model, tmp_path):
+    from captioner.errors import OptionError
+    from captioner.pipelines.folder import caption_folder
+    from captioner.pipelines.video import subtitle_video
+
+    cat = SHARED_SAMPLES / "chelsea.png"
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, [(str(cat), ["a cat"]), (str(SHARED_SAMPLES / "coffee.png"), ["a cup"])])
+    for call, message in [
+        (lambda: captioner.caption_images(None, [cat]), "model must be a CaptionModel .* not NoneType"),
+        (lambda: captioner.caption_paths("model", [cat]), "model must be a CaptionModel .* not str"),
+        (lambda: captioner.evaluate(default_model, [manifest]), "manifest must be one path .* not list"),
+        (lambda: captioner.load_model(b"/models/m"), "path must be a path as str or os.PathLike, not bytes"),
+        (lambda: caption_folder(tmp_path, tmp_path / "o.jsonl", model=None), "model must be a CaptionModel"),
+        (lambda: caption_folder(bytes(tmp_path), tmp_path / "o.jsonl", model=default_model), "root must be"),
+        (lambda: caption_folder(tmp_path, None, model=default_model), "records must be one path .* NoneType"),
+        (lambda: caption_folder(tmp_path, tmp_path / "o.jsonl", model=default_model, options={"n_best": 2}),
+         "options must be a DecodingOptions .* not dict"),
+        (lambda: caption_folder(tmp_path, tmp_path / "o.jsonl", model=default_model, retry_errors="no"),
+         "retry_errors='no' must be True or False"),
+        (lambda: subtitle_video(tmp_path / "v.mp4", model=default_model, settings={"every": 1.0}),
+         "settings must be a VideoOptions .* not dict"),
+        (lambda: subtitle_video([tmp_path / "v.mp4"], model=default_model), "path must be one path .* not list"),
+        (lambda: subtitle_video(tmp_path / "v.mp4", model=default_model, options={"n_best": 2}),
+         "options must be a DecodingOptions"),
+    ]:
+        with pytest.raises(OptionError, match=message):
+            call()
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_model_that_fails_on_every_picture_stops_a_folder_run_and_records_no_file_as_failed(tmp_path):
+    import shutil
+
+    from captioner.errors import CaptionerError
+    from captioner.pipelines.folder import caption_folder
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea.png", "coffee.png", "astronaut.png"):
+        shutil.copy(SHARED_SAMPLES / name, photos / name)
+    broken = captioner.load_model().half()  # float16 weights, float32 pictures: every batch fails
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(CaptionerError, match="the model fails to caption any picture, a blank one too"):
+        caption_folder(photos, out, model=broken, progress=False, num_workers=0)
+    assert not out.exists() or out.read_text() == ""  # no photo is on record as failed
+    summary = caption_folder(photos, out, model=captioner.load_model(), progress=False, num_workers=0)
+    assert (summary.captioned, summary.failed) == (3, 0)
+
+
 def test_options_changed_from_the_models_own_keep_its_caption(default_model):
     import dataclasses
 

@@ -187,7 +187,7 @@ def test_every_decoding_option_has_a_flag_that_reaches_the_options():
     (["--method", "greedy", "--beam-size", "4"], "option beam_size applies to method 'beam' only, not 'greedy'"),
     (["--method", "sample", "--beam-size", "4"], "option beam_size applies to method 'beam' only, not 'sample'"),
     (["--top-k", "5"], "decoding option top_k=5 applies to method 'sample' only, not 'beam'"),
-    (["--seed", "5"], "decoding option seed applies to method 'sample' only, not 'beam'"),
+    (["--seed", "5"], "decoding option seed=5 applies to method 'sample' only, not 'beam'"),
     (["--method", "greedy", "--consensus-weight", "2"],
      "decoding option consensus_weight ranks an image's candidate captions; method 'greedy' finds one"),
     (["--method", "sample", "--length-penalty", "0.5"],
@@ -310,3 +310,21 @@ def test_a_model_whose_config_is_json_but_not_an_object_is_one_clear_line(tmp_pa
     assert main(["caption", "--model", str(tmp_path / "m"), "--beam-size", "2", str(SAMPLES / "chelsea.png")]) == 1
     assert capsys.readouterr().err == (f"captioner: error: {tmp_path / 'm' / 'config.json'}: cannot load model: bad "
                                        "model config: model config must be a JSON object, not list\n")
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("onnxruntime", ["caption", "--backend", "onnxruntime", str(SAMPLES / "chelsea.png")],
+     "--backend onnxruntime needs the onnx extra: pip install 'captioner[onnx]' (onnxruntime is missing)"),
+    ("onnx", ["export", "-o", "{tmp}/export"], "export needs the onnx extra: pip install 'captioner[onnx]' (onnx is "
+                                                "missing)"),
+    ("ray", ["batch", str(SAMPLES), "--ray", "-o", "{tmp}/out"], "--ray needs the ray extra: pip install "
+                                                                 "'captioner[ray]' (ray is missing)"),
+    ("python_multipart", ["serve", "--port", "1"], "serve needs the serve extra: pip install 'captioner[serve]' "
+                                                    "(python_multipart is missing)"),
+])
+def test_a_command_whose_extra_is_missing_names_the_extra_in_one_line(monkeypatch, capsys, tmp_path, module, argv,
+                                                                       message):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it fails
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    assert capsys.readouterr().err == f"captioner: error: {message}\n"
+    assert not list(tmp_path.iterdir())  # nothing made

@@ -175,7 +175,7 @@ def test_n_best_must_fit_the_method(changes):
 
 
 @pytest.mark.parametrize("method", ["beam", "greedy"])
-@pytest.mark.parametrize("name, value", [("temperature", 0.7), ("top_k", 5), ("top_p", 0.9)])
+@pytest.mark.parametrize("name, value", [("temperature", 0.7), ("top_k", 5), ("top_p", 0.9), ("seed", 1)])
 def test_sampling_options_are_refused_with_another_method_instead_of_ignored(method, name, value):
     with pytest.raises(OptionError, match=f"^decoding option {name}={value} applies to method 'sample' only, "
                                           f"not '{method}'$"):
