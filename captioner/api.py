@@ -27,7 +27,7 @@ from captioner.evaluation import check_references, evaluate_grids, path_grids
 from captioner.features import ImageFiles, collate_images
 from captioner.images import model_pixels
 from captioner.model import DEFAULT_MODEL_DIR, CaptionModel, check_model
-from captioner.options import DEFAULT_WORKERS, check_device, check_path
+from captioner.options import DEFAULT_WORKERS, check_device, check_flag, check_path
 from captioner.tags import Tag
 
 PATHS_AT_ONCE = 4096  # paths :func:`caption_paths` lists, and hands one DataLoader, at a time
@@ -166,8 +166,7 @@ def evaluate(
     """
     batch_size, num_workers = _checked_run_args(model, options, batch_size, num_workers)
     check_path(manifest, "manifest")
-    if not isinstance(meteor, bool):  # "no" would be true
-        raise OptionError(f"meteor={meteor!r} must be True or False")
+    check_flag(meteor, "meteor")
     entries = read_manifest(manifest, require_captions=True)
     check_scorable(entries, manifest)
     check_references(entries, manifest)

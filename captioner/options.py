@@ -88,6 +88,16 @@ def check_path(value: object, label: str) -> None:
         raise OptionError(f"{label} must be one path (str or os.PathLike), not {type(value).__name__}")
 
 
+def check_flag(value: object, label: str) -> None:
+    """``value`` is True or False: the front doors' on/off arguments, where "no" would count as true.
+
+    Raises:
+        OptionError: ``LABEL=VALUE must be True or False``.
+    """
+    if not isinstance(value, bool):
+        raise OptionError(f"{label}={value!r} must be True or False")
+
+
 REQUIRED: Any = MISSING  # the default of an option that has none: it must be given
 
 

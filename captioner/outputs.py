@@ -53,10 +53,10 @@ def descriptor_is_at(fd: int, path: str | os.PathLike) -> bool:
     Another process may have removed or replaced the file between our open and our lock.
     """
     try:
-        here, there = os.fstat(fd), os.stat(path)
+        here = os.fstat(fd)
     except OSError:
         return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+    return (here.st_dev, here.st_ino) == file_identity(path)
 
 
 def make_folder(folder: Path) -> None:

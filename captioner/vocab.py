@@ -136,7 +136,7 @@ class Vocabulary:
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
         """Raises: ModelLoadError naming the file (not UTF-8, not a JSON list of words); OSError (unreadable)."""
         try:
-            return cls.from_json(Path(path).read_bytes().decode("utf-8"))
+            return cls.from_json(Path(path).read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ModelLoadError(f"{printable(path)}: vocabulary is not UTF-8 text (byte {e.start})") from e
         except ModelLoadError as e:

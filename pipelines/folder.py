@@ -17,7 +17,7 @@ from captioner.confidence import check_min_confidence
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError, OptionError, one_line, printable
 from captioner.model import CaptionModel, check_model
-from captioner.options import DEFAULT_WORKERS, check_path
+from captioner.options import DEFAULT_WORKERS, check_flag, check_path
 from captioner.outputs import same_file
 from captioner.pipelines.record_formats import check_fallback, earlier_failures, format_for, result_record
 from captioner.pipelines.records import RecordFile
@@ -83,9 +83,8 @@ def caption_folder(
     """
     check_model(model)
     check_path(root, "root")
-    for name, flag in (("retry_errors", retry_errors), ("progress", progress)):
-        if not isinstance(flag, bool):  # "no" would be true
-            raise OptionError(f"{name}={flag!r} must be True or False")
+    check_flag(retry_errors, "retry_errors")
+    check_flag(progress, "progress")
     if not isinstance(records, RecordFile):
         check_path(records, "records")
         with RecordFile(records, format_for(records, record_format)) as opened:

@@ -293,7 +293,8 @@ def subtitle_video(
     if options is not None:  # before the file is opened: an argument's fault is named as such
         model.check_decoding(options)
     with open_video(path, settings) as source:
-        return subtitle_source(source, model=model, options=options, settings=settings)
+        check_min_confidence(settings.min_confidence, model)
+        return _subtitles(source, model, options, settings, None)
 
 
 def _checked_settings(settings: object) -> VideoOptions:
@@ -343,6 +344,12 @@ def subtitle_source(
     check_min_confidence(settings.min_confidence, model)
     if options is not None:
         model.check_decoding(options)
+    return _subtitles(source, model, options, settings, caption)
+
+
+def _subtitles(source: VideoSource, model: CaptionModel, options: DecodingOptions | None, settings: VideoOptions,
+               caption: PixelCaptioner | None) -> VideoSubtitles:
+    """:func:`subtitle_source`'s work, on arguments its front doors have checked."""
     sampler = SAMPLERS[settings.mode].from_options(settings, source, model.encoder.preprocess.size)
     decoded = threading.Event()
     cores = nullcontext(caption) if caption else _sharing_cores(model.caption_pixels, decoded,
