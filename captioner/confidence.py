@@ -186,7 +186,7 @@ class Calibrator:
         y = acceptable.double()
         kept = list(range(len(SIGNALS)))
         while True:
-            weights, bias = _logistic_regression(z[:, kept], y, l2)
+            weights, bias = logistic_regression(z[:, kept], y, l2)
             wrong = [k for k, w in zip(kept, weights.tolist(), strict=True) if SIGNS[SIGNALS[k]] * w < 0]
             if not wrong:
                 break
@@ -220,7 +220,7 @@ class Calibrator:
         return calibrator
 
 
-def _logistic_regression(z: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
+def logistic_regression(z: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
     """Newton's method on the L2-penalized (bias unpenalized) log-loss; (weights, bias)."""
     x = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)
     penalty = torch.full((x.shape[1],), l2, dtype=z.dtype)

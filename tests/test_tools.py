@@ -91,3 +91,26 @@ def test_fit_calibrator_refuses_a_fit_it_cannot_learn_from_and_saves_nothing(tmp
     assert result.returncode == 1 and "a calibrator needs at least 10 of each: give more images" in line
     assert not (model / "calibration.json").exists()
     json.loads((model / "config.json").read_text())  # the folder is as it was
+
+
+def test_held_out_reference_check_ranks_by_the_human_caption_each_caption_was_not_judged_by():
+    """Each photo's two references agree with each other: both repeat its caption (acceptable)
+    or both say something else. The held-out one then ranks perfectly at each position, and
+    random signals do not. Fitting and checking halves out of step would not give 1.0."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import torch
+    from fit_calibrator import Scored, held_out_reference_check
+
+    from captioner.confidence import SIGNALS, FeatureStats
+
+    captions = [f"a man w{i}a rides a w{i}b bike near the w{i}c" for i in range(40)]
+    other = [f"two dogs z{i}a swim in the z{i}b lake" for i in range(40)]
+    references = [[c, c] if i % 3 else [o, o] for i, (c, o) in enumerate(zip(captions, other, strict=True))]
+    signals = torch.randn(40, len(SIGNALS), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scored = Scored("photos", signals, torch.zeros(40), captions, references, [None] * 40)
+    rows = held_out_reference_check([scored], FeatureStats((0.0,), (1.0,)))
+    assert [row["reference"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["human caption"] == {"photos": 1.0, "mixed": 1.0}
+        assert row["both"]["photos"] > 0.9
+        assert row["signals"]["photos"] < 0.9

@@ -10,6 +10,11 @@ manifest, as ``captioner evaluate`` would. The report (AUROC, expected calibrati
 the selective-captioning curve, each beside the raw mean log-probability as baseline) is
 printed as tables and written with a reliability diagram into ``--report``; ``--save``
 writes calibration.json into the model folder.
+
+Two ceilings are printed beside the calibrator's figures, to tell a weak calibrator from a
+target no calibrator can reach: the selective curve of a perfect ranking (by each image's
+CIDEr-D itself), and, with ``--held-out-reference``, what one human caption of each photo
+would tell about its caption (see :func:`held_out_reference_check`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +39,7 @@ from captioner.confidence import (  # noqa: E402
     SIGNALS,
     Calibrator,
     FeatureStats,
+    logistic_regression,
 )
 from captioner.consensus import Consensus  # noqa: E402
 from captioner.data import read_manifest  # noqa: E402
@@ -75,6 +82,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="cache")
     parser.add_argument("--report", help="folder for report.json and the reliability diagram")
     parser.add_argument("--save", action="store_true", help=f"write {CALIBRATION_FILE} into the model folder")
+    parser.add_argument("--held-out-reference", action="store_true",
+                        help="also rank captions by one held-out human caption of each photo: a ceiling for any signal")
     args = parser.parse_args()
     sys.exit(run_command("fit_calibrator", lambda: run(args)))
 
@@ -100,6 +109,8 @@ def run(args: argparse.Namespace) -> None:
     report = {"acceptable": calibrator.acceptable, "fit_images": sum(len(c) for c in fit[1]),
               "check": {s.name: check(calibrator, s) for s in [*held_out, mixed]},
               "fallback": {s.name: fallback_scores(calibrator, s) for s in held_out}}
+    if args.held_out_reference:
+        report["held_out_reference"] = held_out_reference_check(sets, stats)
     print_report(report)
     if args.report:
         write_report(report, Path(args.report))
@@ -179,7 +190,49 @@ def check(calibrator: Calibrator, scored: Scored) -> dict:
         "reliability": reliability(confidence, acceptable),
         "selective": selective_curve(confidence, scored.cider),
         "selective_mean_logprob": selective_curve(baseline, scored.cider),
+        "selective_perfect": selective_curve(scored.cider, scored.cider),
     }
+
+
+def held_out_reference_check(sets: list[Scored], stats: FeatureStats) -> list[dict]:
+    """AUROC of the signals beside that of one more human caption of each photo, per reference position.
+
+    For reference position k, "acceptable" is judged against the image's other references;
+    the calibrator is refitted to that label on the fitting halves. On the checking halves
+    its confidence is ranked beside the k-th reference's own CIDEr-D for the caption (a
+    human's description of the very photo, which no signal computed from the photo and the
+    caption can know better), and beside a regression on both.
+    """
+    rows = []
+    for k in range(min(len(refs) for s in sets for refs in s.references)):
+        labels, human = [], []
+        for s in sets:
+            candidates = {str(i): c for i, c in enumerate(s.captions)}
+            others = per_image_cider({str(i): refs[:k] + refs[k + 1:] for i, refs in enumerate(s.references)},
+                                     candidates)
+            one = per_image_cider({str(i): [refs[k]] for i, refs in enumerate(s.references)}, candidates)
+            labels.append(torch.tensor([others[str(i)] >= ACCEPTABLE_CIDER for i in range(len(s.captions))]))
+            human.append(torch.tensor([one[str(i)] for i in range(len(s.captions))], dtype=torch.float64))
+        fit_labels = torch.cat([y[0::2] for y in labels]).double()
+        calibrator = Calibrator.fit(torch.cat([s.signals[0::2] for s in sets]), fit_labels, stats)
+        both = [torch.cat([s.signals, h[:, None]], dim=1) for s, h in zip(sets, human, strict=True)]
+        scores = {"signals": [calibrator.confidence(s.signals[1::2]) for s in sets],
+                  "human caption": [h[1::2] for h in human],
+                  "both": _regression_scores(torch.cat([b[0::2] for b in both]), fit_labels, [b[1::2] for b in both])}
+        checked = [y[1::2] for y in labels]
+        names = [s.name for s in sets] + ["mixed"]
+        rows.append({"reference": k + 1, **{
+            ranking: dict(zip(names, [round(auroc(x, y), 4) for x, y in zip(parts, checked, strict=True)]
+                              + [round(auroc(torch.cat(parts), torch.cat(checked)), 4)], strict=True))
+            for ranking, parts in scores.items()}})
+    return rows
+
+
+def _regression_scores(fit: torch.Tensor, labels: torch.Tensor, checks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A logistic regression's logits, fitted on ``fit`` (no signs fixed), for each of ``checks``."""
+    center, scale = fit.mean(dim=0), fit.std(dim=0).clamp_min(1e-9)
+    weights, bias = logistic_regression((fit - center) / scale, labels, 1.0)
+    return [(x - center) / scale @ weights + bias for x in checks]
 
 
 def auroc(score: torch.Tensor, positive: torch.Tensor) -> float:
@@ -232,20 +285,37 @@ def selective_curve(score: torch.Tensor, cider: torch.Tensor) -> list[dict]:
 def print_report(report: dict) -> None:
     print(f"\nacceptable = {report['acceptable']}; fitted on {report['fit_images']} images\n")
     print("| check set | images | acceptable | AUROC | AUROC (mean log-prob) | ECE | CIDEr-D kept 50% / all "
-          "| same by mean log-prob |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| same by mean log-prob | same by a perfect ranking |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in report["check"].items():
         half, everything = r["selective"][4]["mean_cider"], r["selective"][-1]["mean_cider"]
-        base = r["selective_mean_logprob"][4]["mean_cider"]
+        base, perfect = r["selective_mean_logprob"][4]["mean_cider"], r["selective_perfect"][4]["mean_cider"]
         print(f"| {name} | {r['images']} | {r['acceptable_share']:.2f} | {r['auroc']:.3f} | "
               f"{r['auroc_mean_logprob']:.3f} | {r['ece']:.3f} | {half:.3f} / {everything:.3f} "
-              f"({_ratio(half, everything)}) | {base:.3f} ({_ratio(base, everything)}) |")
+              f"({_ratio(half, everything)}) | {base:.3f} ({_ratio(base, everything)}) | "
+              f"{perfect:.3f} ({_ratio(perfect, everything)}) |")
+    if "held_out_reference" in report:
+        print_held_out_reference(report["held_out_reference"])
     print("\n| check set | --min-confidence with --fallback tags | captions replaced | BLEU-4 | CIDEr-D |")
     print("|---|---|---|---|---|")
     for name, rows in report["fallback"].items():
         for r in rows:
             print(f"| {name} | {r['min_confidence'] or 'none'} | {r['replaced']:.0%} | {r['BLEU-4']:.4f} | "
                   f"{r['CIDEr-D']:.4f} |")
+
+
+def print_held_out_reference(rows: list[dict]) -> None:
+    print("\nAUROC, acceptable judged against the other references, by what ranks the captions:\n")
+    print("| held-out reference | check set | the signals (calibrator refitted) | that human caption's CIDEr-D "
+          "| both |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        for name in row["signals"]:
+            print(f"| {row['reference']} | {name} | {row['signals'][name]:.3f} | {row['human caption'][name]:.3f} | "
+                  f"{row['both'][name]:.3f} |")
+    for ranking in ("signals", "human caption", "both"):
+        values = sorted(row[ranking]["mixed"] for row in rows)
+        print(f"mixed, {ranking}: median {statistics.median(values):.3f} ({values[0]:.3f}-{values[-1]:.3f})")
 
 
 def _ratio(part: float, whole: float) -> str:
@@ -262,15 +332,14 @@ def write_report(report: dict, folder: Path) -> None:
     (folder / "report.json").write_text(json.dumps(_no_nan(report), indent=1, allow_nan=False), encoding="utf-8")
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     left.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    for name, r in report["check"].items():
-        rows = r["reliability"]
-        left.plot([x["confidence"] for x in rows], [x["acceptable"] for x in rows], marker="o",
+    for index, (name, r) in enumerate(report["check"].items()):
+        color, rows = f"C{index}", r["reliability"]
+        left.plot([x["confidence"] for x in rows], [x["acceptable"] for x in rows], marker="o", color=color,
                   label=f"{name} (ECE {r['ece']:.3f})")
-        right.plot([x["kept"] for x in r["selective"]], [x["mean_cider"] for x in r["selective"]], marker="o",
-                   label=f"{name}: confidence")
-        right.plot([x["kept"] for x in r["selective_mean_logprob"]],
-                   [x["mean_cider"] for x in r["selective_mean_logprob"]], linestyle=":",
-                   label=f"{name}: mean log-prob")
+        for curve, style, label in (("selective", "-", "confidence"), ("selective_mean_logprob", ":", "mean log-prob"),
+                                    ("selective_perfect", "--", "perfect ranking")):
+            right.plot([x["kept"] for x in r[curve]], [x["mean_cider"] for x in r[curve]], color=color,
+                       linestyle=style, marker="o" if curve == "selective" else None, label=f"{name}: {label}")
     left.set(xlabel="confidence (bin mean)", ylabel=f"share acceptable ({report['acceptable']})",
              title="Reliability, held-out images", xlim=(0, 1), ylim=(0, 1))
     right.set(xlabel="share of captions kept (most confident first)", ylabel="mean per-image CIDEr-D",
