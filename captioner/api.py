@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 from captioner.allocator import keep_freed_memory
 from captioner.data import check_scorable, read_manifest
 from captioner.decoding import Caption, DecodingOptions
-from captioner.errors import OptionError
+from captioner.errors import ImageReadError, OptionError
 from captioner.evaluation import check_references, evaluate_grids, path_grids
 from captioner.features import ImageFiles, collate_images
-from captioner.images import model_pixels
+from captioner.images import ImageInput, model_pixels
 from captioner.model import DEFAULT_MODEL_DIR, CaptionModel, check_model
 from captioner.options import DEFAULT_WORKERS, check_device, check_flag, check_path
 from captioner.tags import Tag
@@ -57,7 +57,7 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | None = No
 class PathResult:
     """Outcome for one file: its captions (n-best, best first) or why it was skipped."""
 
-    path: Path
+    path: ImageInput | bytes  # the item as the caller gave it (a path, or a picture where one was given)
     captions: list[Caption] | None  # None when the file could not be read
     error: str | None = None  # "PATH: reason" when skipped
     tags: tuple[Tag, ...] = ()  # the encoder's likeliest ImageNet labels (see captioner.tags)
@@ -87,8 +87,20 @@ def caption_paths(
 
 def _caption_chunks(model: CaptionModel, pending: Iterator, options: DecodingOptions | None, batch_size: int,
                     num_workers: int) -> Iterator[PathResult]:
-    while chunk := list(itertools.islice(pending, PATHS_AT_ONCE)):
-        yield from _caption_listed_paths(model, chunk, options, batch_size, num_workers)
+    """Results chunk by chunk; the caller's iterator raising part-way has the paths it gave before captioned first."""
+    while True:
+        chunk, failure = [], None
+        try:
+            for path in itertools.islice(pending, PATHS_AT_ONCE):
+                chunk.append(path)
+        except Exception as e:  # the caller's own error, raised where it would have been, after what came before
+            failure = e
+        if chunk:
+            yield from _caption_listed_paths(model, chunk, options, batch_size, num_workers)
+        if failure is not None:
+            raise failure
+        if len(chunk) < PATHS_AT_ONCE:
+            return
 
 
 def _caption_listed_paths(model: CaptionModel, paths: list, options: DecodingOptions | None, batch_size: int,
@@ -142,9 +154,20 @@ def caption_images(
     captions: list[Caption] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        pixels = torch.from_numpy(np.stack([model_pixels(image, model.encoder.preprocess.size) for image in chunk]))
+        pixels = torch.from_numpy(np.stack([_listed_pixels(image, start + k, model.encoder.preprocess.size)
+                                            for k, image in enumerate(chunk)]))
         captions.extend(n_best[0] for n_best in model.caption_pixels(pixels, options))
     return captions
+
+
+def _listed_pixels(image, index: int, size: int) -> np.ndarray:
+    """:func:`model_pixels`, with a nameless picture (a PIL image, an array) named by its place in the list."""
+    try:
+        return model_pixels(image, size)
+    except ImageReadError as e:
+        if isinstance(image, (Image.Image, np.ndarray)):
+            raise ImageReadError(f"images[{index}]: {e}") from e
+        raise
 
 
 def evaluate(

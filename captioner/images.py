@@ -192,7 +192,7 @@ def _squashed(rgb: Image.Image, size: int) -> np.ndarray:
 
 def _frame_image(frame: np.ndarray) -> Image.Image:
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 or 0 in frame.shape:
-        raise ImageReadError(f"a video frame must be an (H, W, 3) uint8 RGB array, got {frame.dtype} {frame.shape}")
+        raise ImageReadError(f"an array picture must be (H, W, 3) uint8 RGB, got {frame.dtype} {frame.shape}")
     return Image.fromarray(frame)
 
 

@@ -192,3 +192,30 @@ def test_building_decoding_options_imports_no_torch():
     code = ("import sys; from captioner import DecodingOptions; DecodingOptions(beam_size=2); "
             "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_callers_iterator_that_fails_part_way_has_what_it_gave_captioned_first(default_model):
+    cat, coffee = SHARED_SAMPLES / "chelsea.png", SHARED_SAMPLES / "coffee.png"
+
+    def listing():
+        yield cat
+        yield coffee
+        raise OSError("the listing's disk went away")
+
+    results = captioner.caption_paths(default_model, listing())
+    first, second = next(results), next(results)
+    assert [first.path, second.path] == [cat, coffee] and first.captions and second.captions
+    with pytest.raises(OSError, match="the listing's disk went away"):
+        next(results)
+
+
+def test_a_nameless_picture_that_cannot_be_read_is_named_by_its_place_in_the_list(default_model):
+    from captioner.errors import ImageReadError
+
+    cat = SHARED_SAMPLES / "chelsea.png"
+    flat = np.zeros((4, 4), dtype=np.uint8)
+    with pytest.raises(ImageReadError, match=r"^images\[2\]: an array picture must be \(H, W, 3\) uint8 RGB, "
+                                             r"got uint8 \(4, 4\)$"):
+        captioner.caption_images(default_model, [cat, Image.open(cat), flat])
+    with pytest.raises(ImageReadError, match=r"^images\[1\]: an empty PIL image"):
+        captioner.caption_images(default_model, [cat, Image.new("RGB", (0, 0))])
