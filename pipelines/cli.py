@@ -13,10 +13,12 @@ import functools
 import json
 import os
 import shlex
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from captioner.errors import CaptionerError, OptionError, OutputError, count_of, one_line, printable
 from captioner.options import DEFAULT_WORKERS
@@ -43,8 +45,6 @@ class _Terminated(BaseException):
 
 def _terminate(command_process: int, signum, frame) -> None:
     """SIGTERM's handler, set by ``main()`` in ``command_process``."""
-    import signal
-
     if os.getpid() == command_process:
         raise _Terminated
     # a forked helper (a DataLoader worker) inherited the handler: end as the signal would have ended it
@@ -507,9 +507,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(model, model_name=Path(args.model).name if args.model else "default", settings=settings)
     _print(f"serving {args.model or 'the default model'} on http://{args.host}:{args.port}/", err=True)
     # without a grace limit, a stop signal would wait for a long video's whole timeout
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=args.shutdown_grace)
+    with _stopped_by_sigterm():
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=args.shutdown_grace)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM, a service manager's stop, ends the server as a success once uvicorn has shut it down.
+
+    uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it
+    found; :func:`run_command`'s would turn it into ``terminated`` and exit 143, which systemd
+    counts as a failed stop.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -686,9 +705,6 @@ def run_command(program: str, command: Callable[[], int | None]) -> int:
 
     SIGTERM ends it as Ctrl-C does: the command's cleanups run.
     """
-    import signal
-    import threading
-
     on_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.getsignal(signal.SIGTERM)
     if on_main_thread:

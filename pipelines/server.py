@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from PIL import Image
+from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,7 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from captioner.batching import DynamicBatcher
 from captioner.confidence import check_min_confidence
-from captioner.errors import CaptionerError, ImageReadError, OptionError, VideoReadError, printable
+from captioner.errors import CaptionerError, ImageReadError, OptionError, VideoReadError, printable, shortened
 from captioner.images import MAX_PIXELS, PHOTO_FORMATS, bytes_pixels
 from captioner.model import CaptionModel
 from captioner.options import DecodingOptions
@@ -134,7 +135,8 @@ def create_app(model: CaptionModel, *, model_name: str = "default", settings: Se
 
     async def caption_request(request: Request) -> dict:
         form = await _form(request, settings.max_images + 1, HTTPError(
-            413, f"more than {settings.max_images + 1} images in one request; at most {settings.max_images}"))
+            413, f"more than {settings.max_images + 1} files in one request; send at most {settings.max_images} "
+                 'images, as files named "images", and no other file'))
         uploads = [u for u in form.getlist("images") if isinstance(u, UploadFile)]
         if not uploads:
             raise HTTPError(400, 'no images: send them as multipart/form-data files named "images"')
@@ -249,7 +251,7 @@ def _number(text: str | None, name: str) -> float | None:
     try:
         return float(text)
     except ValueError:
-        raise HTTPError(422, f"{name}={text!r} is not a number") from None
+        raise HTTPError(422, f"{name}={shortened(text, 40)!r} is not a number") from None
 
 
 class PixelBudget:
@@ -292,13 +294,42 @@ def _declared_pixels(data: bytes) -> int:
 
 async def _form(request: Request, max_files: int, too_many: HTTPError) -> FormData:
     """The request's multipart form, with ``too_many`` for more than ``max_files`` files (Starlette's
-    own 400 says only "Too many files", in its words, not the API's)."""
+    own 400 says only "Too many files", in its words, not the API's), and a 400 for a body cut short.
+
+    Starlette returns the parts it has read when a body stops before its closing boundary (a
+    client whose file stream failed, a proxy that gave up), so a request of three photos could
+    be answered with two captions and a 200.
+    """
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    boundary = params.get(b"boundary") if content_type == b"multipart/form-data" else None
+    end = _ClosingBoundary(request.receive, boundary) if boundary else None
     try:
-        return await request.form(max_files=max_files)
+        form = await (Request(request.scope, end.receive) if end else request).form(max_files=max_files)
     except StarletteHTTPException as e:
         if "Too many files" in str(e.detail):
             raise too_many from e
         raise
+    if end and not end.seen:
+        await form.close()
+        raise HTTPError(400, "the upload was cut short: the body ended before its closing multipart boundary, "
+                             "so a file in it may be missing; nothing was captioned, send it again")
+    return form
+
+
+class _ClosingBoundary:
+    """A request body's ``receive``, watching for the multipart close delimiter (``--BOUNDARY--``)."""
+
+    def __init__(self, receive, boundary: bytes):
+        self._receive, self._mark = receive, b"--" + boundary + b"--"
+        self._tail, self.seen = b"", False
+
+    async def receive(self):
+        message = await self._receive()
+        if message["type"] == "http.request" and not self.seen:
+            window = self._tail + message.get("body", b"")
+            self.seen = self._mark in window
+            self._tail = window[-(len(self._mark) - 1):]  # a delimiter split between two chunks
+        return message
 
 
 def _image_pixels(data: bytes, name: str, size: int, budget: PixelBudget):
@@ -409,6 +440,11 @@ async def _within(work, seconds: float):
         return await asyncio.wait_for(work, seconds)
     except asyncio.TimeoutError:
         raise HTTPError(504, f"the request took longer than {seconds:g} s") from None
+    except asyncio.CancelledError:
+        # Only the server's shutdown cancels a request, once --shutdown-grace is over. Answered here,
+        # the client learns why, where uvicorn would log a traceback and send a plain-text 500.
+        asyncio.current_task().uncancel()
+        raise HTTPError(503, "the server is shutting down and stopped this request; send it again") from None
 
 
 def _add_error_handlers(app: FastAPI) -> None:

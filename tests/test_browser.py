@@ -128,6 +128,13 @@ def test_the_page_is_keyboard_usable_marks_unsure_captions_and_routes_files_by_c
             assert _newest_text(page, ".caption") == "2 subtitle cues"
             assert "cannot play this video" in _newest_text(page, ".playback")
             assert page.evaluate(f"({NEWEST})().querySelector('.save a').download") == "shots.vtt"
+
+            disguised = tmp_path / "holiday.jpg"  # a video named as a photo: its first bytes say what it is
+            shutil.copy(unplayable, disguised)
+            _sent(page, lambda: page.set_input_files("#files", str(disguised)))
+            page.wait_for_function(f"() => ({NEWEST})().querySelector('.save a, .caption.error') !== null",
+                                   timeout=120_000)
+            assert _newest_text(page, ".caption") == "2 subtitle cues"
         finally:
             browser.close()
 
@@ -146,6 +153,15 @@ def test_every_failure_on_the_page_names_its_file_and_a_silent_server_is_given_u
             page.wait_for_selector("figure.photo .caption.error", timeout=30_000)
             assert _newest_text(page, ".caption") == \
                 "big.png: the upload is larger than the limit of 1 MiB (1048576 bytes)"
+
+            broken = tmp_path / "broken.mp4"  # neither the server nor the browser can read it
+            broken.write_bytes(b"\x00\x00\x00\x18ftypisom" + np.random.default_rng(1).bytes(200_000))
+            _sent(page, lambda: page.set_input_files("#files", str(broken)))
+            page.wait_for_selector("figure.video .caption.error", timeout=30_000)
+            assert _newest_text(page, ".caption").startswith("broken.mp4: ")
+            page.wait_for_timeout(500)  # the browser's own verdict on the file, had it come after the server's
+            # no note that the video cannot play where there is no video and nothing to save
+            assert page.evaluate(f"({NEWEST})().querySelector('video, .playback')") is None
 
             os.kill(server.pid, signal.SIGSTOP)  # a server that takes the upload and never answers
             try:

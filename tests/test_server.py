@@ -142,7 +142,55 @@ def test_bad_uploads_are_4xx_json_naming_the_file_never_500(client, tmp_path):
     assert _too_large_text(65536 * 2**20) == "the upload is larger than the limit of 65536 MiB (68719476736 bytes)"
     assert client.post("/v1/captions", files=[photo(CAT)] * 17).status_code == 413
     many = client.post("/v1/captions", files=[photo(tmp_path / "notes.jpg")] * 18)  # past the form parser's limit
-    assert (many.status_code, many.json()["error"]) == (413, "more than 17 images in one request; at most 16")
+    assert (many.status_code, many.json()["error"]) == (413, 'more than 17 files in one request; send at most 16 '
+                                                              'images, as files named "images", and no other file')
+    stray = client.post("/v1/captions", files=[photo(CAT)] * 16 + [("x", ("x.jpg", b"x", "image/jpeg"))] * 3)
+    assert stray.status_code == 413 and "no other file" in stray.json()["error"]  # only 16 of them were images
+
+
+def _multipart(parts: list[tuple[str, bytes]], boundary: str = "B") -> bytes:
+    return b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n'
+                    f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n" for name, data in parts)
+
+
+def test_an_upload_cut_short_is_refused_not_answered_for_the_files_that_arrived(client):
+    parts = [("one.jpg", CAT.read_bytes()), ("two.jpg", CAT.read_bytes()), ("three.jpg", CAT.read_bytes())]
+    headers = {"content-type": "multipart/form-data; boundary=B"}
+    whole = client.post("/v1/captions", content=_multipart(parts) + b"--B--\r\n", headers=headers)
+    assert [r["path"] for r in whole.json()["captions"]] == ["one.jpg", "two.jpg", "three.jpg"]
+    cut_bodies = {"no closing boundary": _multipart(parts),
+                  "the last file cut": _multipart(parts)[:-len(parts[2][1]) // 2],
+                  "the last part's headers only": _multipart(parts[:2]) + _multipart([("three.jpg", b"")])[:-4]}
+    for how, body in cut_bodies.items():
+        response = client.post("/v1/captions", content=body, headers=headers)
+        assert response.status_code == 400, how
+        assert response.json()["error"].startswith("the upload was cut short: the body ended before its closing"), how
+
+
+def test_the_closing_boundary_is_seen_when_it_arrives_split_between_chunks():
+    import asyncio
+
+    from captioner.pipelines.server import _ClosingBoundary
+
+    def seen(chunks: list[bytes]) -> bool:
+        messages = iter([{"type": "http.request", "body": c, "more_body": True} for c in chunks])
+
+        async def receive():
+            return next(messages)
+
+        end = _ClosingBoundary(receive, b"boundary")
+
+        async def read_all():
+            for _ in chunks:
+                await end.receive()
+            return end.seen
+
+        return asyncio.run(read_all())
+
+    body = _multipart([("a.jpg", b"\xff\xd8 data")], "boundary") + b"--boundary--\r\n"
+    assert all(seen([body[:cut], body[cut:]]) for cut in range(len(body)))
+    assert seen([bytes([b]) for b in body])  # a byte at a time
+    assert not seen([body[:-4]]) and not seen([body[:-10], body[-10:-4]])
 
 
 def test_subtitles_for_an_uploaded_video_in_each_format(client, tmp_path):
@@ -421,7 +469,13 @@ def test_a_stop_signal_waits_for_a_long_video_only_as_long_as_the_grace(tmp_path
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)  # without the grace limit: the 120 s request timeout
         assert time.time() - stopped < 1 + 10  # the grace, and a frame batch to finish
+        connection.settimeout(10)
+        answer = connection.recv(65536)
         connection.close()
+        # the stopped request is told why, in JSON; the server's stop is a success (systemd: not a failed unit)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b'"the server is shutting down' in answer
+        log = server.stderr.read().decode()
+        assert server.returncode == 0 and "Traceback" not in log and "terminated" not in log, log
     finally:
         server.kill()
         server.wait()
