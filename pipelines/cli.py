@@ -200,6 +200,7 @@ def _caption_columns(args: argparse.Namespace, result, caption: dict) -> list[st
 def cmd_batch(args: argparse.Namespace) -> int:
     from captioner.outputs import STANDARD_OUTPUT, check_writable_file
     from captioner.pipelines.folder import caption_folder
+    from captioner.pipelines.ray_batch import names_parquet
     from captioner.pipelines.record_formats import format_for
     from captioner.pipelines.records import RecordFile
     from captioner.pipelines.report import write_contact_sheet
@@ -211,7 +212,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if Path(args.folder).is_file():
             hint = f" (one photo: captioner caption {shlex.quote(args.folder)})"
         raise OptionError(f"{printable(args.folder)}: not a folder{hint}")
-    if args.format == "parquet" or Path(args.output).suffix.lower() == ".parquet":
+    if args.format == "parquet" or names_parquet(args.output):
         raise OptionError("Parquet output is a folder of Ray shards: use it with --ray")
     if args.output.endswith(("/", os.sep)) or os.path.basename(args.output) in (".", ".."):
         raise OptionError(f"{printable(args.output)}: names a folder; give a file name (a folder of shards needs "

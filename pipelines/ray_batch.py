@@ -130,12 +130,13 @@ def record_key(record: dict) -> str:
     return path[len("file://"):] if path.startswith("file:///") else path
 
 
-def list_images(source: str) -> list[tuple[str, str]]:
+def list_images(source: str, unlisted: list[str] | None = None) -> list[tuple[str, str]]:
     """(record path, path inside the source's filesystem) of the image files under ``source``, sorted.
 
     Local folders (``file://`` URIs too) are walked as the local pipeline walks them (both paths
-    the same); other URIs' files are named ``scheme://path`` in records, without the URI's query
-    options.
+    the same), and the ``skipped`` line of each folder under them that cannot be listed is added
+    to ``unlisted``; other URIs' files are named ``scheme://path`` in records, without the URI's
+    query options.
 
     Raises:
         OptionError: ``source`` is not a folder, or cannot be listed.
@@ -144,11 +145,13 @@ def list_images(source: str) -> list[tuple[str, str]]:
 
     source = local_path(source)
     if "://" not in source:
-        from captioner.pipelines.sources import walk_images
+        from captioner.pipelines.sources import unlisted_line, walk_images
 
         if not os.path.isdir(source):
             raise OptionError(f"{printable(source)}: not a folder")
-        return [(str(p), str(p)) for p in walk_images(os.path.realpath(source))]
+        lines = unlisted if unlisted is not None else []
+        return [(str(p), str(p)) for p in walk_images(os.path.realpath(source),
+                                                      lambda folder, error: lines.append(unlisted_line(folder, error)))]
     filesystem_, root = filesystem(source)
     try:
         infos = filesystem_.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -300,9 +303,11 @@ def _parquet_bytes(records: list[dict]) -> bytes:
 
 def _read_jsonl(fs, name: str) -> Iterator[dict]:
     with fs.open_input_stream(name) as stream:
-        for line in stream.read().decode("utf-8").splitlines():
+        # lines end at "\n" alone: str.splitlines() also breaks at U+2028 and U+0085, which a file name
+        # may hold and the JSON text carries unescaped
+        for line in stream.read().split(b"\n"):
             if line.strip():
-                yield checked_record(json.loads(line))
+                yield checked_record(json.loads(line.decode("utf-8")))
 
 
 def _read_parquet(fs, name: str) -> Iterator[dict]:
@@ -469,12 +474,16 @@ def caption_with_ray(
 
     started = time.time()
     source, out = local_path(source), local_path(out)
-    paths = list_images(source)  # a bad source is refused before OUT is made
+    unlisted: list[str] = []  # folders whose images cannot be found: each a failure of the run
+    paths = list_images(source, unlisted)  # a bad source is refused before OUT is made
     if merge:
         _check_merge_target(Path(out) / MERGED_NAME)
     with ShardWriter(out, fmt, settings.shard_size) as writer:
         writer.remove_staging()
         todo, summary = _still_to_do(writer, paths, retry_errors)
+        for line in unlisted:
+            print(line, file=sys.stderr)
+        summary.failed += len(unlisted)
         if todo:
             start_ray(settings.address, quiet=not progress)
             if not progress:
@@ -617,7 +626,12 @@ def run_from_args(args, model_dir: str | None, options) -> RaySummary:
                            cpus_per_actor=cpus, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
                            shard_size=args.shard_size)
     return caption_with_ray(args.folder, args.output, model_dir=model_dir, options=options, settings=settings,
-                            fmt=args.format or ("parquet" if args.output.endswith(".parquet") else "jsonl"),
+                            fmt=args.format or ("parquet" if names_parquet(args.output) else "jsonl"),
                             min_confidence=args.min_confidence, fallback=args.fallback,
                             merge=args.merge, retry_errors=args.retry_errors, progress=not args.quiet,
                             device=args.device)
+
+
+def names_parquet(output: str) -> bool:
+    """``-o name.parquet`` (any case, a trailing slash too) asks for Parquet shards."""
+    return Path(output).suffix.lower() == ".parquet"

@@ -52,7 +52,8 @@ def summary_errors(csv_path):
 
 
 def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """Records of a JSONL file; lines end at "\n" alone (a name may hold U+2028, which splitlines() breaks at)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 @pytest.mark.slow

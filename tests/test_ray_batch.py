@@ -259,3 +259,25 @@ def test_ray_refuses_what_would_hang_or_clobber_before_captioning(photos, tmp_pa
         assert f"argument --cpus-per-actor: {value} is not in (0, 1024]" in capsys.readouterr().err
     assert main(["batch", str(photos), "-o", str(tmp_path / "o.csv"), "--ray"]) == 2
     assert "not CSV: give -o a folder name" in capsys.readouterr().err
+
+
+def test_line_separators_in_names_an_unlistable_folder_and_an_upper_case_parquet_output(tmp_path, capsys):
+    from conftest import bury_too_deep
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for name in ("para\u2029graph.jpg", "next\x85line.jpg", "line\u2028sep.jpg"):  # str.splitlines() breaks at each
+        shutil.copy(SHARED_SAMPLES / "chelsea.png", folder / name)
+    bury_too_deep(folder / "deep", "lost.png", (SHARED_SAMPLES / "coffee.png").read_bytes())
+    out = tmp_path / "OUT.PARQUET"
+    assert main(["batch", str(folder), "-o", str(out), "--ray", "--quiet"]) == 1  # the unlisted folder: a failure
+    err = capsys.readouterr().err
+    assert "3 captioned, 1 failed, 0 already done" in err
+    assert [line for line in err.splitlines() if line.startswith("skipped ")] == [
+        line for line in err.splitlines() if "cannot list this folder: File name too long" in line]
+    assert [p.suffix for p in out.glob("part-*")] == [".parquet"]  # the name's case does not matter
+    jsonl = tmp_path / "out"
+    assert main(["batch", str(folder), "-o", str(jsonl), "--ray", "--quiet"]) == 1
+    assert main(["batch", str(folder), "-o", str(jsonl), "--ray", "--quiet", "--merge"]) == 1  # the shards read back
+    assert "0 captioned, 1 failed, 3 already done" in capsys.readouterr().err
+    assert len(read_jsonl(jsonl / "captions.jsonl")) == 3
