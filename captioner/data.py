@@ -44,7 +44,9 @@ def read_manifest(path: str | os.PathLike, *, require_captions: bool = False) ->
         base = path.resolve().parent
         if is_device(path):
             raise DataError(f"{printable(path)}: not a manifest: a device, not a file")
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Notepad) is not a record
+        # a byte-order mark (Notepad) is not a record; lines end at "\n" (read_text turns "\r\n" into it) alone, as
+        # str.splitlines() would also break a caption at U+2028 or U+0085, which write_manifest leaves unescaped
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as e:
         raise DataError(f"{printable(path)}: not a manifest: a manifest is UTF-8 text, one JSON object a line "
                         f"(byte {e.start} is not UTF-8)") from e

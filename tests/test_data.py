@@ -331,6 +331,12 @@ def test_read_manifest_round_trip_and_absolute_paths(tmp_path):
     assert entries[0].captions == ("Un chat tigré .", "A cat .")
     assert entries[1].image == absolute
     assert entries[1].captions == ()
+    # characters str.splitlines() breaks at, which JSON leaves unescaped; and a file saved with CRLF endings
+    odd = [("line\u2028sep.png", ["A cat\x85 on a mat \u2029 ."]), ("b.png", ["A dog ."])]
+    write_manifest(path, odd)
+    assert [(e.image.name, e.captions) for e in read_manifest(path)] == [(n, tuple(c)) for n, c in odd]
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert [(e.image.name, e.captions) for e in read_manifest(path)] == [(n, tuple(c)) for n, c in odd]
 
 
 def test_read_manifest_given_a_relative_path_returns_absolute_images(tmp_path, monkeypatch):
