@@ -81,6 +81,11 @@ def check_fits(path: Path, state: dict, cfg: TrainConfig, vocab: Vocabulary, exp
                                   f"saved with {name}={saved[name]!r}, and a resumed run keeps its optimizer and "
                                   f"random state; resume with {name}={saved[name]!r}, or start over in another "
                                   "folder")
+    saved_epochs = saved.get("epochs")
+    if state.get("scst_done") and isinstance(saved_epochs, int) and cfg.epochs > saved_epochs:
+        raise CheckpointError(f"{printable(path)}: cannot resume with epochs={cfg.epochs}: the run has begun its "
+                              "self-critical epochs, and cross-entropy epochs cannot follow them; resume with "
+                              f"epochs={saved_epochs} (scst_epochs may grow), or start over in another folder")
     if words is not None and words != vocab.itos[len(SPECIALS):]:
         count = len(words) if isinstance(words, list) else "?"
         raise resume_error(path, f"it was saved with another vocabulary ({count} words, this run has "

@@ -373,6 +373,17 @@ def test_resume_with_a_setting_the_checkpoint_restores_is_refused(tiny_config, s
     assert _resume(tiny_config).epoch == 0
 
 
+def test_more_cross_entropy_epochs_after_self_critical_ones_are_refused_not_ignored(tiny_config, saved_run):
+    state = torch.load(saved_run / "last.pt", weights_only=True)
+    state["scst_done"] = 1
+    torch.save(state, saved_run / "last.pt")
+    grown = tiny_config.epochs + 1
+    with pytest.raises(CheckpointError, match=rf"^{saved_run}/last.pt: cannot resume with epochs={grown}: the run "
+                                              rf"has begun its self-critical epochs.*epochs={tiny_config.epochs}"):
+        _resume(dataclasses.replace(tiny_config, epochs=grown))
+    assert _resume(dataclasses.replace(tiny_config, scst_epochs=2)).scst_done == 1  # more self-critical ones: fine
+
+
 def test_a_run_saved_with_an_ignored_encoder_lr_still_resumes(tiny_config, saved_run):
     state = torch.load(saved_run / "last.pt", weights_only=True)
     state["config"] = json.dumps({**json.loads(state["config"]), "encoder_lr": 1e-4})  # older versions took it
