@@ -193,8 +193,9 @@ class RecordFormat:
         """The record in an unfinished last chunk that is whole but for its final newline (None: cut short)."""
         return None
 
-    def begins_ours(self, data: bytes) -> bool:
-        """Whether ``data``, a file's only and unfinished piece, can be the start of a file this format wrote."""
+    def begins_ours(self, data: bytes, *, first: bool) -> bool:
+        """Whether ``data``, a file's unfinished last piece, can be something this format wrote that a
+        kill cut short: the start of a file (``first``: nothing of ours before it), else of a record."""
         return not data.strip()
 
     def parse_at(self, chunk: Chunk, path: str | os.PathLike) -> dict | None:
@@ -235,6 +236,8 @@ class JsonlRecords(RecordFormat):
 
     def parse(self, chunk: Chunk) -> dict | None:
         text = _utf8(chunk.data)
+        if chunk.line == 1:
+            text = text.removeprefix("\ufeff")  # a byte-order mark (a file saved by Notepad) is not a record
         if not text.strip():
             return None
         try:
@@ -253,10 +256,12 @@ class JsonlRecords(RecordFormat):
         except BadRecord:
             return None
 
-    def begins_ours(self, data: bytes) -> bool:
+    def begins_ours(self, data: bytes, *, first: bool) -> bool:
+        data = data.removeprefix(b"\xef\xbb\xbf") if first else data
         if not data.strip():
             return True
-        if not data.startswith(b'{"path": '):  # every record starts with its path
+        start = b'{"path": '  # every record starts with its path; a kill may cut even that short
+        if not (data.startswith(start) or start.startswith(data)):
             return False
         try:  # a line cut by a kill is never valid JSON: one that is, yet is not a record, is someone else's
             json.loads(data)
@@ -340,9 +345,9 @@ class CsvRecords(RecordFormat):
                 if cell:  # an empty cell: no tag, or a record from before tags
                     record[name] = _tags(self._text(cell))
             elif name == "unsure":
-                if cell not in ("", "true"):
-                    raise BadRecord('"unsure" cell must be empty or true')
-                if cell:
+                if cell.lower() not in ("", "true", "false"):  # any case: a spreadsheet saves TRUE
+                    raise BadRecord('"unsure" cell must be empty, true or false')
+                if cell.lower() == "true":
                     record[name] = True
             elif cell or (name == "caption" and not cells.get("error")):
                 record[name] = self._text(cell)
@@ -355,8 +360,26 @@ class CsvRecords(RecordFormat):
     def header(self) -> str:
         return self._row(list(RECORD_FIELDS))
 
-    def begins_ours(self, data: bytes) -> bool:
-        return not data.strip() or self.header().encode("utf-8").startswith(data)  # cut inside the header
+    def whole(self, chunk: Chunk) -> dict | None:
+        # Our rows begin and end with a quoted cell, so one a kill cut short has an odd count of
+        # quotes (cut inside a cell), too few cells, or no closing quote (cut after a comma). A row
+        # that parses whole otherwise lacks only its newline, as a spreadsheet or an editor saves it
+        # (a spreadsheet quotes only the cells that need it).
+        data = chunk.data.rstrip(b"\r")
+        ours_cut = data.startswith(b'"') and not data.endswith(b'"')
+        if chunk.line == 1 or ours_cut or data.count(b'"') % 2:
+            return None
+        try:
+            return self.parse(chunk)
+        except BadRecord:
+            return None
+
+    def begins_ours(self, data: bytes, *, first: bool) -> bool:
+        if not data.strip():
+            return True
+        if first:  # cut inside the header
+            return self.header().encode("utf-8").startswith(data.removeprefix(b"\xef\xbb\xbf"))
+        return data.startswith(b'"')  # every record starts with its path, quoted
 
     def format(self, record: dict) -> str:
         return self._row([self._cell(name, record.get(name)) for name in RECORD_FIELDS])

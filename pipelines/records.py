@@ -161,19 +161,22 @@ class RecordFile:
 
     def _unfinished(self, file: BinaryIO, chunk: Chunk, ours: bool) -> dict | None:
         """The file's unfinished last piece: a whole record missing its newline (kept, the newline
-        added), a record cut short by a kill (dropped), or the sign of someone else's file (refused).
+        added), a record cut short by a kill (dropped), or someone else's line (refused).
 
         Raises:
-            OutputError: the file holds nothing this format wrote; it is left as it is.
+            OutputError: the piece is not something this format wrote; the file is left as it is.
         """
         record = self.fmt.whole(chunk)
         if record is not None:
             file.seek(0, os.SEEK_END)
             self._write(file, "\n")
             return record
-        if not ours and not self.fmt.begins_ours(chunk.data):
-            raise OutputError(f"{printable(self.path)}:{chunk.line}: not a file of captioner records; "
-                              "write to a new file")
+        if not self.fmt.begins_ours(chunk.data, first=not ours):
+            if not ours:
+                raise OutputError(f"{printable(self.path)}:{chunk.line}: not a file of captioner records; "
+                                  "write to a new file")
+            raise OutputError(f"{printable(self.path)}:{chunk.line}: not a captioner record, nor one cut short; "
+                              "delete that line or write to a new file")
         self._truncate(file, chunk.offset)
         return None
 
@@ -285,16 +288,20 @@ class RecordFile:
         """Close; a file this run created and that holds no record goes again when the run failed
         (a flag refused after the output was opened leaves nothing behind)."""
         if error_type is not None and self._created and self._count == 0 and self._regular:
-            self.path.unlink(missing_ok=True)
+            Path(os.path.realpath(self.path)).unlink(missing_ok=True)  # through a link: the file it made, not the link
         self.close()
 
 
 def _create_or_open(path: Path) -> tuple[int, bool]:
-    """(descriptor, whether this call created the file): one atomic answer, however others race us."""
+    """(descriptor, whether this call created the file): one atomic answer, however others race us.
+
+    A link that points nowhere yet is followed to the file it names: O_EXCL refuses any link.
+    """
+    target = os.path.realpath(path)
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        return os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
     except FileExistsError:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
+        return os.open(target, os.O_RDWR | os.O_CREAT, 0o666), False
 
 
 def lock_file(fd: int) -> None:

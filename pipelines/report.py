@@ -118,7 +118,7 @@ def _score(value: object) -> str:
 
 def _thumbnail_data_uri(record: dict) -> str | None:
     try:
-        image = load_image(raw_path(record))
+        image = load_image(raw_path(record), min_side=THUMB_SIDE)  # a large JPEG decoded at 1/8 scale, not whole
         image.thumbnail((THUMB_SIDE, THUMB_SIDE))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=80)

@@ -86,12 +86,75 @@ def test_a_whole_last_record_without_its_newline_is_kept_and_resumed(tmp_path):
     assert [json.loads(line)["path"] for line in path.read_text().splitlines()] == ["/a.jpg", "/b.jpg", "/c.jpg"]
 
 
-def test_a_first_record_cut_by_a_kill_is_dropped(tmp_path):
+@pytest.mark.parametrize("cut", [1, 5, 8, 9, 30])
+def test_a_first_record_cut_by_a_kill_is_dropped(tmp_path, cut):
     path = tmp_path / "out.jsonl"
-    path.write_text('{"path": "/a.jpg", "capt')
+    path.write_text(json.dumps(caption_record("/a.jpg"))[:cut])  # even inside '{"path": ' itself
     with RecordFile(path) as records:
         assert len(records) == 0
     assert path.read_text() == ""
+
+
+def test_a_whole_last_csv_row_without_its_newline_is_kept_and_a_cut_one_dropped(tmp_path):
+    """Editors and spreadsheets save CSV without a final newline; a kill cuts a row inside a cell."""
+    path = tmp_path / "out.csv"
+    with RecordFile(path) as records:
+        for name in ("/a.jpg", "/b.jpg"):
+            records.write(caption_record(name, caption="a cat, corrected by hand"))
+    whole = path.read_text()
+    path.write_text(whole.removesuffix("\n"))
+    with RecordFile(path) as records:
+        assert len(records) == 2 and records.holds("/b.jpg")
+    assert path.read_text() == whole
+    for cut in range(whole.rindex('"/b.jpg"') + 1, len(whole) - 1):  # every cut inside the last row
+        path.write_text(whole[:cut])
+        with RecordFile(path) as records:
+            assert len(records) == 1 and not records.holds("/b.jpg"), cut
+
+
+@pytest.mark.parametrize("name, ours, theirs", [
+    ("out.jsonl", json.dumps(caption_record("/a.jpg")) + "\n", '{"note": "reviewed by Bob, do not delete"}'),
+    ("out.jsonl", json.dumps(caption_record("/a.jpg")) + "\n", "total: 1 photo"),
+    ("out.csv", None, 'TOTAL,"4 photos, checked by Bob"'),
+])
+def test_someone_elses_last_line_after_our_records_is_refused_untouched(tmp_path, name, ours, theirs):
+    path = tmp_path / name
+    if ours is None:
+        with RecordFile(path) as records:
+            records.write(caption_record("/a.jpg"))
+        ours = path.read_text()
+    path.write_text(ours + theirs)
+    with pytest.raises(OutputError, match=rf"^{path}:[23]: not a captioner record, nor one cut short; delete"):
+        RecordFile(path)
+    assert path.read_text() == ours + theirs
+
+
+def test_a_file_saved_by_a_spreadsheet_or_notepad_resumes(tmp_path):
+    csv_path, jsonl_path = tmp_path / "out.csv", tmp_path / "out.jsonl"
+    doubtful = PathResult("/p/c.jpg", [Caption("a dog", ("a", "dog"), -0.5, 0.2, confidence=0.1)])
+    sure = PathResult("/p/d.jpg", [Caption("a cup", ("a", "cup"), -0.5, 0.2, confidence=0.9)])
+    for path in (csv_path, jsonl_path):
+        with RecordFile(path) as records:
+            records.write(result_record(doubtful, min_confidence=0.3))
+            records.write(result_record(sure, min_confidence=0.3))
+    saved = csv_path.read_text().replace(',"true",', ",TRUE,").replace(',"",""\n', ',FALSE,""\n', 1)
+    csv_path.write_text(saved.replace('"', "").removesuffix("\n"))  # quotes only where needed (none), no last newline
+    jsonl_path.write_bytes(b"\xef\xbb\xbf" + jsonl_path.read_bytes())  # Notepad's byte-order mark
+    for path in (csv_path, jsonl_path):
+        with RecordFile(path) as records:
+            latest = {r["path"]: r.get("unsure") for r in records.latest()}
+        assert latest == {"/p/c.jpg": True, "/p/d.jpg": None}, path.name
+
+
+def test_a_run_refused_after_opening_an_output_through_a_dangling_link_leaves_nothing(tmp_path):
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(tmp_path / "target.jsonl")
+    with pytest.raises(RuntimeError), RecordFile(link):
+        raise RuntimeError("a flag refused after the output was opened")
+    assert link.is_symlink() and not (tmp_path / "target.jsonl").exists()
+    with RecordFile(link) as records:  # and a run that writes goes through the link
+        records.write(caption_record("/a.jpg"))
+    assert link.is_symlink() and (tmp_path / "target.jsonl").read_text().startswith('{"path": "/a.jpg"')
 
 
 def test_csv_has_one_header_across_resumes(tmp_path):
