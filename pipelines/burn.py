@@ -19,6 +19,7 @@ from captioner.errors import OptionError, VideoReadError, VideoWriteError, print
 from captioner.outputs import check_writable_file, new_file_mode
 from captioner.pipelines.cues import Segment
 from captioner.pipelines.opencv_files import OpenCVName
+from captioner.pipelines.sources import UNFINISHED_PREFIX
 from captioner.pipelines.video_source import OpenCVSource
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX  # Hershey fonts draw ASCII only; other characters show as '?'
@@ -120,7 +121,7 @@ class _TemporaryVideo:
             out.parent.mkdir(parents=True, exist_ok=True)
             self._folder = OpenCVName(out.parent)  # a link when the folder's name is not valid UTF-8
             suffix = out.suffix.lower() if out.suffix.isascii() else ".mp4"
-            fd, self.name = tempfile.mkstemp(dir=self._folder.name, prefix=".captioner-burn-", suffix=suffix)
+            fd, self.name = tempfile.mkstemp(dir=self._folder.name, prefix=f"{UNFINISHED_PREFIX}burn-", suffix=suffix)
             os.close(fd)
         except OSError as e:
             if self._folder is not None:

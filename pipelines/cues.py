@@ -148,5 +148,17 @@ def shape_cues(
     In that order, a dropped cue's stretch stays a gap: the cue before it is lengthened only up
     to where the dropped one began (unsure frames get no cue, not their neighbour's).
     """
-    shaped = extend_short(split_long(segments, max_duration), min_duration, video_end)
+    shaped = in_milliseconds(extend_short(split_long(segments, max_duration), min_duration, video_end))
     return [s for s in shaped if s.text.strip() and (min_score is None or s.score >= min_score)]
+
+
+def in_milliseconds(segments: list[Segment]) -> list[Segment]:
+    """Cue times as subtitle files hold them, in whole milliseconds, each cue at least one long.
+
+    Frames a fraction of a millisecond apart would otherwise give a cue that ends where it
+    starts (``00:00:00,000 --> 00:00:00,000``), which players skip or refuse.
+    """
+    def rounded(seconds: float) -> float:
+        return math.floor(seconds * 1000 + 0.5) / 1000  # halves up, where round() would go to even
+
+    return [replace(s, start=rounded(s.start), end=max(rounded(s.end), rounded(s.start) + 0.001)) for s in segments]

@@ -176,12 +176,12 @@ def _caption_chunk(
             raise
         except Exception as e:  # noqa: BLE001 (reported on this file's record; the batch goes on)
             if not model_checked:
-                _check_model_captions(model, options)
+                check_model_captions(model, options)
                 model_checked = True
             yield PathResult(path, None, f"{path}: {type(e).__name__}: {e}")
 
 
-def _check_model_captions(model: CaptionModel, options: DecodingOptions | None) -> None:
+def check_model_captions(model: CaptionModel, options: DecodingOptions | None) -> None:
     """A file failed in a way we did not foresee: make sure it is the file, not the model.
 
     A model that fails on every picture (cast to half precision, say) would otherwise give

@@ -29,14 +29,20 @@ def walk_videos(root: str | os.PathLike, on_error: OnError | None = None) -> Ite
     return walk_files(root, is_video_path, on_error)
 
 
+UNFINISHED_PREFIX = ".captioner-"
+"""The name a file of ours has until it is whole and renamed (a burned video copy): a killed run
+can leave one behind, and a walk never takes it for a video or a photo of the user's."""
+
+
 def walk_files(
     root: str | os.PathLike, wanted: Callable[[str], bool], on_error: OnError | None = None
 ) -> Iterator[Path]:
     """Files under ``root`` whose name ``wanted`` accepts, in a stable (sorted) order, following directory links once.
 
     A directory reached again through a symlink (a loop, or two links to one place) is not
-    walked twice. Dangling links with a wanted extension are yielded, so the caller reports
-    them as unreadable instead of silently missing them. A folder that cannot be listed
+    walked twice, and an unfinished file of ours (:data:`UNFINISHED_PREFIX`) is passed over.
+    Dangling links with a wanted extension are yielded, so the caller reports them as
+    unreadable instead of silently missing them. A folder that cannot be listed
     (no permission, a path longer than the system allows) goes to ``on_error`` so that its
     files are not missed in silence.
     """
@@ -64,7 +70,7 @@ def walk_files(
         for entry in entries:
             if _is_dir(entry):
                 subfolders.append(Path(entry.path))
-            elif wanted(entry.name):
+            elif wanted(entry.name) and not entry.name.startswith(UNFINISHED_PREFIX):
                 yield Path(entry.path)
         stack.extend(reversed(subfolders))
 

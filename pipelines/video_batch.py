@@ -15,10 +15,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from captioner.decoding import DecodingOptions
-from captioner.errors import CaptionerError, OptionError, OutputError, VideoReadError, one_line, printable
+from captioner.errors import CaptionerError, OptionError, OutputError, VideoReadError, one_line, printable, reason
 from captioner.model import CaptionModel
 from captioner.outputs import STANDARD_OUTPUT, check_writable_file, check_writable_folder, file_identity, same_file
 from captioner.pipelines.burn import burn_subtitles, check_burn_source, check_burn_target
+from captioner.pipelines.folder import check_model_captions
 from captioner.pipelines.sources import OnError, walk_videos
 from captioner.pipelines.subtitles import CueWriter, WriteJSONL, write_subtitles
 from captioner.pipelines.video import VideoOptions, open_video, subtitle_source
@@ -145,6 +146,7 @@ def run_jobs(
     run, settings = VideoRun(), settings or VideoOptions()
     inputs = {identity for job in jobs if (identity := file_identity(job.video)) is not None}
     bar = progress_bar(jobs, show=progress, desc="subtitling", unit="video")
+    model_checked = False
     for job in bar:
         try:
             _refuse_writing_over_inputs(job, inputs)
@@ -153,6 +155,12 @@ def run_jobs(
             raise
         except (CaptionerError, OSError) as e:
             tqdm.write(f"skipped {one_line(failure_reason(job, e))}", file=sys.stderr)
+            run.failed += 1
+        except Exception as e:  # noqa: BLE001 (a fault nothing foresaw in one video: the others still get theirs)
+            if not model_checked:
+                check_model_captions(model, options)  # unless the model itself fails on any picture
+                model_checked = True
+            tqdm.write(f"skipped {one_line(job.video)}: {type(e).__name__}: {one_line(reason(e))}", file=sys.stderr)
             run.failed += 1
     return run
 

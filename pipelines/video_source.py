@@ -264,7 +264,7 @@ def _refuse_a_photo(path: Path) -> None:
             if getattr(image, "n_frames", 1) > 1:
                 return
             kind = image.format
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not a photo (Pillow's OSError)
+    except Exception:  # noqa: BLE001 (not a photo Pillow can read: a damaged TIFF's frame count raises TypeError)
         return
     raise VideoReadError(f"{printable(path)}: a {kind} photo, not a video (captioner caption captions photos)")
 

@@ -6,6 +6,7 @@ shipped model's wording is not asserted, only structure and timing.
 
 import dataclasses
 import inspect
+import io
 import itertools
 import json
 import math
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import srt
 import webvtt
-from conftest import bury_too_deep
+from conftest import SAMPLES, bury_too_deep
 from test_video_source import PHOTOS, assert_near, count_opencv_calls, damage_middle, write_video
 
 from captioner.errors import OptionError, OutputError, VideoReadError, VideoWriteError
@@ -631,3 +632,44 @@ def test_a_dash_with_standard_output_closed_is_one_line_before_the_model_loads(c
     done = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))
     assert done.stderr == "captioner: error: -o -: standard output is closed; give a file name\n"
     assert done.returncode == 1
+
+
+def test_a_damaged_picture_named_as_a_video_does_not_stop_the_folder_run(clips, tmp_path, capsys, default_model):
+    """Pillow's frame count of a cut multi-page TIFF raises TypeError, which stopped the whole run;
+    FFmpeg reads the pages it can (a photo Pillow cannot tell as one is let through as a video)."""
+    from PIL import Image
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    cat = Image.open(SAMPLES / "chelsea.png").convert("RGB")
+    pages = io.BytesIO()
+    cat.save(pages, "TIFF", save_all=True, append_images=[cat.rotate(90), cat.rotate(180)])
+    (root / "a_scan.mp4").write_bytes(pages.getvalue()[: len(pages.getvalue()) // 3])
+    shutil.copy(clips["mp4"], root / "b_good.mp4")
+    shutil.copy(clips["mp4"], root / ".captioner-burn-x1y2.mp4")  # a burned copy a killed run left: not a video
+    jobs = prepare_jobs(root, "srt")
+    assert [job.video.name for job in jobs] == ["a_scan.mp4", "b_good.mp4"]
+    assert run_jobs(jobs, model=default_model, writer=WriteSRT(), settings=uniform(4.0), progress=False) == VideoRun()
+    assert sorted(p.name for p in root.glob("*.srt")) == ["a_scan.srt", "b_good.srt"]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_model_that_fails_on_every_picture_stops_a_folder_run_in_one_line(clips, tmp_path, default_model):
+    import copy
+
+    broken = copy.deepcopy(default_model).half()  # half precision on a CPU: fails on any picture
+    root = folder_of_videos(tmp_path / "videos", clips)
+    with pytest.raises(Exception, match="the model fails to caption any picture, a blank one too"):
+        run_jobs(prepare_jobs(root, "srt"), model=broken, writer=WriteSRT(), settings=uniform(4.0), progress=False)
+    assert not list(root.rglob("*.srt"))
+
+
+def test_cue_times_are_whole_milliseconds_and_no_cue_is_empty():
+    from captioner.pipelines.cues import in_milliseconds
+
+    cues = in_milliseconds([Segment(0.0, 0.000156, "a", -1.0), Segment(0.0015, 0.0025, "b", -1.0),
+                            Segment(1 / 3, 2 / 3, "c", -1.0)])
+    assert [(c.start, c.end) for c in cues] == [(0.0, 0.001), (0.002, 0.003), (0.333, 0.667)]
+    out = io.StringIO()
+    WriteSRT().write(cues[:1], out)
+    assert "00:00:00,000 --> 00:00:00,001" in out.getvalue()  # frames 0.16 ms apart: a cue of 1 ms, not 0
