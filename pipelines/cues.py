@@ -153,12 +153,18 @@ def shape_cues(
 
 
 def in_milliseconds(segments: list[Segment]) -> list[Segment]:
-    """Cue times as subtitle files hold them, in whole milliseconds, each cue at least one long.
+    """Cue times as subtitle files hold them, in whole milliseconds, each cue at least one long
+    and none starting before the one ahead of it ends.
 
     Frames a fraction of a millisecond apart would otherwise give a cue that ends where it
-    starts (``00:00:00,000 --> 00:00:00,000``), which players skip or refuse.
+    starts (``00:00:00,000 --> 00:00:00,000``), which players skip or refuse; such cues move
+    a millisecond later instead.
     """
     def rounded(seconds: float) -> float:
         return math.floor(seconds * 1000 + 0.5) / 1000  # halves up, where round() would go to even
 
-    return [replace(s, start=rounded(s.start), end=max(rounded(s.end), rounded(s.start) + 0.001)) for s in segments]
+    result: list[Segment] = []
+    for s in segments:
+        start = max(rounded(s.start), result[-1].end) if result else rounded(s.start)
+        result.append(replace(s, start=start, end=max(rounded(s.end), rounded(start + 0.001))))
+    return result

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator, NamedTuple
 
@@ -361,13 +362,14 @@ class CsvRecords(RecordFormat):
         return self._row(list(RECORD_FIELDS))
 
     def whole(self, chunk: Chunk) -> dict | None:
-        # Our rows begin and end with a quoted cell, so one a kill cut short has an odd count of
-        # quotes (cut inside a cell), too few cells, or no closing quote (cut after a comma). A row
-        # that parses whole otherwise lacks only its newline, as a spreadsheet or an editor saves it
-        # (a spreadsheet quotes only the cells that need it).
+        # Our rows are quoted text cells and bare numbers, ending in a quoted cell; a row a kill cut
+        # short has an odd count of quotes (cut inside a cell), too few cells, or our cells and no
+        # closing quote (cut after a comma). Any other row that parses lacks only its newline, as an
+        # editor or a spreadsheet saves it (a spreadsheet leaves empty and plain text cells bare).
+        # Rows of the oldest layout were quoted only where needed: theirs is dropped, as it always was.
         data = chunk.data.rstrip(b"\r")
-        ours_cut = data.startswith(b'"') and not data.endswith(b'"')
-        if chunk.line == 1 or ours_cut or data.count(b'"') % 2:
+        ours_cut = _our_cells(data) and not data.endswith(b'"')
+        if chunk.line == 1 or self._unescaped or ours_cut or data.count(b'"') % 2:
             return None
         try:
             return self.parse(chunk)
@@ -379,7 +381,7 @@ class CsvRecords(RecordFormat):
             return True
         if first:  # cut inside the header
             return self.header().encode("utf-8").startswith(data.removeprefix(b"\xef\xbb\xbf"))
-        return data.startswith(b'"')  # every record starts with its path, quoted
+        return self._unescaped or _our_cells(data)  # a row of ours, cut short
 
     def format(self, record: dict) -> str:
         return self._row([self._cell(name, record.get(name)) for name in RECORD_FIELDS])
@@ -403,6 +405,22 @@ class CsvRecords(RecordFormat):
         buffer = io.StringIO()
         csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n").writerow(cells)
         return buffer.getvalue()
+
+
+_OUR_CELL = re.compile(rb'"(?:[^"]|"")*"?|-?[0-9][0-9.e+-]*')  # a quoted text (maybe cut short) or a bare number
+
+
+def _our_cells(row: bytes) -> bool:
+    """Whether every cell of ``row`` is one :class:`CsvRecords` writes: a quoted text or a bare number
+    (a spreadsheet leaves empty and plain text cells bare). The last cell may be cut short, or empty."""
+    cells, start, quoted = [], 0, False
+    for i, byte in enumerate(row):
+        if byte == 0x22:  # '"': doubled ones inside a cell toggle twice
+            quoted = not quoted
+        elif byte == 0x2C and not quoted:  # ','
+            cells.append(row[start:i])
+            start = i + 1
+    return bool(row.startswith(b'"')) and all(_OUR_CELL.fullmatch(cell) for cell in cells)
 
 
 def _utf8(data: bytes) -> str:

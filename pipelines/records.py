@@ -9,6 +9,7 @@ folder, so ``dir``, ``./dir/../dir`` and ``/abs/dir`` resume one another.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -297,11 +298,13 @@ def _create_or_open(path: Path) -> tuple[int, bool]:
 
     A link that points nowhere yet is followed to the file it names: O_EXCL refuses any link.
     """
-    target = os.path.realpath(path)
     try:
-        return os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
     except FileExistsError:
-        return os.open(target, os.O_RDWR | os.O_CREAT, 0o666), False
+        if os.path.islink(path) and not os.path.exists(path):
+            with contextlib.suppress(FileExistsError):  # made meanwhile: opened below, as any existing file
+                return os.open(os.path.realpath(path), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
 
 
 def lock_file(fd: int) -> None:

@@ -443,7 +443,9 @@ async def _within(work, seconds: float):
     except asyncio.CancelledError:
         # Only the server's shutdown cancels a request, once --shutdown-grace is over. Answered here,
         # the client learns why, where uvicorn would log a traceback and send a plain-text 500.
-        asyncio.current_task().uncancel()
+        task = asyncio.current_task()
+        if hasattr(task, "uncancel"):  # Python 3.11: the task is no longer being cancelled
+            task.uncancel()
         raise HTTPError(503, "the server is shutting down and stopped this request; send it again") from None
 
 

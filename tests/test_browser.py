@@ -135,6 +135,13 @@ def test_the_page_is_keyboard_usable_marks_unsure_captions_and_routes_files_by_c
             page.wait_for_function(f"() => ({NEWEST})().querySelector('.save a, .caption.error') !== null",
                                    timeout=120_000)
             assert _newest_text(page, ".caption") == "2 subtitle cues"
+
+            heic = tmp_path / "phone.heic"  # an ISO media file, yet a still picture: the captions say what they take
+            heic.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+            _sent(page, lambda: page.set_input_files("#files", str(heic)))
+            page.wait_for_function(f"() => ({NEWEST})().querySelector('.caption.error') !== null", timeout=30_000)
+            assert page.evaluate(f"({NEWEST})().classList.contains('photo')")
+            assert "phone.heic: not an image in a format accepted here" in _newest_text(page, ".caption")
         finally:
             browser.close()
 

@@ -129,6 +129,25 @@ def test_someone_elses_last_line_after_our_records_is_refused_untouched(tmp_path
     assert path.read_text() == ours + theirs
 
 
+@pytest.mark.parametrize("cut_row", [b"/p/b.jpg,a cat,-0.1", b"/p/b.jpg,,,,/p/b.jpg: cannot ident"])
+def test_a_row_of_the_oldest_csv_layout_cut_by_a_kill_is_dropped_as_before(tmp_path, cut_row):
+    """That layout quoted only where needed, so a cut row cannot be told from a whole one: it goes."""
+    path = tmp_path / "out.csv"
+    path.write_bytes(b"path,caption,score,min_prob,error\n/p/a.jpg,a dog,-0.12,0.45,\n" + cut_row)
+    with RecordFile(path) as records:
+        assert len(records) == 1 and records.holds("/p/a.jpg") and not records.holds("/p/b.jpg")
+
+
+def test_a_spreadsheets_last_row_is_kept_whatever_it_quotes(tmp_path):
+    path = tmp_path / "out.csv"
+    with RecordFile(path) as records:
+        records.write(caption_record("/p/a.jpg"))
+    header = path.read_text().split("\n")[0]
+    path.write_text(f'{header}\n"/p/a,b.jpg",a dog,-0.1,0.4,,,,,,')  # quoted only where a comma needs it
+    with RecordFile(path) as records:
+        assert records.latest() == [{"path": "/p/a,b.jpg", "caption": "a dog", "score": -0.1, "min_prob": 0.4}]
+
+
 def test_a_file_saved_by_a_spreadsheet_or_notepad_resumes(tmp_path):
     csv_path, jsonl_path = tmp_path / "out.csv", tmp_path / "out.jsonl"
     doubtful = PathResult("/p/c.jpg", [Caption("a dog", ("a", "dog"), -0.5, 0.2, confidence=0.1)])

@@ -114,3 +114,15 @@ def test_held_out_reference_check_ranks_by_the_human_caption_each_caption_was_no
         assert row["human caption"] == {"photos": 1.0, "mixed": 1.0}
         assert row["both"]["photos"] > 0.9
         assert row["signals"]["photos"] < 0.9
+
+
+@needs_dev
+def test_held_out_reference_needs_two_references_of_every_image_and_says_so_before_any_work(tmp_path):
+    entries = read_manifest(DEV)[:3]
+    one = tmp_path / "one.jsonl"
+    write_manifest(one, [(str(e.image), list(e.captions)[: 1 if i == 1 else 5]) for i, e in enumerate(entries)])
+    result = run_tool("fit_calibrator", "--manifest", str(one), "--train", str(one), "--held-out-reference",
+                      "--cache-dir", str(tmp_path / "cache"))
+    line = one_error_line(result, "fit_calibrator")
+    assert result.returncode == 2 and f"{entries[1].image} has fewer" in line
+    assert not (tmp_path / "cache").exists()  # refused before any captioning

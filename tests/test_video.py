@@ -670,6 +670,9 @@ def test_cue_times_are_whole_milliseconds_and_no_cue_is_empty():
     cues = in_milliseconds([Segment(0.0, 0.000156, "a", -1.0), Segment(0.0015, 0.0025, "b", -1.0),
                             Segment(1 / 3, 2 / 3, "c", -1.0)])
     assert [(c.start, c.end) for c in cues] == [(0.0, 0.001), (0.002, 0.003), (0.333, 0.667)]
+    crowded = in_milliseconds([Segment(1.0, 1.0004, "a", -1.0), Segment(1.0004, 1.0007, "b", -1.0),
+                               Segment(1.0007, 3.0, "c", -1.0)])  # three starts within one millisecond
+    assert [(c.start, c.end) for c in crowded] == [(1.0, 1.001), (1.001, 1.002), (1.002, 3.0)]
     out = io.StringIO()
     WriteSRT().write(cues[:1], out)
     assert "00:00:00,000 --> 00:00:00,001" in out.getvalue()  # frames 0.16 ms apart: a cue of 1 ms, not 0

@@ -91,6 +91,8 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
         raise OptionError(f"--report {printable(args.report)}: exists and is not a folder")
+    if args.held_out_reference:
+        check_two_references(args.manifest)
     model = CaptionModel.load(args.model)
     model.calibrator = None  # raw signals, whatever the folder holds
     stats, consensus = training_statistics(model, args.train, args.cache_dir)
@@ -124,6 +126,20 @@ def set_names(manifests: list[str]) -> list[str]:
     """Each manifest's name in the report: its file's stem, or its path where two stems are equal."""
     stems = [Path(m).stem for m in manifests]
     return [stem if stems.count(stem) == 1 else m for m, stem in zip(manifests, stems, strict=True)]
+
+
+def check_two_references(manifests: list[str]) -> None:
+    """``--held-out-reference`` judges each caption against the references it does not hold out,
+    so every image needs two; refused before any captioning, not after it all.
+
+    Raises:
+        OptionError: naming the first image with fewer.
+    """
+    for manifest in manifests:
+        for entry in read_manifest(manifest, require_captions=True):
+            if sum(bool(c.strip()) for c in entry.captions) < 2:
+                raise OptionError(f"--held-out-reference needs two reference captions of every image; "
+                                  f"{printable(manifest)}: {printable(entry.image)} has fewer")
 
 
 def check_fittable(acceptable: int, unacceptable: int) -> None:
