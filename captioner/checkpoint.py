@@ -81,6 +81,13 @@ def check_fits(path: Path, state: dict, cfg: TrainConfig, vocab: Vocabulary, exp
                                   f"saved with {name}={saved[name]!r}, and a resumed run keeps its optimizer and "
                                   f"random state; resume with {name}={saved[name]!r}, or start over in another "
                                   "folder")
+    if state.get("scst_done") and "scst_lr" in saved and saved["scst_lr"] != cfg.scst_lr:
+        raise CheckpointError(f"{printable(path)}: cannot resume with scst_lr={cfg.scst_lr!r}: the run has begun its "
+                              f"self-critical epochs with scst_lr={saved['scst_lr']!r}, which its optimizer keeps; "
+                              f"resume with scst_lr={saved['scst_lr']!r}, or start over in another folder")
+    if "dev_beam_size" in saved and saved["dev_beam_size"] != cfg.dev_beam_size:
+        raise resume_error(path, f"it chose its best epoch at dev_beam_size={saved['dev_beam_size']!r}, so its best "
+                                 f"score cannot be compared: give dev_beam_size={saved['dev_beam_size']!r}")
     saved_epochs = saved.get("epochs")
     if state.get("scst_done") and isinstance(saved_epochs, int) and cfg.epochs > saved_epochs:
         raise CheckpointError(f"{printable(path)}: cannot resume with epochs={cfg.epochs}: the run has begun its "

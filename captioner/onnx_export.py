@@ -82,6 +82,9 @@ class _Step(nn.Module):
         return log_probs, state[0], state[1]
 
 
+MODEL_DATA_FILES = (CONSENSUS_FILE, CONSENSUS_WEIGHTS, CALIBRATION_FILE)  # reranking's and the calibrator's data
+
+
 def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str | Path | None = None,
                 int8: bool = False) -> Path:
     """Write the four graphs and runtime.json into ``out`` (a new or empty folder); returns it.
@@ -100,7 +103,7 @@ def export_onnx(model: CaptionModel, out: str | Path, *, calibration_from: str |
     try:
         _export_graphs(model, out)
         if calibration_from is not None:
-            for name in (CONSENSUS_FILE, CONSENSUS_WEIGHTS, CALIBRATION_FILE):  # reranking's, the calibrator's data
+            for name in MODEL_DATA_FILES:
                 if (Path(calibration_from) / name).exists():
                     shutil.copy(Path(calibration_from) / name, out / name)
         runtime = _runtime(model)
@@ -150,9 +153,13 @@ def check_seal(folder: Path, runtime: dict) -> None:
     """The export is as written (exports made before the seal have none, and are not checked).
 
     Raises:
-        ModelLoadError: a listed file is missing or differs, or runtime.json was edited.
+        ModelLoadError: a listed file is missing or differs, a file the export would have listed
+            (calibration or consensus data) is there unlisted, or runtime.json was edited.
     """
     if "content_sha256" not in runtime:
+        if "files" in runtime:  # a sealed export whose checksum was taken out
+            raise ModelLoadError(f"{printable(folder / RUNTIME_FILE)}: edited after the export (its checksum is "
+                                 "gone); export again (decoding options can be given as flags instead)")
         return
     if runtime["content_sha256"] != _content_sha256(runtime):
         raise ModelLoadError(f"{printable(folder / RUNTIME_FILE)}: edited after the export (its checksum differs); "
@@ -167,6 +174,10 @@ def check_seal(folder: Path, runtime: dict) -> None:
         if _sha256(path) != digest:
             raise ModelLoadError(f"{printable(path)}: not the file this export wrote (another export's, or changed "
                                  "since); export again")
+    for name in MODEL_DATA_FILES:  # read whenever present, so one copied in would act for this model
+        if name not in files and (folder / name).exists():
+            raise ModelLoadError(f"{printable(folder / name)}: not part of this export (runtime.json does not list "
+                                 "it: another model's?); remove it, or export again")
 
 
 def _content_sha256(runtime: dict) -> str:

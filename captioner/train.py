@@ -633,12 +633,12 @@ class Trainer:
         self._gather_random_states()
         self.best_cider = max(self.best_cider, baseline["CIDEr-D"])
         if not self.cfg.epochs and self.group.leader:
-            # no cross-entropy epoch left a best: the starting model is it until an SCST epoch beats it
-            self.model.save(self.out / "best", replace=True)
+            # no cross-entropy epoch left a best: the starting model is it until an SCST epoch beats it.
+            # The checkpoint first, as after an epoch: a run stopped after it writes best/ and the log again
             record = {"epoch": 0, "phase": "start", **baseline}
             self.history.append(record)
-            self._log(record)
             self.save_checkpoint()
+            self._finish_epoch(record, better=True)
 
     def _reward_scorer(self) -> CiderD:
         return CiderD([[reward_tokens(tokenize(c)) for c in e.captions] for e in self.train_entries])
@@ -708,6 +708,9 @@ class Trainer:
             if re.fullmatch(r"\.(best|averaged)\.[0-9a-f]{8}\.(tmp|old)", leftover.name) and leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
         last = self.history[-1] if self.history else None
+        if last is not None and last["phase"] == "start":  # the starting model is the best until an epoch beats it
+            self.model.save(self.out / "best", replace=True)
+            return
         if last is None or last["phase"] not in ("xe", "scst"):  # the others write best/ before their checkpoint
             return
         if last["CIDEr-D"] == self.best_cider and all(r["CIDEr-D"] < self.best_cider for r in self.history[:-1]):

@@ -124,12 +124,29 @@ def _load_onnx(args: argparse.Namespace):
     import tempfile
 
     from captioner.api import load_model
+    from captioner.errors import ModelLoadError
     from captioner.model import DEFAULT_MODEL_DIR
     from captioner.onnx_export import export_onnx
 
-    with tempfile.TemporaryDirectory(prefix="captioner-onnx-") as folder:  # gone once loaded, not at exit:
-        export_onnx(load_model(args.model), folder, calibration_from=args.model or DEFAULT_MODEL_DIR)
+    source = args.model or DEFAULT_MODEL_DIR
+    with _stop_signals_held():  # a stop between making the folder and arranging its removal would leave it
+        temporary = tempfile.TemporaryDirectory(prefix="captioner-onnx-")
+    with temporary as folder:  # gone once loaded, not at exit:
+        try:
+            export_onnx(load_model(args.model), folder, calibration_from=source)
+        except ModelLoadError as e:  # the model cannot be exported: the message says which one, as export's does
+            raise ModelLoadError(f"{printable(source)}: {e}") from e
         return load_onnx_model(folder)  # a run stopped by a signal left 56 MB behind; sessions hold the graphs
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is over (a few lines that must not be cut in two)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _device(name: str | None) -> str | None:

@@ -11,7 +11,15 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip 
 
 from captioner.api import caption_paths  # noqa: E402
 from captioner.errors import ModelLoadError, OutputError  # noqa: E402
-from captioner.onnx_export import GRAPHS, OPSET, RUNTIME_FILE, SEAL_KEYS, export_onnx, quantize_int8  # noqa: E402
+from captioner.onnx_export import (  # noqa: E402
+    GRAPHS,
+    OPSET,
+    RUNTIME_FILE,
+    SEAL_KEYS,
+    export_onnx,
+    quantize_int8,
+    write_runtime,
+)
 from captioner.onnx_runtime import load_onnx_model  # noqa: E402
 from captioner.pipelines.cli import main  # noqa: E402
 
@@ -101,6 +109,19 @@ def test_an_export_is_one_model_its_seal_refuses_a_mixed_cut_short_or_edited_one
     (edited / RUNTIME_FILE).write_text(json.dumps(runtime))
     with pytest.raises(ModelLoadError, match=rf"^{edited}/runtime.json: edited after the export"):
         load_onnx_model(edited)
+    del runtime["content_sha256"]  # and the checksum taken out, as if the export were older than the seal
+    (edited / RUNTIME_FILE).write_text(json.dumps(runtime))
+    with pytest.raises(ModelLoadError, match=rf"^{edited}/runtime.json: edited .* checksum is gone"):
+        load_onnx_model(edited)
+    bare = tmp_path / "bare"  # sealed without calibration or consensus data: another model's copied in does not act
+    shutil.copytree(exported, bare)
+    for name in ("calibration.json", "consensus.json", "consensus.safetensors"):
+        (bare / name).rename(tmp_path / name)
+    write_runtime(bare, json.loads((bare / RUNTIME_FILE).read_text()))  # sealed over the files left
+    assert load_onnx_model(bare).calibrator is None
+    shutil.copy(tmp_path / "calibration.json", bare / "calibration.json")
+    with pytest.raises(ModelLoadError, match=rf"^{bare}/calibration.json: not part of this export"):
+        load_onnx_model(bare)
 
 
 def test_a_missing_or_malformed_graph_is_a_clear_error(exported, tmp_path):

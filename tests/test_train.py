@@ -655,6 +655,36 @@ def test_self_critical_training_alone_resumed_in_its_first_epoch_scores_the_star
 
 
 @pytest.mark.slow
+def test_self_critical_training_alone_stopped_right_after_its_start_checkpoint_resumes(tiny_config, tmp_path):
+    """Stopped after the start's checkpoint, before its best/ and log line (the order every epoch keeps)."""
+    import shutil
+
+    first = dataclasses.replace(tiny_config, epochs=2)
+    train(first)
+    cfg = dataclasses.replace(tiny_config, out_dir=str(tmp_path / "scst"), epochs=0,
+                              init_from=str(Path(first.out_dir) / "best"), scst_epochs=1, scst_batch_images=4)
+    Trainer(cfg)._start_scst()
+    shutil.rmtree(Path(cfg.out_dir) / "best")
+    (Path(cfg.out_dir) / "metrics.jsonl").unlink()
+    train(cfg, resume=True)
+    phases = [json.loads(line)["phase"] for line in open(Path(cfg.out_dir) / "metrics.jsonl")]
+    assert phases == ["start", "scst"] and CaptionModel.load(Path(cfg.out_dir) / "best").vocab
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("scst_lr", 5.0, "cannot resume with scst_lr=5.0: the run has begun its self-critical epochs"),
+    ("dev_beam_size", 1, "cannot resume: it chose its best epoch at dev_beam_size=3"),
+])
+def test_resume_refuses_settings_that_would_not_act_or_would_not_compare(tiny_config, saved_run, field, value,
+                                                                         message):
+    state = torch.load(saved_run / "last.pt", weights_only=True)
+    state["scst_done"] = 1
+    torch.save(state, saved_run / "last.pt")
+    with pytest.raises(CheckpointError, match=rf"^{saved_run}/last.pt: {message}"):
+        _resume(dataclasses.replace(tiny_config, **{field: value}))
+
+
+@pytest.mark.slow
 def test_word_level_distillation_moves_the_student_towards_the_teacher(tiny_config, tmp_path):
     teacher_run = dataclasses.replace(tiny_config, epochs=3)
     train(teacher_run)
