@@ -642,13 +642,19 @@ def test_self_critical_training_alone_starts_from_init_from_and_keeps_it_unless_
         dataclasses.replace(cfg, scst_epochs=0)
 
 
-@pytest.mark.slow
-def test_self_critical_training_alone_resumed_in_its_first_epoch_scores_the_start_once(tiny_config, tmp_path):
+def _started_self_critical_run(tiny_config, tmp_path) -> TrainConfig:
+    """A self-critical-only run (epochs 0) from a 2-epoch run's best, stopped once its start is scored."""
     first = dataclasses.replace(tiny_config, epochs=2)
     train(first)
     cfg = dataclasses.replace(tiny_config, out_dir=str(tmp_path / "scst"), epochs=0,
                               init_from=str(Path(first.out_dir) / "best"), scst_epochs=1, scst_batch_images=4)
-    Trainer(cfg)._start_scst()  # then the process dies inside the first self-critical epoch
+    Trainer(cfg)._start_scst()
+    return cfg
+
+
+@pytest.mark.slow
+def test_self_critical_training_alone_resumed_in_its_first_epoch_scores_the_start_once(tiny_config, tmp_path):
+    cfg = _started_self_critical_run(tiny_config, tmp_path)  # the process dies inside the first self-critical epoch
     train(cfg, resume=True)
     phases = [json.loads(line)["phase"] for line in open(Path(cfg.out_dir) / "metrics.jsonl")]
     assert phases == ["start", "scst"]
@@ -659,11 +665,7 @@ def test_self_critical_training_alone_stopped_right_after_its_start_checkpoint_r
     """Stopped after the start's checkpoint, before its best/ and log line (the order every epoch keeps)."""
     import shutil
 
-    first = dataclasses.replace(tiny_config, epochs=2)
-    train(first)
-    cfg = dataclasses.replace(tiny_config, out_dir=str(tmp_path / "scst"), epochs=0,
-                              init_from=str(Path(first.out_dir) / "best"), scst_epochs=1, scst_batch_images=4)
-    Trainer(cfg)._start_scst()
+    cfg = _started_self_critical_run(tiny_config, tmp_path)
     shutil.rmtree(Path(cfg.out_dir) / "best")
     (Path(cfg.out_dir) / "metrics.jsonl").unlink()
     train(cfg, resume=True)
