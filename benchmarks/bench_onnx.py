@@ -102,6 +102,7 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
     print("| variant | encoder images/s | vs eager | search images/s | vs eager | pipeline images/s | vs eager | "
           "peak memory | captions = eager |")
     print("|---|---|---|---|---|---|---|---|---|")
+    exact = []  # the variants whose every run gave eager's captions
     for variant, rows in runs.items():
         cells = []
         for key in parts:
@@ -109,21 +110,21 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
             cells += [f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})",
                       f"{statistics.median(values) / base[key]:.2f}x"]
         same = sum(r["captions"] == eager[0]["captions"] for r in rows) == len(rows)
+        exact += [variant] if same else []
         differing = sum(rows[0]["captions"][p] != c for p, c in eager[0]["captions"].items())
         total = len(eager[0]["captions"])
         match = "yes" if same else f"no ({differing} of {total} differ)"
         print(f"| {variant} | {' | '.join(cells)} | {statistics.median(r['peak_mb'] for r in rows):.0f} MB | "
               f"{match} |")
-    best_combination(runs, base)
+    best_combination(runs, base, exact)
 
 
-def best_combination(runs: dict[str, list[dict]], base: dict[str, float]) -> None:
+def best_combination(runs: dict[str, list[dict]], base: dict[str, float], exact: list[str]) -> None:
     """The pipeline's best case from its parts: the fastest exact encoder with the fastest exact search.
 
     Per image, eager's pipeline time less its encoder and search times is what no runtime
     changes (reading, writing; negative where reading overlaps the model).
     """
-    exact = [v for v, rows in runs.items() if all(r["captions"] == runs["torch eager"][0]["captions"] for r in rows)]
     median = {v: {k: statistics.median(r[k] for r in runs[v]) for k in ("encoder", "search")} for v in exact}
     encoder = max(exact, key=lambda v: median[v]["encoder"])
     search = max(exact, key=lambda v: median[v]["search"])

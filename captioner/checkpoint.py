@@ -77,22 +77,17 @@ def check_fits(path: Path, state: dict, cfg: TrainConfig, vocab: Vocabulary, exp
         if name == "encoder_lr" and not cfg.finetune_encoder:
             continue  # a frozen CNN has no rate (older versions saved one they then ignored)
         if name in saved and saved[name] != getattr(cfg, name):
-            raise CheckpointError(f"{printable(path)}: cannot resume with {name}={getattr(cfg, name)!r}: the run was "
-                                  f"saved with {name}={saved[name]!r}, and a resumed run keeps its optimizer and "
-                                  f"random state; resume with {name}={saved[name]!r}, or start over in another "
-                                  "folder")
+            raise _changed(path, cfg, saved, name, f"the run was saved with {name}={saved[name]!r}, and a resumed "
+                                                   "run keeps its optimizer and random state")
     if state.get("scst_done") and "scst_lr" in saved and saved["scst_lr"] != cfg.scst_lr:
-        raise CheckpointError(f"{printable(path)}: cannot resume with scst_lr={cfg.scst_lr!r}: the run has begun its "
-                              f"self-critical epochs with scst_lr={saved['scst_lr']!r}, which its optimizer keeps; "
-                              f"resume with scst_lr={saved['scst_lr']!r}, or start over in another folder")
+        raise _changed(path, cfg, saved, "scst_lr", f"the run has begun its self-critical epochs with "
+                                                    f"scst_lr={saved['scst_lr']!r}, which its optimizer keeps")
     if "dev_beam_size" in saved and saved["dev_beam_size"] != cfg.dev_beam_size:
         raise resume_error(path, f"it chose its best epoch at dev_beam_size={saved['dev_beam_size']!r}, so its best "
                                  f"score cannot be compared: give dev_beam_size={saved['dev_beam_size']!r}")
-    saved_epochs = saved.get("epochs")
-    if state.get("scst_done") and isinstance(saved_epochs, int) and cfg.epochs > saved_epochs:
-        raise CheckpointError(f"{printable(path)}: cannot resume with epochs={cfg.epochs}: the run has begun its "
-                              "self-critical epochs, and cross-entropy epochs cannot follow them; resume with "
-                              f"epochs={saved_epochs} (scst_epochs may grow), or start over in another folder")
+    if state.get("scst_done") and isinstance(saved.get("epochs"), int) and cfg.epochs > saved["epochs"]:
+        raise _changed(path, cfg, saved, "epochs", "the run has begun its self-critical epochs, and cross-entropy "
+                                                   "epochs cannot follow them", way=" (scst_epochs may grow)")
     if words is not None and words != vocab.itos[len(SPECIALS):]:
         count = len(words) if isinstance(words, list) else "?"
         raise resume_error(path, f"it was saved with another vocabulary ({count} words, this run has "
@@ -107,6 +102,13 @@ def check_fits(path: Path, state: dict, cfg: TrainConfig, vocab: Vocabulary, exp
         if not isinstance(stored, torch.Tensor) or stored.shape != tensor.shape:
             shape = list(stored.shape) if isinstance(stored, torch.Tensor) else type(stored).__name__
             raise resume_error(path, f"tensor {name} is {shape}, this run has {list(tensor.shape)}")
+
+
+def _changed(path: Path, cfg: TrainConfig, saved: dict, name: str, why: str, *, way: str = "") -> CheckpointError:
+    """A resume refused for a setting that would not take effect: ``cannot resume with NAME=NEW: WHY;
+    resume with NAME=SAVED``."""
+    return CheckpointError(f"{printable(path)}: cannot resume with {name}={getattr(cfg, name)!r}: {why}; resume with "
+                           f"{name}={saved[name]!r}{way}, or start over in another folder")
 
 
 def _is_history(history: object) -> bool:

@@ -123,20 +123,32 @@ def _load_onnx(args: argparse.Namespace):
         return load_onnx_model(args.onnx)
     import tempfile
 
+    with _stop_signals_held():  # a stop between making the folder and arranging its removal would leave it
+        temporary = tempfile.TemporaryDirectory(prefix="captioner-onnx-")
+    with temporary as folder:  # gone once loaded, not at exit:
+        _export(args.model, Path(folder))
+        return load_onnx_model(folder)  # a run stopped by a signal left 56 MB behind; sessions hold the graphs
+
+
+def _export(model_folder: str | None, out: Path, *, int8: bool = False) -> None:
+    """The model in ``model_folder`` (None: the shipped one) exported into ``out``, with its
+    calibration and consensus data (for ``export`` and for ``--backend onnxruntime``).
+
+    Raises:
+        ModelLoadError: the model cannot be loaded, or cannot be exported (then named by its folder,
+            as a load error already is).
+    """
     from captioner.api import load_model
     from captioner.errors import ModelLoadError
     from captioner.model import DEFAULT_MODEL_DIR
     from captioner.onnx_export import export_onnx
 
-    source = args.model or DEFAULT_MODEL_DIR
-    with _stop_signals_held():  # a stop between making the folder and arranging its removal would leave it
-        temporary = tempfile.TemporaryDirectory(prefix="captioner-onnx-")
-    with temporary as folder:  # gone once loaded, not at exit:
-        try:
-            export_onnx(load_model(args.model), folder, calibration_from=source)
-        except ModelLoadError as e:  # the model cannot be exported: the message says which one, as export's does
-            raise ModelLoadError(f"{printable(source)}: {e}") from e
-        return load_onnx_model(folder)  # a run stopped by a signal left 56 MB behind; sessions hold the graphs
+    source = model_folder or DEFAULT_MODEL_DIR
+    model = load_model(model_folder)
+    try:
+        export_onnx(model, out, calibration_from=source, int8=int8)
+    except ModelLoadError as e:  # an ensemble, or a decoder without attention: the message says which model
+        raise ModelLoadError(f"{printable(source)}: {e}") from e
 
 
 @contextlib.contextmanager
@@ -586,22 +598,13 @@ def _serve_parser(sub) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from captioner.api import load_model
-    from captioner.model import DEFAULT_MODEL_DIR
-
     require_extra("onnx", "export")
-    from captioner.errors import ModelLoadError
-    from captioner.onnx_export import OPSET, check_export_folder, export_onnx
+    from captioner.onnx_export import OPSET, check_export_folder
 
-    folder = args.model or DEFAULT_MODEL_DIR
     made = not os.path.lexists(args.out)
     out = check_export_folder(args.out)  # before the model loads, as every command checks its outputs
     try:
-        model = load_model(args.model)
-        try:
-            export_onnx(model, out, calibration_from=folder, int8=args.int8)
-        except ModelLoadError as e:  # the model cannot be exported: the message says which one
-            raise ModelLoadError(f"{printable(folder)}: {e}") from e
+        _export(args.model, out, int8=args.int8)
     except BaseException:
         if made:
             with contextlib.suppress(OSError):

@@ -44,6 +44,7 @@ from captioner.pipelines.record_formats import (
     raw_path,
     result_record,
 )
+from captioner.pipelines.sources import OnError, unlisted_line, walk_images
 
 SHARD_FORMATS = ("jsonl", "parquet")
 MERGED_NAME = "captions.jsonl"
@@ -130,13 +131,12 @@ def record_key(record: dict) -> str:
     return path[len("file://"):] if path.startswith("file:///") else path
 
 
-def list_images(source: str, unlisted: list[str] | None = None) -> list[tuple[str, str]]:
+def list_images(source: str, on_error: OnError | None = None) -> list[tuple[str, str]]:
     """(record path, path inside the source's filesystem) of the image files under ``source``, sorted.
 
     Local folders (``file://`` URIs too) are walked as the local pipeline walks them (both paths
-    the same), and the ``skipped`` line of each folder under them that cannot be listed is added
-    to ``unlisted``; other URIs' files are named ``scheme://path`` in records, without the URI's
-    query options.
+    the same; ``on_error``: see :func:`captioner.pipelines.sources.walk_files`); other URIs'
+    files are named ``scheme://path`` in records, without the URI's query options.
 
     Raises:
         OptionError: ``source`` is not a folder, or cannot be listed.
@@ -145,13 +145,9 @@ def list_images(source: str, unlisted: list[str] | None = None) -> list[tuple[st
 
     source = local_path(source)
     if "://" not in source:
-        from captioner.pipelines.sources import unlisted_line, walk_images
-
         if not os.path.isdir(source):
             raise OptionError(f"{printable(source)}: not a folder")
-        lines = unlisted if unlisted is not None else []
-        return [(str(p), str(p)) for p in walk_images(os.path.realpath(source),
-                                                      lambda folder, error: lines.append(unlisted_line(folder, error)))]
+        return [(str(p), str(p)) for p in walk_images(os.path.realpath(source), on_error)]
     filesystem_, root = filesystem(source)
     try:
         infos = filesystem_.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -475,7 +471,8 @@ def caption_with_ray(
     started = time.time()
     source, out = local_path(source), local_path(out)
     unlisted: list[str] = []  # folders whose images cannot be found: each a failure of the run
-    paths = list_images(source, unlisted)  # a bad source is refused before OUT is made
+    # a bad source is refused before OUT is made
+    paths = list_images(source, lambda folder, error: unlisted.append(unlisted_line(folder, error)))
     if merge:
         _check_merge_target(Path(out) / MERGED_NAME)
     with ShardWriter(out, fmt, settings.shard_size) as writer:
