@@ -153,12 +153,24 @@ def _export(model_folder: str | None, out: Path, *, int8: bool = False) -> None:
 
 @contextlib.contextmanager
 def _stop_signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is over (a few lines that must not be cut in two)."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """Ctrl-C and SIGTERM wait until the block is over (a few lines that must not be cut in two).
+
+    The handlers are swapped, not the signal mask: a mask holds a signal back from this thread
+    only, and another thread (torch's, OpenMP's) that takes it has Python run the handler here.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets them, or sets them
+        yield
+        return
+    caught: list[int] = []
+    previous = {number: signal.signal(number, lambda got, _: caught.append(got))
+                for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in caught:
+            signal.raise_signal(number)  # now, to the handler the command had
 
 
 def _device(name: str | None) -> str | None:
